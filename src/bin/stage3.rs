@@ -1,0 +1,221 @@
+//! `stage3`: the command-line shell over the Stage 3 service.
+//!
+//! Prints the batch answer as JSON on stdout and progress on stderr. Exit codes are a
+//! contract: 0 every scene done, 1 some failed, 2 invalid input or configuration (nothing
+//! generated, nothing spent).
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use stage3::config::{Config, ProviderKind};
+use stage3::provider::PlaceholderProvider;
+use stage3::schema::{parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize};
+use stage3::service::{prepare_all, PreparedScene, RunOptions, Stage3Service};
+use stage3::{telemetry, Stage3Error};
+
+#[derive(Parser)]
+#[command(
+    name = "stage3",
+    version,
+    about = "Turn stage-2 image prompts into stored PNGs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate one image per scene and print the batch answer as JSON.
+    Generate(GenerateArgs),
+    /// Check an input file without generating anything (exit 0 valid, 2 invalid).
+    Validate {
+        /// The input JSON file, or `-` for stdin.
+        input: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The input JSON: one request, an array, or {"scenes": [...]}; `-` reads stdin.
+    input: PathBuf,
+    /// Output directory of the filesystem store (STAGE3_OUTPUT_DIR).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Image size for every scene: 1024x1024, 1792x1024 or 1024x1792 (overrides the input).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<ImageSize>,
+    /// Quality for every scene: standard or hd (overrides the input).
+    #[arg(long, value_parser = parse_quality)]
+    quality: Option<ImageQuality>,
+    /// Scenes in flight at once (STAGE3_CONCURRENCY).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: Option<u16>,
+    /// openrouter or placeholder (STAGE3_PROVIDER).
+    #[arg(long, value_parser = parse_provider)]
+    provider: Option<ProviderKind>,
+    /// OpenRouter model slug for every scene (overrides the input and STAGE3_MODEL).
+    #[arg(long)]
+    model: Option<String>,
+    /// Regenerate even when a stored result matches (STAGE3_FORCE=1).
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_size(s: &str) -> Result<ImageSize, String> {
+    s.parse().map_err(|e: Stage3Error| e.to_string())
+}
+
+fn parse_quality(s: &str) -> Result<ImageQuality, String> {
+    s.parse().map_err(|e: Stage3Error| e.to_string())
+}
+
+fn parse_provider(s: &str) -> Result<ProviderKind, String> {
+    s.parse()
+}
+
+const EXIT_SOME_FAILED: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    telemetry::init("warn", false);
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args).await,
+        Command::Validate { input } => validate(&input),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error[{}]: {e}", e.error_type());
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
+    let mut config = Config::from_env()?;
+    if let Some(out) = args.out {
+        config.output_dir = out;
+    }
+    if let Some(concurrency) = args.concurrency {
+        config.concurrency = usize::from(concurrency);
+    }
+    if let Some(provider) = args.provider {
+        config.provider = provider;
+    }
+    if args.force {
+        config.force = true;
+    }
+
+    let mut requests = read_requests(&args.input, config.max_batch)?;
+    for request in &mut requests {
+        request.size = args.size.or(request.size);
+        request.quality = args.quality.or(request.quality);
+        if args.model.is_some() {
+            request.model.clone_from(&args.model);
+        }
+    }
+
+    let service = Stage3Service::from_config(config).await?;
+    let scenes = service.prepare_all(requests)?;
+    let progress = Progress::new(&scenes);
+    let answer = service
+        .run_batch(scenes, &RunOptions::default(), &|scene_id, outcome| {
+            progress.scene_done(scene_id, outcome)
+        })
+        .await;
+    progress.finish(answer.results.len(), answer.failures.len());
+
+    let json = serde_json::to_string_pretty(&answer).expect("batch answer serializes");
+    println!("{json}");
+    Ok(if answer.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_SOME_FAILED)
+    })
+}
+
+fn validate(input: &PathBuf) -> Result<ExitCode, Stage3Error> {
+    let config = Config::from_env()?;
+    let requests = read_requests(input, config.max_batch)?;
+    // Validation composes prompts but calls nobody: any provider will do for that.
+    let scenes = prepare_all(requests, &config, &PlaceholderProvider::new())?;
+    eprintln!("valid: {} scene(s)", scenes.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_requests(input: &PathBuf, max_batch: usize) -> Result<Vec<GenerationRequest>, Stage3Error> {
+    let bytes = if input.as_os_str() == "-" {
+        let mut buffer = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buffer)
+            .map_err(|e| Stage3Error::invalid_request(format!("cannot read stdin: {e}")))?;
+        buffer
+    } else {
+        std::fs::read(input).map_err(|e| {
+            Stage3Error::invalid_request(format!("cannot read {}: {e}", input.display()))
+        })?
+    };
+    Ok(parse_submission_bytes(&bytes, max_batch)?.into_requests())
+}
+
+/// Progress on stderr: a bar on a terminal, one plain line per scene otherwise (CI logs).
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: usize,
+    done: AtomicUsize,
+}
+
+impl Progress {
+    fn new(scenes: &[PreparedScene]) -> Self {
+        let total = scenes.len();
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+                )
+                .expect("valid template"),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        if bar.is_none() {
+            eprintln!("generating {total} scene(s)");
+        }
+        Progress {
+            bar,
+            total,
+            done: AtomicUsize::new(0),
+        }
+    }
+
+    fn scene_done(&self, scene_id: &str, outcome: Result<&stage3::Stage3Output, &Stage3Error>) {
+        let done = self.done.fetch_add(1, Ordering::SeqCst) + 1;
+        let line = match outcome {
+            Ok(output) => format!("{scene_id}: {}", output.image_path),
+            Err(e) => format!("{scene_id}: failed [{}] {e}", e.error_type()),
+        };
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.println(line);
+            }
+            None => eprintln!("[{done}/{}] {line}", self.total),
+        }
+    }
+
+    fn finish(&self, succeeded: usize, failed: usize) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        eprintln!("done: {succeeded} succeeded, {failed} failed");
+    }
+}

@@ -1,0 +1,451 @@
+//! Service configuration: the DESIGN.md §2 environment variables, read once at start-up.
+//!
+//! Every value is parsed and checked here, so a typo fails the CLI or the Lambda's init with
+//! a message that names the variable, instead of failing the first scene. Secrets are kept
+//! in [`Secret`], whose `Debug` never shows them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Result, Stage3Error};
+use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
+use crate::schema::validate_model;
+
+pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
+pub const DEFAULT_MODEL: &str = "google/gemini-2.5-flash-image";
+/// S3 presigned URLs cannot outlive seven days (SigV4's limit).
+pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
+
+/// A value that must never be printed: API keys, secret access keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it (an `Authorization` header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Which image provider generates the images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    OpenRouter,
+    /// Offline, free, deterministic images for development and downstream testing.
+    Placeholder,
+}
+
+impl FromStr for ProviderKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "openrouter" => Ok(ProviderKind::OpenRouter),
+            "placeholder" => Ok(ProviderKind::Placeholder),
+            other => Err(format!(
+                "unknown provider {other:?}; expected openrouter or placeholder"
+            )),
+        }
+    }
+}
+
+/// Which OpenRouter endpoint generates images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenRouterApi {
+    /// `POST {base}/images`, the Image API.
+    Images,
+    /// `POST {base}/chat/completions` with image modalities.
+    Chat,
+}
+
+impl OpenRouterApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpenRouterApi::Images => "images",
+            OpenRouterApi::Chat => "chat",
+        }
+    }
+}
+
+impl FromStr for OpenRouterApi {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "images" => Ok(OpenRouterApi::Images),
+            "chat" => Ok(OpenRouterApi::Chat),
+            other => Err(format!("unknown API {other:?}; expected images or chat")),
+        }
+    }
+}
+
+/// Where images and their result records are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    Fs,
+    S3,
+}
+
+impl FromStr for StorageKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fs" => Ok(StorageKind::Fs),
+            "s3" => Ok(StorageKind::S3),
+            other => Err(format!("unknown storage {other:?}; expected fs or s3")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenRouterConfig {
+    pub api_key: Option<Secret>,
+    pub base_url: String,
+    pub api: OpenRouterApi,
+    /// Sent as `HTTP-Referer` for OpenRouter's app attribution, when set.
+    pub referer: Option<String>,
+    /// Sent as `X-OpenRouter-Title`, when set.
+    pub title: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Prepended to every key; empty or ending in `/`.
+    pub prefix: String,
+    pub force_path_style: bool,
+    pub presign_expiry: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub provider: ProviderKind,
+    pub model: String,
+    pub openrouter: OpenRouterConfig,
+    pub storage: StorageKind,
+    pub output_dir: PathBuf,
+    pub s3: Option<S3Config>,
+    /// CDN origin without a trailing `/`; `image_url` = base + `/` + key.
+    pub public_base_url: Option<String>,
+    pub concurrency: usize,
+    /// Per provider request, connect to last byte.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: u32,
+    /// The first backoff step; later ones double, with full jitter.
+    pub retry_base_delay: Duration,
+    pub retry_max_delay: Duration,
+    pub force: bool,
+    pub max_prompt_chars: usize,
+    pub max_batch: usize,
+    /// Largest provider response body we read, enforced while reading.
+    pub max_response_bytes: usize,
+    /// Largest image (width × height) we decode; a bigger one is a decompression bomb.
+    pub max_image_pixels: u64,
+}
+
+impl Config {
+    /// Reads `.env` from the working directory (values already in the environment win),
+    /// then the environment.
+    pub fn from_env() -> Result<Config> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(Stage3Error::config(format!(".env: {e}"))),
+        }
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds a configuration from any variable source (the environment, a test's map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let vars = Vars(&lookup);
+        let storage = vars.parse("STAGE3_STORAGE", StorageKind::Fs)?;
+        let s3 = match storage {
+            StorageKind::S3 => Some(S3Config {
+                bucket: vars.required("STAGE3_S3_BUCKET")?,
+                endpoint: vars.get("STAGE3_S3_ENDPOINT"),
+                region: vars
+                    .get("STAGE3_S3_REGION")
+                    .or_else(|| vars.get("AWS_REGION"))
+                    .unwrap_or_else(|| "us-east-1".to_string()),
+                prefix: normalize_prefix(&vars.get("STAGE3_S3_PREFIX").unwrap_or_default()),
+                force_path_style: vars.flag("STAGE3_S3_FORCE_PATH_STYLE", true)?,
+                presign_expiry: Duration::from_secs(vars.parse_in(
+                    "STAGE3_S3_PRESIGN_SECS",
+                    3600,
+                    1..=MAX_PRESIGN_SECS,
+                )?),
+            }),
+            StorageKind::Fs => None,
+        };
+        let model = vars
+            .get("STAGE3_MODEL")
+            .unwrap_or_else(|| DEFAULT_MODEL.into());
+        validate_model(&model).map_err(|e| Stage3Error::config(format!("STAGE3_MODEL: {e}")))?;
+
+        let config = Config {
+            provider: vars.parse("STAGE3_PROVIDER", ProviderKind::OpenRouter)?,
+            model,
+            openrouter: OpenRouterConfig {
+                api_key: vars.get("OPENROUTER_API_KEY").map(Secret::new),
+                base_url: vars
+                    .get("OPENROUTER_BASE_URL")
+                    .unwrap_or_else(|| DEFAULT_BASE_URL.into())
+                    .trim_end_matches('/')
+                    .to_string(),
+                api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
+                referer: vars.get("STAGE3_HTTP_REFERER"),
+                title: vars.get("STAGE3_APP_TITLE"),
+            },
+            storage,
+            output_dir: PathBuf::from(
+                vars.get("STAGE3_OUTPUT_DIR")
+                    .unwrap_or_else(|| "./output/images".into()),
+            ),
+            s3,
+            public_base_url: vars
+                .get("STAGE3_PUBLIC_BASE_URL")
+                .map(|url| url.trim_end_matches('/').to_string()),
+            concurrency: vars.parse_in("STAGE3_CONCURRENCY", 4, 1..=256)?,
+            request_timeout: Duration::from_secs(vars.parse_in(
+                "STAGE3_TIMEOUT_SECS",
+                180,
+                1..=3600,
+            )?),
+            connect_timeout: Duration::from_secs(vars.parse_in(
+                "STAGE3_CONNECT_TIMEOUT_SECS",
+                10,
+                1..=600,
+            )?),
+            max_retries: vars.parse_in("STAGE3_MAX_RETRIES", 3, 0..=20)?,
+            retry_base_delay: Duration::from_millis(vars.parse_in(
+                "STAGE3_RETRY_BASE_MS",
+                1000,
+                0..=600_000,
+            )?),
+            retry_max_delay: Duration::from_millis(vars.parse_in(
+                "STAGE3_RETRY_MAX_MS",
+                60_000,
+                0..=3_600_000,
+            )?),
+            force: vars.flag("STAGE3_FORCE", false)?,
+            max_prompt_chars: vars.parse_in(
+                "STAGE3_MAX_PROMPT_CHARS",
+                DEFAULT_MAX_PROMPT_CHARS,
+                1..=1_000_000,
+            )?,
+            max_batch: vars.parse_in("STAGE3_MAX_BATCH", 500, 1..=100_000)?,
+            max_response_bytes: vars.parse_in(
+                "STAGE3_MAX_RESPONSE_BYTES",
+                64 * 1024 * 1024,
+                1024..=1024 * 1024 * 1024,
+            )?,
+            max_image_pixels: vars.parse_in(
+                "STAGE3_MAX_IMAGE_PIXELS",
+                40_000_000,
+                1..=1_000_000_000,
+            )?,
+        };
+        if let Some(base) = &config.public_base_url {
+            check_url("STAGE3_PUBLIC_BASE_URL", base)?;
+        }
+        check_url("OPENROUTER_BASE_URL", &config.openrouter.base_url)?;
+        Ok(config)
+    }
+
+    /// Cross-field checks, run after command-line overrides: what the chosen provider and
+    /// storage need must be present.
+    pub fn validate(&self) -> Result<()> {
+        if self.provider == ProviderKind::OpenRouter
+            && self
+                .openrouter
+                .api_key
+                .as_ref()
+                .is_none_or(|k| k.expose().trim().is_empty())
+        {
+            return Err(Stage3Error::config(
+                "OPENROUTER_API_KEY is not set; set it, or use the offline provider with \
+                 STAGE3_PROVIDER=placeholder (--provider placeholder)",
+            ));
+        }
+        if self.storage == StorageKind::S3 && self.s3.is_none() {
+            return Err(Stage3Error::config("STAGE3_S3_BUCKET is not set"));
+        }
+        Ok(())
+    }
+}
+
+/// `images/` from `images`, `` from `/` or ``: keys are `prefix + name`.
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    }
+}
+
+fn check_url(name: &str, url: &str) -> Result<()> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(Stage3Error::config(format!(
+            "{name}: expected an http:// or https:// URL, got {url:?}"
+        )))
+    }
+}
+
+/// Typed access to variables, with errors that name them. Blank values count as unset.
+struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Vars<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &str) -> Result<String> {
+        self.get(name)
+            .ok_or_else(|| Stage3Error::config(format!("{name} is required but not set")))
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .parse()
+                .map_err(|e| Stage3Error::config(format!("{name}: {e}"))),
+        }
+    }
+
+    fn parse_in<T>(&self, name: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T>
+    where
+        T: FromStr + PartialOrd + fmt::Display + Copy,
+        T::Err: fmt::Display,
+    {
+        let value: T = self.parse(name, default)?;
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(Stage3Error::config(format!(
+                "{name}: {value} is out of range {}..={}",
+                range.start(),
+                range.end()
+            )))
+        }
+    }
+
+    fn flag(&self, name: &str, default: bool) -> Result<bool> {
+        match self.get(name).as_deref() {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(other) => Err(Stage3Error::config(format!(
+                "{name}: expected 1/0 or true/false, got {other:?}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.provider, ProviderKind::OpenRouter);
+        assert_eq!(c.model, DEFAULT_MODEL);
+        assert_eq!(c.openrouter.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.openrouter.api, OpenRouterApi::Images);
+        assert_eq!(c.storage, StorageKind::Fs);
+        assert_eq!(c.output_dir, PathBuf::from("./output/images"));
+        assert_eq!(c.concurrency, 4);
+        assert_eq!(c.request_timeout, Duration::from_secs(180));
+        assert_eq!(c.max_retries, 3);
+        assert!(!c.force);
+        assert_eq!(c.max_prompt_chars, 4000);
+    }
+
+    #[test]
+    fn openrouter_without_a_key_fails_validation_and_names_the_variable() {
+        let err = config(&[]).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("OPENROUTER_API_KEY"));
+        config(&[("STAGE3_PROVIDER", "placeholder")])
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (name, value) in [
+            ("STAGE3_CONCURRENCY", "0"),
+            ("STAGE3_CONCURRENCY", "many"),
+            ("STAGE3_PROVIDER", "dalle"),
+            ("STAGE3_STORAGE", "ftp"),
+            ("STAGE3_FORCE", "maybe"),
+            ("STAGE3_PUBLIC_BASE_URL", "img.example.com"),
+            ("STAGE3_OPENROUTER_API", "rest"),
+        ] {
+            let err = config(&[(name, value)]).unwrap_err();
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+        let err = config(&[("STAGE3_STORAGE", "s3")]).unwrap_err();
+        assert!(err.to_string().contains("STAGE3_S3_BUCKET"));
+    }
+
+    #[test]
+    fn s3_settings_are_normalised() {
+        let c = config(&[
+            ("STAGE3_STORAGE", "s3"),
+            ("STAGE3_S3_BUCKET", "pictures"),
+            ("STAGE3_S3_PREFIX", "/stories/"),
+            ("STAGE3_PUBLIC_BASE_URL", "https://img.example.com/"),
+        ])
+        .unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(s3.prefix, "stories/");
+        assert!(s3.force_path_style);
+        assert_eq!(
+            c.public_base_url.as_deref(),
+            Some("https://img.example.com")
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_key() {
+        let c = config(&[("OPENROUTER_API_KEY", "sk-or-v1-very-secret")]).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(debug.contains("redacted"));
+    }
+}

@@ -1,0 +1,243 @@
+//! The one error type of Stage 3, and the stable `error_type` identifiers that callers see.
+//!
+//! Every failure the service can report — in the CLI's batch answer, in a Lambda error, in
+//! logs — is a [`Stage3Error`]. Its [`ErrorType`] is a contract (DESIGN.md §2): scripts and
+//! downstream stages branch on it, so the strings never change once published. Messages are
+//! for people and never contain secrets: nothing here formats a key, a token or a signed URL.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The stable identifier of a failure's cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// The request itself is wrong; nothing was generated, nothing was spent.
+    InvalidRequest,
+    /// The service is misconfigured (a missing or malformed variable).
+    Config,
+    /// The provider refused the API key (401).
+    Auth,
+    /// The provider account has no credits left (402).
+    InsufficientCredits,
+    /// The provider's moderation refused the prompt or the image (403).
+    ContentPolicy,
+    /// The provider throttled us (429) and the retry budget ran out.
+    RateLimited,
+    /// The provider was down, overloaded or unreachable (5xx, 529, connect errors).
+    ProviderUnavailable,
+    /// The provider answered something we cannot use (400, 413, a malformed body).
+    ProviderError,
+    /// A request took longer than `STAGE3_TIMEOUT_SECS`.
+    Timeout,
+    /// The provider's image does not decode or fails validation.
+    InvalidImage,
+    /// The image or its record could not be written or read.
+    Storage,
+    /// The Lambda invocation's deadline left no time to finish the scene.
+    DeadlineExceeded,
+}
+
+impl ErrorType {
+    /// Every identifier, in documentation order.
+    pub const ALL: [ErrorType; 12] = [
+        ErrorType::InvalidRequest,
+        ErrorType::Config,
+        ErrorType::Auth,
+        ErrorType::InsufficientCredits,
+        ErrorType::ContentPolicy,
+        ErrorType::RateLimited,
+        ErrorType::ProviderUnavailable,
+        ErrorType::ProviderError,
+        ErrorType::Timeout,
+        ErrorType::InvalidImage,
+        ErrorType::Storage,
+        ErrorType::DeadlineExceeded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::InvalidRequest => "invalid_request",
+            ErrorType::Config => "config",
+            ErrorType::Auth => "auth",
+            ErrorType::InsufficientCredits => "insufficient_credits",
+            ErrorType::ContentPolicy => "content_policy",
+            ErrorType::RateLimited => "rate_limited",
+            ErrorType::ProviderUnavailable => "provider_unavailable",
+            ErrorType::ProviderError => "provider_error",
+            ErrorType::Timeout => "timeout",
+            ErrorType::InvalidImage => "invalid_image",
+            ErrorType::Storage => "storage",
+            ErrorType::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What went wrong when talking to the image provider, as the provider told it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderFailure {
+    /// The HTTP status, when an answer arrived.
+    pub status: Option<u16>,
+    /// OpenRouter's own `error.metadata.error_type` (or `error.code` text), when given.
+    pub provider_error_type: Option<String>,
+    /// The provider's message, or ours when the provider gave none.
+    pub message: String,
+    /// How long the provider asked us to wait (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderFailure {
+    pub fn new(status: Option<u16>, message: impl Into<String>) -> Self {
+        ProviderFailure {
+            status,
+            provider_error_type: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl fmt::Display for ProviderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(status) = self.status {
+            write!(f, "HTTP {status}")?;
+            if let Some(kind) = &self.provider_error_type {
+                write!(f, " ({kind})")?;
+            }
+            write!(f, ": ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// A Stage 3 failure. [`Stage3Error::error_type`] is the stable cause.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Stage3Error {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("the provider rejected the API key: {0}")]
+    Auth(ProviderFailure),
+    #[error("the provider account has insufficient credits: {0}")]
+    InsufficientCredits(ProviderFailure),
+    #[error("the provider refused the content: {0}")]
+    ContentPolicy(ProviderFailure),
+    #[error("the provider is rate limiting requests: {0}")]
+    RateLimited(ProviderFailure),
+    #[error("the provider is unavailable: {0}")]
+    ProviderUnavailable(ProviderFailure),
+    #[error("the provider returned an error: {0}")]
+    ProviderError(ProviderFailure),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    #[error("storage error: {message}")]
+    Storage {
+        message: String,
+        /// Whether trying again may succeed (a 5xx, throttling, a dropped connection).
+        transient: bool,
+    },
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+}
+
+impl Stage3Error {
+    pub fn error_type(&self) -> ErrorType {
+        match self {
+            Stage3Error::InvalidRequest(_) => ErrorType::InvalidRequest,
+            Stage3Error::Config(_) => ErrorType::Config,
+            Stage3Error::Auth(_) => ErrorType::Auth,
+            Stage3Error::InsufficientCredits(_) => ErrorType::InsufficientCredits,
+            Stage3Error::ContentPolicy(_) => ErrorType::ContentPolicy,
+            Stage3Error::RateLimited(_) => ErrorType::RateLimited,
+            Stage3Error::ProviderUnavailable(_) => ErrorType::ProviderUnavailable,
+            Stage3Error::ProviderError(_) => ErrorType::ProviderError,
+            Stage3Error::Timeout(_) => ErrorType::Timeout,
+            Stage3Error::InvalidImage(_) => ErrorType::InvalidImage,
+            Stage3Error::Storage { .. } => ErrorType::Storage,
+            Stage3Error::DeadlineExceeded(_) => ErrorType::DeadlineExceeded,
+        }
+    }
+
+    /// Whether the same call may succeed if tried again (DESIGN.md §3: 408/429/5xx, connect
+    /// errors, timeouts, malformed answers and images that fail validation are transient;
+    /// 400/401/402/403/413 and invalid requests are not).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Stage3Error::RateLimited(_)
+            | Stage3Error::ProviderUnavailable(_)
+            | Stage3Error::Timeout(_)
+            | Stage3Error::InvalidImage(_) => true,
+            Stage3Error::Storage { transient, .. } => *transient,
+            // A 200 whose body is not what the API promised is worth another try; a 400 or
+            // 413 is our request's fault and will fail the same way again.
+            Stage3Error::ProviderError(failure) => failure.status.is_none_or(|s| s < 400),
+            Stage3Error::InvalidRequest(_)
+            | Stage3Error::Config(_)
+            | Stage3Error::Auth(_)
+            | Stage3Error::InsufficientCredits(_)
+            | Stage3Error::ContentPolicy(_)
+            | Stage3Error::DeadlineExceeded(_) => false,
+        }
+    }
+
+    /// The delay the provider asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Stage3Error::RateLimited(f)
+            | Stage3Error::ProviderUnavailable(f)
+            | Stage3Error::ProviderError(f) => f.retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Stage3Error::InvalidRequest(message.into())
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Stage3Error::Config(message.into())
+    }
+
+    pub fn storage(message: impl Into<String>, transient: bool) -> Self {
+        Stage3Error::Storage {
+            message: message.into(),
+            transient,
+        }
+    }
+}
+
+pub type Result<T, E = Stage3Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_type_strings_match_serde_names() {
+        for kind in ErrorType::ALL {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+        }
+    }
+
+    #[test]
+    fn permanent_provider_statuses_are_not_transient() {
+        for status in [400, 413] {
+            let err = Stage3Error::ProviderError(ProviderFailure::new(Some(status), "x"));
+            assert!(!err.is_transient(), "{status}");
+        }
+        let malformed = Stage3Error::ProviderError(ProviderFailure::new(Some(200), "not json"));
+        assert!(malformed.is_transient());
+    }
+}

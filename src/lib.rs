@@ -1,0 +1,37 @@
+//! Stage 3 of the story-illustration pipeline: image prompts in, PNGs on a CDN out.
+//!
+//! Module map — the request's path through the crate, top to bottom:
+//!
+//! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, batch answer)
+//!   and the parsing of every accepted input shape.
+//! - [`prompt`]: composes the text sent to the provider (style tags, "Avoid:" negatives).
+//! - [`config`]: the environment variables, read and checked once at start-up.
+//! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
+//! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
+//! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS).
+//! - [`cache`]: request hashes, content-addressed keys and result records.
+//! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
+//! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
+//! - [`telemetry`]: `tracing` set-up for the binaries.
+//! - [`error`]: the error type and its stable `error_type` identifiers.
+//!
+//! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod lambda;
+pub mod normalize;
+pub mod prompt;
+pub mod provider;
+pub mod retry;
+pub mod schema;
+pub mod service;
+pub mod storage;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::{ErrorType, Stage3Error};
+pub use schema::{BatchAnswer, GenerationRequest, Stage2Output, Stage3Output};
+pub use service::{RunOptions, Stage3Service};

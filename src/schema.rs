@@ -1,0 +1,635 @@
+//! The JSON contracts: what upstream stages send us and what we hand downstream.
+//!
+//! Shapes follow the seed's pydantic models (snake_case, defaults for optional fields,
+//! unknown fields ignored) plus the options DESIGN.md §2 adds. Parsing never trusts its
+//! input: [`parse_submission`] turns any accepted JSON shape into validated
+//! [`GenerationRequest`]s or an `invalid_request` error that names the offending field.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ErrorType, Result, Stage3Error};
+
+/// The longest `scene_id` we accept; it becomes part of a file name and an object key.
+pub const MAX_SCENE_ID_CHARS: usize = 128;
+
+/// One scene's prompt, as stage 2 emits it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage2Output {
+    pub scene_id: String,
+    pub image_prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default)]
+    pub style_tags: Vec<String>,
+    #[serde(default)]
+    pub characters_in_scene: Vec<String>,
+}
+
+/// The seed's image sizes. Current models take an aspect ratio, so each size maps to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum ImageSize {
+    #[default]
+    #[serde(rename = "1024x1024")]
+    Square,
+    #[serde(rename = "1792x1024")]
+    Landscape,
+    #[serde(rename = "1024x1792")]
+    Portrait,
+}
+
+impl ImageSize {
+    pub const ALL: [ImageSize; 3] = [ImageSize::Square, ImageSize::Landscape, ImageSize::Portrait];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageSize::Square => "1024x1024",
+            ImageSize::Landscape => "1792x1024",
+            ImageSize::Portrait => "1024x1792",
+        }
+    }
+
+    /// The aspect ratio OpenRouter's models take in place of a pixel size (DESIGN.md §3).
+    pub fn aspect_ratio(self) -> &'static str {
+        match self {
+            ImageSize::Square => "1:1",
+            ImageSize::Landscape => "16:9",
+            ImageSize::Portrait => "9:16",
+        }
+    }
+
+    /// The nominal pixel size, used by the placeholder provider and aspect validation.
+    pub fn dimensions(self) -> (u32, u32) {
+        match self {
+            ImageSize::Square => (1024, 1024),
+            ImageSize::Landscape => (1792, 1024),
+            ImageSize::Portrait => (1024, 1792),
+        }
+    }
+}
+
+impl fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ImageSize {
+    type Err = Stage3Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        ImageSize::ALL
+            .into_iter()
+            .find(|size| size.as_str() == s)
+            .ok_or_else(|| {
+                Stage3Error::invalid_request(format!(
+                    "size: unknown size {s:?}; expected one of 1024x1024, 1792x1024, 1024x1792"
+                ))
+            })
+    }
+}
+
+/// The seed's quality levels, mapped onto the output resolution of current models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageQuality {
+    #[default]
+    Standard,
+    Hd,
+}
+
+impl ImageQuality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageQuality::Standard => "standard",
+            ImageQuality::Hd => "hd",
+        }
+    }
+
+    /// OpenRouter's `resolution` / `image_size` value (DESIGN.md §3).
+    pub fn resolution(self) -> &'static str {
+        match self {
+            ImageQuality::Standard => "1K",
+            ImageQuality::Hd => "2K",
+        }
+    }
+}
+
+impl fmt::Display for ImageQuality {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ImageQuality {
+    type Err = Stage3Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "standard" => Ok(ImageQuality::Standard),
+            "hd" => Ok(ImageQuality::Hd),
+            other => Err(Stage3Error::invalid_request(format!(
+                "quality: unknown quality {other:?}; expected standard or hd"
+            ))),
+        }
+    }
+}
+
+/// A request to illustrate one scene: a [`Stage2Output`] plus generation options.
+/// Options left out fall back to the batch's, then to the service configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    pub scene_id: String,
+    pub image_prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    #[serde(default)]
+    pub style_tags: Vec<String>,
+    #[serde(default)]
+    pub characters_in_scene: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ImageSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<ImageQuality>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl From<Stage2Output> for GenerationRequest {
+    fn from(scene: Stage2Output) -> Self {
+        GenerationRequest {
+            scene_id: scene.scene_id,
+            image_prompt: scene.image_prompt,
+            negative_prompt: scene.negative_prompt,
+            style_tags: scene.style_tags,
+            characters_in_scene: scene.characters_in_scene,
+            size: None,
+            quality: None,
+            seed: None,
+            model: None,
+        }
+    }
+}
+
+impl GenerationRequest {
+    /// Checks what can be checked without the configuration: a safe `scene_id`, a prompt
+    /// with words in it, a sensible model override. The composed prompt's length is checked
+    /// by the service, which knows the configured limit.
+    pub fn validate(&self) -> Result<()> {
+        validate_scene_id(&self.scene_id)?;
+        if self.image_prompt.trim().is_empty() {
+            return Err(Stage3Error::invalid_request(
+                "image_prompt: must not be empty or only whitespace",
+            ));
+        }
+        if let Some(model) = &self.model {
+            validate_model(model)
+                .map_err(|e| Stage3Error::invalid_request(format!("model: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// `scene_id` becomes part of a file name and an S3 key, so only a conservative alphabet
+/// passes: letters, digits, `-`, `_`, `.`, never a leading `.` (no `..`, no hidden files).
+pub fn validate_scene_id(scene_id: &str) -> Result<()> {
+    let fail = |why: &str| {
+        Err(Stage3Error::invalid_request(format!(
+            "scene_id: {why} (got {:?})",
+            truncate_for_message(scene_id, 40)
+        )))
+    };
+    if scene_id.is_empty() {
+        return fail("must not be empty");
+    }
+    if scene_id.chars().count() > MAX_SCENE_ID_CHARS {
+        return fail("must be at most 128 characters");
+    }
+    if scene_id.starts_with('.') {
+        return fail("must not start with '.'");
+    }
+    if !scene_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return fail("may contain only letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+/// Model slugs look like `vendor/name:variant`; anything else is a typo or an injection.
+pub fn validate_model(model: &str) -> std::result::Result<(), String> {
+    if model.is_empty() || model.len() > 200 {
+        return Err("must be 1 to 200 characters".into());
+    }
+    if !model
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '@'))
+    {
+        return Err(format!(
+            "{:?} is not a model slug (letters, digits and -_./:@)",
+            truncate_for_message(model, 60)
+        ));
+    }
+    Ok(())
+}
+
+fn truncate_for_message(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        text.to_string()
+    } else {
+        let head: String = text.chars().take(max_chars).collect();
+        format!("{head}…")
+    }
+}
+
+/// The parameters that produced an image: enough to reproduce it and audit what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationParams {
+    /// The model slug sent to the provider (the seed's key).
+    pub model: String,
+    /// The requested size (the seed's key); the stored pixel size is `width`×`height`.
+    pub size: ImageSize,
+    /// The requested quality (the seed's key).
+    pub quality: ImageQuality,
+    /// Exactly the prompt text that was sent (the seed's key).
+    pub prompt: String,
+    /// `openrouter` or `placeholder`.
+    pub provider: String,
+    /// `images` or `chat` for OpenRouter; absent for the placeholder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    pub aspect_ratio: String,
+    pub resolution: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// What the provider billed, in USD, when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The SHA-256 of the generation request (model, prompt, options): the cache key.
+    pub request_hash: String,
+    /// The SHA-256 of the stored PNG bytes.
+    pub content_sha256: String,
+    /// The stored PNG's size in bytes.
+    pub bytes: u64,
+    /// The format the provider actually sent (`png`, `jpeg`, `webp`), sniffed from its bytes.
+    pub source_format: String,
+    /// Provider calls made for this image (1 unless something was retried).
+    pub attempts: u32,
+    /// RFC 3339 UTC times of the first provider call and of the stored result.
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_ms: u64,
+}
+
+/// One generated, stored image: the seed's `Stage3Output`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stage3Output {
+    pub scene_id: String,
+    /// A local path (filesystem backend) or `s3://bucket/key`.
+    pub image_path: String,
+    /// The public CDN URL, a presigned URL, or null when there is none.
+    pub image_url: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub generation_params: GenerationParams,
+}
+
+/// A scene that could not be illustrated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SceneFailure {
+    pub scene_id: String,
+    pub error_type: ErrorType,
+    pub message: String,
+}
+
+impl SceneFailure {
+    pub fn new(scene_id: impl Into<String>, error: &Stage3Error) -> Self {
+        SceneFailure {
+            scene_id: scene_id.into(),
+            error_type: error.error_type(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// The answer to a batch: every scene is in exactly one of the two lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    pub results: Vec<Stage3Output>,
+    pub failures: Vec<SceneFailure>,
+}
+
+/// What a caller submitted: one request, or a batch of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submission {
+    Single(GenerationRequest),
+    Batch(Vec<GenerationRequest>),
+}
+
+impl Submission {
+    pub fn into_requests(self) -> Vec<GenerationRequest> {
+        match self {
+            Submission::Single(request) => vec![request],
+            Submission::Batch(requests) => requests,
+        }
+    }
+}
+
+/// Options given once for a whole batch (`{"scenes": [...], "size": ..}`) or on the command
+/// line; a scene's own option wins over the batch's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct BatchEnvelope {
+    scenes: Value,
+    #[serde(default)]
+    size: Option<ImageSize>,
+    #[serde(default)]
+    quality: Option<ImageQuality>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// Parses any accepted input shape — one request, an array of requests, or
+/// `{"scenes": [...], "size"?, "quality"?, "model"?}` — and validates every request.
+///
+/// `max_batch` caps the number of scenes. Duplicate `scene_id`s are accepted only when the
+/// requests are identical (they are then generated once); two different requests for the
+/// same scene would race for the same file, so they are rejected.
+pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
+    let submission = match value {
+        Value::Array(items) => Submission::Batch(parse_items(items, &BatchDefaults::default())?),
+        Value::Object(ref map) if map.contains_key("scenes") => {
+            let envelope: BatchEnvelope = deserialize_named(value, "batch")?;
+            let Value::Array(items) = envelope.scenes else {
+                return Err(Stage3Error::invalid_request("scenes: must be an array"));
+            };
+            let defaults = BatchDefaults {
+                size: envelope.size,
+                quality: envelope.quality,
+                model: envelope.model,
+            };
+            Submission::Batch(parse_items(items, &defaults)?)
+        }
+        Value::Object(_) => {
+            let request: GenerationRequest = deserialize_named(value, "request")?;
+            request.validate()?;
+            Submission::Single(request)
+        }
+        other => {
+            return Err(Stage3Error::invalid_request(format!(
+                "expected a request object, an array of requests or {{\"scenes\": [...]}}, got {}",
+                json_kind(&other)
+            )))
+        }
+    };
+    if let Submission::Batch(requests) = &submission {
+        if requests.is_empty() {
+            return Err(Stage3Error::invalid_request("the batch has no scenes"));
+        }
+        if requests.len() > max_batch {
+            return Err(Stage3Error::invalid_request(format!(
+                "the batch has {} scenes; the limit is {max_batch} (STAGE3_MAX_BATCH)",
+                requests.len()
+            )));
+        }
+        reject_conflicting_duplicates(requests)?;
+    }
+    Ok(submission)
+}
+
+/// Parses bytes (a file, stdin, a queue message body) as a submission.
+pub fn parse_submission_bytes(bytes: &[u8], max_batch: usize) -> Result<Submission> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Stage3Error::invalid_request(format!("malformed JSON: {e}")))?;
+    parse_submission(value, max_batch)
+}
+
+#[derive(Default)]
+struct BatchDefaults {
+    size: Option<ImageSize>,
+    quality: Option<ImageQuality>,
+    model: Option<String>,
+}
+
+fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<GenerationRequest>> {
+    if let Some(model) = &defaults.model {
+        validate_model(model).map_err(|e| Stage3Error::invalid_request(format!("model: {e}")))?;
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let scene_hint = item
+                .get("scene_id")
+                .and_then(Value::as_str)
+                .map(|id| format!(" (scene_id {:?})", truncate_for_message(id, 40)))
+                .unwrap_or_default();
+            let located = |e: Stage3Error| match e {
+                Stage3Error::InvalidRequest(message) => {
+                    Stage3Error::InvalidRequest(format!("scenes[{index}]{scene_hint}: {message}"))
+                }
+                other => other,
+            };
+            if !item.is_object() {
+                return Err(located(Stage3Error::invalid_request(format!(
+                    "expected a request object, got {}",
+                    json_kind(&item)
+                ))));
+            }
+            let mut request: GenerationRequest =
+                deserialize_named(item, "request").map_err(located)?;
+            request.size = request.size.or(defaults.size);
+            request.quality = request.quality.or(defaults.quality);
+            if request.model.is_none() {
+                request.model = defaults.model.clone();
+            }
+            request.validate().map_err(located)?;
+            Ok(request)
+        })
+        .collect()
+}
+
+fn reject_conflicting_duplicates(requests: &[GenerationRequest]) -> Result<()> {
+    let mut seen: HashMap<&str, &GenerationRequest> = HashMap::with_capacity(requests.len());
+    for request in requests {
+        if let Some(previous) = seen.insert(&request.scene_id, request) {
+            if previous != request {
+                return Err(Stage3Error::invalid_request(format!(
+                    "scene_id: {:?} appears twice with different requests",
+                    request.scene_id
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deserializes with the path of the offending field in the message ("size: unknown
+/// variant ..."), which serde alone does not give.
+fn deserialize_named<T: serde::de::DeserializeOwned>(value: Value, what: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            Stage3Error::invalid_request(format!("{what}: {inner}"))
+        } else {
+            Stage3Error::invalid_request(format!("{path}: {inner}"))
+        }
+    })
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scene(id: &str) -> Value {
+        json!({"scene_id": id, "image_prompt": "a lighthouse at dawn"})
+    }
+
+    fn rejection(value: Value) -> String {
+        match parse_submission(value, 100) {
+            Err(Stage3Error::InvalidRequest(message)) => message,
+            other => panic!("expected invalid_request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stage2_output_defaults_match_the_seed() {
+        let parsed: Stage2Output =
+            serde_json::from_value(json!({"scene_id": "s1", "image_prompt": "p", "extra": 1}))
+                .unwrap();
+        assert_eq!(parsed.negative_prompt, "");
+        assert!(parsed.style_tags.is_empty());
+        assert!(parsed.characters_in_scene.is_empty());
+    }
+
+    #[test]
+    fn a_single_object_is_a_single_request() {
+        let submission = parse_submission(scene("scene_001"), 100).unwrap();
+        assert!(matches!(submission, Submission::Single(r) if r.scene_id == "scene_001"));
+    }
+
+    #[test]
+    fn an_array_and_a_scenes_envelope_are_batches() {
+        let array = parse_submission(json!([scene("a"), scene("b")]), 100).unwrap();
+        assert!(matches!(array, Submission::Batch(ref r) if r.len() == 2));
+
+        let mut portrait = scene("b");
+        portrait["size"] = json!("1024x1792");
+        let envelope = parse_submission(
+            json!({"scenes": [scene("a"), portrait], "size": "1792x1024", "quality": "hd"}),
+            100,
+        )
+        .unwrap()
+        .into_requests();
+        assert_eq!(envelope[0].size, Some(ImageSize::Landscape));
+        assert_eq!(envelope[0].quality, Some(ImageQuality::Hd));
+        assert_eq!(
+            envelope[1].size,
+            Some(ImageSize::Portrait),
+            "the scene's own size wins"
+        );
+    }
+
+    #[test]
+    fn unsafe_scene_ids_are_rejected() {
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            ".hidden",
+            "a\0b",
+            "a b",
+            "ü",
+            &"x".repeat(129),
+        ] {
+            let message = rejection(scene(bad));
+            assert!(message.starts_with("scene_id:"), "{bad:?}: {message}");
+        }
+        for good in ["scene_001", "Scene-1.v2", "a", &"x".repeat(128)] {
+            parse_submission(scene(good), 100).unwrap();
+        }
+    }
+
+    #[test]
+    fn blank_prompts_are_rejected() {
+        let message = rejection(json!({"scene_id": "s", "image_prompt": " \n\t"}));
+        assert!(message.starts_with("image_prompt:"), "{message}");
+    }
+
+    #[test]
+    fn unknown_size_and_quality_name_the_field() {
+        let mut bad_size = scene("s");
+        bad_size["size"] = json!("512x512");
+        assert!(rejection(bad_size).starts_with("size:"));
+
+        let mut bad_quality = scene("s");
+        bad_quality["quality"] = json!("ultra");
+        assert!(rejection(bad_quality).starts_with("quality:"));
+    }
+
+    #[test]
+    fn missing_fields_and_wrong_types_name_the_field() {
+        assert!(rejection(json!({"scene_id": "s"})).contains("image_prompt"));
+        let message = rejection(json!([scene("a"), {"scene_id": "b", "image_prompt": 3}]));
+        assert!(
+            message.starts_with("scenes[1] (scene_id \"b\"): image_prompt"),
+            "{message}"
+        );
+        assert!(rejection(json!("text")).contains("a string"));
+        assert!(rejection(json!([1])).contains("scenes[0]"));
+    }
+
+    #[test]
+    fn batch_limits_are_enforced() {
+        assert!(rejection(json!([])).contains("no scenes"));
+        let many: Vec<Value> = (0..101).map(|i| scene(&format!("s{i}"))).collect();
+        assert!(rejection(Value::Array(many)).contains("limit is 100"));
+    }
+
+    #[test]
+    fn duplicate_scene_ids_must_be_identical() {
+        parse_submission(json!([scene("a"), scene("a")]), 100).unwrap();
+        let mut other = scene("a");
+        other["image_prompt"] = json!("something else");
+        assert!(rejection(json!([scene("a"), other])).contains("appears twice"));
+    }
+
+    #[test]
+    fn malformed_json_is_an_invalid_request() {
+        let err = parse_submission_bytes(b"{\"scene_id\": ", 10).unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::InvalidRequest);
+        assert!(err.to_string().contains("malformed JSON"));
+    }
+
+    #[test]
+    fn sizes_map_to_aspect_ratios_and_qualities_to_resolutions() {
+        assert_eq!(ImageSize::Square.aspect_ratio(), "1:1");
+        assert_eq!(ImageSize::Landscape.aspect_ratio(), "16:9");
+        assert_eq!(ImageSize::Portrait.aspect_ratio(), "9:16");
+        assert_eq!(ImageQuality::Standard.resolution(), "1K");
+        assert_eq!(ImageQuality::Hd.resolution(), "2K");
+        assert_eq!(
+            "1792x1024".parse::<ImageSize>().unwrap(),
+            ImageSize::Landscape
+        );
+        assert!("2048x2048".parse::<ImageSize>().is_err());
+    }
+}

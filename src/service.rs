@@ -1,0 +1,480 @@
+//! The Stage 3 service: requests in, stored PNGs and `Stage3Output`s out.
+//!
+//! This is the one place that knows the whole path of a scene — validate, compose the
+//! prompt, look in the cache, call the provider within the retry budget and the deadline,
+//! normalise and validate the image, store it, then its record. The CLI and the Lambda
+//! function are thin shells around [`Stage3Service`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::stream::{self, StreamExt};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::cache::{self, RequestIdentity, ResultKeys};
+use crate::config::Config;
+use crate::error::{Result, Stage3Error};
+use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
+use crate::prompt::compose_prompt;
+use crate::provider::{self, ImageProvider, ImageRequest};
+use crate::retry::{Backpressure, RetryPolicy};
+use crate::schema::{
+    BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize, SceneFailure,
+    Stage3Output,
+};
+use crate::storage::{self, ObjectMeta, ObjectStore};
+
+/// A provider call is not started with less time than this left before the deadline:
+/// images take seconds at best, and a call cut short is paid for and thrown away.
+pub const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
+/// Time kept back from the provider for storing the image and its record.
+pub const STORAGE_RESERVE: Duration = Duration::from_secs(2);
+
+/// Per-run settings that are not configuration: the caller's deadline and cache policy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// When everything must be finished (a Lambda invocation's deadline).
+    pub deadline: Option<Instant>,
+    /// Regenerate even when a stored result matches; `None` uses `STAGE3_FORCE`.
+    pub force: Option<bool>,
+}
+
+/// A request that passed validation, with everything derived from it.
+#[derive(Debug, Clone)]
+pub struct PreparedScene {
+    pub request: GenerationRequest,
+    pub prompt: String,
+    pub model: String,
+    pub size: ImageSize,
+    pub quality: ImageQuality,
+    pub request_hash: String,
+    pub keys: ResultKeys,
+}
+
+impl PreparedScene {
+    /// Validates `request` and derives everything a run needs, for `provider` under `config`.
+    pub fn new(
+        request: GenerationRequest,
+        config: &Config,
+        provider: &dyn ImageProvider,
+    ) -> Result<Self> {
+        request.validate()?;
+        let prompt = compose_prompt(&request, config.max_prompt_chars)?;
+        let model = request
+            .model
+            .clone()
+            .unwrap_or_else(|| config.model.clone());
+        let size = request.size.unwrap_or_default();
+        let quality = request.quality.unwrap_or_default();
+        let request_hash = RequestIdentity {
+            provider: provider.name(),
+            api: provider.api(),
+            model: &model,
+            prompt: &prompt,
+            size,
+            quality,
+            seed: request.seed,
+        }
+        .hash();
+        let keys = ResultKeys::new(&request.scene_id, &request_hash);
+        Ok(PreparedScene {
+            request,
+            prompt,
+            model,
+            size,
+            quality,
+            request_hash,
+            keys,
+        })
+    }
+
+    pub fn scene_id(&self) -> &str {
+        &self.request.scene_id
+    }
+}
+
+/// Prepares every request, or names the first invalid one with its position.
+pub fn prepare_all(
+    requests: Vec<GenerationRequest>,
+    config: &Config,
+    provider: &dyn ImageProvider,
+) -> Result<Vec<PreparedScene>> {
+    requests
+        .into_iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let scene_id = request.scene_id.clone();
+            PreparedScene::new(request, config, provider).map_err(|e| match e {
+                Stage3Error::InvalidRequest(message) => Stage3Error::InvalidRequest(format!(
+                    "scenes[{index}] (scene_id {scene_id:?}): {message}"
+                )),
+                other => other,
+            })
+        })
+        .collect()
+}
+
+/// Called as each scene finishes, for progress reporting.
+pub type SceneCallback<'a> =
+    &'a (dyn Fn(&str, std::result::Result<&Stage3Output, &Stage3Error>) + Sync);
+
+pub struct Stage3Service {
+    config: Arc<Config>,
+    provider: Arc<dyn ImageProvider>,
+    store: Arc<dyn ObjectStore>,
+    retry: RetryPolicy,
+    backpressure: Backpressure,
+    limits: ImageLimits,
+}
+
+impl Stage3Service {
+    /// Validates `config` and builds the configured provider and store (HTTP client, S3
+    /// client): do this once, at start-up.
+    pub async fn from_config(config: Config) -> Result<Self> {
+        config.validate()?;
+        let provider = provider::from_config(&config)?;
+        let store = storage::from_config(&config).await?;
+        Ok(Stage3Service::new(config, provider, store))
+    }
+
+    /// A service over explicit parts (tests, embedding in another program).
+    pub fn new(
+        config: Config,
+        provider: Arc<dyn ImageProvider>,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
+        Stage3Service {
+            retry: RetryPolicy::from_config(&config),
+            limits: ImageLimits {
+                max_pixels: config.max_image_pixels,
+            },
+            backpressure: Backpressure::new(),
+            config: Arc::new(config),
+            provider,
+            store,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
+    pub fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
+        PreparedScene::new(request, &self.config, self.provider.as_ref())
+    }
+
+    /// Prepares every request, or says which one is invalid: a batch with a bad request is
+    /// rejected whole, before anything is spent.
+    pub fn prepare_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<PreparedScene>> {
+        prepare_all(requests, &self.config, self.provider.as_ref())
+    }
+
+    /// The seed's `generate_scene_image`: one scene, start to finish.
+    pub async fn generate_scene_image(&self, request: GenerationRequest) -> Result<Stage3Output> {
+        let scene = self.prepare(request)?;
+        self.run_scene(&scene, &RunOptions::default()).await
+    }
+
+    /// The seed's `generate_all_images`, concurrently: invalid requests are reported as
+    /// failures without any provider call; the rest run with `STAGE3_CONCURRENCY` in flight.
+    pub async fn generate_all_images(&self, requests: Vec<GenerationRequest>) -> BatchAnswer {
+        let mut rejected = Vec::new();
+        let mut prepared = Vec::new();
+        for request in requests {
+            let scene_id = request.scene_id.clone();
+            match self.prepare(request) {
+                Ok(scene) => prepared.push(scene),
+                Err(e) => rejected.push(SceneFailure::new(scene_id, &e)),
+            }
+        }
+        let mut answer = self
+            .run_batch(prepared, &RunOptions::default(), &|_, _| {})
+            .await;
+        answer.failures.splice(0..0, rejected);
+        answer
+    }
+
+    /// Runs prepared scenes with bounded concurrency. Results and failures keep the input
+    /// order; identical requests for the same scene are generated once; one scene's
+    /// failure never stops the others.
+    pub async fn run_batch(
+        &self,
+        scenes: Vec<PreparedScene>,
+        options: &RunOptions,
+        on_done: SceneCallback<'_>,
+    ) -> BatchAnswer {
+        // The first occurrence of each (scene, request) runs; duplicates share its outcome.
+        let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut unique: Vec<&PreparedScene> = Vec::new();
+        let slots: Vec<usize> = scenes
+            .iter()
+            .map(|scene| {
+                *first_index
+                    .entry((scene.scene_id(), scene.request_hash.as_str()))
+                    .or_insert_with(|| {
+                        unique.push(scene);
+                        unique.len() - 1
+                    })
+            })
+            .collect();
+
+        let outcomes: Vec<Result<Stage3Output>> = stream::iter(unique)
+            .map(|scene| async move {
+                let outcome = self.run_scene(scene, options).await;
+                on_done(scene.scene_id(), outcome.as_ref());
+                outcome
+            })
+            .buffered(self.config.concurrency)
+            .collect()
+            .await;
+
+        let mut answer = BatchAnswer::default();
+        for (scene, slot) in scenes.iter().zip(slots) {
+            match &outcomes[slot] {
+                Ok(output) => answer.results.push(output.clone()),
+                Err(e) => answer.failures.push(SceneFailure::new(scene.scene_id(), e)),
+            }
+        }
+        answer
+    }
+
+    /// One prepared scene: the cache, then generation and storage.
+    pub async fn run_scene(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+    ) -> Result<Stage3Output> {
+        let span = tracing::info_span!("scene", scene_id = %scene.scene_id());
+        async {
+            let result = self.run_scene_inner(scene, options).await;
+            match &result {
+                Ok(output) => tracing::info!(
+                    image_path = %output.image_path,
+                    attempts = output.generation_params.attempts,
+                    "scene done"
+                ),
+                Err(e) => tracing::warn!(error_type = %e.error_type(), error = %e, "scene failed"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_scene_inner(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+    ) -> Result<Stage3Output> {
+        let force = options.force.unwrap_or(self.config.force);
+        if !force {
+            let cached = self
+                .with_storage_retries(options, || {
+                    cache::lookup(self.store.as_ref(), &scene.keys, &scene.request_hash)
+                })
+                .await?;
+            if let Some(mut output) = cached {
+                tracing::info!("cache hit: returning the stored result, no provider call");
+                output.image_url = self.image_url(&scene.keys.image).await?;
+                return Ok(output);
+            }
+        }
+
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let generated = self.generate_with_retries(scene, options).await?;
+
+        let image_key = &scene.keys.image;
+        let png = generated.image.png.clone();
+        self.with_storage_retries(options, || {
+            self.store.put(image_key, png.clone(), ObjectMeta::PNG)
+        })
+        .await?;
+        let image_url = self.image_url(image_key).await?;
+
+        let output = Stage3Output {
+            scene_id: scene.scene_id().to_string(),
+            image_path: self.store.location(image_key),
+            image_url,
+            width: generated.image.width,
+            height: generated.image.height,
+            generation_params: GenerationParams {
+                model: scene.model.clone(),
+                size: scene.size,
+                quality: scene.quality,
+                prompt: scene.prompt.clone(),
+                provider: self.provider.name().to_string(),
+                api: self.provider.api().map(str::to_string),
+                aspect_ratio: scene.size.aspect_ratio().to_string(),
+                resolution: scene.quality.resolution().to_string(),
+                seed: scene.request.seed,
+                cost: generated.cost,
+                request_hash: scene.request_hash.clone(),
+                content_sha256: generated.image.content_sha256.clone(),
+                bytes: generated.image.png.len() as u64,
+                source_format: generated.image.source_format.as_str().to_string(),
+                attempts: generated.attempts,
+                started_at: rfc3339(started_at),
+                finished_at: rfc3339(SystemTime::now()),
+                duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
+            },
+        };
+        // The record goes last: it is what makes the stored image a result.
+        self.with_storage_retries(options, || {
+            cache::save_record(self.store.as_ref(), &scene.keys, &output)
+        })
+        .await?;
+        Ok(output)
+    }
+
+    /// Calls the provider and validates its image until one is good, a permanent error
+    /// arrives, the retry budget is spent, or the deadline leaves no room.
+    async fn generate_with_retries(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+    ) -> Result<Generated> {
+        let mut attempts = 0u32;
+        let mut total_cost: Option<f64> = None;
+        loop {
+            attempts += 1;
+            self.backpressure.wait().await;
+            let (timeout, cut_by_deadline) = self.call_budget(options)?;
+            let request = ImageRequest {
+                scene_id: scene.scene_id(),
+                prompt: &scene.prompt,
+                model: &scene.model,
+                size: scene.size,
+                quality: scene.quality,
+                seed: scene.request.seed,
+                timeout,
+            };
+            let outcome = match self.provider.generate(&request).await {
+                Ok(image) => {
+                    if let Some(cost) = image.cost {
+                        *total_cost.get_or_insert(0.0) += cost;
+                    }
+                    self.normalize(image.bytes, scene.size).await
+                }
+                Err(e) => Err(e),
+            };
+            let error = match outcome {
+                Ok(image) => {
+                    return Ok(Generated {
+                        image,
+                        cost: total_cost,
+                        attempts,
+                    })
+                }
+                Err(Stage3Error::Timeout(message)) if cut_by_deadline => {
+                    return Err(Stage3Error::DeadlineExceeded(format!(
+                        "the provider call was cut short by the invocation deadline ({message})"
+                    )))
+                }
+                Err(e) => e,
+            };
+
+            let delay = self.retry.delay_before(attempts, &error);
+            if matches!(error, Stage3Error::RateLimited(_)) {
+                // Everyone waits, not just this scene: the limit is the account's.
+                self.backpressure.pause_for(delay).await;
+            }
+            if !self.retry.should_retry(attempts, &error)
+                || !self.fits_before_deadline(options, delay)
+            {
+                return Err(error);
+            }
+            tracing::warn!(
+                attempt = attempts,
+                error_type = %error.error_type(),
+                error = %error,
+                delay_ms = delay.as_millis() as u64,
+                "transient failure; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Decoding is CPU work: keep it off the async workers so other scenes' I/O flows.
+    async fn normalize(&self, bytes: bytes::Bytes, size: ImageSize) -> Result<NormalizedImage> {
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || normalize_image(bytes, size, &limits))
+            .await
+            .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?
+    }
+
+    /// The timeout for the next provider call, and whether the deadline shortened it.
+    fn call_budget(&self, options: &RunOptions) -> Result<(Duration, bool)> {
+        let configured = self.config.request_timeout;
+        let Some(deadline) = options.deadline else {
+            return Ok((configured, false));
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(STORAGE_RESERVE);
+        if left < MIN_CALL_BUDGET {
+            return Err(Stage3Error::DeadlineExceeded(format!(
+                "{} ms left before the deadline; not starting a provider call",
+                left.as_millis()
+            )));
+        }
+        Ok((configured.min(left), left < configured))
+    }
+
+    fn fits_before_deadline(&self, options: &RunOptions, delay: Duration) -> bool {
+        options.deadline.is_none_or(|deadline| {
+            Instant::now() + delay + STORAGE_RESERVE + MIN_CALL_BUDGET <= deadline
+        })
+    }
+
+    /// Runs a storage operation, retrying transient failures within the same budget.
+    async fn with_storage_retries<T, F, Fut>(
+        &self,
+        options: &RunOptions,
+        mut operation: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match operation().await {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    let delay = self.retry.delay_before(attempt, &error);
+                    let in_time = options
+                        .deadline
+                        .is_none_or(|deadline| Instant::now() + delay < deadline);
+                    if !self.retry.should_retry(attempt, &error) || !in_time {
+                        return Err(error);
+                    }
+                    tracing::warn!(attempt, error = %error, "storage failure; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// `image_url`: the CDN URL when a public base is configured, else what the store offers.
+    async fn image_url(&self, key: &str) -> Result<Option<String>> {
+        match &self.config.public_base_url {
+            Some(base) => Ok(Some(format!("{base}/{}", self.store.public_key(key)))),
+            None => self.store.signed_url(key).await,
+        }
+    }
+}
+
+struct Generated {
+    image: NormalizedImage,
+    cost: Option<f64>,
+    attempts: u32,
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}
