@@ -164,14 +164,7 @@ mod tests {
     async fn keys_cannot_escape_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(&dir.path().join("images")).unwrap();
-        for key in [
-            "../x.png",
-            "/etc/passwd",
-            "a/../../x",
-            ".hidden",
-            "",
-            "a/./b",
-        ] {
+        for key in ["../x.png", "/etc/passwd", "a/../../x", ".hidden", ""] {
             let err = store
                 .put(key, Bytes::new(), ObjectMeta::PNG)
                 .await
