@@ -647,15 +647,17 @@ fn too_large(status: u16, limit: usize) -> Stage3Error {
 fn transport_error(error: reqwest::Error, what: &str, budget: Duration) -> Stage3Error {
     // Without the URL: an image URL may carry a signature.
     let error = error.without_url();
-    if error.is_timeout() {
-        Stage3Error::Timeout(format!(
-            "{what} did not finish within {}",
-            humantime::format_duration(budget)
-        ))
-    } else if error.is_connect() {
+    // Connect first: a connect timeout (STAGE3_CONNECT_TIMEOUT_SECS) means the provider is
+    // unreachable, not that it is slow to draw.
+    if error.is_connect() {
         Stage3Error::ProviderUnavailable(ProviderFailure::new(
             None,
             format!("cannot connect for {what}: {}", error_chain(&error)),
+        ))
+    } else if error.is_timeout() {
+        Stage3Error::Timeout(format!(
+            "{what} did not finish within {}",
+            humantime::format_duration(budget)
         ))
     } else {
         Stage3Error::ProviderUnavailable(ProviderFailure::new(
