@@ -12,7 +12,8 @@
 //! `1`). The bucket must exist. Every target uses its own key prefix, so tests running in
 //! parallel, or runs sharing a bucket, never see each other's objects.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +54,7 @@ pub struct S3Target {
 struct LocalServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    _root: TempDir,
+    root: TempDir,
 }
 
 impl S3Target {
@@ -92,44 +93,7 @@ impl S3Target {
         std::fs::create_dir(root.path().join(LOCAL_BUCKET)).expect("bucket directory");
         let secret_key = format!("stage3-test-secret-{}", unique_suffix());
 
-        let filesystem = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs root");
-        let mut builder = S3ServiceBuilder::new(filesystem);
-        builder.set_auth(SimpleAuth::from_single(
-            LOCAL_ACCESS_KEY,
-            secret_key.clone(),
-        ));
-        builder.set_access(RealBucketRules {
-            root: root.path().to_path_buf(),
-        });
-        let service = builder.build();
-
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let address = listener.local_addr().expect("local address");
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let http = ConnectionBuilder::new(TokioExecutor::new());
-            let mut connections = JoinSet::new();
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    accepted = listener.accept() => {
-                        let Ok((socket, _)) = accepted else { continue };
-                        let (http, service) = (http.clone(), service.clone());
-                        connections.spawn(async move {
-                            let _ = http.serve_connection(TokioIo::new(socket), service).await;
-                        });
-                    }
-                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                }
-            }
-            // Closing the listener refuses new connections; aborting the open ones cuts
-            // the client's pooled keep-alive connections too, as a crashed server would.
-            drop(listener);
-            connections.shutdown().await;
-        });
-
+        let (address, stop, task) = serve(root.path(), &secret_key).await;
         S3Target {
             endpoint: format!("http://{address}"),
             bucket: LOCAL_BUCKET.to_string(),
@@ -141,7 +105,7 @@ impl S3Target {
             server: Some(LocalServer {
                 stop: Some(stop),
                 task: Some(task),
-                _root: root,
+                root,
             }),
         }
     }
@@ -170,6 +134,17 @@ impl S3Target {
             task.await.expect("server task");
         }
         true
+    }
+
+    /// Starts the stopped in-process server again over the same data, on a new port:
+    /// clients and stores made before point at the old endpoint, so make new ones.
+    pub async fn restart(&mut self) {
+        let server = self.server.as_mut().expect("only a local server restarts");
+        assert!(server.task.is_none(), "the server is still running");
+        let (address, stop, task) = serve(server.root.path(), &self.secret_key).await;
+        server.stop = Some(stop);
+        server.task = Some(task);
+        self.endpoint = format!("http://{address}");
     }
 
     /// The configuration the service would read from `STAGE3_S3_*` for this target.
@@ -239,6 +214,48 @@ impl S3Target {
     pub fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
+}
+
+/// Serves `root` over S3 on a fresh loopback port until the returned sender fires.
+async fn serve(root: &Path, secret_key: &str) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    let filesystem = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
+    let mut builder = S3ServiceBuilder::new(filesystem);
+    builder.set_auth(SimpleAuth::from_single(
+        LOCAL_ACCESS_KEY,
+        secret_key.to_string(),
+    ));
+    builder.set_access(RealBucketRules {
+        root: root.to_path_buf(),
+    });
+    let service = builder.build();
+
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let address = listener.local_addr().expect("local address");
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let http = ConnectionBuilder::new(TokioExecutor::new());
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                accepted = listener.accept() => {
+                    let Ok((socket, _)) = accepted else { continue };
+                    let (http, service) = (http.clone(), service.clone());
+                    connections.spawn(async move {
+                        let _ = http.serve_connection(TokioIo::new(socket), service).await;
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        // Closing the listener refuses new connections; aborting the open ones cuts the
+        // client's pooled keep-alive connections too, as a crashed server would.
+        drop(listener);
+        connections.shutdown().await;
+    });
+    (address, stop, task)
 }
 
 /// Makes `s3s-fs` refuse what real servers refuse. Left alone, it lets unsigned requests
