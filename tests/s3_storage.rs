@@ -256,20 +256,63 @@ async fn a_server_that_went_away_is_a_transient_storage_error() {
     }
 }
 
-/// A store whose endpoint is `server`, a loopback HTTP server playing a troubled S3.
-fn store_against(server: &MockServer) -> S3Store {
-    let s3 = S3Config {
+#[tokio::test]
+async fn an_endpoint_that_never_answers_is_a_transient_timeout() {
+    // Accepts connections and reads nothing: a hung server or a black-holing proxy.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let s3 = test_config(endpoint);
+    // The production 60 s operation timeout, shortened so the test ends quickly.
+    let builder = S3Store::configure(test_builder(), &s3).timeout_config(
+        aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .operation_timeout(Duration::from_millis(300))
+            .build(),
+    );
+    let store = S3Store::new(
+        aws_sdk_s3::Client::from_conf(builder.build()),
+        &s3.bucket,
+        &s3.prefix,
+        s3.presign_expiry,
+    );
+
+    let error = store
+        .put("a.png", noisy_png(8, 8, 12), ObjectMeta::PNG)
+        .await
+        .unwrap_err();
+
+    let (transient, message) = storage_failure(error);
+    assert!(transient, "{message}");
+    assert!(message.contains("timeout"), "{message}");
+    held.abort();
+}
+
+fn test_config(endpoint: String) -> S3Config {
+    S3Config {
         bucket: "pictures".into(),
-        endpoint: Some(server.uri()),
+        endpoint: Some(endpoint),
         region: "us-east-1".into(),
         prefix: "stories/".into(),
         force_path_style: true,
         presign_expiry: Duration::from_secs(60),
-    };
-    let builder = aws_sdk_s3::config::Builder::new()
+    }
+}
+
+fn test_builder() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::new()
         .behavior_version(BehaviorVersion::latest())
-        .credentials_provider(Credentials::new("AKID", "SECRET", None, None, "test"));
-    let client = aws_sdk_s3::Client::from_conf(S3Store::configure(builder, &s3).build());
+        .credentials_provider(Credentials::new("AKID", "SECRET", None, None, "test"))
+}
+
+/// A store whose endpoint is `server`, a loopback HTTP server playing a troubled S3.
+fn store_against(server: &MockServer) -> S3Store {
+    let s3 = test_config(server.uri());
+    let client = aws_sdk_s3::Client::from_conf(S3Store::configure(test_builder(), &s3).build());
     S3Store::new(client, &s3.bucket, &s3.prefix, s3.presign_expiry)
 }
 

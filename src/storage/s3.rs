@@ -173,7 +173,7 @@ where
             Stage3Error::storage(message, transient)
         }
         SdkError::TimeoutError(_) => Stage3Error::storage(
-            format!("{what}: no answer within {}s", OPERATION_TIMEOUT.as_secs()),
+            format!("{what}: the endpoint did not answer within the operation timeout"),
             true,
         ),
         SdkError::DispatchFailure(failure) => {
@@ -305,5 +305,82 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.failure("presigning GetObject", &object_key, e))?;
         Ok(Some(request.uri().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let lookup = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        };
+        Config::from_lookup(lookup).unwrap()
+    }
+
+    #[tokio::test]
+    async fn from_config_keys_objects_under_the_bucket_and_prefix() {
+        let store = S3Store::from_config(&config(&[
+            ("STAGE3_STORAGE", "s3"),
+            ("STAGE3_S3_BUCKET", "pictures"),
+            ("STAGE3_S3_PREFIX", "stories"),
+            ("STAGE3_S3_ENDPOINT", "https://s3.cn-east-1.qiniucs.com"),
+            ("STAGE3_S3_REGION", "cn-east-1"),
+        ]))
+        .await
+        .unwrap();
+
+        assert_eq!(store.location("a.png"), "s3://pictures/stories/a.png");
+        assert_eq!(store.public_key("a.png"), "stories/a.png");
+        let client_config = store.client.config();
+        assert_eq!(
+            client_config.region().map(|r| r.as_ref()),
+            Some("cn-east-1")
+        );
+        assert_eq!(
+            client_config.request_checksum_calculation(),
+            Some(&RequestChecksumCalculation::WhenRequired)
+        );
+        assert_eq!(
+            client_config.response_checksum_validation(),
+            Some(&ResponseChecksumValidation::WhenRequired)
+        );
+    }
+
+    #[tokio::test]
+    async fn from_config_without_s3_settings_is_a_config_error() {
+        let err = S3Store::from_config(&config(&[])).await.unwrap_err();
+        assert_eq!(err.error_type(), crate::error::ErrorType::Config);
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn causes_name_every_layer_once() {
+        let chain = Layer(
+            "dispatch failure",
+            Some(Box::new(Layer(
+                "connection refused",
+                Some(Box::new(Layer("connection refused", None))),
+            ))),
+        );
+        assert_eq!(causes(&chain), "dispatch failure: connection refused");
     }
 }
