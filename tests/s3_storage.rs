@@ -172,9 +172,36 @@ async fn an_empty_prefix_leaves_keys_alone() {
 }
 
 #[tokio::test]
+async fn from_config_signs_with_the_configured_bucket_keys() {
+    let target = S3Target::start().await;
+    let mut vars: std::collections::HashMap<String, String> =
+        target.env_vars().into_iter().collect();
+    vars.insert("STAGE3_S3_ACCESS_KEY_ID".into(), target.access_key.clone());
+    vars.insert(
+        "STAGE3_S3_SECRET_ACCESS_KEY".into(),
+        target.secret_key().to_string(),
+    );
+    let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let store = S3Store::from_config(&config).await.unwrap();
+    let png = noisy_png(16, 9, 13);
+
+    store
+        .put("a.png", png.clone(), ObjectMeta::PNG)
+        .await
+        .unwrap();
+
+    assert_eq!(store.get("a.png").await.unwrap(), Some(png));
+    assert_eq!(
+        store.location("a.png"),
+        format!("s3://{}/{}a.png", target.bucket, target.prefix)
+    );
+    assert!(!format!("{store:?}").contains(target.secret_key()));
+}
+
+#[tokio::test]
 async fn a_missing_bucket_is_a_permanent_storage_error() {
     let target = S3Target::start().await;
-    let bucket = format!("stage3-missing-{}", std::process::id());
+    let bucket = format!("stage3-missing-{}", fastrand::u64(..));
     let store = target.store_in_bucket(&bucket);
 
     let (transient, message) = storage_failure(
@@ -300,6 +327,7 @@ fn test_config(endpoint: String) -> S3Config {
         prefix: "stories/".into(),
         force_path_style: true,
         presign_expiry: Duration::from_secs(60),
+        credentials: None,
     }
 }
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -64,17 +64,26 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
-    /// Builds the client from the standard AWS credential chain (environment variables,
-    /// profile, the Lambda role) and `config.s3`. Call once, at start-up.
+    /// Builds the client from `config.s3`, signing with its own keys when given, else with
+    /// the standard AWS credential chain (environment variables, profile, the Lambda
+    /// role). Call once, at start-up.
     pub async fn from_config(config: &Config) -> Result<Self> {
         let s3 = config
             .s3
             .as_ref()
             .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(s3.region.clone()))
-            .load()
-            .await;
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(s3.region.clone()));
+        if let Some(keys) = &s3.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                &keys.access_key_id,
+                keys.secret_access_key.expose(),
+                None,
+                None,
+                "stage3-s3-keys",
+            ));
+        }
+        let shared = loader.load().await;
         let client_config = Self::configure(aws_sdk_s3::config::Builder::from(&shared), s3);
         Ok(S3Store::new(
             Client::from_conf(client_config.build()),

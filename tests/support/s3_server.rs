@@ -156,6 +156,7 @@ impl S3Target {
             prefix: self.prefix.clone(),
             force_path_style: self.path_style,
             presign_expiry: PRESIGN_EXPIRY,
+            credentials: None,
         }
     }
 
