@@ -174,7 +174,9 @@ async fn without_a_public_base_image_url_is_a_working_presigned_url() {
         .unwrap();
 
     let url = output.image_url.expect("a presigned URL");
-    assert!(url.starts_with(&target.endpoint), "{url}");
+    if target.path_style {
+        assert!(url.starts_with(&target.endpoint), "{url}");
+    }
     assert!(url.contains("X-Amz-Signature="), "{url}");
     let response = reqwest::get(&url).await.unwrap();
     assert_eq!(response.status(), 200);

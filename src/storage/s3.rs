@@ -134,10 +134,6 @@ impl S3Store {
         }
     }
 
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
-
     fn object_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
