@@ -130,6 +130,17 @@ pub struct S3Config {
     pub prefix: String,
     pub force_path_style: bool,
     pub presign_expiry: Duration,
+    /// Keys for this bucket alone (`STAGE3_S3_ACCESS_KEY_ID`, `STAGE3_S3_SECRET_ACCESS_KEY`),
+    /// used instead of the AWS credential chain. Needed on Lambda with Qiniu or MinIO: there
+    /// the chain yields the function's AWS role, and Lambda reserves `AWS_ACCESS_KEY_ID`.
+    pub credentials: Option<S3Credentials>,
+}
+
+/// A static access key pair for an S3-compatible service.
+#[derive(Debug, Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +201,7 @@ impl Config {
                     3600,
                     1..=MAX_PRESIGN_SECS,
                 )?),
+                credentials: s3_credentials(&vars)?,
             }),
             StorageKind::Fs => None,
         };
@@ -287,6 +299,25 @@ impl Config {
             return Err(Stage3Error::config("STAGE3_S3_BUCKET is not set"));
         }
         Ok(())
+    }
+}
+
+/// Both halves of a static key pair, or neither.
+fn s3_credentials(vars: &Vars<'_>) -> Result<Option<S3Credentials>> {
+    const ID: &str = "STAGE3_S3_ACCESS_KEY_ID";
+    const SECRET: &str = "STAGE3_S3_SECRET_ACCESS_KEY";
+    match (vars.get(ID), vars.get(SECRET)) {
+        (Some(access_key_id), Some(secret)) => Ok(Some(S3Credentials {
+            access_key_id,
+            secret_access_key: Secret::new(secret),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Stage3Error::config(format!(
+            "{ID} is set but {SECRET} is not; set both or neither"
+        ))),
+        (None, Some(_)) => Err(Stage3Error::config(format!(
+            "{SECRET} is set but {ID} is not; set both or neither"
+        ))),
     }
 }
 
@@ -439,6 +470,35 @@ mod tests {
             c.public_base_url.as_deref(),
             Some("https://img.example.com")
         );
+    }
+
+    #[test]
+    fn s3_keys_come_in_pairs_and_stay_secret() {
+        let base = [("STAGE3_STORAGE", "s3"), ("STAGE3_S3_BUCKET", "pictures")];
+        assert!(config(&base).unwrap().s3.unwrap().credentials.is_none());
+
+        let mut with_keys = base.to_vec();
+        with_keys.push(("STAGE3_S3_ACCESS_KEY_ID", "AKQINIU"));
+        with_keys.push(("STAGE3_S3_SECRET_ACCESS_KEY", "qiniu-very-secret"));
+        let c = config(&with_keys).unwrap();
+        let keys = c.s3.as_ref().unwrap().credentials.as_ref().unwrap();
+        assert_eq!(keys.access_key_id, "AKQINIU");
+        assert_eq!(keys.secret_access_key.expose(), "qiniu-very-secret");
+        assert!(!format!("{c:?}").contains("very-secret"));
+
+        for half in [
+            ("STAGE3_S3_ACCESS_KEY_ID", "AKQINIU"),
+            ("STAGE3_S3_SECRET_ACCESS_KEY", "qiniu-very-secret"),
+        ] {
+            let mut vars = base.to_vec();
+            vars.push(half);
+            let err = config(&vars).unwrap_err();
+            assert!(
+                err.to_string().contains("STAGE3_S3_SECRET_ACCESS_KEY"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("very-secret"), "{err}");
+        }
     }
 
     #[test]

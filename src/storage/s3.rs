@@ -1,39 +1,391 @@
-//! The S3-compatible backend: Qiniu Kodo, MinIO, AWS S3.
+//! The S3-compatible backend: Qiniu Kodo, MinIO, AWS S3 (and anything else speaking SigV4).
+//!
+//! One `aws-sdk-s3` client is built at start-up and shared by every scene. It is tuned for
+//! servers that are not AWS (DESIGN.md §3): checksums only when an operation requires them,
+//! bodies uploaded from memory (never `aws-chunked`), path-style addressing by default.
+//! Every SDK failure becomes a [`Stage3Error::Storage`] that says which operation, bucket
+//! and key failed and whether retrying can help; credentials and presigned URLs never
+//! appear in those messages.
+
+use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore};
-use crate::config::Config;
-use crate::error::Result;
+use crate::config::{Config, S3Config};
+use crate::error::{Result, Stage3Error};
 
-#[derive(Debug)]
-pub struct S3Store {}
+/// Longest wait for a TCP (and TLS) connection to the endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a whole S3 call may take; a 2K PNG is a few MB, so this is generous.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Error codes that mean "the server is busy or hiccuped", whatever the HTTP status.
+const TRANSIENT_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+];
+
+/// An [`ObjectStore`] over one bucket and key prefix.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Empty or ending in `/`; prepended to every key.
+    prefix: String,
+    presign_expiry: Duration,
+}
+
+impl fmt::Debug for S3Store {
+    // The client's configuration holds the credentials provider: leave it out entirely.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("presign_expiry", &self.presign_expiry)
+            .finish_non_exhaustive()
+    }
+}
 
 impl S3Store {
-    pub async fn from_config(_config: &Config) -> Result<Self> {
-        todo!("s3 store")
+    /// Builds the client from `config.s3`, signing with its own keys when given, else with
+    /// the standard AWS credential chain (environment variables, profile, the Lambda
+    /// role). Call once, at start-up.
+    pub async fn from_config(config: &Config) -> Result<Self> {
+        let s3 = config
+            .s3
+            .as_ref()
+            .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(s3.region.clone()));
+        if let Some(keys) = &s3.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                &keys.access_key_id,
+                keys.secret_access_key.expose(),
+                None,
+                None,
+                "stage3-s3-keys",
+            ));
+        }
+        let shared = loader.load().await;
+        let client_config = Self::configure(aws_sdk_s3::config::Builder::from(&shared), s3);
+        Ok(S3Store::new(
+            Client::from_conf(client_config.build()),
+            &s3.bucket,
+            &s3.prefix,
+            s3.presign_expiry,
+        ))
+    }
+
+    /// Applies the Stage 3 client settings to `builder`: region, endpoint, addressing,
+    /// checksums, timeouts and retries. Public so tests and embedders that bring their own
+    /// credentials get exactly the production behaviour.
+    pub fn configure(
+        builder: aws_sdk_s3::config::Builder,
+        s3: &S3Config,
+    ) -> aws_sdk_s3::config::Builder {
+        let mut builder = builder
+            .region(Region::new(s3.region.clone()))
+            .force_path_style(s3.force_path_style)
+            // Since 1.69 the SDK adds CRC32 checksums and streams with `aws-chunked`
+            // encoding; Qiniu, older MinIO and Ceph reject both (DESIGN.md §3).
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            )
+            // One attempt: the service already retries transient storage failures with
+            // jittered backoff inside the Lambda deadline. SDK retries underneath would
+            // multiply attempts (3 × 3) and could not see that deadline.
+            .retry_config(RetryConfig::standard().with_max_attempts(1));
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        builder
+    }
+
+    /// A store over an existing client (tests, embedding). `prefix` should be empty or end
+    /// in `/`, as [`S3Config::prefix`] does.
+    pub fn new(client: Client, bucket: &str, prefix: &str, presign_expiry: Duration) -> Self {
+        S3Store {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            presign_expiry,
+        }
+    }
+
+    fn object_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Turns an SDK failure into a storage error naming the call, bucket and key.
+    fn failure<E>(&self, operation: &str, object_key: &str, error: SdkError<E>) -> Stage3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let what = format!("S3 {operation} of s3://{}/{object_key} failed", self.bucket);
+        classify(&what, &error)
+    }
+}
+
+/// Decides whether `error` is worth retrying and describes it for people.
+fn classify<E>(what: &str, error: &SdkError<E>) -> Stage3Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match error {
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
+            let status = error.raw_response().map(|r| r.status().as_u16());
+            let code = error.code();
+            let transient = match (status, code) {
+                (_, Some(code)) if TRANSIENT_CODES.contains(&code) => true,
+                (Some(status), _) => status >= 500 || status == 408 || status == 429,
+                // An answer we could not even read as HTTP: a proxy or a half-closed socket.
+                (None, _) => true,
+            };
+            let mut message = format!("{what}:");
+            if let Some(status) = status {
+                message.push_str(&format!(" HTTP {status}"));
+            }
+            match (code, error.message()) {
+                (Some(code), Some(text)) => message.push_str(&format!(" {code}: {text}")),
+                (Some(code), None) => message.push_str(&format!(" {code}")),
+                (None, Some(text)) => message.push_str(&format!(" {text}")),
+                // HEAD answers have no body, so nothing but the status is known.
+                (None, None) if status.is_some() => message.push_str(" (no error details)"),
+                (None, None) => message.push_str(&format!(" {}", causes(error))),
+            }
+            Stage3Error::storage(message, transient)
+        }
+        SdkError::TimeoutError(_) => Stage3Error::storage(
+            format!("{what}: the endpoint did not answer within the operation timeout"),
+            true,
+        ),
+        SdkError::DispatchFailure(failure) => {
+            // A "user" dispatch failure is a malformed request or endpoint: it will fail the
+            // same way next time. Connect refusals, resets and timeouts may not.
+            let transient = !failure.is_user();
+            Stage3Error::storage(
+                format!("{what}: could not reach the endpoint: {}", causes(error)),
+                transient,
+            )
+        }
+        // The SDK could not build the request (a bad key, a missing region): our mistake.
+        _ => Stage3Error::storage(format!("{what}: {}", causes(error)), false),
+    }
+}
+
+/// The error and its sources, `outer: inner: root`, without the `Debug` dump the SDK's
+/// `DisplayErrorContext` appends (it is noisy and repeats the endpoint's internals).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        // Wrappers often repeat their source's text; say it once.
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a failed read means "no such object" rather than a real failure. Servers differ
+/// (`NoSuchKey`, `NotFound`, a bare 404 on HEAD), but a missing bucket is always an error.
+fn is_missing_object<E>(error: &SdkError<E>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    if !matches!(error, SdkError::ServiceError(_)) {
+        return false;
+    }
+    match error.code() {
+        Some("NoSuchKey" | "NotFound") => true,
+        Some("NoSuchBucket") => false,
+        _ => error.raw_response().map(|r| r.status().as_u16()) == Some(404),
     }
 }
 
 #[async_trait]
 impl ObjectStore for S3Store {
-    async fn put(&self, _key: &str, _bytes: Bytes, _meta: ObjectMeta) -> Result<()> {
-        todo!()
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<()> {
+        let object_key = self.object_key(key);
+        // S3 replaces an object atomically on PutObject: readers see the old or the new one.
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .content_type(meta.content_type)
+            .cache_control(meta.cache_control)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| self.failure("PutObject", &object_key, e))?;
+        Ok(())
     }
-    async fn get(&self, _key: &str) -> Result<Option<Bytes>> {
-        todo!()
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let object_key = self.object_key(key);
+        let output = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+        {
+            Ok(output) => output,
+            Err(e) if is_missing_object(&e) => return Ok(None),
+            Err(e) => return Err(self.failure("GetObject", &object_key, e)),
+        };
+        let body = output.body.collect().await.map_err(|e| {
+            Stage3Error::storage(
+                format!(
+                    "S3 GetObject of s3://{}/{object_key} failed while reading the body: {}",
+                    self.bucket,
+                    causes(&e)
+                ),
+                true,
+            )
+        })?;
+        Ok(Some(body.into_bytes()))
     }
-    async fn exists(&self, _key: &str) -> Result<bool> {
-        todo!()
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        let object_key = self.object_key(key);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_missing_object(&e) => Ok(false),
+            Err(e) => Err(self.failure("HeadObject", &object_key, e)),
+        }
     }
-    fn location(&self, _key: &str) -> String {
-        todo!()
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, self.object_key(key))
     }
-    fn public_key(&self, _key: &str) -> String {
-        todo!()
+
+    fn public_key(&self, key: &str) -> String {
+        self.object_key(key)
     }
-    async fn signed_url(&self, _key: &str) -> Result<Option<String>> {
-        todo!()
+
+    async fn signed_url(&self, key: &str) -> Result<Option<String>> {
+        let object_key = self.object_key(key);
+        let presigning = PresigningConfig::expires_in(self.presign_expiry)
+            .map_err(|e| Stage3Error::config(format!("STAGE3_S3_PRESIGN_SECS: {e}")))?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .presigned(presigning)
+            .await
+            .map_err(|e| self.failure("presigning GetObject", &object_key, e))?;
+        Ok(Some(request.uri().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let lookup = |name: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        };
+        Config::from_lookup(lookup).unwrap()
+    }
+
+    #[tokio::test]
+    async fn from_config_keys_objects_under_the_bucket_and_prefix() {
+        let store = S3Store::from_config(&config(&[
+            ("STAGE3_STORAGE", "s3"),
+            ("STAGE3_S3_BUCKET", "pictures"),
+            ("STAGE3_S3_PREFIX", "stories"),
+            ("STAGE3_S3_ENDPOINT", "https://s3.cn-east-1.qiniucs.com"),
+            ("STAGE3_S3_REGION", "cn-east-1"),
+        ]))
+        .await
+        .unwrap();
+
+        assert_eq!(store.location("a.png"), "s3://pictures/stories/a.png");
+        assert_eq!(store.public_key("a.png"), "stories/a.png");
+        let client_config = store.client.config();
+        assert_eq!(
+            client_config.region().map(|r| r.as_ref()),
+            Some("cn-east-1")
+        );
+        assert_eq!(
+            client_config.request_checksum_calculation(),
+            Some(&RequestChecksumCalculation::WhenRequired)
+        );
+        assert_eq!(
+            client_config.response_checksum_validation(),
+            Some(&ResponseChecksumValidation::WhenRequired)
+        );
+    }
+
+    #[tokio::test]
+    async fn from_config_without_s3_settings_is_a_config_error() {
+        let err = S3Store::from_config(&config(&[])).await.unwrap_err();
+        assert_eq!(err.error_type(), crate::error::ErrorType::Config);
+    }
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn causes_name_every_layer_once() {
+        let chain = Layer(
+            "dispatch failure",
+            Some(Box::new(Layer(
+                "connection refused",
+                Some(Box::new(Layer("connection refused", None))),
+            ))),
+        );
+        assert_eq!(causes(&chain), "dispatch failure: connection refused");
     }
 }

@@ -1,0 +1,344 @@
+//! The whole service over S3: URLs, the result cache and failures, against a real S3 server.
+//!
+//! A counting test provider stands in for OpenRouter, returning a real, noisy PNG of the
+//! requested size, so what is measured is the service's use of the bucket: which keys it
+//! writes, what `image_url` it returns, and that a stored result is never paid for twice.
+//! By default the bucket is an in-process `s3s-fs`; see `support/s3_server.rs` for running
+//! against a real MinIO, Qiniu or Garage.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stage3::error::{ErrorType, Result};
+use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
+use stage3::storage::ObjectStore;
+use stage3::{Config, GenerationRequest, RunOptions, Stage3Service};
+use support::noisy_png;
+use support::s3_server::S3Target;
+use tokio::sync::Mutex;
+
+const PUBLIC_BASE: &str = "https://img.example.com";
+
+/// A provider that draws a valid PNG of the requested size and counts its calls. When
+/// `stop_server_on` names a scene, generating that scene stops the S3 server first, as if
+/// the bucket went away while the image was being made.
+struct CountingProvider {
+    calls: AtomicUsize,
+    stop_server_on: Option<(String, Arc<Mutex<S3Target>>)>,
+}
+
+impl CountingProvider {
+    fn new() -> Self {
+        CountingProvider {
+            calls: AtomicUsize::new(0),
+            stop_server_on: None,
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl ImageProvider for CountingProvider {
+    fn name(&self) -> &'static str {
+        "counting-test"
+    }
+
+    fn api(&self) -> Option<&'static str> {
+        None
+    }
+
+    async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some((scene_id, target)) = &self.stop_server_on {
+            if scene_id == request.scene_id {
+                target.lock().await.stop("server going away").await;
+            }
+        }
+        let (width, height) = request.size.dimensions();
+        Ok(ProviderImage {
+            bytes: noisy_png(width, height, call as u64),
+            claimed_media_type: Some("image/png".into()),
+            cost: Some(0.0),
+        })
+    }
+}
+
+/// The service's configuration for `target`, with quick retries so failures end fast.
+fn config_for(target: &S3Target, public_base: Option<&str>) -> Config {
+    let mut vars: HashMap<String, String> = target.env_vars().into_iter().collect();
+    for (name, value) in [
+        ("STAGE3_PROVIDER", "placeholder"),
+        ("STAGE3_CONCURRENCY", "1"),
+        ("STAGE3_MAX_RETRIES", "2"),
+        ("STAGE3_RETRY_BASE_MS", "10"),
+        ("STAGE3_RETRY_MAX_MS", "50"),
+    ] {
+        vars.insert(name.into(), value.into());
+    }
+    if let Some(base) = public_base {
+        vars.insert("STAGE3_PUBLIC_BASE_URL".into(), base.into());
+    }
+    Config::from_lookup(|name| vars.get(name).cloned()).unwrap()
+}
+
+fn request(scene_id: &str, prompt: &str) -> GenerationRequest {
+    serde_json::from_value(serde_json::json!({
+        "scene_id": scene_id,
+        "image_prompt": prompt,
+        "style_tags": ["watercolor"],
+    }))
+    .unwrap()
+}
+
+/// The object key of a stored image, from its `image_path` (`s3://bucket/key`).
+fn object_key_of(target: &S3Target, image_path: &str) -> String {
+    image_path
+        .strip_prefix(&format!("s3://{}/", target.bucket))
+        .unwrap_or_else(|| panic!("{image_path} is not in the bucket"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn image_url_is_the_public_base_and_the_prefixed_key() {
+    let target = S3Target::start().await;
+    let provider = Arc::new(CountingProvider::new());
+    let service = Stage3Service::new(
+        config_for(&target, Some(PUBLIC_BASE)),
+        provider.clone(),
+        Arc::new(target.store()),
+    );
+
+    let output = service
+        .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
+        .await
+        .unwrap();
+
+    let key = object_key_of(&target, &output.image_path);
+    assert!(key.starts_with(&target.prefix), "{key}");
+    assert!(key.ends_with(".png"), "{key}");
+    assert_eq!(output.image_url, Some(format!("{PUBLIC_BASE}/{key}")));
+    assert_eq!((output.width, output.height), (1024, 1024));
+
+    // Both the image and its record are really in the bucket.
+    let client = target.client();
+    let head = client
+        .head_object()
+        .bucket(&target.bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("image/png"));
+    assert_eq!(
+        head.content_length(),
+        Some(output.generation_params.bytes as i64)
+    );
+    let record_key = key.replace(".png", ".json");
+    let record = client
+        .get_object()
+        .bucket(&target.bucket)
+        .key(&record_key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let stored: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert_eq!(stored["image_path"], output.image_path);
+    assert_eq!(provider.calls(), 1);
+}
+
+#[tokio::test]
+async fn without_a_public_base_image_url_is_a_working_presigned_url() {
+    let target = S3Target::start().await;
+    let store = Arc::new(target.store());
+    let service = Stage3Service::new(
+        config_for(&target, None),
+        Arc::new(CountingProvider::new()),
+        store.clone(),
+    );
+
+    let output = service
+        .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
+        .await
+        .unwrap();
+
+    let url = output.image_url.expect("a presigned URL");
+    if target.path_style {
+        assert!(url.starts_with(&target.endpoint), "{url}");
+    }
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let served = response.bytes().await.unwrap();
+    let key = object_key_of(&target, &output.image_path);
+    let stored = store
+        .get(key.strip_prefix(&target.prefix).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(served, stored);
+    assert_eq!(served.len() as u64, output.generation_params.bytes);
+    assert!(served.starts_with(b"\x89PNG\r\n\x1a\n"));
+}
+
+#[tokio::test]
+async fn a_second_identical_run_is_a_cache_hit_without_provider_calls() {
+    let target = S3Target::start().await;
+    let provider = Arc::new(CountingProvider::new());
+    let service = Stage3Service::new(
+        config_for(&target, Some(PUBLIC_BASE)),
+        provider.clone(),
+        Arc::new(target.store()),
+    );
+    let batch = vec![
+        request("scene_001", "a lighthouse at dusk"),
+        request("scene_002", "a fox in the snow"),
+    ];
+
+    let first = service.generate_all_images(batch.clone()).await;
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    assert_eq!(provider.calls(), 2);
+
+    // A fresh service, as a new Lambda sandbox would be: only the bucket remembers.
+    let service = Stage3Service::new(
+        config_for(&target, Some(PUBLIC_BASE)),
+        provider.clone(),
+        Arc::new(target.store()),
+    );
+    let second = service.generate_all_images(batch).await;
+
+    assert!(second.failures.is_empty(), "{:?}", second.failures);
+    assert_eq!(
+        provider.calls(),
+        2,
+        "the cache hit must not call the provider"
+    );
+    assert_eq!(second.results.len(), 2);
+    for (a, b) in first.results.iter().zip(&second.results) {
+        assert_eq!(a.image_url, b.image_url);
+        assert_eq!(a.image_path, b.image_path);
+        assert_eq!(
+            a.generation_params.content_sha256,
+            b.generation_params.content_sha256
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_changed_prompt_gets_a_new_key_and_keeps_the_old_image() {
+    let target = S3Target::start().await;
+    let provider = Arc::new(CountingProvider::new());
+    let store = Arc::new(target.store());
+    let service = Stage3Service::new(
+        config_for(&target, Some(PUBLIC_BASE)),
+        provider.clone(),
+        store.clone(),
+    );
+
+    let before = service
+        .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
+        .await
+        .unwrap();
+    let after = service
+        .generate_scene_image(request("scene_001", "a lighthouse at dawn"))
+        .await
+        .unwrap();
+
+    assert_eq!(provider.calls(), 2);
+    assert_ne!(before.image_path, after.image_path);
+    assert_ne!(before.image_url, after.image_url);
+    for output in [&before, &after] {
+        let key = object_key_of(&target, &output.image_path);
+        let key = key.strip_prefix(&target.prefix).unwrap();
+        assert!(key.starts_with("scene_001-"), "{key}");
+        assert!(store.exists(key).await.unwrap(), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangling_records() {
+    let target = Arc::new(Mutex::new(S3Target::start().await));
+    if !target.lock().await.is_local() {
+        println!(
+            "the_server_going_away_mid_batch...: skipped, the S3 endpoint is remote and \
+             cannot be stopped"
+        );
+        return;
+    }
+    let (config, store) = {
+        let target = target.lock().await;
+        (config_for(&target, Some(PUBLIC_BASE)), target.store())
+    };
+    let provider = Arc::new(CountingProvider {
+        calls: AtomicUsize::new(0),
+        stop_server_on: Some(("scene_002".into(), target.clone())),
+    });
+    let service = Stage3Service::new(config, provider.clone(), Arc::new(store));
+
+    let answer = service
+        .run_batch(
+            service
+                .prepare_all(vec![
+                    request("scene_001", "a lighthouse at dusk"),
+                    request("scene_002", "a fox in the snow"),
+                    request("scene_003", "a ship in a storm"),
+                ])
+                .unwrap(),
+            &RunOptions::default(),
+            &|_, _| {},
+        )
+        .await;
+
+    assert_eq!(answer.results.len(), 1, "{:?}", answer.failures);
+    assert_eq!(answer.results[0].scene_id, "scene_001");
+    let failed: Vec<_> = answer
+        .failures
+        .iter()
+        .map(|f| (f.scene_id.as_str(), f.error_type))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            ("scene_002", ErrorType::Storage),
+            ("scene_003", ErrorType::Storage)
+        ]
+    );
+    // scene_003's cache lookup already failed, so nothing was generated (or paid) for it.
+    assert_eq!(provider.calls(), 2);
+
+    // Bring the bucket back and look: every record points at an image that exists, and
+    // only the scene that succeeded has one.
+    let mut target = target.lock().await;
+    target.restart().await;
+    let client = target.client();
+    let listing = client
+        .list_objects_v2()
+        .bucket(&target.bucket)
+        .prefix(&target.prefix)
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<String> = listing
+        .contents()
+        .iter()
+        .filter_map(|object| object.key().map(str::to_string))
+        .collect();
+    let records: Vec<&String> = keys.iter().filter(|k| k.ends_with(".json")).collect();
+    assert_eq!(records.len(), 1, "{keys:?}");
+    assert!(records[0].contains("scene_001-"), "{keys:?}");
+    for record in records {
+        let image = record.replace(".json", ".png");
+        assert!(keys.contains(&image), "{record} has no image in {keys:?}");
+    }
+}

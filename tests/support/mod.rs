@@ -1,0 +1,25 @@
+//! Helpers shared by the integration tests: a real S3 server and real image bytes.
+//!
+//! Each test binary includes this module and uses a different part of it, so the parts a
+//! given binary leaves unused are not dead code.
+#![allow(dead_code)]
+
+pub mod s3_server;
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+
+/// A real PNG of `width` × `height` noisy pixels (noise, so it compresses like a picture
+/// rather than to a few bytes, and two calls with different seeds differ).
+pub fn noisy_png(width: u32, height: u32, seed: u64) -> Bytes {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let pixels = image::RgbImage::from_fn(width, height, |_, _| {
+        image::Rgb([rng.u8(..), rng.u8(..), rng.u8(..)])
+    });
+    let mut out = Cursor::new(Vec::new());
+    pixels
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("encoding a PNG in memory cannot fail");
+    Bytes::from(out.into_inner())
+}
