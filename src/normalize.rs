@@ -1095,4 +1095,79 @@ mod tests {
         assert_eq!(luminance(&[200, 200, 200, 0]), 0);
         assert_eq!(luminance(&[200, 255]), 200);
     }
+
+    /// A 1024x1024 picture that compresses like a photograph: smooth shapes, fine grain.
+    fn photo_like(seed: u64) -> RgbImage {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        RgbImage::from_fn(1024, 1024, |x, y| {
+            let (fx, fy) = (x as f32 / 1024.0, y as f32 / 1024.0);
+            let wave = ((fx * 9.0).sin() + (fy * 7.0).cos()) * 40.0;
+            let mut channel = |base: f32| {
+                let grain = rng.i32(-64..=64) as f32;
+                (base + wave + grain).clamp(0.0, 255.0) as u8
+            };
+            image::Rgb([
+                channel(60.0 + fx * 150.0),
+                channel(120.0 + fy * 60.0),
+                channel(200.0 - fx * 100.0),
+            ])
+        })
+    }
+
+    fn median_ms(mut samples: Vec<f64>) -> f64 {
+        samples.sort_by(f64::total_cmp);
+        samples[samples.len() / 2]
+    }
+
+    /// Prints the per-image cost of normalisation. Run it optimised:
+    /// `cargo test --release --lib normalize::tests::timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "prints timings; run with --release --ignored --nocapture"]
+    fn timing() {
+        let photo = DynamicImage::ImageRgb8(photo_like(1));
+        let mut png = Vec::new();
+        PngEncoder::new_with_quality(&mut png, CompressionType::Default, FilterType::Adaptive)
+            .write_image(photo.as_bytes(), 1024, 1024, photo.color().into())
+            .unwrap();
+        let png = Bytes::from(png);
+        let jpeg = encode(&photo, ImageFormat::Jpeg);
+        let webp = encode(&photo, ImageFormat::WebP);
+
+        let runs = 40;
+        let time = |bytes: &Bytes| {
+            let samples: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let normalized =
+                        normalize_image(bytes.clone(), ImageSize::Square, &LIMITS).unwrap();
+                    std::hint::black_box(normalized);
+                    start.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect();
+            median_ms(samples)
+        };
+        let hash: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                std::hint::black_box(hex::encode(Sha256::digest(&png)));
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        println!(
+            "PNG pass-through ({} bytes): p50 {:.2} ms (of which SHA-256 {:.2} ms)",
+            png.len(),
+            time(&png),
+            median_ms(hash)
+        );
+        println!(
+            "JPEG -> PNG ({} bytes): p50 {:.2} ms",
+            jpeg.len(),
+            time(&jpeg)
+        );
+        println!(
+            "WEBP -> PNG ({} bytes): p50 {:.2} ms",
+            webp.len(),
+            time(&webp)
+        );
+    }
 }
