@@ -3,11 +3,43 @@
 //! Providers send PNG, JPEG or WEBP, and their labels lie (DESIGN.md §3), so the format is
 //! read from the magic bytes. A PNG that decodes cleanly is kept byte-for-byte; anything
 //! else is converted. Validation rejects what a reader would call a broken picture.
+//!
+//! Every rejection is [`Stage3Error::InvalidImage`], which the service retries as transient:
+//! this module is the seed's "quality validation → automatic regeneration" hook. The checks
+//! run cheapest first — magic bytes, container structure (truncation), header dimensions
+//! (decompression bombs, aspect ratio) — so most bad images are refused before a single
+//! pixel is decoded, and the blank-image test samples a grid instead of walking every pixel.
+
+use std::io::Cursor;
 
 use bytes::Bytes;
+use image::codecs::jpeg::JpegDecoder;
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::codecs::webp::WebPDecoder;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageEncoder};
+use sha2::{Digest, Sha256};
 
-use crate::error::Result;
+use crate::error::{Result, Stage3Error};
 use crate::schema::ImageSize;
+
+/// How far an image's width/height ratio may stray from the requested one (relative).
+/// Models return 16:9 (1.778) for `1792x1024` (1.75); 15% leaves room for such rounding
+/// and refuses a square answer to a landscape request.
+pub const MAX_ASPECT_DEVIATION: f64 = 0.15;
+
+/// Below this standard deviation of luminance (on 0–255) an image counts as blank: a
+/// failed generation that came back as one flat colour.
+pub const MIN_LUMA_STDDEV: f64 = 2.0;
+
+/// The shortest side we accept. Anything smaller is a thumbnail or an error page, not an
+/// illustration, and it could not hold the sampling grid either.
+pub const MIN_SIDE: u32 = 64;
+
+/// The blank test reads a grid of this many rows × columns (8192 pixels): enough to see
+/// any real picture, few enough to cost nothing next to decoding.
+const SAMPLE_ROWS: u32 = 64;
+const SAMPLE_COLUMNS: u32 = 128;
 
 /// The formats a provider may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +57,15 @@ impl SourceFormat {
             SourceFormat::Webp => "webp",
         }
     }
+
+    /// The name people know the format by, for messages.
+    fn label(self) -> &'static str {
+        match self {
+            SourceFormat::Png => "PNG",
+            SourceFormat::Jpeg => "JPEG",
+            SourceFormat::Webp => "WEBP",
+        }
+    }
 }
 
 /// Bounds on what we agree to decode, so a hostile image cannot exhaust memory.
@@ -32,6 +73,42 @@ impl SourceFormat {
 pub struct ImageLimits {
     /// Largest width × height accepted.
     pub max_pixels: u64,
+}
+
+impl ImageLimits {
+    /// What a decoder may allocate: the decoded frame at up to 4 bytes a pixel, twice over
+    /// for the decoder's own working buffers.
+    pub fn max_alloc_bytes(&self) -> u64 {
+        self.max_pixels.saturating_mul(4 * 2)
+    }
+
+    /// The longest side that can pass at all: the widest accepted shape is the landscape
+    /// ratio stretched by the aspect tolerance (about 2:1), at `max_pixels`.
+    fn max_side(&self) -> u32 {
+        let widest = 1792.0 / 1024.0 * (1.0 + MAX_ASPECT_DEVIATION);
+        let side = (self.max_pixels as f64 * widest).sqrt().ceil();
+        if side >= f64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            side as u32
+        }
+    }
+
+    /// The same bounds in the `image` crate's terms.
+    fn for_image_crate(&self) -> image::Limits {
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.max_side());
+        limits.max_image_height = Some(self.max_side());
+        limits.max_alloc = Some(self.max_alloc_bytes());
+        limits
+    }
+
+    /// The same bounds in the `png` crate's terms.
+    fn for_png_crate(&self) -> png::Limits {
+        png::Limits {
+            bytes: usize::try_from(self.max_alloc_bytes()).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 /// A validated PNG, ready to store.
@@ -46,15 +123,1051 @@ pub struct NormalizedImage {
 }
 
 /// The real format of `bytes`, from its magic numbers.
-pub fn sniff_format(_bytes: &[u8]) -> Option<SourceFormat> {
-    todo!("normalize: sniff_format")
+pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
+    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if bytes.starts_with(PNG_SIGNATURE) {
+        Some(SourceFormat::Png)
+    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(SourceFormat::Jpeg)
+    } else if bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP" {
+        Some(SourceFormat::Webp)
+    } else {
+        None
+    }
 }
 
 /// Decodes, validates against the requested size, and returns the PNG to store.
 pub fn normalize_image(
-    _bytes: Bytes,
-    _requested: ImageSize,
-    _limits: &ImageLimits,
+    bytes: Bytes,
+    requested: ImageSize,
+    limits: &ImageLimits,
 ) -> Result<NormalizedImage> {
-    todo!("normalize: normalize_image")
+    let Some(source_format) = sniff_format(&bytes) else {
+        return Err(invalid(format!(
+            "not a PNG, JPEG or WEBP image ({} bytes starting {})",
+            bytes.len(),
+            hex::encode(&bytes[..bytes.len().min(8)])
+        )));
+    };
+    let (png, width, height) = match source_format {
+        SourceFormat::Png => validate_png(bytes, requested, limits)?,
+        SourceFormat::Jpeg => {
+            jpeg_stream_end(&bytes)?;
+            let decoder = JpegDecoder::new(Cursor::new(&bytes[..]))
+                .map_err(|e| decode_error(source_format, e))?;
+            convert_to_png(decoder, source_format, requested, limits)?
+        }
+        SourceFormat::Webp => {
+            check_riff_length(&bytes)?;
+            let decoder = WebPDecoder::new(Cursor::new(&bytes[..]))
+                .map_err(|e| decode_error(source_format, e))?;
+            convert_to_png(decoder, source_format, requested, limits)?
+        }
+    };
+    let content_sha256 = hex::encode(Sha256::digest(&png));
+    Ok(NormalizedImage {
+        png,
+        width,
+        height,
+        source_format,
+        content_sha256,
+    })
+}
+
+/// Decodes a PNG completely, row by row, and hands back the same bytes (minus anything
+/// after IEND). Decoding row by row needs no frame buffer: memory stays at a couple of
+/// rows whatever the image size.
+fn validate_png(
+    bytes: Bytes,
+    requested: ImageSize,
+    limits: &ImageLimits,
+) -> Result<(Bytes, u32, u32)> {
+    let end = png_stream_end(&bytes)?;
+    // Bytes after IEND are no part of the picture (sometimes a whole second file): keep
+    // only the PNG, as a zero-copy slice, so what we store and hash is exactly one image.
+    let png = if end == bytes.len() {
+        bytes
+    } else {
+        bytes.slice(..end)
+    };
+
+    let mut options = png::DecodeOptions::default();
+    // Browsers skip an ancillary chunk whose CRC fails, but Pillow refuses the whole file,
+    // and we store these bytes unchanged for whoever reads them next: a damaged chunk of
+    // any kind sends the image back for another try.
+    options.set_skip_ancillary_crc_failures(false);
+    let mut decoder = png::Decoder::new_with_options(Cursor::new(&png[..]), options);
+    decoder.set_limits(limits.for_png_crate());
+    // 8 bits a sample whatever the source depth: all the blank test needs.
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let header = decoder.read_header_info().map_err(png_error)?;
+    let (width, height, interlaced) = (header.width, header.height, header.interlaced);
+    check_geometry(width, height, requested, limits)?;
+
+    let mut reader = decoder.read_info().map_err(png_error)?;
+    let channels = reader.output_color_type().0.samples();
+    let full_row = width as usize * channels;
+    // An interlaced image arrives in seven passes; only the last (every odd row) comes at
+    // full width, so the grid is drawn from those rows.
+    let full_rows = if interlaced { height / 2 } else { height };
+    let mut sampler = LumaSampler::new(width, full_rows, channels);
+    while let Some(row) = reader.next_row().map_err(png_error)? {
+        let data = row.data();
+        if data.len() == full_row {
+            sampler.offer_row(data);
+        }
+    }
+    // Reads on to IEND so every chunk's CRC is checked, not just the image data's.
+    reader.finish().map_err(png_error)?;
+    check_not_blank(&sampler)?;
+    Ok((png, width, height))
+}
+
+/// Decodes a JPEG or WEBP, validates it and encodes it as PNG.
+fn convert_to_png(
+    mut decoder: impl ImageDecoder,
+    format: SourceFormat,
+    requested: ImageSize,
+    limits: &ImageLimits,
+) -> Result<(Bytes, u32, u32)> {
+    // Cameras and some encoders store the picture sideways plus an EXIF note to turn it;
+    // a PNG has no such note, so the turn is applied and the aspect judged after it.
+    let orientation = decoder.orientation().map_err(|e| decode_error(format, e))?;
+    let (raw_width, raw_height) = decoder.dimensions();
+    let (width, height) = if swaps_sides(orientation) {
+        (raw_height, raw_width)
+    } else {
+        (raw_width, raw_height)
+    };
+    check_geometry(width, height, requested, limits)?;
+    decoder
+        .set_limits(limits.for_image_crate())
+        .map_err(|e| decode_error(format, e))?;
+    // A colour profile (Display P3 photos) must travel with the pixels or colours shift.
+    let icc_profile = decoder.icc_profile().map_err(|e| decode_error(format, e))?;
+
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let image = match image {
+        DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgba8(_) => {
+            image.apply_orientation(orientation);
+            image
+        }
+        // JPEG and WEBP decode to 8 bits; anything else would be a new decoder feature.
+        other => {
+            let mut rgba = DynamicImage::ImageRgba8(other.into_rgba8());
+            rgba.apply_orientation(orientation);
+            rgba
+        }
+    };
+    let channels = usize::from(image.color().channel_count());
+    let mut sampler = LumaSampler::new(image.width(), image.height(), channels);
+    for row in image
+        .as_bytes()
+        .chunks_exact(image.width() as usize * channels)
+    {
+        sampler.offer_row(row);
+    }
+    check_not_blank(&sampler)?;
+
+    let png = encode_png(&image, icc_profile)?;
+    Ok((png, image.width(), image.height()))
+}
+
+/// Encodes for speed: the PNG is stored once and served from a CDN, so a few percent of
+/// size matter less than the milliseconds of every conversion.
+fn encode_png(image: &DynamicImage, icc_profile: Option<Vec<u8>>) -> Result<Bytes> {
+    let mut out = Vec::with_capacity(image.as_bytes().len() / 2);
+    let mut encoder =
+        PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive);
+    if let Some(profile) = icc_profile.filter(|p| !p.is_empty()) {
+        // The PNG encoder accepts any profile; were it to refuse one, the pixels are still
+        // right in sRGB terms, which is no reason to throw the image away.
+        if let Err(e) = encoder.set_icc_profile(profile) {
+            tracing::debug!(error = %e, "colour profile not carried into the PNG");
+        }
+    }
+    encoder
+        .write_image(
+            image.as_bytes(),
+            image.width(),
+            image.height(),
+            image.color().into(),
+        )
+        .map_err(|e| invalid(format!("could not encode the image as PNG: {e}")))?;
+    Ok(Bytes::from(out))
+}
+
+fn swaps_sides(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Refuses, from the header alone, an image too large to decode, too small to be an
+/// illustration, or of the wrong shape for the request.
+fn check_geometry(
+    width: u32,
+    height: u32,
+    requested: ImageSize,
+    limits: &ImageLimits,
+) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(invalid(format!(
+            "image claims {width}x{height} = {pixels} pixels, more than the {} allowed \
+             (STAGE3_MAX_IMAGE_PIXELS)",
+            limits.max_pixels
+        )));
+    }
+    if width.min(height) < MIN_SIDE {
+        return Err(invalid(format!(
+            "image is only {width}x{height}; sides shorter than {MIN_SIDE} px are refused"
+        )));
+    }
+    let (want_width, want_height) = requested.dimensions();
+    let wanted = f64::from(want_width) / f64::from(want_height);
+    let actual = f64::from(width) / f64::from(height);
+    if (actual - wanted).abs() / wanted > MAX_ASPECT_DEVIATION {
+        return Err(invalid(format!(
+            "image is {width}x{height} (aspect {actual:.3}) but size {requested} asks for {} \
+             (aspect {wanted:.3})",
+            requested.aspect_ratio()
+        )));
+    }
+    Ok(())
+}
+
+fn check_not_blank(sampler: &LumaSampler) -> Result<()> {
+    let spread = sampler.standard_deviation();
+    if spread < MIN_LUMA_STDDEV {
+        return Err(invalid(format!(
+            "image is blank: luminance varies by {spread:.2} (standard deviation over {} \
+             sampled pixels, minimum {MIN_LUMA_STDDEV})",
+            sampler.count
+        )));
+    }
+    Ok(())
+}
+
+/// Luminance statistics over an even grid of pixels, fed one row at a time so it works
+/// the same on a streamed PNG and on a decoded frame.
+struct LumaSampler {
+    channels: usize,
+    /// Every `row_step`-th offered row is sampled…
+    row_step: u32,
+    /// …at every `column_step`-th pixel, starting half a step in.
+    column_step: usize,
+    first_column: usize,
+    width: usize,
+    rows_offered: u32,
+    count: u64,
+    sum: u64,
+    sum_of_squares: u64,
+}
+
+impl LumaSampler {
+    fn new(width: u32, rows: u32, channels: usize) -> Self {
+        let row_step = (rows / SAMPLE_ROWS).max(1);
+        let column_step = (width / SAMPLE_COLUMNS).max(1) as usize;
+        LumaSampler {
+            channels,
+            row_step,
+            column_step,
+            first_column: column_step / 2,
+            width: width as usize,
+            // Start half a step in, so the grid does not hug the top edge.
+            rows_offered: row_step - row_step / 2,
+            count: 0,
+            sum: 0,
+            sum_of_squares: 0,
+        }
+    }
+
+    fn offer_row(&mut self, row: &[u8]) {
+        let take = self.rows_offered.is_multiple_of(self.row_step);
+        self.rows_offered += 1;
+        if !take {
+            return;
+        }
+        for x in (self.first_column..self.width).step_by(self.column_step) {
+            let Some(pixel) = row.get(x * self.channels..(x + 1) * self.channels) else {
+                break;
+            };
+            let luma = u64::from(luminance(pixel));
+            self.count += 1;
+            self.sum += luma;
+            self.sum_of_squares += luma * luma;
+        }
+    }
+
+    fn standard_deviation(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let n = self.count as f64;
+        let mean = self.sum as f64 / n;
+        (self.sum_of_squares as f64 / n - mean * mean)
+            .max(0.0)
+            .sqrt()
+    }
+}
+
+/// Rec. 601 luma of an 8-bit pixel, composited over black: a fully transparent image is
+/// as blank as a black one, whatever colour its invisible pixels carry.
+fn luminance(pixel: &[u8]) -> u32 {
+    let weighted = |r: u8, g: u8, b: u8| {
+        (299 * u32::from(r) + 587 * u32::from(g) + 114 * u32::from(b) + 500) / 1000
+    };
+    let over_black = |luma: u32, alpha: u8| luma * u32::from(alpha) / 255;
+    match *pixel {
+        [l] => u32::from(l),
+        [l, a] => over_black(u32::from(l), a),
+        [r, g, b] => weighted(r, g, b),
+        [r, g, b, a] => over_black(weighted(r, g, b), a),
+        _ => 0,
+    }
+}
+
+/// Walks the PNG chunk list and returns the offset just past IEND. This catches a cut-off
+/// download before the decoder runs, with a message that says where it ends.
+fn png_stream_end(bytes: &[u8]) -> Result<usize> {
+    let mut offset = 8; // the signature, already sniffed
+    let mut first = true;
+    loop {
+        let Some(header) = bytes.get(offset..offset + 8) else {
+            return Err(invalid(format!(
+                "PNG is truncated: {} bytes and no IEND chunk",
+                bytes.len()
+            )));
+        };
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let kind = &header[4..8];
+        if length > 0x7FFF_FFFF {
+            return Err(invalid(format!(
+                "PNG is corrupt: chunk at byte {offset} claims {length} bytes"
+            )));
+        }
+        if first && kind != b"IHDR" {
+            return Err(invalid("PNG is corrupt: it does not start with IHDR"));
+        }
+        first = false;
+        // length, type, data, CRC
+        let end = offset + 12 + length as usize;
+        if end > bytes.len() {
+            return Err(invalid(format!(
+                "PNG is truncated: chunk {} at byte {offset} needs {} bytes, only {} remain",
+                String::from_utf8_lossy(kind),
+                12 + length as usize,
+                bytes.len() - offset
+            )));
+        }
+        if kind == b"IEND" {
+            return Ok(end);
+        }
+        offset = end;
+    }
+}
+
+/// Walks the JPEG marker segments and returns the offset just past the end-of-image
+/// marker. The JPEG decoder, like a browser, paints a cut-off image grey and carries on;
+/// the walk is what refuses it. Inside entropy-coded data a 0xFF byte is always followed
+/// by 0x00 or a restart marker, so the first other marker there is a real one.
+fn jpeg_stream_end(bytes: &[u8]) -> Result<usize> {
+    let truncated = || {
+        invalid(format!(
+            "JPEG is truncated: {} bytes and no end-of-image marker",
+            bytes.len()
+        ))
+    };
+    let mut offset = 2; // SOI, already sniffed
+    loop {
+        // Skip to the next marker; fill bytes (repeated 0xFF) are allowed before it.
+        while bytes.get(offset).is_some_and(|&b| b != 0xFF) {
+            offset += 1;
+        }
+        while bytes.get(offset) == Some(&0xFF) {
+            offset += 1;
+        }
+        let Some(&marker) = bytes.get(offset) else {
+            return Err(truncated());
+        };
+        offset += 1;
+        match marker {
+            0xD9 => return Ok(offset),
+            // Stuffed zero, TEM and restart markers stand alone, without a length.
+            0x00 | 0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let Some(length) = bytes.get(offset..offset + 2) else {
+                    return Err(truncated());
+                };
+                let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+                if length < 2 {
+                    return Err(invalid(format!(
+                        "JPEG is corrupt: segment 0xFF{marker:02X} at byte {offset} has \
+                         length {length}"
+                    )));
+                }
+                offset += length;
+                if offset > bytes.len() {
+                    return Err(truncated());
+                }
+            }
+        }
+    }
+}
+
+/// A RIFF file states its own length; fewer bytes than that is a cut-off download.
+fn check_riff_length(bytes: &[u8]) -> Result<()> {
+    let stated = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize + 8;
+    if stated > bytes.len() {
+        return Err(invalid(format!(
+            "WEBP is truncated: the file says {stated} bytes, only {} arrived",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+fn png_error(error: png::DecodingError) -> Stage3Error {
+    match error {
+        png::DecodingError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            invalid("PNG is truncated: its image data ends early")
+        }
+        png::DecodingError::LimitsExceeded => {
+            invalid("PNG needs more memory to decode than the image limits allow")
+        }
+        other => invalid(format!("PNG does not decode: {other}")),
+    }
+}
+
+fn decode_error(format: SourceFormat, error: image::ImageError) -> Stage3Error {
+    match error {
+        image::ImageError::Limits(e) => invalid(format!(
+            "{} is larger than the image limits allow: {e}",
+            format.label()
+        )),
+        other => invalid(format!("{} does not decode: {other}", format.label())),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Stage3Error {
+    Stage3Error::InvalidImage(message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::codecs::jpeg::JpegEncoder;
+    use image::codecs::webp::WebPEncoder;
+    use image::{ImageFormat, RgbImage, RgbaImage};
+
+    const LIMITS: ImageLimits = ImageLimits {
+        max_pixels: 40_000_000,
+    };
+
+    /// A picture with real content: a gradient under per-pixel noise.
+    fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        RgbImage::from_fn(width, height, |x, y| {
+            let base = ((x + y) * 255 / (width + height)) as u8;
+            image::Rgb([base.wrapping_add(rng.u8(0..40)), rng.u8(..), 255 - base])
+        })
+    }
+
+    fn encode(image: &DynamicImage, format: ImageFormat) -> Bytes {
+        let mut out = Vec::new();
+        match format {
+            ImageFormat::Png => PngEncoder::new(&mut out)
+                .write_image(
+                    image.as_bytes(),
+                    image.width(),
+                    image.height(),
+                    image.color().into(),
+                )
+                .unwrap(),
+            ImageFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, 85)
+                .encode_image(image)
+                .unwrap(),
+            ImageFormat::WebP => WebPEncoder::new_lossless(&mut out)
+                .encode(
+                    image.as_bytes(),
+                    image.width(),
+                    image.height(),
+                    image.color().into(),
+                )
+                .unwrap(),
+            other => panic!("no test encoder for {other:?}"),
+        }
+        Bytes::from(out)
+    }
+
+    fn noisy(format: ImageFormat, width: u32, height: u32) -> Bytes {
+        encode(
+            &DynamicImage::ImageRgb8(noisy_rgb(width, height, 7)),
+            format,
+        )
+    }
+
+    fn error_message(result: Result<NormalizedImage>) -> String {
+        match result {
+            Err(Stage3Error::InvalidImage(message)) => message,
+            Err(other) => panic!("expected invalid_image, got {other:?}"),
+            Ok(image) => panic!(
+                "expected a rejection, got a {}x{} image",
+                image.width, image.height
+            ),
+        }
+    }
+
+    fn crc32(parts: &[&[u8]]) -> u32 {
+        let mut crc = !0u32;
+        for byte in parts.iter().flat_map(|p| p.iter()) {
+            crc ^= u32::from(*byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc32(&[kind, data]).to_be_bytes());
+        out
+    }
+
+    /// `(type, data)` of every chunk, in order.
+    fn chunks(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut offset = 8;
+        while offset < png.len() {
+            let length = u32::from_be_bytes(png[offset..offset + 4].try_into().unwrap()) as usize;
+            let kind: [u8; 4] = png[offset + 4..offset + 8].try_into().unwrap();
+            out.push((kind, png[offset + 8..offset + 8 + length].to_vec()));
+            offset += 12 + length;
+        }
+        out
+    }
+
+    fn assemble(chunks: &[([u8; 4], Vec<u8>)]) -> Bytes {
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        for (kind, data) in chunks {
+            out.extend(chunk(kind, data));
+        }
+        Bytes::from(out)
+    }
+
+    fn ihdr(width: u32, height: u32, color_type: u8, interlace: u8) -> Vec<u8> {
+        let mut data = width.to_be_bytes().to_vec();
+        data.extend_from_slice(&height.to_be_bytes());
+        data.extend_from_slice(&[8, color_type, 0, 0, interlace]);
+        data
+    }
+
+    /// A zlib stream of stored (uncompressed) blocks: enough to hand-build any PNG.
+    fn zlib_stored(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x78, 0x01];
+        let blocks: Vec<&[u8]> = data.chunks(65_535).collect();
+        for (i, block) in blocks.iter().enumerate() {
+            out.push(u8::from(i + 1 == blocks.len()));
+            let length = block.len() as u16;
+            out.extend_from_slice(&length.to_le_bytes());
+            out.extend_from_slice(&(!length).to_le_bytes());
+            out.extend_from_slice(block);
+        }
+        let (mut a, mut b) = (1u32, 0u32);
+        for byte in data {
+            a = (a + u32::from(*byte)) % 65_521;
+            b = (b + a) % 65_521;
+        }
+        out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+        out
+    }
+
+    /// An Adam7-interlaced RGB PNG, which the `png` encoder cannot write.
+    fn interlaced_png(image: &RgbImage) -> Bytes {
+        const PASSES: [(u32, u32, u32, u32); 7] = [
+            (0, 0, 8, 8),
+            (4, 0, 8, 8),
+            (0, 4, 4, 8),
+            (2, 0, 4, 4),
+            (0, 2, 2, 4),
+            (1, 0, 2, 2),
+            (0, 1, 1, 2),
+        ];
+        let mut raw = Vec::new();
+        for (x0, y0, dx, dy) in PASSES {
+            for y in (y0..image.height()).step_by(dy as usize) {
+                raw.push(0); // filter: none
+                for x in (x0..image.width()).step_by(dx as usize) {
+                    raw.extend_from_slice(&image.get_pixel(x, y).0);
+                }
+            }
+        }
+        assemble(&[
+            (*b"IHDR", ihdr(image.width(), image.height(), 2, 1)),
+            (*b"IDAT", zlib_stored(&raw)),
+            (*b"IEND", Vec::new()),
+        ])
+    }
+
+    #[test]
+    fn sniffs_each_format_from_its_magic_bytes() {
+        assert_eq!(
+            sniff_format(&noisy(ImageFormat::Png, 64, 64)),
+            Some(SourceFormat::Png)
+        );
+        assert_eq!(
+            sniff_format(&noisy(ImageFormat::Jpeg, 64, 64)),
+            Some(SourceFormat::Jpeg)
+        );
+        assert_eq!(
+            sniff_format(&noisy(ImageFormat::WebP, 64, 64)),
+            Some(SourceFormat::Webp)
+        );
+        assert_eq!(sniff_format(b""), None);
+        assert_eq!(sniff_format(b"\x89PNG\r\n"), None);
+        assert_eq!(sniff_format(b"RIFF\0\0\0\0WAVEfmt "), None);
+        assert_eq!(sniff_format(b"<!DOCTYPE html><html>"), None);
+        assert_eq!(sniff_format(b"GIF89a\x01\0\x01\0"), None);
+    }
+
+    #[test]
+    fn garbage_is_refused_with_its_first_bytes() {
+        let message = error_message(normalize_image(
+            Bytes::from_static(b"{\"error\":\"oops\"}"),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("not a PNG, JPEG or WEBP"), "{message}");
+        assert!(message.contains("7b226572"), "{message}");
+    }
+
+    #[test]
+    fn a_clean_png_is_kept_byte_for_byte_without_copying() {
+        let input = noisy(ImageFormat::Png, 1024, 1024);
+        let normalized = normalize_image(input.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, input);
+        assert_eq!(
+            normalized.png.as_ptr(),
+            input.as_ptr(),
+            "the bytes were copied"
+        );
+        assert_eq!((normalized.width, normalized.height), (1024, 1024));
+        assert_eq!(normalized.source_format, SourceFormat::Png);
+        assert_eq!(
+            normalized.content_sha256,
+            hex::encode(Sha256::digest(&input))
+        );
+        assert_eq!(normalized.content_sha256.len(), 64);
+        assert!(normalized
+            .content_sha256
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+    }
+
+    #[test]
+    fn sixteen_bit_and_grey_pngs_are_validated_and_kept() {
+        let rgb = noisy_rgb(320, 320, 3);
+        let deep = DynamicImage::ImageRgb8(rgb.clone()).to_rgba16();
+        let deep = encode(&DynamicImage::ImageRgba16(deep), ImageFormat::Png);
+        let normalized = normalize_image(deep.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, deep);
+
+        let grey = DynamicImage::ImageRgb8(rgb).to_luma8();
+        let grey = encode(&DynamicImage::ImageLuma8(grey), ImageFormat::Png);
+        let normalized = normalize_image(grey.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, grey);
+    }
+
+    #[test]
+    fn an_interlaced_png_is_sampled_from_its_full_rows() {
+        let png = interlaced_png(&noisy_rgb(200, 200, 5));
+        let normalized = normalize_image(png.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, png);
+
+        let flat = RgbImage::from_pixel(200, 200, image::Rgb([90, 90, 90]));
+        let message = error_message(normalize_image(
+            interlaced_png(&flat),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("blank"), "{message}");
+    }
+
+    fn assert_converted(format: ImageFormat, source: SourceFormat, size: ImageSize) {
+        let (width, height) = size.dimensions();
+        let input = noisy(format, width, height);
+        let normalized = normalize_image(input, size, &LIMITS).unwrap();
+        assert_eq!(normalized.source_format, source);
+        assert_eq!((normalized.width, normalized.height), (width, height));
+        assert_eq!(sniff_format(&normalized.png), Some(SourceFormat::Png));
+        let decoded = image::load_from_memory_with_format(&normalized.png, ImageFormat::Png)
+            .expect("the converted PNG decodes");
+        assert_eq!((decoded.width(), decoded.height()), (width, height));
+        assert_eq!(
+            normalized.content_sha256,
+            hex::encode(Sha256::digest(&normalized.png))
+        );
+        // The converted PNG is itself a clean PNG: normalising it again keeps it as is.
+        let again = normalize_image(normalized.png.clone(), size, &LIMITS).unwrap();
+        assert_eq!(again.png, normalized.png);
+    }
+
+    #[test]
+    fn a_jpeg_is_converted_to_png() {
+        assert_converted(ImageFormat::Jpeg, SourceFormat::Jpeg, ImageSize::Square);
+        assert_converted(ImageFormat::Jpeg, SourceFormat::Jpeg, ImageSize::Landscape);
+    }
+
+    #[test]
+    fn a_webp_is_converted_to_png() {
+        assert_converted(ImageFormat::WebP, SourceFormat::Webp, ImageSize::Square);
+        assert_converted(ImageFormat::WebP, SourceFormat::Webp, ImageSize::Portrait);
+    }
+
+    #[test]
+    fn converted_pixels_survive_the_trip() {
+        let source = noisy_rgb(256, 256, 11);
+        let webp = encode(&DynamicImage::ImageRgb8(source.clone()), ImageFormat::WebP);
+        let normalized = normalize_image(webp, ImageSize::Square, &LIMITS).unwrap();
+        let decoded = image::load_from_memory(&normalized.png).unwrap().to_rgb8();
+        // Lossless WEBP in, PNG out: every pixel must be the same.
+        assert_eq!(decoded, source);
+    }
+
+    #[test]
+    fn a_jpeg_labelled_as_png_is_handled_as_jpeg() {
+        let provider_answer = crate::provider::ProviderImage {
+            bytes: noisy(ImageFormat::Jpeg, 512, 512),
+            claimed_media_type: Some("image/png".into()),
+            cost: None,
+        };
+        let normalized =
+            normalize_image(provider_answer.bytes.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.source_format, SourceFormat::Jpeg);
+        assert_ne!(normalized.png, provider_answer.bytes);
+        assert_eq!(sniff_format(&normalized.png), Some(SourceFormat::Png));
+    }
+
+    #[test]
+    fn a_truncated_png_is_refused() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        for keep in [33, 100, png.len() / 2, png.len() - 12, png.len() - 1] {
+            let message = error_message(normalize_image(
+                png.slice(..keep),
+                ImageSize::Square,
+                &LIMITS,
+            ));
+            assert!(message.contains("truncated"), "{keep}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_png_whose_image_data_stops_early_is_refused() {
+        // The chunk list is intact, so only decoding every row can tell the data is short.
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut parts = chunks(&png);
+        let mut raw = Vec::new();
+        for (kind, data) in &parts {
+            if kind == b"IDAT" {
+                raw.extend_from_slice(data);
+            }
+        }
+        let inflated = {
+            // Re-wrap the first 60% of the rows in a valid stream of stored blocks.
+            let decoded = noisy_rgb(256, 256, 7);
+            let mut rows = Vec::new();
+            for row in decoded.rows().take(150) {
+                rows.push(0);
+                for pixel in row {
+                    rows.extend_from_slice(&pixel.0);
+                }
+            }
+            zlib_stored(&rows)
+        };
+        assert!(!raw.is_empty());
+        parts.retain(|(kind, _)| kind != b"IDAT");
+        parts.insert(parts.len() - 1, (*b"IDAT", inflated));
+        let message = error_message(normalize_image(
+            assemble(&parts),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("PNG"), "{message}");
+    }
+
+    #[test]
+    fn a_png_with_a_bad_crc_is_refused() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let idat = png.windows(4).position(|w| w == b"IDAT").unwrap();
+        let mut corrupt = png.to_vec();
+        corrupt[idat + 10] ^= 0x01;
+        let message = error_message(normalize_image(
+            Bytes::from(corrupt),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("PNG does not decode"), "{message}");
+
+        // A damaged chunk after the image data is found too: the reader goes on to IEND.
+        let mut parts = chunks(&png);
+        parts.insert(parts.len() - 1, (*b"tEXt", b"Comment\0hello".to_vec()));
+        let mut with_text = assemble(&parts).to_vec();
+        let crc_at = with_text.len() - 12 - 4;
+        with_text[crc_at] ^= 0xFF;
+        let message = error_message(normalize_image(
+            Bytes::from(with_text),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.to_lowercase().contains("crc"), "{message}");
+    }
+
+    #[test]
+    fn bytes_after_iend_are_dropped() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut padded = png.to_vec();
+        padded.extend_from_slice(b"<script>trailing payload</script>");
+        let normalized = normalize_image(Bytes::from(padded), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, png);
+        assert_eq!(normalized.content_sha256, hex::encode(Sha256::digest(&png)));
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused() {
+        let jpeg = noisy(ImageFormat::Jpeg, 512, 512);
+        for keep in [4, 40, jpeg.len() / 2, jpeg.len() - 2] {
+            let message = error_message(normalize_image(
+                jpeg.slice(..keep),
+                ImageSize::Square,
+                &LIMITS,
+            ));
+            assert!(message.contains("truncated"), "{keep}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_webp_is_refused() {
+        let webp = noisy(ImageFormat::WebP, 256, 256);
+        let message = error_message(normalize_image(
+            webp.slice(..webp.len() / 2),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("truncated"), "{message}");
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_from_its_header() {
+        // 100000 × 100000 RGBA would need 40 GB; the header alone must be enough to refuse.
+        let bomb = assemble(&[
+            (*b"IHDR", ihdr(100_000, 100_000, 6, 0)),
+            (*b"IDAT", zlib_stored(&[0; 64])),
+            (*b"IEND", Vec::new()),
+        ]);
+        let message = error_message(normalize_image(bomb, ImageSize::Square, &LIMITS));
+        assert!(message.contains("100000x100000"), "{message}");
+        assert!(
+            message.contains("more than the 40000000 allowed"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_jpeg_bomb_is_refused_from_its_header() {
+        let mut jpeg = noisy(ImageFormat::Jpeg, 256, 256).to_vec();
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        // SOF0: marker, length (2), precision (1), height (2), width (2)
+        jpeg[sof + 5..sof + 7].copy_from_slice(&60_000u16.to_be_bytes());
+        jpeg[sof + 7..sof + 9].copy_from_slice(&60_000u16.to_be_bytes());
+        let message = error_message(normalize_image(
+            Bytes::from(jpeg),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("60000x60000"), "{message}");
+    }
+
+    #[test]
+    fn the_pixel_limit_is_configurable() {
+        let small = ImageLimits { max_pixels: 10_000 };
+        let message = error_message(normalize_image(
+            noisy(ImageFormat::Png, 128, 128),
+            ImageSize::Square,
+            &small,
+        ));
+        assert!(message.contains("more than the 10000 allowed"), "{message}");
+    }
+
+    #[test]
+    fn the_wrong_shape_is_refused() {
+        let square = noisy(ImageFormat::Png, 512, 512);
+        for size in [ImageSize::Landscape, ImageSize::Portrait] {
+            let message = error_message(normalize_image(square.clone(), size, &LIMITS));
+            assert!(message.contains("aspect"), "{message}");
+            assert!(message.contains(size.aspect_ratio()), "{message}");
+        }
+        let landscape = noisy(ImageFormat::Jpeg, 1792, 1024);
+        let message = error_message(normalize_image(landscape, ImageSize::Square, &LIMITS));
+        assert!(message.contains("1792x1024"), "{message}");
+    }
+
+    #[test]
+    fn a_close_enough_shape_is_accepted() {
+        // What 16:9 models actually return for the seed's 1792x1024.
+        let wide = noisy(ImageFormat::Png, 1344, 768);
+        let normalized = normalize_image(wide, ImageSize::Landscape, &LIMITS).unwrap();
+        assert_eq!((normalized.width, normalized.height), (1344, 768));
+        let tall = noisy(ImageFormat::Png, 576, 1024);
+        normalize_image(tall, ImageSize::Portrait, &LIMITS).unwrap();
+    }
+
+    #[test]
+    fn a_tiny_image_is_refused() {
+        let message = error_message(normalize_image(
+            noisy(ImageFormat::Png, 32, 32),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("32x32"), "{message}");
+    }
+
+    #[test]
+    fn a_blank_image_is_refused() {
+        let flat =
+            DynamicImage::ImageRgb8(RgbImage::from_pixel(1024, 1024, image::Rgb([200, 180, 40])));
+        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+            let message = error_message(normalize_image(
+                encode(&flat, format),
+                ImageSize::Square,
+                &LIMITS,
+            ));
+            assert!(message.contains("blank"), "{format:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_transparent_image_is_blank_whatever_its_hidden_colours() {
+        let noise = noisy_rgb(512, 512, 9);
+        let invisible = RgbaImage::from_fn(512, 512, |x, y| {
+            let [r, g, b] = noise.get_pixel(x, y).0;
+            image::Rgba([r, g, b, 0])
+        });
+        let message = error_message(normalize_image(
+            encode(&DynamicImage::ImageRgba8(invisible), ImageFormat::Png),
+            ImageSize::Square,
+            &LIMITS,
+        ));
+        assert!(message.contains("blank"), "{message}");
+    }
+
+    #[test]
+    fn a_faint_but_real_picture_is_not_blank() {
+        // A soft gradient from 100 to 140 has a spread of about 11: a picture, not a blank.
+        let gradient = RgbImage::from_fn(1024, 1024, |x, _| {
+            let v = 100 + (x * 40 / 1024) as u8;
+            image::Rgb([v, v, v])
+        });
+        let png = encode(&DynamicImage::ImageRgb8(gradient), ImageFormat::Png);
+        normalize_image(png, ImageSize::Square, &LIMITS).unwrap();
+    }
+
+    #[test]
+    fn luminance_weights_and_alpha() {
+        assert_eq!(luminance(&[255, 255, 255]), 255);
+        assert_eq!(luminance(&[0, 0, 0]), 0);
+        assert_eq!(luminance(&[255, 0, 0]), 76);
+        assert_eq!(luminance(&[0, 255, 0]), 150);
+        assert_eq!(luminance(&[200, 200, 200, 0]), 0);
+        assert_eq!(luminance(&[200, 255]), 200);
+    }
+
+    /// A 1024x1024 picture that compresses like a photograph: smooth shapes, fine grain.
+    fn photo_like(seed: u64) -> RgbImage {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        RgbImage::from_fn(1024, 1024, |x, y| {
+            let (fx, fy) = (x as f32 / 1024.0, y as f32 / 1024.0);
+            let wave = ((fx * 9.0).sin() + (fy * 7.0).cos()) * 40.0;
+            let mut channel = |base: f32| {
+                let grain = rng.i32(-64..=64) as f32;
+                (base + wave + grain).clamp(0.0, 255.0) as u8
+            };
+            image::Rgb([
+                channel(60.0 + fx * 150.0),
+                channel(120.0 + fy * 60.0),
+                channel(200.0 - fx * 100.0),
+            ])
+        })
+    }
+
+    fn median_ms(mut samples: Vec<f64>) -> f64 {
+        samples.sort_by(f64::total_cmp);
+        samples[samples.len() / 2]
+    }
+
+    /// Prints the per-image cost of normalisation. Run it optimised:
+    /// `cargo test --release --lib normalize::tests::timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "prints timings; run with --release --ignored --nocapture"]
+    fn timing() {
+        let photo = DynamicImage::ImageRgb8(photo_like(1));
+        let mut png = Vec::new();
+        PngEncoder::new_with_quality(&mut png, CompressionType::Default, FilterType::Adaptive)
+            .write_image(photo.as_bytes(), 1024, 1024, photo.color().into())
+            .unwrap();
+        let png = Bytes::from(png);
+        let jpeg = encode(&photo, ImageFormat::Jpeg);
+        let webp = encode(&photo, ImageFormat::WebP);
+
+        let runs = 40;
+        let time = |bytes: &Bytes| {
+            let samples: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let normalized =
+                        normalize_image(bytes.clone(), ImageSize::Square, &LIMITS).unwrap();
+                    std::hint::black_box(normalized);
+                    start.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect();
+            median_ms(samples)
+        };
+        let hash: Vec<f64> = (0..runs)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                std::hint::black_box(hex::encode(Sha256::digest(&png)));
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        println!(
+            "PNG pass-through ({} bytes): p50 {:.2} ms (of which SHA-256 {:.2} ms)",
+            png.len(),
+            time(&png),
+            median_ms(hash)
+        );
+        println!(
+            "JPEG -> PNG ({} bytes): p50 {:.2} ms",
+            jpeg.len(),
+            time(&jpeg)
+        );
+        println!(
+            "WEBP -> PNG ({} bytes): p50 {:.2} ms",
+            webp.len(),
+            time(&webp)
+        );
+    }
 }
