@@ -1,10 +1,12 @@
-//! Helpers shared by the integration tests: a real S3 server and real image bytes.
+//! Helpers shared by the integration tests: real servers on loopback (an S3 server, a
+//! scripted OpenRouter stand-in) and real image bytes.
 //!
 //! Each test binary includes this module and uses a different part of it, so the parts a
 //! given binary leaves unused are not dead code.
 #![allow(dead_code)]
 
 pub mod s3_server;
+pub mod scripted_openrouter;
 
 use std::io::Cursor;
 

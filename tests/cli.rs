@@ -1,0 +1,275 @@
+//! The `stage3` binary end to end: real process, real files, real HTTP on loopback.
+
+mod support;
+
+use assert_cmd::Command;
+use image::ImageFormat;
+use serde_json::{json, Value};
+use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+
+const KEY: &str = "sk-or-v1-cli-test-secret-0123456789";
+
+/// `stage3` with a clean environment: nothing from the developer's shell or `.env` leaks in.
+fn stage3(workdir: &std::path::Path) -> Command {
+    let mut command = Command::cargo_bin("stage3").unwrap();
+    command
+        .current_dir(workdir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+fn write_input(dir: &std::path::Path, value: &Value) -> std::path::PathBuf {
+    let path = dir.join("input.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
+    path
+}
+
+fn scenes() -> Value {
+    json!({
+        "scenes": [
+            {"scene_id": "scene_001", "image_prompt": "A fox in a snowy forest", "style_tags": ["watercolor"]},
+            {"scene_id": "scene_002", "image_prompt": "The fox meets an owl", "negative_prompt": "blurry", "size": "1024x1792"}
+        ],
+        "quality": "hd"
+    })
+}
+
+#[tokio::test]
+async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
+    let server = ScriptedOpenRouter::start(|request, _| {
+        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
+            (288, 512)
+        } else {
+            (384, 384)
+        };
+        Reply::image(&noisy_image(w, h, ImageFormat::Jpeg), "image/jpeg")
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let out = work.path().join("images");
+    let base_url = server.base_url.clone();
+    let dir = work.path().to_path_buf();
+
+    let output = tokio::task::spawn_blocking(move || {
+        stage3(&dir)
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .args([
+                "generate",
+                input.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(answer["failures"], json!([]));
+    for result in results {
+        let path = result["image_path"].as_str().unwrap();
+        let decoded = image::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(decoded.width() as u64, result["width"].as_u64().unwrap());
+        assert_eq!(decoded.height() as u64, result["height"].as_u64().unwrap());
+        assert!(std::fs::read(path).unwrap().starts_with(b"\x89PNG"));
+        let params = &result["generation_params"];
+        for key in ["model", "size", "quality", "prompt"] {
+            assert!(params.get(key).is_some(), "generation_params.{key}");
+        }
+        assert_eq!(params["quality"], "hd");
+        assert_eq!(params["model"], "google/gemini-2.5-flash-image");
+        assert_eq!(result["image_url"], Value::Null);
+    }
+    assert_eq!(results[1]["generation_params"]["size"], "1024x1792");
+    assert_eq!(results[1]["height"], 512);
+
+    // What was sent is exactly what was recorded.
+    let sent: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.prompt().to_string())
+        .collect();
+    for result in results {
+        assert!(sent.contains(
+            &result["generation_params"]["prompt"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        ));
+    }
+    let second = server
+        .requests()
+        .into_iter()
+        .find(|r| r.prompt().contains("owl"))
+        .unwrap();
+    assert_eq!(second.body["resolution"], "2K");
+    assert_eq!(second.body["aspect_ratio"], "9:16");
+    assert!(second.prompt().contains("Avoid: blurry."));
+}
+
+#[tokio::test]
+async fn invalid_input_exits_2_and_calls_nobody() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            json!({"scene_id": "../etc/passwd", "image_prompt": "x"}),
+            "scene_id",
+        ),
+        (
+            json!({"scene_id": "s1", "image_prompt": "   "}),
+            "image_prompt",
+        ),
+        (
+            json!({"scene_id": "s1", "image_prompt": "x", "size": "512x512"}),
+            "size",
+        ),
+        (
+            json!([{"scene_id": "ok", "image_prompt": "x"}, {"scene_id": "s/2", "image_prompt": "x"}]),
+            "scenes[1]",
+        ),
+    ];
+    for (input, field) in cases {
+        let path = write_input(work.path(), &input);
+        let base_url = server.base_url.clone();
+        let dir = work.path().to_path_buf();
+        let output = tokio::task::spawn_blocking(move || {
+            stage3(&dir)
+                .env("OPENROUTER_API_KEY", KEY)
+                .env("OPENROUTER_BASE_URL", base_url)
+                .args(["generate", path.to_str().unwrap(), "--out", "images"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{input}: {stderr}");
+        assert!(
+            stderr.contains("invalid_request") && stderr.contains(field),
+            "{input}: {stderr}"
+        );
+    }
+    assert_eq!(server.total_calls(), 0);
+    assert!(
+        !work.path().join("images").exists()
+            || std::fs::read_dir(work.path().join("images"))
+                .unwrap()
+                .count()
+                == 0
+    );
+}
+
+#[test]
+fn malformed_json_and_missing_files_exit_2() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("broken.json"), b"{\"scene_id\": ").unwrap();
+    stage3(work.path())
+        .args(["generate", "broken.json", "--provider", "placeholder"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("malformed JSON"));
+    stage3(work.path())
+        .args(["generate", "missing.json", "--provider", "placeholder"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("missing.json"));
+}
+
+#[test]
+fn a_missing_api_key_is_a_config_error_naming_the_variable() {
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    stage3(work.path())
+        .args(["generate", input.to_str().unwrap()])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("OPENROUTER_API_KEY"));
+}
+
+#[test]
+fn placeholder_runs_offline_from_stdin_and_caches_the_second_run() {
+    let work = tempfile::tempdir().unwrap();
+    let input = serde_json::to_vec(&scenes()).unwrap();
+    let run = |extra: &[&str]| {
+        let output = stage3(work.path())
+            .env("STAGE3_PROVIDER", "placeholder")
+            .args(["generate", "-"])
+            .args(extra)
+            .write_stdin(input.clone())
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let first = run(&[]);
+    let second = run(&[]);
+    assert_eq!(first, second, "an identical run returns the stored results");
+    let forced = run(&["--force"]);
+    assert_ne!(
+        first["results"][0]["generation_params"]["finished_at"],
+        forced["results"][0]["generation_params"]["finished_at"]
+    );
+    let result = &first["results"][0];
+    assert_eq!(result["generation_params"]["provider"], "placeholder");
+    assert!(
+        work.path().join("output/images").is_dir(),
+        "default STAGE3_OUTPUT_DIR"
+    );
+    let image = image::open(work.path().join(result["image_path"].as_str().unwrap())).unwrap();
+    assert_eq!((image.width(), image.height()), (1024, 1024));
+}
+
+#[tokio::test]
+async fn a_trace_level_log_contains_no_secret() {
+    // The request goes out with its Authorization header, the provider refuses it, and
+    // nothing logged at any level may show the key.
+    let server =
+        ScriptedOpenRouter::start(|_, _| Reply::error(401, "No auth credentials found")).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &json!({"scene_id": "s1", "image_prompt": "x"}));
+    let base_url = server.base_url.clone();
+    let dir = work.path().to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        stage3(&dir)
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .env("RUST_LOG", "trace")
+            .args(["generate", input.to_str().unwrap()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(server.total_calls(), 1, "401 is permanent: no retry");
+    assert_eq!(
+        server.requests()[0].headers["authorization"],
+        format!("Bearer {KEY}")
+    );
+    let everything = [output.stdout, output.stderr].concat();
+    let text = String::from_utf8_lossy(&everything);
+    assert!(text.contains("\"auth\""), "{text}");
+    assert!(
+        text.contains("TRACE") || text.lines().count() > 5,
+        "trace logging was on: {text}"
+    );
+    assert!(!text.contains("cli-test-secret"), "the key leaked: {text}");
+}

@@ -1,0 +1,390 @@
+//! Fault injection: the real service and OpenRouter client against a scripted stand-in
+//! on loopback that fails in every way DESIGN.md §3 lists.
+//!
+//! For each fault: how many provider calls were made, the final outcome and `error_type`,
+//! that the other scenes of the same batch still succeed, and that the output directory
+//! holds nothing partial and no record without its image.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use image::ImageFormat;
+use stage3::schema::{GenerationRequest, Stage2Output};
+use stage3::{Config, Stage3Service};
+use support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
+
+const KEY: &str = "sk-or-v1-fault-suite-secret";
+
+fn config(base_url: &str, out: &Path, extra: &[(&str, &str)]) -> Config {
+    let mut vars: HashMap<String, String> = [
+        ("OPENROUTER_API_KEY", KEY),
+        ("OPENROUTER_BASE_URL", base_url),
+        ("STAGE3_OUTPUT_DIR", out.to_str().unwrap()),
+        ("STAGE3_RETRY_BASE_MS", "5"),
+        ("STAGE3_RETRY_MAX_MS", "50"),
+        ("STAGE3_CONCURRENCY", "8"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Config::from_lookup(|name| vars.get(name).cloned()).unwrap()
+}
+
+fn request(scene_id: &str) -> GenerationRequest {
+    Stage2Output {
+        scene_id: scene_id.to_string(),
+        image_prompt: format!("[{scene_id}] a lighthouse on a cliff at dusk"),
+        negative_prompt: String::new(),
+        style_tags: vec![],
+        characters_in_scene: vec![],
+    }
+    .into()
+}
+
+fn good_png() -> Vec<u8> {
+    noisy_image(256, 256, ImageFormat::Png)
+}
+
+/// Each scene's script, by the marker in its prompt: what the n-th call gets.
+fn script(scene: &str, nth: usize) -> Reply {
+    let png = good_png();
+    let first = nth == 0;
+    let ok = Reply::image(&png, "image/png");
+    match scene {
+        "ok" => ok,
+        "s400" => Reply::error(400, "bad request"),
+        "s401" => Reply::error(401, "invalid key"),
+        "s402" => Reply::error(402, "insufficient credits"),
+        "s403" => Reply::error(403, "content_policy_violation"),
+        "s413" => Reply::error(413, "payload too large"),
+        "s408" | "s500" | "s502" | "s503" | "s504" | "s524" | "s529" if first => {
+            Reply::error(scene[1..].parse().unwrap(), "transient")
+        }
+        "s429" if first => Reply::error(429, "slow down"),
+        "s429-retry-after" if first => {
+            Reply::error(429, "slow down").with_header("Retry-After", "1")
+        }
+        "s429-http-date" if first => {
+            let when =
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(1));
+            Reply::error(429, "slow down").with_header("Retry-After", &when)
+        }
+        "always503" => Reply::error(503, "down"),
+        "always429" => Reply::error(429, "slow down"),
+        "drop" if first => Reply::Drop,
+        "not-json" if first => Reply::raw(200, b"<html>gateway hiccup</html>"),
+        "empty-data" if first => Reply::json(200, serde_json::json!({"created": 1, "data": []})),
+        "bad-base64" if first => Reply::json(
+            200,
+            serde_json::json!({"created": 1, "data": [{"b64_json": "iVBORw0KGgo@@@", "media_type": "image/png"}]}),
+        ),
+        "truncated-png" if first => Reply::image(&png[..png.len() / 2], "image/png"),
+        "always-truncated" => Reply::image(&png[..png.len() / 2], "image/png"),
+        "blank" if first => Reply::image(&blank_png(256, 256), "image/png"),
+        "wrong-aspect" if first => {
+            Reply::image(&noisy_image(512, 128, ImageFormat::Png), "image/png")
+        }
+        "jpeg-labelled-png" => Reply::image(&noisy_image(256, 256, ImageFormat::Jpeg), "image/png"),
+        _ => ok,
+    }
+}
+
+fn scene_of(prompt: &str) -> String {
+    prompt
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .map(|(scene, _)| scene.to_string())
+        .unwrap_or_default()
+}
+
+/// Every `.json` record has its `.png`, nothing temporary is left, and the images on disk
+/// are exactly those of `succeeded`.
+fn assert_store_consistent(out: &Path, succeeded: &[&str]) {
+    let mut pngs = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(!name.starts_with('.'), "temporary file left behind: {name}");
+        if let Some(stem) = name.strip_suffix(".json") {
+            assert!(
+                out.join(format!("{stem}.png")).exists(),
+                "record without image: {name}"
+            );
+        }
+        if name.ends_with(".png") {
+            assert!(
+                out.join(name.replace(".png", ".json")).exists(),
+                "image without record: {name}"
+            );
+            pngs.push(name);
+        }
+    }
+    let mut scenes: Vec<String> = pngs
+        .iter()
+        .map(|name| name.rsplit_once('-').unwrap().0.to_string())
+        .collect();
+    scenes.sort();
+    let mut expected: Vec<String> = succeeded.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(scenes, expected);
+}
+
+#[tokio::test]
+async fn every_provider_fault_has_its_outcome_and_spares_the_rest_of_the_batch() {
+    let server =
+        ScriptedOpenRouter::start(|request, nth| script(&scene_of(request.prompt()), nth)).await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
+        .await
+        .unwrap();
+
+    // (scene, expected provider calls, expected error_type or None for success)
+    let cases: &[(&str, usize, Option<&str>)] = &[
+        ("ok", 1, None),
+        ("s400", 1, Some("provider_error")),
+        ("s401", 1, Some("auth")),
+        ("s402", 1, Some("insufficient_credits")),
+        ("s403", 1, Some("content_policy")),
+        ("s413", 1, Some("provider_error")),
+        ("s408", 2, None),
+        ("s429", 2, None),
+        ("s429-retry-after", 2, None),
+        ("s429-http-date", 2, None),
+        ("s500", 2, None),
+        ("s502", 2, None),
+        ("s503", 2, None),
+        ("s504", 2, None),
+        ("s524", 2, None),
+        ("s529", 2, None),
+        ("always503", 4, Some("provider_unavailable")),
+        ("always429", 4, Some("rate_limited")),
+        ("drop", 2, None),
+        ("not-json", 2, None),
+        ("empty-data", 2, None),
+        ("bad-base64", 2, None),
+        ("truncated-png", 2, None),
+        ("always-truncated", 4, Some("invalid_image")),
+        ("blank", 2, None),
+        ("wrong-aspect", 2, None),
+        ("jpeg-labelled-png", 1, None),
+    ];
+    let requests: Vec<GenerationRequest> = cases.iter().map(|(scene, ..)| request(scene)).collect();
+    let answer = service.generate_all_images(requests).await;
+
+    for (scene, calls, expected) in cases {
+        assert_eq!(
+            server.calls_for(&format!("[{scene}]")),
+            *calls,
+            "provider calls for {scene}"
+        );
+        match expected {
+            None => {
+                let result = answer
+                    .results
+                    .iter()
+                    .find(|r| r.scene_id == *scene)
+                    .unwrap_or_else(|| {
+                        panic!("{scene} should succeed; failures: {:?}", answer.failures)
+                    });
+                assert_eq!(
+                    result.generation_params.attempts as usize, *calls,
+                    "{scene}"
+                );
+                let stored = std::fs::read(&result.image_path).unwrap();
+                assert!(
+                    stored.starts_with(b"\x89PNG\r\n\x1a\n"),
+                    "{scene} stored a PNG"
+                );
+            }
+            Some(error_type) => {
+                let failure = answer
+                    .failures
+                    .iter()
+                    .find(|f| f.scene_id == *scene)
+                    .unwrap_or_else(|| panic!("{scene} should fail"));
+                assert_eq!(
+                    failure.error_type.as_str(),
+                    *error_type,
+                    "{scene}: {}",
+                    failure.message
+                );
+                assert!(!failure.message.contains(KEY));
+            }
+        }
+    }
+    let jpeg = answer
+        .results
+        .iter()
+        .find(|r| r.scene_id == "jpeg-labelled-png")
+        .unwrap();
+    assert_eq!(jpeg.generation_params.source_format, "jpeg");
+
+    let succeeded: Vec<&str> = cases
+        .iter()
+        .filter(|c| c.2.is_none())
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(answer.results.len(), succeeded.len());
+    assert_store_consistent(out.path(), &succeeded);
+    assert!(server
+        .requests()
+        .iter()
+        .all(|r| r.headers["authorization"] == format!("Bearer {KEY}")));
+}
+
+#[tokio::test]
+async fn a_hung_provider_is_cut_off_by_the_timeout_and_retried() {
+    let server =
+        ScriptedOpenRouter::start(|request, nth| match scene_of(request.prompt()).as_str() {
+            "hang-once" if nth == 0 => Reply::Hang(Duration::from_secs(5)),
+            "hang-always" => Reply::Hang(Duration::from_secs(5)),
+            _ => Reply::image(&good_png(), "image/png"),
+        })
+        .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_TIMEOUT_SECS", "1"), ("STAGE3_MAX_RETRIES", "1")],
+    ))
+    .await
+    .unwrap();
+
+    let answer = service
+        .generate_all_images(vec![
+            request("hang-once"),
+            request("hang-always"),
+            request("fine"),
+        ])
+        .await;
+    assert_eq!(server.calls_for("[hang-once]"), 2);
+    assert_eq!(server.calls_for("[hang-always]"), 2);
+    assert_eq!(server.calls_for("[fine]"), 1);
+    let ids: Vec<&str> = answer.results.iter().map(|r| r.scene_id.as_str()).collect();
+    assert_eq!(ids, vec!["hang-once", "fine"]);
+    assert_eq!(answer.failures.len(), 1);
+    assert_eq!(answer.failures[0].scene_id, "hang-always");
+    assert_eq!(answer.failures[0].error_type.as_str(), "timeout");
+    assert_store_consistent(out.path(), &["hang-once", "fine"]);
+}
+
+#[tokio::test]
+async fn a_rate_limit_pauses_the_whole_batch() {
+    // Two scenes in flight: "first" is told 429 with Retry-After: 1; "second" takes 300 ms;
+    // "third" starts when "second" is done, inside the pause, and must wait it out instead
+    // of calling at once.
+    let server =
+        ScriptedOpenRouter::start(|request, nth| match scene_of(request.prompt()).as_str() {
+            "first" if nth == 0 => Reply::error(429, "slow down").with_header("Retry-After", "1"),
+            "second" => Reply::image(&good_png(), "image/png").after(Duration::from_millis(300)),
+            _ => Reply::image(&good_png(), "image/png"),
+        })
+        .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "2"), ("STAGE3_RETRY_MAX_MS", "5000")],
+    ))
+    .await
+    .unwrap();
+    let answer = service
+        .generate_all_images(vec![request("first"), request("second"), request("third")])
+        .await;
+    assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
+
+    let requests = server.requests();
+    let arrival = |scene: &str| {
+        requests
+            .iter()
+            .filter(|r| scene_of(r.prompt()) == scene)
+            .map(|r| r.at)
+            .collect::<Vec<_>>()
+    };
+    let throttled_at = arrival("first")[0];
+    let third_at = arrival("third")[0];
+    // A lower bound the protocol demands, not a measure of our speed.
+    assert!(
+        third_at.duration_since(throttled_at) >= Duration::from_millis(950),
+        "third called {:?} after the 429",
+        third_at.duration_since(throttled_at)
+    );
+}
+
+#[tokio::test]
+async fn invalid_requests_reach_no_provider() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::image(&good_png(), "image/png")).await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
+        .await
+        .unwrap();
+    let mut blank = request("blank-prompt");
+    blank.image_prompt = "   ".into();
+    let mut long = request("long-prompt");
+    long.image_prompt = "x".repeat(5000);
+    let unsafe_id = request("../escape");
+    for bad in [blank, long, unsafe_id] {
+        let err = service.generate_scene_image(bad).await.unwrap_err();
+        assert_eq!(err.error_type().as_str(), "invalid_request", "{err}");
+    }
+    assert!(service
+        .prepare_all(vec![request("good"), request("../bad")])
+        .is_err());
+    assert_eq!(server.total_calls(), 0);
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
+/// 200 scenes at concurrency 8 against a stand-in with latency and a 10% transient fault
+/// rate: every scene is delivered exactly once and no image is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_200_scenes_with_ten_percent_transient_faults() {
+    let png = Arc::new(good_png());
+    let server = ScriptedOpenRouter::start(move |request, nth| {
+        let scene = scene_of(request.prompt());
+        let number: usize = scene.trim_start_matches("load-").parse().unwrap_or(0);
+        let latency = Duration::from_millis(20);
+        // A fixed 10% of scenes fail their first call, with a mix of transient faults.
+        if nth == 0 && number % 10 == 3 {
+            let fault = match number % 4 {
+                0 => Reply::error(503, "overloaded"),
+                1 => Reply::error(429, "slow down"),
+                2 => Reply::Drop,
+                _ => Reply::error(502, "provider failed"),
+            };
+            return fault.after(latency);
+        }
+        Reply::image(&png, "image/png").after(latency)
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
+        .await
+        .unwrap();
+    let requests: Vec<GenerationRequest> =
+        (0..200).map(|i| request(&format!("load-{i:03}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+
+    assert_eq!(answer.results.len(), 200, "failures: {:?}", answer.failures);
+    assert!(answer.failures.is_empty());
+    let ids: Vec<String> = answer.results.iter().map(|r| r.scene_id.clone()).collect();
+    let expected: Vec<String> = (0..200).map(|i| format!("load-{i:03}")).collect();
+    assert_eq!(ids, expected, "results keep the input order");
+    assert_eq!(server.total_calls(), 220, "200 first calls + 20 retries");
+    let pngs = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".png")
+        })
+        .count();
+    assert_eq!(pngs, 200, "one image per scene, none duplicated");
+}

@@ -1,0 +1,305 @@
+//! A scripted OpenRouter stand-in: a real HTTP/1.1 server on loopback whose every answer
+//! is chosen by the test — an image, an error status with or without `Retry-After`, a
+//! dropped connection, a hang, a broken body.
+//!
+//! wiremock covers the happy paths; faults such as a connection dropped mid-request need
+//! a server that can misbehave on purpose, so this one speaks HTTP by hand.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use image::{ImageBuffer, ImageFormat, Rgb};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the stand-in does with one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// An HTTP answer.
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// Close the connection without answering.
+    Drop,
+    /// Answer nothing for this long, then close.
+    Hang(Duration),
+    /// Wait (provider latency), then give the inner reply.
+    After(Duration, Box<Reply>),
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply::Http {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// A successful Image API answer carrying `bytes`, labelled `media_type`.
+    pub fn image(bytes: &[u8], media_type: &str) -> Reply {
+        Reply::json(
+            200,
+            json!({
+                "created": 1_764_000_000,
+                "data": [{
+                    "b64_json": base64::engine::general_purpose::STANDARD.encode(bytes),
+                    "media_type": media_type,
+                }],
+                "usage": {"cost": 0.04},
+            }),
+        )
+    }
+
+    /// OpenRouter's error body with `status` as both HTTP status and code.
+    pub fn error(status: u16, message: &str) -> Reply {
+        Reply::json(
+            status,
+            json!({"error": {"code": status, "message": message, "metadata": {"error_type": "test"}}}),
+        )
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        if let Reply::Http { headers, .. } = &mut self {
+            headers.push((name.to_string(), value.to_string()));
+        }
+        self
+    }
+
+    /// This reply after `latency`, as a real provider that takes its time.
+    pub fn after(self, latency: Duration) -> Reply {
+        Reply::After(latency, Box::new(self))
+    }
+
+    pub fn raw(status: u16, body: &[u8]) -> Reply {
+        Reply::Http {
+            status,
+            headers: vec![("Content-Type".into(), "text/html".into())],
+            body: body.to_vec(),
+        }
+    }
+}
+
+/// One request the stand-in received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    /// When the request arrived.
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    pub fn prompt(&self) -> &str {
+        self.body["prompt"].as_str().unwrap_or_default()
+    }
+}
+
+type Script = dyn Fn(&Received, usize) -> Reply + Send + Sync;
+
+pub struct ScriptedOpenRouter {
+    pub base_url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedOpenRouter {
+    /// Starts the stand-in; `script(request, n)` chooses the answer to the `n`-th request
+    /// (0-based) whose prompt is the same as this one's — so each scene follows its own
+    /// script however the batch interleaves.
+    pub async fn start(script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let base_url = format!("http://{}/api/v1", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let per_prompt: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let script: Arc<Script> = Arc::new(script);
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (log, per_prompt, script) = (log.clone(), per_prompt.clone(), script.clone());
+                tokio::spawn(async move {
+                    let _ = serve(stream, log, per_prompt, script).await;
+                });
+            }
+        });
+        ScriptedOpenRouter {
+            base_url,
+            received,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// How many requests carried a prompt containing `marker`.
+    pub fn calls_for(&self, marker: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.prompt().contains(marker))
+            .count()
+    }
+
+    pub fn total_calls(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+impl Drop for ScriptedOpenRouter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    log: Arc<Mutex<Vec<Received>>>,
+    per_prompt: Arc<Mutex<HashMap<String, usize>>>,
+    script: Arc<Script>,
+) -> std::io::Result<()> {
+    let Some(request) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let nth = {
+        let mut counts = per_prompt.lock().unwrap();
+        let count = counts.entry(request.prompt().to_string()).or_insert(0);
+        *count += 1;
+        *count - 1
+    };
+    log.lock().unwrap().push(request.clone());
+    let mut reply = script(&request, nth);
+    while let Reply::After(latency, inner) = reply {
+        tokio::time::sleep(latency).await;
+        reply = *inner;
+    }
+    match reply {
+        Reply::After(..) => unreachable!("unwrapped above"),
+        Reply::Drop => Ok(()),
+        Reply::Hang(duration) => {
+            tokio::time::sleep(duration).await;
+            Ok(())
+        }
+        Reply::Http {
+            status,
+            headers,
+            body,
+        } => {
+            let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str(&format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            ));
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(&body).await?;
+            stream.shutdown().await
+        }
+    }
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Received>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let header_end = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..header_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .unwrap_or("/")
+        .to_string();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < header_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = serde_json::from_slice(&buffer[header_end..]).unwrap_or(Value::Null);
+    Ok(Some(Received {
+        path,
+        headers,
+        body,
+        at: std::time::Instant::now(),
+    }))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// A photo-like (noisy, so not "blank") image of the given size, encoded as `format`.
+pub fn noisy_image(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    let image = ImageBuffer::from_fn(width, height, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let noise = (state & 0x3f) as u8;
+        Rgb([
+            (x * 255 / width) as u8 / 2 + noise,
+            (y * 255 / height) as u8 / 2 + noise,
+            128u8.wrapping_add(noise),
+        ])
+    });
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, format)
+        .expect("encode test image");
+    bytes.into_inner()
+}
+
+/// A uniform grey image: valid, decodable, and blank.
+pub fn blank_png(width: u32, height: u32) -> Vec<u8> {
+    let image = ImageBuffer::from_pixel(width, height, Rgb([127u8, 127, 127]));
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, ImageFormat::Png)
+        .expect("encode blank image");
+    bytes.into_inner()
+}
