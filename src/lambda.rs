@@ -23,7 +23,6 @@ use lambda_runtime::{Diagnostic, LambdaEvent};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::error::{Result, Stage3Error};
 use crate::schema::{parse_submission, parse_submission_bytes, Stage3Output, Submission};
@@ -90,19 +89,23 @@ pub fn classify(payload: &Value) -> Result<EventKind> {
     Ok(EventKind::Direct)
 }
 
-/// The service's deadline for an invocation that must answer by `deadline_epoch_ms`
-/// (the runtime's `Lambda-Runtime-Deadline-Ms`), less [`DEADLINE_SAFETY_MARGIN`].
-/// A zero deadline means the runtime gave none (some local emulators): no deadline.
-pub fn deadline_from_epoch_ms(deadline_epoch_ms: u64, now: SystemTime) -> Option<Instant> {
-    if deadline_epoch_ms == 0 {
-        return None;
-    }
-    let deadline = UNIX_EPOCH + Duration::from_millis(deadline_epoch_ms);
-    let left = deadline
-        .duration_since(now)
-        .unwrap_or(Duration::ZERO)
-        .saturating_sub(DEADLINE_SAFETY_MARGIN);
-    Some(Instant::now() + left)
+/// Runtime deadlines below this are not epoch times (it is September 2001): `cargo lambda
+/// watch` sends a constant `Lambda-Runtime-Deadline-Ms: 600000`, meaning ten minutes from
+/// now. Read literally it lies in 1970 and no scene would ever start locally.
+const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
+
+/// The service's deadline for an invocation whose runtime deadline is `deadline_ms`
+/// (`Lambda-Runtime-Deadline-Ms`: epoch milliseconds on AWS, a duration from some local
+/// emulators), less [`DEADLINE_SAFETY_MARGIN`]. Zero means the runtime gave none.
+pub fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Option<Instant> {
+    let left = match deadline_ms {
+        0 => return None,
+        relative if relative < EARLIEST_EPOCH_DEADLINE_MS => Duration::from_millis(relative),
+        epoch => (UNIX_EPOCH + Duration::from_millis(epoch))
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(Instant::now() + left.saturating_sub(DEADLINE_SAFETY_MARGIN))
 }
 
 /// The Lambda error for a failure: its type is the stable `error_type`.
@@ -113,27 +116,26 @@ pub fn diagnostic(error: &Stage3Error) -> Diagnostic {
     }
 }
 
-/// The runtime's entry point: computes the deadline, opens the invocation's span (every
-/// log line of the invocation, scenes included, carries its request id) and answers.
+/// The runtime's entry point: turns the runtime's deadline into the service's and a
+/// failure into a Lambda error.
+///
+/// No span is opened here: `lambda_runtime::run` already wraps every invocation in a
+/// `Lambda runtime invoke` span carrying `requestId` (and `xrayTraceId`), so every log line
+/// of the invocation — the service's `scene` lines included — names its request.
 pub async fn handle_invocation(
     service: &Stage3Service,
     event: LambdaEvent<Value>,
 ) -> std::result::Result<Value, Diagnostic> {
     let LambdaEvent { payload, context } = event;
-    let span = tracing::info_span!("invocation", request_id = %context.request_id);
-    let deadline = deadline_from_epoch_ms(context.deadline, SystemTime::now());
-    async {
-        handle(service, payload, deadline).await.map_err(|error| {
-            tracing::warn!(error_type = %error.error_type(), error = %error, "invocation failed");
-            diagnostic(&error)
-        })
-    }
-    .instrument(span)
-    .await
+    let deadline = invocation_deadline(context.deadline, SystemTime::now());
+    handle(service, payload, deadline).await.map_err(|error| {
+        tracing::warn!(error_type = %error.error_type(), error = %error, "invocation failed");
+        diagnostic(&error)
+    })
 }
 
 /// Answers one event. `deadline` is when the answer must be ready (see
-/// [`deadline_from_epoch_ms`]); scenes that cannot start before it are reported as
+/// [`invocation_deadline`]); scenes that cannot start before it are reported as
 /// `deadline_exceeded`.
 pub async fn handle(
     service: &Stage3Service,
@@ -145,7 +147,12 @@ pub async fn handle(
         force: None,
     };
     let kind = classify(&payload)?;
-    tracing::info!(event = kind.as_str(), "event received");
+    tracing::info!(
+        event = kind.as_str(),
+        time_left_ms =
+            deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+        "event received"
+    );
     match kind {
         EventKind::Sqs => Ok(to_json(&handle_sqs(service, payload, &options).await?)),
         EventKind::EventBridge => {

@@ -19,8 +19,8 @@ pub fn init(default_filter: &str, json: bool) {
         builder
             .json()
             .with_current_span(true)
-            // The whole span list, so a scene's line also carries the Lambda request id
-            // of the invocation span around it, not just its own scene id.
+            // The whole span list, so a scene's line also carries the request id of the
+            // Lambda runtime's invocation span around it, not just its own scene id.
             .with_span_list(true)
             .try_init()
     } else {

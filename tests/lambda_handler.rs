@@ -373,22 +373,25 @@ async fn no_provider_call_starts_when_the_deadline_leaves_no_time() {
 #[tokio::test(start_paused = true)]
 async fn the_deadline_is_the_runtimes_less_the_safety_margin() {
     let now = SystemTime::now();
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap();
     let epoch_ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
 
     let in_a_minute = epoch_ms(now + Duration::from_secs(60));
-    let deadline = lambda::deadline_from_epoch_ms(in_a_minute, now).unwrap();
-    let left = deadline - Instant::now();
-    let expected = Duration::from_millis(in_a_minute)
-        - now.duration_since(UNIX_EPOCH).unwrap()
-        - lambda::DEADLINE_SAFETY_MARGIN;
-    assert_eq!(left, expected);
+    let deadline = lambda::invocation_deadline(in_a_minute, now).unwrap();
+    let expected =
+        Duration::from_millis(in_a_minute) - since_epoch - lambda::DEADLINE_SAFETY_MARGIN;
+    assert_eq!(deadline - Instant::now(), expected);
 
     let past = epoch_ms(now - Duration::from_secs(5));
+    assert_eq!(lambda::invocation_deadline(past, now), Some(Instant::now()));
+    assert_eq!(lambda::invocation_deadline(0, now), None);
+
+    // `cargo lambda watch` sends a duration (600000 ms), not an epoch time.
+    let emulated = lambda::invocation_deadline(600_000, now).unwrap();
     assert_eq!(
-        lambda::deadline_from_epoch_ms(past, now),
-        Some(Instant::now())
+        emulated - Instant::now(),
+        Duration::from_secs(600) - lambda::DEADLINE_SAFETY_MARGIN
     );
-    assert_eq!(lambda::deadline_from_epoch_ms(0, now), None);
 }
 
 #[tokio::test]
