@@ -130,6 +130,18 @@ pub struct S3Config {
     pub prefix: String,
     pub force_path_style: bool,
     pub presign_expiry: Duration,
+    /// Keys for a non-AWS endpoint (Qiniu, MinIO), from `STAGE3_S3_ACCESS_KEY_ID` and
+    /// `STAGE3_S3_SECRET_ACCESS_KEY`. When set, the store uses them instead of the standard
+    /// AWS chain: on Lambda `AWS_ACCESS_KEY_ID` & co. are reserved for the function role's
+    /// session credentials, which a Qiniu or MinIO endpoint does not know.
+    pub static_credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair for an S3-compatible endpoint outside AWS.
+#[derive(Debug, Clone)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +202,22 @@ impl Config {
                     3600,
                     1..=MAX_PRESIGN_SECS,
                 )?),
+                static_credentials: match (
+                    vars.get("STAGE3_S3_ACCESS_KEY_ID"),
+                    vars.get("STAGE3_S3_SECRET_ACCESS_KEY"),
+                ) {
+                    (None, None) => None,
+                    (Some(access_key_id), Some(secret)) => Some(StaticCredentials {
+                        access_key_id,
+                        secret_access_key: Secret::new(secret),
+                    }),
+                    _ => {
+                        return Err(Stage3Error::config(
+                            "STAGE3_S3_ACCESS_KEY_ID and STAGE3_S3_SECRET_ACCESS_KEY must be \
+                             set together",
+                        ))
+                    }
+                },
             }),
             StorageKind::Fs => None,
         };
@@ -439,6 +467,38 @@ mod tests {
             c.public_base_url.as_deref(),
             Some("https://img.example.com")
         );
+    }
+
+    #[test]
+    fn static_s3_keys_come_in_pairs_and_stay_redacted() {
+        let base = [("STAGE3_STORAGE", "s3"), ("STAGE3_S3_BUCKET", "pictures")];
+        let only_id = [&base[..], &[("STAGE3_S3_ACCESS_KEY_ID", "AK")]].concat();
+        let err = config(&only_id).unwrap_err();
+        assert!(
+            err.to_string().contains("STAGE3_S3_SECRET_ACCESS_KEY"),
+            "{err}"
+        );
+
+        let both = [
+            &base[..],
+            &[
+                ("STAGE3_S3_ACCESS_KEY_ID", "AK"),
+                ("STAGE3_S3_SECRET_ACCESS_KEY", "qiniu-very-secret"),
+            ],
+        ]
+        .concat();
+        let c = config(&both).unwrap();
+        let keys = c.s3.as_ref().unwrap().static_credentials.as_ref().unwrap();
+        assert_eq!(keys.access_key_id, "AK");
+        assert_eq!(keys.secret_access_key.expose(), "qiniu-very-secret");
+        assert!(!format!("{c:?}").contains("very-secret"));
+
+        assert!(config(&base)
+            .unwrap()
+            .s3
+            .unwrap()
+            .static_credentials
+            .is_none());
     }
 
     #[test]
