@@ -229,8 +229,8 @@ async fn handle_sqs(
                 scenes.extend(record_scenes);
             }
             Err(error) => {
-                // Redelivered until the queue's maxReceiveCount moves it to the DLQ,
-                // where a person can read why.
+                // Redelivered until the queue's maxReceiveCount moves it to the dead-letter
+                // queue; this line tells whoever looks there why.
                 tracing::warn!(
                     message_id = %message_ids[index],
                     error_type = %error.error_type(),
@@ -247,18 +247,24 @@ async fn handle_sqs(
         .map(|scene| (scene.scene_id().to_string(), scene.request_hash.clone()))
         .collect();
     let answer = service.run_batch(scenes, options, &|_, _| {}).await;
+    // `failures` lists the failed scenes in input order, so the n-th failed scene is the
+    // n-th failure: that names the message of each one in the log.
+    let mut failures = answer.failures.iter();
     let succeeded = scene_outcomes(&identities, &answer.results);
     for (owner, ok) in owners.into_iter().zip(succeeded) {
-        if !ok {
-            failed[owner] = true;
+        if ok {
+            continue;
         }
-    }
-    for failure in &answer.failures {
-        tracing::warn!(
-            scene_id = %failure.scene_id,
-            error_type = %failure.error_type,
-            "scene failed; its SQS record will be redelivered"
-        );
+        failed[owner] = true;
+        if let Some(failure) = failures.next() {
+            tracing::warn!(
+                message_id = %message_ids[owner],
+                scene_id = %failure.scene_id,
+                error_type = %failure.error_type,
+                error = %failure.message,
+                "scene failed; its SQS message will be redelivered"
+            );
+        }
     }
 
     let mut response = SqsBatchResponse::default();
