@@ -24,8 +24,9 @@ async fn main() -> ExitCode {
     let service = match service {
         Ok(service) => service,
         Err(e) => {
+            // One line on stderr, which Lambda keeps in the function's log next to the
+            // init failure.
             tracing::error!(error_type = %e.error_type(), error = %e, "start-up failed");
-            eprintln!("stage3-lambda: start-up failed ({}): {e}", e.error_type());
             return ExitCode::FAILURE;
         }
     };
@@ -36,7 +37,7 @@ async fn main() -> ExitCode {
     match lambda_runtime::run(handler).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("stage3-lambda: the Lambda runtime stopped: {e}");
+            tracing::error!(error = %e, "the Lambda runtime stopped");
             ExitCode::FAILURE
         }
     }
