@@ -19,7 +19,9 @@ pub fn init(default_filter: &str, json: bool) {
         builder
             .json()
             .with_current_span(true)
-            .with_span_list(false)
+            // The whole span list, so a scene's line also carries the request id of the
+            // Lambda runtime's invocation span around it, not just its own scene id.
+            .with_span_list(true)
             .try_init()
     } else {
         builder.compact().try_init()

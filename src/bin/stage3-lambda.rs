@@ -1,3 +1,44 @@
-//! `stage3-lambda`: the AWS Lambda function (filled in by the Lambda issue).
+//! `stage3-lambda`: the AWS Lambda function. Everything it does lives in [`stage3::lambda`];
+//! this main only builds the service once per sandbox and hands events to it.
 
-fn main() {}
+use std::process::ExitCode;
+
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::Value;
+use stage3::{lambda, telemetry, Config, Stage3Service};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Lambda's advanced logging controls set `JSON` (any case) when JSON logs are wanted.
+    let json = std::env::var("AWS_LAMBDA_LOG_FORMAT")
+        .is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    telemetry::init("info", json);
+
+    // Built before the first event, outside any invocation: the HTTP connection pool and
+    // the S3 client are reused by every event this sandbox serves. A bad configuration
+    // fails the init phase, where Lambda reports it as `Runtime.ExitError` with our message.
+    let service = match Config::from_env() {
+        Ok(config) => Stage3Service::from_config(config).await,
+        Err(e) => Err(e),
+    };
+    let service = match service {
+        Ok(service) => service,
+        Err(e) => {
+            // One line on stderr, which Lambda keeps in the function's log next to the
+            // init failure.
+            tracing::error!(error_type = %e.error_type(), error = %e, "start-up failed");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let service = &service;
+    let handler =
+        service_fn(move |event: LambdaEvent<Value>| lambda::handle_invocation(service, event));
+    match lambda_runtime::run(handler).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the Lambda runtime stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
