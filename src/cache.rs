@@ -30,6 +30,7 @@ pub struct RequestIdentity<'a> {
     pub size: ImageSize,
     pub quality: ImageQuality,
     pub seed: Option<i64>,
+    pub references: &'a [String],
 }
 
 impl RequestIdentity<'_> {
@@ -110,6 +111,7 @@ mod tests {
             size: ImageSize::Square,
             quality: ImageQuality::Standard,
             seed: None,
+            references: &[],
         }
     }
 
@@ -131,6 +133,10 @@ mod tests {
         assert_ne!(base, other.hash());
         let mut other = identity("a");
         other.provider = "placeholder";
+        assert_ne!(base, other.hash());
+        let references = ["https://cdn.example.com/fox.png".to_string()];
+        let mut other = identity("a");
+        other.references = &references;
         assert_ne!(base, other.hash());
     }
 

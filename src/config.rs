@@ -4,6 +4,7 @@
 //! a message that names the variable, instead of failing the first scene. Secrets are kept
 //! in [`Secret`], whose `Debug` never shows them.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use crate::error::{Result, Stage3Error};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
-use crate::schema::validate_model;
+use crate::schema::{validate_model, validate_reference_url};
 
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
 pub const DEFAULT_MODEL: &str = "google/gemini-2.5-flash-image";
@@ -119,6 +120,38 @@ pub struct OpenRouterConfig {
     pub referer: Option<String>,
     /// Sent as `X-OpenRouter-Title`, when set.
     pub title: Option<String>,
+    /// The chat path's `modalities`: image-only models refuse `["image", "text"]`.
+    pub chat_modalities: ChatModalities,
+}
+
+/// What the chat path asks the model to answer with (`STAGE3_CHAT_MODALITIES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatModalities {
+    /// `["image", "text"]`, for models that answer in both (Gemini image models).
+    ImageAndText,
+    /// `["image"]`, for image-only models (FLUX, Seedream and the like).
+    ImageOnly,
+}
+
+impl ChatModalities {
+    pub fn as_slice(self) -> &'static [&'static str] {
+        match self {
+            ChatModalities::ImageAndText => &["image", "text"],
+            ChatModalities::ImageOnly => &["image"],
+        }
+    }
+}
+
+impl FromStr for ChatModalities {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.replace(' ', "").as_str() {
+            "image,text" | "text,image" => Ok(ChatModalities::ImageAndText),
+            "image" => Ok(ChatModalities::ImageOnly),
+            other => Err(format!("expected image,text or image, got {other:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +201,10 @@ pub struct Config {
     pub max_response_bytes: usize,
     /// Largest image (width × height) we decode; a bigger one is a decompression bomb.
     pub max_image_pixels: u64,
+    /// Reference images by character id (`STAGE3_CHARACTER_REFERENCES`, a JSON file): a
+    /// scene's `characters_in_scene` pulls theirs in, so a character looks the same in
+    /// every scene.
+    pub character_references: HashMap<String, String>,
 }
 
 impl Config {
@@ -223,6 +260,8 @@ impl Config {
                 api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
                 referer: vars.get("STAGE3_HTTP_REFERER"),
                 title: vars.get("STAGE3_APP_TITLE"),
+                chat_modalities: vars
+                    .parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
             },
             storage,
             output_dir: PathBuf::from(
@@ -272,6 +311,10 @@ impl Config {
                 40_000_000,
                 1..=1_000_000_000,
             )?,
+            character_references: match vars.get("STAGE3_CHARACTER_REFERENCES") {
+                Some(path) => load_character_references(&path)?,
+                None => HashMap::new(),
+            },
         };
         if let Some(base) = &config.public_base_url {
             check_url("STAGE3_PUBLIC_BASE_URL", base)?;
@@ -319,6 +362,23 @@ fn s3_credentials(vars: &Vars<'_>) -> Result<Option<S3Credentials>> {
             "{SECRET} is set but {ID} is not; set both or neither"
         ))),
     }
+}
+
+/// Reads `{"character_id": "https://…" | "data:image/…", …}` and checks every URL.
+fn load_character_references(path: &str) -> Result<HashMap<String, String>> {
+    let name = "STAGE3_CHARACTER_REFERENCES";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Stage3Error::config(format!("{name}: cannot read {path}: {e}")))?;
+    let map: HashMap<String, String> = serde_json::from_str(&text).map_err(|e| {
+        Stage3Error::config(format!(
+            "{name}: {path} must be a JSON object of character id to image URL: {e}"
+        ))
+    })?;
+    for (character, url) in &map {
+        validate_reference_url(url)
+            .map_err(|e| Stage3Error::config(format!("{name}: {character}: {e}")))?;
+    }
+    Ok(map)
 }
 
 /// `images/` from `images`, `` from `/` or ``: keys are `prefix + name`.
@@ -499,6 +559,44 @@ mod tests {
             );
             assert!(!err.to_string().contains("very-secret"), "{err}");
         }
+    }
+
+    #[test]
+    fn character_references_load_from_a_json_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("refs.json");
+        std::fs::write(&good, r#"{"char_001": "https://cdn.example.com/fox.png"}"#).unwrap();
+        let c = config(&[("STAGE3_CHARACTER_REFERENCES", good.to_str().unwrap())]).unwrap();
+        assert_eq!(
+            c.character_references["char_001"],
+            "https://cdn.example.com/fox.png"
+        );
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"char_001": "http://insecure.example.com/fox.png"}"#,
+        )
+        .unwrap();
+        for path in [bad, dir.path().join("missing.json")] {
+            let err =
+                config(&[("STAGE3_CHARACTER_REFERENCES", path.to_str().unwrap())]).unwrap_err();
+            assert!(
+                err.to_string().contains("STAGE3_CHARACTER_REFERENCES"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn chat_modalities_take_image_only_models_into_account() {
+        assert_eq!(
+            config(&[]).unwrap().openrouter.chat_modalities.as_slice(),
+            ["image", "text"]
+        );
+        let c = config(&[("STAGE3_CHAT_MODALITIES", "image")]).unwrap();
+        assert_eq!(c.openrouter.chat_modalities.as_slice(), ["image"]);
+        assert!(config(&[("STAGE3_CHAT_MODALITIES", "audio")]).is_err());
     }
 
     #[test]

@@ -158,6 +158,11 @@ pub struct GenerationRequest {
     pub seed: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Reference images for character and style consistency (`https://` or `data:image/…`
+    /// URLs), sent to models that take image inputs. Characters with a registered reference
+    /// (`STAGE3_CHARACTER_REFERENCES`) get theirs added automatically.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_images: Vec<String>,
 }
 
 impl From<Stage2Output> for GenerationRequest {
@@ -172,6 +177,7 @@ impl From<Stage2Output> for GenerationRequest {
             quality: None,
             seed: None,
             model: None,
+            reference_images: Vec::new(),
         }
     }
 }
@@ -191,8 +197,57 @@ impl GenerationRequest {
             validate_model(model)
                 .map_err(|e| Stage3Error::invalid_request(format!("model: {e}")))?;
         }
+        if self.reference_images.len() > MAX_REFERENCE_IMAGES {
+            return Err(Stage3Error::invalid_request(format!(
+                "reference_images: at most {MAX_REFERENCE_IMAGES} images, got {}",
+                self.reference_images.len()
+            )));
+        }
+        for (index, url) in self.reference_images.iter().enumerate() {
+            validate_reference_url(url).map_err(|e| {
+                Stage3Error::invalid_request(format!("reference_images[{index}]: {e}"))
+            })?;
+        }
         Ok(())
     }
+}
+
+/// Models take a handful of reference images at most; more is a mistake upstream.
+pub const MAX_REFERENCE_IMAGES: usize = 8;
+/// A `data:` reference is sent inline with every request; keep it to a few megabytes.
+const MAX_DATA_URL_BYTES: usize = 8 * 1024 * 1024;
+
+/// A reference image must be fetchable by the provider without our credentials (`https://`)
+/// or travel inline (`data:image/png|jpeg|webp;base64,…`); nothing else leaves this service.
+pub fn validate_reference_url(url: &str) -> std::result::Result<(), String> {
+    if let Some(rest) = url.strip_prefix("https://") {
+        if rest.is_empty() || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+            return Err("not a usable https URL (at most 2048 characters, no spaces)".into());
+        }
+        return Ok(());
+    }
+    if url.starts_with("data:") {
+        let is_image = [
+            "data:image/png;base64,",
+            "data:image/jpeg;base64,",
+            "data:image/webp;base64,",
+        ]
+        .iter()
+        .any(|prefix| url.starts_with(prefix));
+        if !is_image {
+            return Err("a data URL must be data:image/png|jpeg|webp;base64,…".into());
+        }
+        if url.len() > MAX_DATA_URL_BYTES {
+            return Err(format!(
+                "a data URL may be at most {MAX_DATA_URL_BYTES} bytes"
+            ));
+        }
+        return Ok(());
+    }
+    Err(format!(
+        "expected an https:// or data:image/… URL, got {:?}",
+        truncate_for_message(url, 40)
+    ))
 }
 
 /// `scene_id` becomes part of a file name and an S3 key, so only a conservative alphabet
@@ -268,6 +323,10 @@ pub struct GenerationParams {
     pub resolution: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
+    /// The reference images sent, as URLs; a `data:` reference is recorded by its SHA-256
+    /// (`data:image/png;sha256,…`) so records stay small.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_images: Vec<String>,
     /// What the provider billed, in USD, when it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<f64>,
@@ -610,6 +669,32 @@ mod tests {
         let mut other = scene("a");
         other["image_prompt"] = json!("something else");
         assert!(rejection(json!([scene("a"), other])).contains("appears twice"));
+    }
+
+    #[test]
+    fn reference_images_must_be_https_or_inline_images() {
+        let mut ok = scene("s");
+        ok["reference_images"] = json!([
+            "https://cdn.example.com/fox.png",
+            "data:image/png;base64,iVBORw0KGgo="
+        ]);
+        parse_submission(ok, 100).unwrap();
+        for bad in [
+            "http://cdn.example.com/fox.png",
+            "file:///etc/passwd",
+            "data:text/html;base64,PGI+",
+            "https://",
+        ] {
+            let mut request = scene("s");
+            request["reference_images"] = json!([bad]);
+            assert!(
+                rejection(request).starts_with("reference_images[0]:"),
+                "{bad}"
+            );
+        }
+        let mut many = scene("s");
+        many["reference_images"] = json!(vec!["https://a.example/x.png"; 9]);
+        assert!(rejection(many).contains("at most 8"));
     }
 
     #[test]

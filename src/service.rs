@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::stream::{self, StreamExt};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -22,7 +23,7 @@ use crate::provider::{self, ImageProvider, ImageRequest};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
     BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize, SceneFailure,
-    Stage3Output,
+    Stage3Output, MAX_REFERENCE_IMAGES,
 };
 use crate::storage::{self, ObjectMeta, ObjectStore};
 
@@ -49,6 +50,8 @@ pub struct PreparedScene {
     pub model: String,
     pub size: ImageSize,
     pub quality: ImageQuality,
+    /// The request's reference images, then those of its characters, without repeats.
+    pub references: Vec<String>,
     pub request_hash: String,
     pub keys: ResultKeys,
 }
@@ -68,6 +71,20 @@ impl PreparedScene {
             .unwrap_or_else(|| config.model.clone());
         let size = request.size.unwrap_or_default();
         let quality = request.quality.unwrap_or_default();
+        let mut references = request.reference_images.clone();
+        for character in &request.characters_in_scene {
+            if let Some(url) = config.character_references.get(character) {
+                if !references.contains(url) {
+                    references.push(url.clone());
+                }
+            }
+        }
+        if references.len() > MAX_REFERENCE_IMAGES {
+            return Err(Stage3Error::invalid_request(format!(
+                "reference_images: {} with the characters' references; at most {MAX_REFERENCE_IMAGES}",
+                references.len()
+            )));
+        }
         let request_hash = RequestIdentity {
             provider: provider.name(),
             api: provider.api(),
@@ -76,6 +93,7 @@ impl PreparedScene {
             size,
             quality,
             seed: request.seed,
+            references: &references,
         }
         .hash();
         let keys = ResultKeys::new(&request.scene_id, &request_hash);
@@ -85,6 +103,7 @@ impl PreparedScene {
             model,
             size,
             quality,
+            references,
             request_hash,
             keys,
         })
@@ -311,6 +330,11 @@ impl Stage3Service {
                 aspect_ratio: scene.size.aspect_ratio().to_string(),
                 resolution: scene.quality.resolution().to_string(),
                 seed: scene.request.seed,
+                reference_images: scene
+                    .references
+                    .iter()
+                    .map(|url| recorded_reference(url))
+                    .collect(),
                 cost: generated.cost,
                 request_hash: scene.request_hash.clone(),
                 content_sha256: generated.image.content_sha256.clone(),
@@ -350,6 +374,7 @@ impl Stage3Service {
                 size: scene.size,
                 quality: scene.quality,
                 seed: scene.request.seed,
+                references: &scene.references,
                 timeout,
             };
             let outcome = match self.provider.generate(&request).await {
@@ -473,6 +498,20 @@ struct Generated {
     image: NormalizedImage,
     cost: Option<f64>,
     attempts: u32,
+}
+
+/// How a reference is recorded: an https URL as is, an inline image by its hash, so a record
+/// never carries megabytes of base64.
+fn recorded_reference(url: &str) -> String {
+    match url.split_once(";base64,") {
+        Some((media, payload)) if url.starts_with("data:") => {
+            format!(
+                "{media};sha256,{}",
+                hex::encode(Sha256::digest(payload.as_bytes()))
+            )
+        }
+        _ => url.to_string(),
+    }
 }
 
 fn rfc3339(time: SystemTime) -> String {

@@ -52,6 +52,7 @@ fn request(timeout: Duration) -> ImageRequest<'static> {
         size: ImageSize::Landscape,
         quality: ImageQuality::Hd,
         seed: Some(42),
+        references: &[],
         timeout,
     }
 }
@@ -297,7 +298,84 @@ async fn an_empty_data_list_is_a_retryable_provider_error() {
     assert!(err.to_string().contains("no image"), "{err}");
 }
 
+#[tokio::test]
+async fn images_api_sends_reference_images_as_input_references() {
+    let server = MockServer::start().await;
+    let png = encoded_image(ImageFormat::Png);
+    Mock::given(method("POST"))
+        .and(path("/images"))
+        .and(body_json(json!({
+            "model": MODEL,
+            "prompt": PROMPT,
+            "n": 1,
+            "aspect_ratio": "16:9",
+            "resolution": "2K",
+            "output_format": "png",
+            "seed": 42,
+            "input_references": [
+                {"type": "image_url", "image_url": {"url": "https://cdn.example.com/fox.png"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+            ]
+        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(images_answer(&png, "image/png")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let references = [
+        "https://cdn.example.com/fox.png".to_string(),
+        "data:image/png;base64,iVBORw0KGgo=".to_string(),
+    ];
+    let request = ImageRequest {
+        references: &references,
+        ..normal_request()
+    };
+    let image = provider(&server.uri(), &[])
+        .generate(&request)
+        .await
+        .unwrap();
+    assert_eq!(image.bytes.as_ref(), png.as_slice());
+}
+
 // ---- Chat path ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn chat_path_sends_references_as_content_parts_and_honours_image_only_models() {
+    let server = MockServer::start().await;
+    let png = encoded_image(ImageFormat::Png);
+    Mock::given(method("POST"))
+        .and(path("/chat/completions"))
+        .and(body_json(json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": PROMPT},
+                {"type": "image_url", "image_url": {"url": "https://cdn.example.com/fox.png"}}
+            ]}],
+            "modalities": ["image"],
+            "image_config": {"aspect_ratio": "16:9", "image_size": "2K"},
+            "seed": 42
+        })))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(chat_answer(&format!("data:image/png;base64,{}", b64(&png)))),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let provider = provider(
+        &server.uri(),
+        &[
+            ("STAGE3_OPENROUTER_API", "chat"),
+            ("STAGE3_CHAT_MODALITIES", "image"),
+        ],
+    );
+    let references = ["https://cdn.example.com/fox.png".to_string()];
+    let request = ImageRequest {
+        references: &references,
+        ..normal_request()
+    };
+    let image = provider.generate(&request).await.unwrap();
+    assert_eq!(image.bytes.as_ref(), png.as_slice());
+}
 
 #[tokio::test]
 async fn chat_path_sends_the_documented_request_and_decodes_the_data_url() {

@@ -29,6 +29,8 @@ pub struct ImageRequest<'a> {
     pub size: ImageSize,
     pub quality: ImageQuality,
     pub seed: Option<i64>,
+    /// Reference images (`https://` or `data:image/…` URLs) for character consistency.
+    pub references: &'a [String],
     /// The whole budget for this call, connect to last byte; the service shortens it when
     /// a deadline is near.
     pub timeout: Duration,

@@ -26,7 +26,7 @@ use reqwest::{redirect, Client, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{ImageProvider, ImageRequest, ProviderImage};
-use crate::config::{Config, OpenRouterApi, Secret};
+use crate::config::{ChatModalities, Config, OpenRouterApi, Secret};
 use crate::error::{ProviderFailure, Result, Stage3Error};
 
 /// Provider messages are for people and logs; a page of HTML or a model's essay is not.
@@ -55,6 +55,7 @@ pub struct OpenRouterProvider {
     client: Client,
     base_url: String,
     api: OpenRouterApi,
+    chat_modalities: ChatModalities,
     /// `Authorization` (marked sensitive) and the optional attribution headers, sent on API
     /// calls only — never on fetches of image URLs, which may be on someone else's host.
     api_headers: HeaderMap,
@@ -123,6 +124,7 @@ impl OpenRouterProvider {
             client,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             api: settings.api,
+            chat_modalities: settings.chat_modalities,
             api_headers,
             api_key,
             max_response_bytes: config.max_response_bytes,
@@ -142,6 +144,11 @@ impl OpenRouterProvider {
             resolution: request.quality.resolution(),
             output_format: "png",
             seed: request.seed,
+            input_references: request
+                .references
+                .iter()
+                .map(|url| ImageUrlPart::new(url))
+                .collect(),
         };
         let answer = self.post_json("/images", &body, deadline).await?;
         let parsed: ImagesAnswer<'_> = self.parse_answer(&answer)?;
@@ -180,9 +187,9 @@ impl OpenRouterProvider {
             model: request.model,
             messages: [ChatMessageIn {
                 role: "user",
-                content: request.prompt,
+                content: chat_content(request),
             }],
-            modalities: ["image", "text"],
+            modalities: self.chat_modalities.as_slice(),
             image_config: ImageConfig {
                 aspect_ratio: request.size.aspect_ratio(),
                 image_size: request.quality.resolution(),
@@ -441,13 +448,73 @@ struct ImagesRequestBody<'a> {
     output_format: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    input_references: Vec<ImageUrlPart<'a>>,
+}
+
+/// `{"type": "image_url", "image_url": {"url": ..}}`: a reference image, in both APIs.
+#[derive(Serialize)]
+struct ImageUrlPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    image_url: UrlOnly<'a>,
+}
+
+#[derive(Serialize)]
+struct UrlOnly<'a> {
+    url: &'a str,
+}
+
+impl<'a> ImageUrlPart<'a> {
+    fn new(url: &'a str) -> Self {
+        ImageUrlPart {
+            kind: "image_url",
+            image_url: UrlOnly { url },
+        }
+    }
+}
+
+/// A chat message's content: the bare prompt, or text and reference images as parts.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatContent<'a> {
+    Text(&'a str),
+    Parts(Vec<ChatPart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatPart<'a> {
+    Text {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        text: &'a str,
+    },
+    Image(ImageUrlPart<'a>),
+}
+
+fn chat_content<'a>(request: &ImageRequest<'a>) -> ChatContent<'a> {
+    if request.references.is_empty() {
+        return ChatContent::Text(request.prompt);
+    }
+    let mut parts = vec![ChatPart::Text {
+        kind: "text",
+        text: request.prompt,
+    }];
+    parts.extend(
+        request
+            .references
+            .iter()
+            .map(|url| ChatPart::Image(ImageUrlPart::new(url))),
+    );
+    ChatContent::Parts(parts)
 }
 
 #[derive(Serialize)]
 struct ChatRequestBody<'a> {
     model: &'a str,
     messages: [ChatMessageIn<'a>; 1],
-    modalities: [&'a str; 2],
+    modalities: &'static [&'static str],
     image_config: ImageConfig<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
@@ -456,7 +523,7 @@ struct ChatRequestBody<'a> {
 #[derive(Serialize)]
 struct ChatMessageIn<'a> {
     role: &'a str,
-    content: &'a str,
+    content: ChatContent<'a>,
 }
 
 #[derive(Serialize)]

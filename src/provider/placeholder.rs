@@ -696,6 +696,7 @@ mod tests {
             size,
             quality: ImageQuality::Standard,
             seed: None,
+            references: &[],
             timeout: Duration::from_secs(180),
         }
     }

@@ -1,0 +1,83 @@
+//! Character consistency: reference images reach the provider and shape the cache key.
+
+mod support;
+
+use std::collections::HashMap;
+
+use image::ImageFormat;
+use stage3::schema::{GenerationRequest, Stage2Output};
+use stage3::{Config, Stage3Service};
+use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+
+const FOX: &str = "https://cdn.example.com/characters/fox.png";
+
+fn service(base_url: &str, out: &std::path::Path, refs: &std::path::Path) -> Stage3Service {
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("OPENROUTER_API_KEY", "sk-or-v1-test".to_string()),
+        ("OPENROUTER_BASE_URL", base_url.to_string()),
+        ("STAGE3_OUTPUT_DIR", out.display().to_string()),
+        ("STAGE3_CHARACTER_REFERENCES", refs.display().to_string()),
+    ]);
+    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let provider = stage3::provider::from_config(&config).unwrap();
+    let store = std::sync::Arc::new(stage3::storage::FsStore::new(out).unwrap());
+    Stage3Service::new(config, provider, store)
+}
+
+fn scene(characters: &[&str], extra_references: &[&str]) -> GenerationRequest {
+    let mut request: GenerationRequest = Stage2Output {
+        scene_id: "scene_fox".into(),
+        image_prompt: "The fox crosses the frozen river".into(),
+        negative_prompt: String::new(),
+        style_tags: vec![],
+        characters_in_scene: characters.iter().map(|c| c.to_string()).collect(),
+    }
+    .into();
+    request.reference_images = extra_references.iter().map(|r| r.to_string()).collect();
+    request
+}
+
+#[tokio::test]
+async fn characters_in_scene_pull_in_their_reference_images() {
+    let server = ScriptedOpenRouter::start(|_, _| {
+        Reply::image(&noisy_image(256, 256, ImageFormat::Png), "image/png")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let refs = dir.path().join("characters.json");
+    std::fs::write(&refs, format!(r#"{{"char_fox": "{FOX}"}}"#)).unwrap();
+    let service = service(&server.base_url, &dir.path().join("images"), &refs);
+
+    let inline = "data:image/png;base64,iVBORw0KGgo=";
+    let with_fox = service
+        .generate_scene_image(scene(&["char_fox", "char_unknown"], &[inline]))
+        .await
+        .unwrap();
+    let sent = &server.requests()[0].body["input_references"];
+    let urls: Vec<&str> = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image_url"]["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        urls,
+        vec![inline, FOX],
+        "the request's own first, then its characters'"
+    );
+    let recorded = &with_fox.generation_params.reference_images;
+    assert_eq!(recorded[1], FOX);
+    assert!(
+        recorded[0].starts_with("data:image/png;sha256,"),
+        "inline images are recorded by hash"
+    );
+
+    // Without the character, the request is a different one: a new key, a new image.
+    let without = service
+        .generate_scene_image(scene(&[], &[inline]))
+        .await
+        .unwrap();
+    assert_ne!(with_fox.image_path, without.image_path);
+    assert!(server.requests()[1].body.get("input_references").is_some());
+    assert_eq!(server.total_calls(), 2);
+}
