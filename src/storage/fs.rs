@@ -73,6 +73,15 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .suffix(".part")
         .tempfile_in(dir)
         .map_err(|e| io_error("create a temporary file in", dir, e))?;
+    // Temporary files are created owner-only; a published image is for everyone to read
+    // (a web server, the next pipeline stage), as any file written normally would be.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| io_error("set permissions on", temp.path(), e))?;
+    }
     temp.write_all(bytes)
         .and_then(|()| temp.as_file().sync_all())
         .map_err(|e| io_error("write", temp.path(), e))?;
