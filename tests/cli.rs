@@ -273,3 +273,104 @@ async fn a_trace_level_log_contains_no_secret() {
     );
     assert!(!text.contains("cli-test-secret"), "the key leaked: {text}");
 }
+
+#[tokio::test]
+async fn generate_into_s3_serves_cdn_urls_and_a_second_run_costs_nothing() {
+    let s3 = support::s3_server::S3Target::start().await;
+    let server = ScriptedOpenRouter::start(|request, _| {
+        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
+            (288, 512)
+        } else {
+            (384, 384)
+        };
+        Reply::image(&noisy_image(w, h, ImageFormat::Png), "image/png")
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let mut env: Vec<(String, String)> = s3.env_vars();
+    env.extend([
+        ("STAGE3_S3_ACCESS_KEY_ID".to_string(), s3.access_key.clone()),
+        (
+            "STAGE3_S3_SECRET_ACCESS_KEY".to_string(),
+            s3.secret_key().to_string(),
+        ),
+        (
+            "STAGE3_PUBLIC_BASE_URL".to_string(),
+            "https://img.example.com".to_string(),
+        ),
+        ("OPENROUTER_API_KEY".to_string(), KEY.to_string()),
+        ("OPENROUTER_BASE_URL".to_string(), server.base_url.clone()),
+        ("RUST_LOG".to_string(), "trace".to_string()),
+    ]);
+    let run = || {
+        let (dir, input, env) = (work.path().to_path_buf(), input.clone(), env.clone());
+        tokio::task::spawn_blocking(move || {
+            stage3(&dir)
+                .envs(env)
+                .args(["generate", input.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+    };
+
+    let first = run().await.unwrap();
+    let logs = String::from_utf8_lossy(&first.stderr).to_string();
+    assert_eq!(first.status.code(), Some(0), "{logs}");
+    assert!(
+        !logs.contains(s3.secret_key()),
+        "the S3 secret leaked into the trace log"
+    );
+    assert!(
+        !logs.contains("cli-test-secret"),
+        "the API key leaked into the trace log"
+    );
+    let answer: Value = serde_json::from_slice(&first.stdout).unwrap();
+    let client = s3.client();
+    for result in answer["results"].as_array().unwrap() {
+        let url = result["image_url"].as_str().unwrap();
+        let key = url.strip_prefix("https://img.example.com/").unwrap();
+        assert!(key.starts_with(&s3.prefix), "{key}");
+        assert_eq!(result["image_path"], format!("s3://{}/{key}", s3.bucket));
+        let head = client
+            .head_object()
+            .bucket(&s3.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.content_type(), Some("image/png"));
+        let object = client
+            .get_object()
+            .bucket(&s3.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let bytes = object.body.collect().await.unwrap().into_bytes();
+        let decoded = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(
+            u64::from(decoded.width()),
+            result["width"].as_u64().unwrap()
+        );
+    }
+    assert_eq!(server.total_calls(), 2);
+
+    let second = run().await.unwrap();
+    assert_eq!(second.status.code(), Some(0));
+    let again: Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(
+        server.total_calls(),
+        2,
+        "the second run made no provider request"
+    );
+    let urls = |answer: &Value| -> Vec<String> {
+        answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["image_url"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(urls(&answer), urls(&again));
+}
