@@ -1169,5 +1169,33 @@ mod tests {
             webp.len(),
             time(&webp)
         );
+
+        // The encoder settings `encode_png` could use, on the decoded JPEG.
+        let decoded = image::load_from_memory(&jpeg).unwrap();
+        for (compression, filter) in [
+            (CompressionType::Fast, FilterType::Adaptive),
+            (CompressionType::Fast, FilterType::Sub),
+            (CompressionType::Fast, FilterType::Up),
+            (CompressionType::Fast, FilterType::NoFilter),
+            (CompressionType::Level(1), FilterType::Adaptive),
+            (CompressionType::Default, FilterType::Adaptive),
+        ] {
+            let mut size = 0;
+            let samples: Vec<f64> = (0..10)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let mut out = Vec::new();
+                    PngEncoder::new_with_quality(&mut out, compression, filter)
+                        .write_image(decoded.as_bytes(), 1024, 1024, decoded.color().into())
+                        .unwrap();
+                    size = out.len();
+                    start.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect();
+            println!(
+                "  encode {compression:?}/{filter:?}: p50 {:.2} ms, {size} bytes",
+                median_ms(samples)
+            );
+        }
     }
 }
