@@ -240,15 +240,21 @@ impl Stage3Service {
             })
             .collect();
 
-        let outcomes: Vec<Result<Stage3Output>> = stream::iter(unique)
-            .map(|scene| async move {
-                let outcome = self.run_scene(scene, options).await;
-                on_done(scene.scene_id(), outcome.as_ref());
-                outcome
-            })
-            .buffered(self.config.concurrency)
-            .collect()
-            .await;
+        // Unordered, so a slow scene never holds a free slot hostage (`buffered` would wait
+        // for the oldest scene before starting the next); the order is restored after.
+        let mut outcomes: Vec<(usize, Result<Stage3Output>)> =
+            stream::iter(unique.into_iter().enumerate())
+                .map(|(index, scene)| async move {
+                    let outcome = self.run_scene(scene, options).await;
+                    on_done(scene.scene_id(), outcome.as_ref());
+                    (index, outcome)
+                })
+                .buffer_unordered(self.config.concurrency)
+                .collect()
+                .await;
+        outcomes.sort_unstable_by_key(|(index, _)| *index);
+        let outcomes: Vec<Result<Stage3Output>> =
+            outcomes.into_iter().map(|(_, outcome)| outcome).collect();
 
         let mut answer = BatchAnswer::default();
         for (scene, slot) in scenes.iter().zip(slots) {

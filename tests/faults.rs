@@ -318,6 +318,57 @@ async fn a_rate_limit_pauses_the_whole_batch() {
 }
 
 #[tokio::test]
+async fn a_slow_scene_does_not_hold_up_the_free_slots() {
+    // Two slots: "slow" takes 2 s; "a", "b" and "c" must flow through the other slot
+    // meanwhile, not wait for "slow" to finish.
+    let server = ScriptedOpenRouter::start(|request, _| {
+        let latency = if scene_of(request.prompt()) == "slow" {
+            2000
+        } else {
+            50
+        };
+        Reply::image(&good_png(), "image/png").after(Duration::from_millis(latency))
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "2")],
+    ))
+    .await
+    .unwrap();
+    let answer = service
+        .generate_all_images(vec![
+            request("slow"),
+            request("a"),
+            request("b"),
+            request("c"),
+        ])
+        .await;
+    let ids: Vec<&str> = answer.results.iter().map(|r| r.scene_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["slow", "a", "b", "c"],
+        "results keep the input order"
+    );
+
+    let requests = server.requests();
+    let arrival = |scene: &str| {
+        requests
+            .iter()
+            .find(|r| scene_of(r.prompt()) == scene)
+            .unwrap()
+            .at
+    };
+    let slow_answered = arrival("slow") + Duration::from_millis(2000);
+    assert!(
+        arrival("c") < slow_answered,
+        "c was requested while slow was still in flight"
+    );
+}
+
+#[tokio::test]
 async fn invalid_requests_reach_no_provider() {
     let server = ScriptedOpenRouter::start(|_, _| Reply::image(&good_png(), "image/png")).await;
     let out = tempfile::tempdir().unwrap();
