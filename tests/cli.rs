@@ -25,6 +25,20 @@ fn write_input(dir: &std::path::Path, value: &Value) -> std::path::PathBuf {
     path
 }
 
+/// An OpenRouter stand-in answering every request with a noisy image of the requested
+/// aspect (portrait or square, all `scenes()` uses), encoded as `format`.
+async fn stand_in_answering(format: ImageFormat, media_type: &'static str) -> ScriptedOpenRouter {
+    ScriptedOpenRouter::start(move |request, _| {
+        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
+            (288, 512)
+        } else {
+            (384, 384)
+        };
+        Reply::image(&noisy_image(w, h, format), media_type)
+    })
+    .await
+}
+
 fn scenes() -> Value {
     json!({
         "scenes": [
@@ -37,15 +51,7 @@ fn scenes() -> Value {
 
 #[tokio::test]
 async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
-    let server = ScriptedOpenRouter::start(|request, _| {
-        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
-            (288, 512)
-        } else {
-            (384, 384)
-        };
-        Reply::image(&noisy_image(w, h, ImageFormat::Jpeg), "image/jpeg")
-    })
-    .await;
+    let server = stand_in_answering(ImageFormat::Jpeg, "image/jpeg").await;
     let work = tempfile::tempdir().unwrap();
     let input = write_input(work.path(), &scenes());
     let out = work.path().join("images");
@@ -277,15 +283,7 @@ async fn a_trace_level_log_contains_no_secret() {
 #[tokio::test]
 async fn generate_into_s3_serves_cdn_urls_and_a_second_run_costs_nothing() {
     let s3 = support::s3_server::S3Target::start().await;
-    let server = ScriptedOpenRouter::start(|request, _| {
-        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
-            (288, 512)
-        } else {
-            (384, 384)
-        };
-        Reply::image(&noisy_image(w, h, ImageFormat::Png), "image/png")
-    })
-    .await;
+    let server = stand_in_answering(ImageFormat::Png, "image/png").await;
     let work = tempfile::tempdir().unwrap();
     let input = write_input(work.path(), &scenes());
     let mut env: Vec<(String, String)> = s3.env_vars();
