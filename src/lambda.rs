@@ -242,26 +242,15 @@ async fn handle_sqs(
         }
     }
 
-    let identities: Vec<(String, String)> = scenes
-        .iter()
-        .map(|scene| (scene.scene_id().to_string(), scene.request_hash.clone()))
-        .collect();
-    let answer = service.run_batch(scenes, options, &|_, _| {}).await;
-    // `failures` lists the failed scenes in input order, so the n-th failed scene is the
-    // n-th failure: that names the message of each one in the log.
-    let mut failures = answer.failures.iter();
-    let succeeded = scene_outcomes(&identities, &answer.results);
-    for (owner, ok) in owners.into_iter().zip(succeeded) {
-        if ok {
-            continue;
-        }
-        failed[owner] = true;
-        if let Some(failure) = failures.next() {
+    let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
+    for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
+        if let Err(error) = outcome {
+            failed[owner] = true;
             tracing::warn!(
                 message_id = %message_ids[owner],
-                scene_id = %failure.scene_id,
-                error_type = %failure.error_type,
-                error = %failure.message,
+                scene_id = %scene.scene_id(),
+                error_type = %error.error_type(),
+                error = %error,
                 "scene failed; its SQS message will be redelivered"
             );
         }
@@ -274,27 +263,6 @@ async fn handle_sqs(
         response.batch_item_failures.push(item);
     }
     Ok(response)
-}
-
-/// Whether each scene (scene id, request hash) succeeded, in input order. `run_batch` keeps input order within
-/// `results` (and `failures`), so walking `results` alongside the scenes pairs them up;
-/// a result belongs to a scene when both its scene id and its request hash match, which
-/// keeps two records' different requests for the same scene id apart.
-fn scene_outcomes(scenes: &[(String, String)], results: &[Stage3Output]) -> Vec<bool> {
-    let mut pending = results.iter().peekable();
-    scenes
-        .iter()
-        .map(|(scene_id, request_hash)| {
-            let matches = pending.peek().is_some_and(|result| {
-                &result.scene_id == scene_id
-                    && &result.generation_params.request_hash == request_hash
-            });
-            if matches {
-                pending.next();
-            }
-            matches
-        })
-        .collect()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

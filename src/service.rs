@@ -216,16 +216,36 @@ impl Stage3Service {
         answer
     }
 
-    /// Runs prepared scenes with bounded concurrency. Results and failures keep the input
-    /// order; identical requests for the same scene are generated once; one scene's
-    /// failure never stops the others.
+    /// Runs prepared scenes with bounded concurrency and answers the batch. Results and
+    /// failures keep the input order; one scene's failure never stops the others.
     pub async fn run_batch(
         &self,
         scenes: Vec<PreparedScene>,
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
-        // The first occurrence of each (scene, request) runs; duplicates share its outcome.
+        let outcomes = self.run_scenes(&scenes, options, on_done).await;
+        let mut answer = BatchAnswer::default();
+        for (scene, outcome) in scenes.iter().zip(outcomes) {
+            match outcome {
+                Ok(output) => answer.results.push(output),
+                Err(e) => answer
+                    .failures
+                    .push(SceneFailure::new(scene.scene_id(), &e)),
+            }
+        }
+        answer
+    }
+
+    /// Runs prepared scenes with at most `STAGE3_CONCURRENCY` in flight and returns each
+    /// scene's outcome, in input order. Identical requests for the same scene are generated
+    /// once and share the outcome.
+    pub async fn run_scenes(
+        &self,
+        scenes: &[PreparedScene],
+        options: &RunOptions,
+        on_done: SceneCallback<'_>,
+    ) -> Vec<Result<Stage3Output>> {
         let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
         let mut unique: Vec<&PreparedScene> = Vec::new();
         let slots: Vec<usize> = scenes
@@ -253,17 +273,10 @@ impl Stage3Service {
                 .collect()
                 .await;
         outcomes.sort_unstable_by_key(|(index, _)| *index);
-        let outcomes: Vec<Result<Stage3Output>> =
-            outcomes.into_iter().map(|(_, outcome)| outcome).collect();
-
-        let mut answer = BatchAnswer::default();
-        for (scene, slot) in scenes.iter().zip(slots) {
-            match &outcomes[slot] {
-                Ok(output) => answer.results.push(output.clone()),
-                Err(e) => answer.failures.push(SceneFailure::new(scene.scene_id(), e)),
-            }
-        }
-        answer
+        slots
+            .into_iter()
+            .map(|slot| outcomes[slot].1.clone())
+            .collect()
     }
 
     /// One prepared scene: the cache, then generation and storage.
