@@ -146,6 +146,8 @@ pub struct Stage3Service {
     retry: RetryPolicy,
     backpressure: Backpressure,
     limits: ImageLimits,
+    /// One permit per core for image decoding (see [`Stage3Service::normalize`]).
+    decode_permits: tokio::sync::Semaphore,
 }
 
 impl Stage3Service {
@@ -170,6 +172,9 @@ impl Stage3Service {
                 max_pixels: config.max_image_pixels,
             },
             backpressure: Backpressure::new(),
+            decode_permits: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |cores| cores.get()),
+            ),
             config: Arc::new(config),
             provider,
             store,
@@ -442,9 +447,15 @@ impl Stage3Service {
         }
     }
 
-    /// Decoding is CPU work: keep it off the async workers so other scenes' I/O flows.
+    /// Decoding is CPU work: keep it off the async workers so other scenes' I/O flows, and
+    /// run no more decodes at once than there are cores. More would not finish sooner, but
+    /// each holds a full frame and its PNG (tens of MB at 2K), so they would only add memory.
     async fn normalize(&self, bytes: bytes::Bytes, size: ImageSize) -> Result<NormalizedImage> {
         let limits = self.limits;
+        let _permit =
+            self.decode_permits.acquire().await.map_err(|e| {
+                Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
+            })?;
         tokio::task::spawn_blocking(move || normalize_image(bytes, size, &limits))
             .await
             .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?
