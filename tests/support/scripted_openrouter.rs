@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use bytes::Bytes;
 use image::{ImageBuffer, ImageFormat, Rgb};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +23,8 @@ pub enum Reply {
     Http {
         status: u16,
         headers: Vec<(String, String)>,
-        body: Vec<u8>,
+        /// Shared, so a multi-megabyte answer costs the stand-in no copy per request.
+        body: Bytes,
     },
     /// Close the connection without answering.
     Drop,
@@ -37,7 +39,7 @@ impl Reply {
         Reply::Http {
             status,
             headers: vec![("Content-Type".into(), "application/json".into())],
-            body: body.to_string().into_bytes(),
+            body: Bytes::from(body.to_string()),
         }
     }
 
@@ -80,7 +82,7 @@ impl Reply {
         Reply::Http {
             status,
             headers: vec![("Content-Type".into(), "text/html".into())],
-            body: body.to_vec(),
+            body: Bytes::copy_from_slice(body),
         }
     }
 }
