@@ -483,17 +483,11 @@ fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<Genera
         .into_iter()
         .enumerate()
         .map(|(index, item)| {
-            let scene_hint = item
+            let scene_id = item
                 .get("scene_id")
                 .and_then(Value::as_str)
-                .map(|id| format!(" (scene_id {:?})", truncate_for_message(id, 40)))
-                .unwrap_or_default();
-            let located = |e: Stage3Error| match e {
-                Stage3Error::InvalidRequest(message) => {
-                    Stage3Error::InvalidRequest(format!("scenes[{index}]{scene_hint}: {message}"))
-                }
-                other => other,
-            };
+                .map(str::to_string);
+            let located = |e: Stage3Error| locate_in_batch(e, index, scene_id.as_deref());
             if !item.is_object() {
                 return Err(located(Stage3Error::invalid_request(format!(
                     "expected a request object, got {}",
@@ -511,6 +505,20 @@ fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<Genera
             Ok(request)
         })
         .collect()
+}
+
+/// Says where an invalid request sits in its batch: `scenes[2] (scene_id "x"): …`. Other
+/// errors pass through unchanged.
+pub fn locate_in_batch(error: Stage3Error, index: usize, scene_id: Option<&str>) -> Stage3Error {
+    match error {
+        Stage3Error::InvalidRequest(message) => {
+            let hint = scene_id
+                .map(|id| format!(" (scene_id {:?})", truncate_for_message(id, 40)))
+                .unwrap_or_default();
+            Stage3Error::InvalidRequest(format!("scenes[{index}]{hint}: {message}"))
+        }
+        other => other,
+    }
 }
 
 fn reject_conflicting_duplicates(requests: &[GenerationRequest]) -> Result<()> {

@@ -22,8 +22,8 @@ use crate::prompt::compose_prompt;
 use crate::provider::{self, ImageProvider, ImageRequest};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize, SceneFailure,
-    Stage3Output, MAX_REFERENCE_IMAGES,
+    locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize,
+    SceneFailure, Stage3Output, MAX_REFERENCE_IMAGES,
 };
 use crate::storage::{self, ObjectMeta, ObjectStore};
 
@@ -125,12 +125,8 @@ pub fn prepare_all(
         .enumerate()
         .map(|(index, request)| {
             let scene_id = request.scene_id.clone();
-            PreparedScene::new(request, config, provider).map_err(|e| match e {
-                Stage3Error::InvalidRequest(message) => Stage3Error::InvalidRequest(format!(
-                    "scenes[{index}] (scene_id {scene_id:?}): {message}"
-                )),
-                other => other,
-            })
+            PreparedScene::new(request, config, provider)
+                .map_err(|e| locate_in_batch(e, index, Some(&scene_id)))
         })
         .collect()
 }
