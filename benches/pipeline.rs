@@ -20,6 +20,10 @@ mod s3_server;
 #[allow(dead_code)]
 #[path = "../tests/support/scripted_openrouter.rs"]
 mod scripted_openrouter;
+// The stand-in can also serve HTTPS; the benchmark only uses plain HTTP.
+#[allow(dead_code)]
+#[path = "../tests/support/tls.rs"]
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -839,6 +839,117 @@ mod tests {
         assert_converted(ImageFormat::WebP, SourceFormat::Webp, ImageSize::Portrait);
     }
 
+    /// A JPEG written by `jpeg-encoder`, which (unlike `image`) can write progressive
+    /// scans, EXIF and ICC segments as cameras and phones do.
+    fn camera_jpeg(
+        pixels: &RgbImage,
+        progressive: bool,
+        exif_orientation: Option<u16>,
+        icc_profile: Option<&[u8]>,
+    ) -> Bytes {
+        let mut out = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
+        encoder.set_progressive(progressive);
+        if let Some(orientation) = exif_orientation {
+            // A big-endian TIFF header and one IFD with one entry: Orientation (0x0112),
+            // type SHORT, count 1, the value left-aligned in the 4-byte field.
+            let mut tiff = b"MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+            tiff.extend_from_slice(&orientation.to_be_bytes());
+            tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            encoder.add_exif_metadata(&tiff).unwrap();
+        }
+        if let Some(profile) = icc_profile {
+            encoder.add_icc_profile(profile).unwrap();
+        }
+        let (width, height) = (pixels.width() as u16, pixels.height() as u16);
+        encoder
+            .encode(pixels.as_raw(), width, height, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_sideways_camera_jpeg_is_turned_upright_before_its_shape_is_judged() {
+        // Stored landscape, left half red and right half blue, with EXIF orientation 6
+        // ("turn 90° clockwise to view"): upright it is a portrait, red on top.
+        let mut rng = fastrand::Rng::with_seed(5);
+        let stored = RgbImage::from_fn(512, 288, |x, _| {
+            let noise = rng.u8(0..30);
+            if x < 256 {
+                image::Rgb([220 + noise / 2, noise, noise])
+            } else {
+                image::Rgb([noise, noise, 220 + noise / 2])
+            }
+        });
+        let jpeg = camera_jpeg(&stored, false, Some(6), None);
+
+        let normalized = normalize_image(jpeg.clone(), ImageSize::Portrait, &LIMITS).unwrap();
+        assert_eq!((normalized.width, normalized.height), (288, 512));
+        let upright = image::load_from_memory(&normalized.png).unwrap().to_rgb8();
+        assert_eq!(upright.dimensions(), (288, 512));
+        let top = upright.get_pixel(144, 64);
+        let bottom = upright.get_pixel(144, 448);
+        assert!(top[0] > 180 && top[2] < 60, "top should be red, is {top:?}");
+        assert!(
+            bottom[2] > 180 && bottom[0] < 60,
+            "bottom should be blue, is {bottom:?}"
+        );
+
+        // Judged as stored, the same picture has the wrong shape for a landscape request.
+        let message = error_message(normalize_image(jpeg, ImageSize::Landscape, &LIMITS));
+        assert!(message.contains("288x512"), "{message}");
+    }
+
+    #[test]
+    fn a_progressive_jpeg_keeps_its_pixels_and_colour_profile() {
+        // Smooth gradients with light grain: what a photo looks like to a JPEG encoder
+        // (full-range noise would be smeared by chroma subsampling whatever the decoder).
+        let mut rng = fastrand::Rng::with_seed(13);
+        let source = RgbImage::from_fn(384, 384, |x, y| {
+            let grain = rng.u8(0..12);
+            image::Rgb([
+                (x / 2) as u8 + grain,
+                (y / 2) as u8 + grain,
+                90 + grain,
+            ])
+        });
+        // Not a real profile: the bytes only have to arrive unchanged.
+        let profile: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();
+        let jpeg = camera_jpeg(&source, true, None, Some(&profile));
+        assert!(
+            jpeg.windows(2).any(|marker| marker == [0xff, 0xc2]),
+            "the test image must really be progressive (SOF2)"
+        );
+
+        let normalized = normalize_image(jpeg, ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.source_format, SourceFormat::Jpeg);
+        let mut reader = png::Decoder::new(std::io::Cursor::new(normalized.png.to_vec()))
+            .read_info()
+            .unwrap();
+        assert_eq!(
+            reader.info().icc_profile.as_deref(),
+            Some(profile.as_slice()),
+            "the ICC profile travels into the PNG"
+        );
+        let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+        let frame = reader.next_frame(&mut pixels).unwrap();
+        assert_eq!((frame.width, frame.height), (384, 384));
+        // Lossy in, so close rather than equal: a quality-90 JPEG of this stays within a
+        // few levels on average; a mis-decoded scan would be tens of levels off.
+        let channels = frame.color_type.samples();
+        let total_error: u64 = pixels
+            .chunks_exact(channels)
+            .zip(source.pixels())
+            .map(|(got, want)| {
+                (0..3)
+                    .map(|c| u64::from(got[c].abs_diff(want[c])))
+                    .sum::<u64>()
+            })
+            .sum();
+        let mean_error = total_error as f64 / (384.0 * 384.0 * 3.0);
+        assert!(mean_error < 10.0, "mean error {mean_error:.1} levels");
+    }
+
     #[test]
     fn converted_pixels_survive_the_trip() {
         let source = noisy_rgb(256, 256, 11);

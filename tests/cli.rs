@@ -6,6 +6,7 @@ use assert_cmd::Command;
 use image::ImageFormat;
 use serde_json::{json, Value};
 use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use support::tls::TestCa;
 
 const KEY: &str = "sk-or-v1-cli-test-secret-0123456789";
 
@@ -371,4 +372,133 @@ async fn generate_into_s3_serves_cdn_urls_and_a_second_run_costs_nothing() {
             .collect()
     };
     assert_eq!(urls(&answer), urls(&again));
+}
+
+/// A chat-completions answer whose image is given by URL, as some models answer.
+fn chat_answer_with_image_url(url: &str) -> Value {
+    json!({
+        "id": "gen-https",
+        "choices": [{
+            "finish_reason": "stop",
+            "message": {
+                "role": "assistant",
+                "content": "",
+                "images": [{"type": "image_url", "image_url": {"url": url}}]
+            }
+        }],
+        "usage": {"cost": 0.0387}
+    })
+}
+
+/// The chat API and an image host, both behind HTTPS with certificates from `ca`; the
+/// answer points at a signed image URL on the host.
+async fn https_chat_stand_ins(ca: &TestCa) -> (ScriptedOpenRouter, ScriptedOpenRouter) {
+    let jpeg = bytes::Bytes::from(noisy_image(384, 384, ImageFormat::Jpeg));
+    let image_host = ScriptedOpenRouter::start_tls(ca, move |_, _| Reply::Http {
+        status: 200,
+        headers: vec![("Content-Type".into(), "image/jpeg".into())],
+        body: jpeg.clone(),
+    })
+    .await;
+    let origin = image_host.base_url.trim_end_matches("/api/v1");
+    let image_url = format!("{origin}/files/scene_001.jpg?X-Signature={URL_SIGNATURE}");
+    let api = ScriptedOpenRouter::start_tls(ca, move |_, _| {
+        Reply::json(200, chat_answer_with_image_url(&image_url))
+    })
+    .await;
+    (api, image_host)
+}
+
+const URL_SIGNATURE: &str = "sig-0f9e8d7c6b5a";
+
+/// Runs `stage3 generate` for one square scene against the chat API at `api`.
+async fn generate_over_chat(
+    api: &ScriptedOpenRouter,
+    extra_env: Vec<(&'static str, String)>,
+) -> (std::process::Output, tempfile::TempDir) {
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!({"scene_id": "scene_001", "image_prompt": "A lighthouse at dusk"}),
+    );
+    let (dir, base_url) = (work.path().to_path_buf(), api.base_url.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        stage3(&dir)
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .env("STAGE3_OPENROUTER_API", "chat")
+            .env("STAGE3_MAX_RETRIES", "0")
+            .envs(extra_env)
+            .args(["generate", input.to_str().unwrap()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (output, work)
+}
+
+#[tokio::test]
+async fn the_chat_api_over_https_fetches_a_signed_image_url_and_stores_a_png() {
+    let ca = TestCa::new();
+    let (api, image_host) = https_chat_stand_ins(&ca).await;
+
+    let (output, work) = generate_over_chat(
+        &api,
+        vec![("SSL_CERT_FILE", ca.ca_pem.display().to_string())],
+    )
+    .await;
+    let everything =
+        String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
+    assert_eq!(output.status.code(), Some(0), "{everything}");
+
+    assert_eq!(api.total_calls(), 1);
+    assert_eq!(api.requests()[0].path, "/api/v1/chat/completions");
+    let downloads = image_host.requests();
+    assert_eq!(downloads.len(), 1);
+    assert_eq!(
+        downloads[0].path,
+        format!("/files/scene_001.jpg?X-Signature={URL_SIGNATURE}"),
+        "the signed URL is fetched exactly as given"
+    );
+    assert!(
+        !downloads[0].headers.contains_key("authorization"),
+        "the API key is for OpenRouter only, never for an image host"
+    );
+
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = &answer["results"][0];
+    let stored = std::fs::read(work.path().join(result["image_path"].as_str().unwrap())).unwrap();
+    assert!(stored.starts_with(b"\x89PNG"), "the JPEG was stored as PNG");
+    let decoded = image::load_from_memory(&stored).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (384, 384));
+    assert!(
+        !everything.contains(URL_SIGNATURE),
+        "a URL signature is a credential and stays out of output: {everything}"
+    );
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
+    let ca = TestCa::new();
+    let (api, _image_host) = https_chat_stand_ins(&ca).await;
+
+    // No SSL_CERT_FILE: only the system's roots, which never issued the stand-in's
+    // certificate. The handshake fails, so neither the key nor the prompt leaves.
+    let (output, _work) = generate_over_chat(&api, vec![]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert_eq!(
+        api.total_calls(),
+        0,
+        "no request may cross an untrusted TLS session"
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let failure = &answer["failures"][0];
+    assert_eq!(failure["error_type"], "provider_unavailable", "{failure}");
+    let message = failure["message"].as_str().unwrap().to_lowercase();
+    assert!(
+        message.contains("certificate"),
+        "the cause is named: {message}"
+    );
 }

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: real servers on loopback (an S3 server, a
-//! scripted OpenRouter stand-in) and real image bytes.
+//! scripted OpenRouter stand-in, over HTTP or HTTPS) and real image bytes.
 //!
 //! Each test binary includes this module and uses a different part of it, so the parts a
 //! given binary leaves unused are not dead code.
@@ -7,6 +7,7 @@
 
 pub mod s3_server;
 pub mod scripted_openrouter;
+pub mod tls;
 
 use std::io::Cursor;
 

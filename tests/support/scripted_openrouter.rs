@@ -13,8 +13,11 @@ use base64::Engine;
 use bytes::Bytes;
 use image::{ImageBuffer, ImageFormat, Rgb};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::tls::TestCa;
 
 /// What the stand-in does with one request.
 #[derive(Debug, Clone)]
@@ -116,10 +119,27 @@ impl ScriptedOpenRouter {
     /// (0-based) whose prompt is the same as this one's — so each scene follows its own
     /// script however the batch interleaves.
     pub async fn start(script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static) -> Self {
+        Self::start_with(None, script).await
+    }
+
+    /// The same stand-in behind HTTPS, with a certificate from `ca` (see `support::tls`);
+    /// `base_url` starts with `https://127.0.0.1`.
+    pub async fn start_tls(
+        ca: &TestCa,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        Self::start_with(Some(ca.acceptor.clone()), script).await
+    }
+
+    async fn start_with(
+        tls: Option<TlsAcceptor>,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
-        let base_url = format!("http://{}/api/v1", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}/api/v1", listener.local_addr().unwrap());
         let received = Arc::new(Mutex::new(Vec::new()));
         let per_prompt: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let script: Arc<Script> = Arc::new(script);
@@ -130,8 +150,16 @@ impl ScriptedOpenRouter {
                     return;
                 };
                 let (log, per_prompt, script) = (log.clone(), per_prompt.clone(), script.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, log, per_prompt, script).await;
+                    let _ = match tls {
+                        // A refused handshake (an untrusting client) just ends here.
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => serve(stream, log, per_prompt, script).await,
+                            Err(_) => Ok(()),
+                        },
+                        None => serve(stream, log, per_prompt, script).await,
+                    };
                 });
             }
         });
@@ -166,7 +194,7 @@ impl Drop for ScriptedOpenRouter {
 }
 
 async fn serve(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     log: Arc<Mutex<Vec<Received>>>,
     per_prompt: Arc<Mutex<HashMap<String, usize>>>,
     script: Arc<Script>,
@@ -213,7 +241,7 @@ async fn serve(
     }
 }
 
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Received>> {
+async fn read_request(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Received>> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 8192];
     let header_end = loop {
