@@ -907,11 +907,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(13);
         let source = RgbImage::from_fn(384, 384, |x, y| {
             let grain = rng.u8(0..12);
-            image::Rgb([
-                (x / 2) as u8 + grain,
-                (y / 2) as u8 + grain,
-                90 + grain,
-            ])
+            image::Rgb([(x / 2) as u8 + grain, (y / 2) as u8 + grain, 90 + grain])
         });
         // Not a real profile: the bytes only have to arrive unchanged.
         let profile: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();

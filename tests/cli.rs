@@ -374,22 +374,6 @@ async fn generate_into_s3_serves_cdn_urls_and_a_second_run_costs_nothing() {
     assert_eq!(urls(&answer), urls(&again));
 }
 
-/// A chat-completions answer whose image is given by URL, as some models answer.
-fn chat_answer_with_image_url(url: &str) -> Value {
-    json!({
-        "id": "gen-https",
-        "choices": [{
-            "finish_reason": "stop",
-            "message": {
-                "role": "assistant",
-                "content": "",
-                "images": [{"type": "image_url", "image_url": {"url": url}}]
-            }
-        }],
-        "usage": {"cost": 0.0387}
-    })
-}
-
 /// The chat API and an image host, both behind HTTPS with certificates from `ca`; the
 /// answer points at a signed image URL on the host.
 async fn https_chat_stand_ins(ca: &TestCa) -> (ScriptedOpenRouter, ScriptedOpenRouter) {
@@ -402,10 +386,7 @@ async fn https_chat_stand_ins(ca: &TestCa) -> (ScriptedOpenRouter, ScriptedOpenR
     .await;
     let origin = image_host.base_url.trim_end_matches("/api/v1");
     let image_url = format!("{origin}/files/scene_001.jpg?X-Signature={URL_SIGNATURE}");
-    let api = ScriptedOpenRouter::start_tls(ca, move |_, _| {
-        Reply::json(200, chat_answer_with_image_url(&image_url))
-    })
-    .await;
+    let api = ScriptedOpenRouter::start_tls(ca, move |_, _| Reply::chat_image(&image_url)).await;
     (api, image_host)
 }
 

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+mod support;
+
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
@@ -16,6 +18,7 @@ use stage3::error::ProviderFailure;
 use stage3::provider::{ImageProvider, ImageRequest, OpenRouterProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::{Config, ErrorType, Stage3Error};
+use support::scripted_openrouter::chat_answer;
 use wiremock::matchers::{bearer_token, body_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -81,21 +84,6 @@ fn images_answer(bytes: &[u8], media_type: &str) -> Value {
         "created": 1_764_000_000,
         "data": [{"b64_json": b64(bytes), "media_type": media_type}],
         "usage": {"cost": 0.039, "prompt_tokens": 12}
-    })
-}
-
-fn chat_answer(url: &str) -> Value {
-    json!({
-        "id": "gen-1",
-        "choices": [{
-            "finish_reason": "stop",
-            "message": {
-                "role": "assistant",
-                "content": "",
-                "images": [{"type": "image_url", "image_url": {"url": url}}]
-            }
-        }],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 1290, "cost": 0.0387}
     })
 }
 

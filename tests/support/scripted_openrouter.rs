@@ -90,6 +90,30 @@ impl Reply {
     }
 }
 
+/// A successful chat-completions answer whose one image is `url` (a `data:` URL, or an
+/// `https` URL as some models give).
+pub fn chat_answer(url: &str) -> Value {
+    json!({
+        "id": "gen-1",
+        "choices": [{
+            "finish_reason": "stop",
+            "message": {
+                "role": "assistant",
+                "content": "",
+                "images": [{"type": "image_url", "image_url": {"url": url}}]
+            }
+        }],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 1290, "cost": 0.0387}
+    })
+}
+
+impl Reply {
+    /// A chat API answer carrying the image at `url`.
+    pub fn chat_image(url: &str) -> Reply {
+        Reply::json(200, chat_answer(url))
+    }
+}
+
 /// One request the stand-in received.
 #[derive(Debug, Clone)]
 pub struct Received {
