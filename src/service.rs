@@ -142,6 +142,9 @@ pub struct Stage3Service {
     retry: RetryPolicy,
     backpressure: Backpressure,
     limits: ImageLimits,
+    /// `STAGE3_CONCURRENCY` permits, one per provider call in flight (see
+    /// [`Stage3Service::run_scenes`]).
+    provider_permits: tokio::sync::Semaphore,
     /// One permit per core for image decoding (see [`Stage3Service::normalize`]).
     decode_permits: tokio::sync::Semaphore,
 }
@@ -168,6 +171,7 @@ impl Stage3Service {
                 max_pixels: config.max_image_pixels,
             },
             backpressure: Backpressure::new(),
+            provider_permits: tokio::sync::Semaphore::new(config.concurrency),
             decode_permits: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
             ),
@@ -238,9 +242,15 @@ impl Stage3Service {
         answer
     }
 
-    /// Runs prepared scenes with at most `STAGE3_CONCURRENCY` in flight and returns each
-    /// scene's outcome, in input order. Identical requests for the same scene are generated
-    /// once and share the outcome.
+    /// Runs prepared scenes with at most `STAGE3_CONCURRENCY` at the provider at once and
+    /// returns each scene's outcome, in input order. Identical requests for the same scene
+    /// are generated once and share the outcome.
+    ///
+    /// The limit is on provider calls, not on whole scenes: a scene whose image has arrived
+    /// is checked and stored without its slot, so the next scene's call starts at once
+    /// instead of waiting out that CPU and storage work (a whole wave's worth, when the
+    /// provider answers a wave together). Up to as many scenes again are in that second
+    /// phase, or in their cache lookup, which bounds the images held in memory.
     pub async fn run_scenes(
         &self,
         scenes: &[PreparedScene],
@@ -270,7 +280,7 @@ impl Stage3Service {
                     on_done(scene.scene_id(), outcome.as_ref());
                     (index, outcome)
                 })
-                .buffer_unordered(self.config.concurrency)
+                .buffer_unordered(self.config.concurrency * 2)
                 .collect()
                 .await;
         outcomes.sort_unstable_by_key(|(index, _)| *index);
@@ -385,7 +395,14 @@ impl Stage3Service {
         let mut total_cost: Option<f64> = None;
         loop {
             attempts += 1;
+            // The semaphore lives as long as the service and is never closed.
+            let provider_slot = self
+                .provider_permits
+                .acquire()
+                .await
+                .expect("the provider semaphore is never closed");
             self.backpressure.wait().await;
+            // The budget is taken after any wait for a slot, which spends the same clock.
             let (timeout, cut_by_deadline) = self.call_budget(options)?;
             let request = ImageRequest {
                 scene_id: scene.scene_id(),
@@ -397,7 +414,9 @@ impl Stage3Service {
                 references: &scene.references,
                 timeout,
             };
-            let outcome = match self.provider.generate(&request).await {
+            let answer = self.provider.generate(&request).await;
+            drop(provider_slot);
+            let outcome = match answer {
                 Ok(image) => {
                     if let Some(cost) = image.cost {
                         *total_cost.get_or_insert(0.0) += cost;

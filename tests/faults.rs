@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use image::ImageFormat;
 use stage3::schema::{GenerationRequest, Stage2Output};
+use stage3::storage::FsStore;
 use stage3::{Config, Stage3Service};
+use support::gated_store::GatedStore;
 use support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
 
 const KEY: &str = "sk-or-v1-fault-suite-secret";
@@ -366,6 +368,60 @@ async fn a_slow_scene_does_not_hold_up_the_free_slots() {
         arrival("c") < slow_answered,
         "c was requested while slow was still in flight"
     );
+}
+
+#[tokio::test]
+async fn never_more_provider_calls_than_the_concurrency_allows() {
+    let server = ScriptedOpenRouter::start(|_, _| {
+        Reply::image(&good_png(), "image/png").after(Duration::from_millis(100))
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "3")],
+    ))
+    .await
+    .unwrap();
+    let requests = (0..12).map(|i| request(&format!("limit-{i:02}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+    assert_eq!(answer.results.len(), 12, "failures: {:?}", answer.failures);
+    assert_eq!(
+        server.max_in_flight(),
+        3,
+        "the limit is used, and never exceeded"
+    );
+}
+
+#[tokio::test]
+async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
+    // One slot. "first"'s image cannot be stored until "second"'s request has reached the
+    // provider: if a scene kept its slot until stored, this batch could never finish.
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let server = ScriptedOpenRouter::start(move |request, _| {
+        if scene_of(request.prompt()) == "second" {
+            open_gate.send_replace(true);
+        }
+        Reply::image(&good_png(), "image/png")
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let config = config(&server.base_url, out.path(), &[("STAGE3_CONCURRENCY", "1")]);
+    let provider = stage3::provider::from_config(&config).unwrap();
+    let store = Arc::new(GatedStore::new(
+        Arc::new(FsStore::new(out.path()).unwrap()),
+        gate,
+        |key| key.ends_with(".png"),
+    ));
+    let service = Stage3Service::new(config, provider, store);
+
+    let batch = service.generate_all_images(vec![request("first"), request("second")]);
+    let answer = tokio::time::timeout(Duration::from_secs(30), batch)
+        .await
+        .expect("the second call waited for the first scene's storage");
+    assert_eq!(answer.results.len(), 2, "failures: {:?}", answer.failures);
+    assert_eq!(server.max_in_flight(), 1);
 }
 
 #[tokio::test]

@@ -17,25 +17,22 @@ use stage3::error::{ErrorType, Result};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
 use stage3::storage::ObjectStore;
 use stage3::{Config, GenerationRequest, RunOptions, Stage3Service};
+use support::gated_store::GatedStore;
 use support::noisy_png;
 use support::s3_server::S3Target;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 const PUBLIC_BASE: &str = "https://img.example.com";
 
-/// A provider that draws a valid PNG of the requested size and counts its calls. When
-/// `stop_server_on` names a scene, generating that scene stops the S3 server first, as if
-/// the bucket went away while the image was being made.
+/// A provider that draws a valid PNG of the requested size and counts its calls.
 struct CountingProvider {
     calls: AtomicUsize,
-    stop_server_on: Option<(String, Arc<Mutex<S3Target>>)>,
 }
 
 impl CountingProvider {
     fn new() -> Self {
         CountingProvider {
             calls: AtomicUsize::new(0),
-            stop_server_on: None,
         }
     }
 
@@ -56,11 +53,6 @@ impl ImageProvider for CountingProvider {
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        if let Some((scene_id, target)) = &self.stop_server_on {
-            if scene_id == request.scene_id {
-                target.lock().await.stop("server going away").await;
-            }
-        }
         let (width, height) = request.size.dimensions();
         Ok(ProviderImage {
             bytes: noisy_png(width, height, call as u64),
@@ -266,7 +258,8 @@ async fn a_changed_prompt_gets_a_new_key_and_keeps_the_old_image() {
     }
 }
 
-#[tokio::test]
+// Multi-threaded for `block_in_place` below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangling_records() {
     let target = Arc::new(Mutex::new(S3Target::start().await));
     if !target.lock().await.is_local() {
@@ -280,12 +273,26 @@ async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangli
         let target = target.lock().await;
         (config_for(&target, Some(PUBLIC_BASE)), target.store())
     };
-    let provider = Arc::new(CountingProvider {
-        calls: AtomicUsize::new(0),
-        stop_server_on: Some(("scene_002".into(), target.clone())),
+    // scene_002's image is made, but its write waits for the gate. When scene_001 is
+    // done, the bucket goes away and the gate opens. The stop blocks this callback, and
+    // with it the batch, so scene_003 only starts once the bucket is gone.
+    let (bucket_gone, gone) = watch::channel(false);
+    let store = GatedStore::new(Arc::new(store), gone, |key| {
+        key.starts_with("scene_002-") && key.ends_with(".png")
     });
+    let provider = Arc::new(CountingProvider::new());
     let service = Stage3Service::new(config, provider.clone(), Arc::new(store));
 
+    let stop_after_first = |scene_id: &str, _: std::result::Result<&_, &_>| {
+        if scene_id == "scene_001" {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    target.lock().await.stop("server going away").await;
+                })
+            });
+            bucket_gone.send_replace(true);
+        }
+    };
     let answer = service
         .run_batch(
             service
@@ -296,7 +303,7 @@ async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangli
                 ])
                 .unwrap(),
             &RunOptions::default(),
-            &|_, _| {},
+            &stop_after_first,
         )
         .await;
 

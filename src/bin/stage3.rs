@@ -53,7 +53,7 @@ struct GenerateArgs {
     /// Quality for every scene: standard or hd (overrides the input).
     #[arg(long, value_parser = parse_quality)]
     quality: Option<ImageQuality>,
-    /// Scenes in flight at once (STAGE3_CONCURRENCY).
+    /// Scenes in flight at the provider at once (STAGE3_CONCURRENCY).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: Option<u16>,
     /// openrouter or placeholder (STAGE3_PROVIDER).

@@ -6,6 +6,7 @@
 //! a server that can misbehave on purpose, so this one speaks HTTP by hand.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,9 +133,20 @@ impl Received {
 
 type Script = dyn Fn(&Received, usize) -> Reply + Send + Sync;
 
+/// What the stand-in's connections share.
+struct State {
+    script: Box<Script>,
+    received: Mutex<Vec<Received>>,
+    /// How many requests each prompt has had, for the script's `n`.
+    per_prompt: Mutex<HashMap<String, usize>>,
+    /// Requests read but not yet fully answered, and the most there ever were.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
 pub struct ScriptedOpenRouter {
     pub base_url: String,
-    received: Arc<Mutex<Vec<Received>>>,
+    state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -164,38 +176,41 @@ impl ScriptedOpenRouter {
             .expect("bind loopback");
         let scheme = if tls.is_some() { "https" } else { "http" };
         let base_url = format!("{scheme}://{}/api/v1", listener.local_addr().unwrap());
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let per_prompt: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let script: Arc<Script> = Arc::new(script);
-        let log = received.clone();
+        let state = Arc::new(State {
+            script: Box::new(script),
+            received: Mutex::default(),
+            per_prompt: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (log, per_prompt, script) = (log.clone(), per_prompt.clone(), script.clone());
-                let tls = tls.clone();
+                let (state, tls) = (shared.clone(), tls.clone());
                 tokio::spawn(async move {
                     let _ = match tls {
                         // A refused handshake (an untrusting client) just ends here.
                         Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => serve(stream, log, per_prompt, script).await,
+                            Ok(stream) => serve(stream, &state).await,
                             Err(_) => Ok(()),
                         },
-                        None => serve(stream, log, per_prompt, script).await,
+                        None => serve(stream, &state).await,
                     };
                 });
             }
         });
         ScriptedOpenRouter {
             base_url,
-            received,
+            state,
             task,
         }
     }
 
     pub fn requests(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
+        self.state.received.lock().unwrap().clone()
     }
 
     /// How many requests carried a prompt containing `marker`.
@@ -207,7 +222,12 @@ impl ScriptedOpenRouter {
     }
 
     pub fn total_calls(&self) -> usize {
-        self.received.lock().unwrap().len()
+        self.state.received.lock().unwrap().len()
+    }
+
+    /// The most requests that were ever being answered at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 }
 
@@ -217,23 +237,39 @@ impl Drop for ScriptedOpenRouter {
     }
 }
 
+/// Counts a request as in flight for as long as it lives.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn begin(state: &'a State) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn serve(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
-    log: Arc<Mutex<Vec<Received>>>,
-    per_prompt: Arc<Mutex<HashMap<String, usize>>>,
-    script: Arc<Script>,
+    state: &State,
 ) -> std::io::Result<()> {
     let Some(request) = read_request(&mut stream).await? else {
         return Ok(());
     };
+    let _in_flight = InFlight::begin(state);
     let nth = {
-        let mut counts = per_prompt.lock().unwrap();
+        let mut counts = state.per_prompt.lock().unwrap();
         let count = counts.entry(request.prompt().to_string()).or_insert(0);
         *count += 1;
         *count - 1
     };
-    log.lock().unwrap().push(request.clone());
-    let mut reply = script(&request, nth);
+    state.received.lock().unwrap().push(request.clone());
+    let mut reply = (state.script)(&request, nth);
     while let Reply::After(latency, inner) = reply {
         tokio::time::sleep(latency).await;
         reply = *inner;
