@@ -395,14 +395,13 @@ impl Stage3Service {
         let mut total_cost: Option<f64> = None;
         loop {
             attempts += 1;
-            // The semaphore lives as long as the service and is never closed.
             let provider_slot = self
                 .provider_permits
                 .acquire()
                 .await
                 .expect("the provider semaphore is never closed");
             self.backpressure.wait().await;
-            // The budget is taken after any wait for a slot, which spends the same clock.
+            // Measured after the wait for a slot, which spends the same deadline.
             let (timeout, cut_by_deadline) = self.call_budget(options)?;
             let request = ImageRequest {
                 scene_id: scene.scene_id(),
