@@ -2,7 +2,7 @@
 # The S3 suites (tests/s3_storage.rs, tests/s3_service.rs) against a real Garage server.
 #
 # `cargo test` runs them against an in-process s3s-fs; this runs them again against Garage
-# (DESIGN.md §3), a production S3 server that, like Qiniu, ignores conditional writes and
+# (docs/design.md §3), a production S3 server that, like Qiniu, ignores conditional writes and
 # has its own error documents and signature checks. It starts a single-node Garage on
 # loopback in a temporary directory, creates a bucket and a key, runs the suites through
 # the harness's STAGE3_TEST_S3_* variables and stops the server again.

@@ -1,4 +1,4 @@
-//! Service configuration: the DESIGN.md §2 environment variables, read once at start-up.
+//! Service configuration: the docs/design.md §2 environment variables, read once at start-up.
 //!
 //! Every value is parsed and checked here, so a typo fails the CLI or the Lambda's init with
 //! a message that names the variable, instead of failing the first scene. Secrets are kept

@@ -1,7 +1,7 @@
 //! The one error type of Stage 3, and the stable `error_type` identifiers that callers see.
 //!
 //! Every failure the service can report — in the CLI's batch answer, in a Lambda error, in
-//! logs — is a [`Stage3Error`]. Its [`ErrorType`] is a contract (DESIGN.md §2): scripts and
+//! logs — is a [`Stage3Error`]. Its [`ErrorType`] is a contract (docs/design.md §2): scripts and
 //! downstream stages branch on it, so the strings never change once published. Messages are
 //! for people and never contain secrets: nothing here formats a key, a token or a signed URL.
 
@@ -169,7 +169,7 @@ impl Stage3Error {
         }
     }
 
-    /// Whether the same call may succeed if tried again (DESIGN.md §3: 408/429/5xx, connect
+    /// Whether the same call may succeed if tried again (docs/design.md §3: 408/429/5xx, connect
     /// errors, timeouts, malformed answers and images that fail validation are transient;
     /// 400/401/402/403/413 and invalid requests are not).
     pub fn is_transient(&self) -> bool {

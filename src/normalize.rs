@@ -1,6 +1,6 @@
 //! Image normalisation: sniff the real format, decode safely, validate, hand back a PNG.
 //!
-//! Providers send PNG, JPEG or WEBP, and their labels lie (DESIGN.md §3), so the format is
+//! Providers send PNG, JPEG or WEBP, and their labels lie (docs/design.md §3), so the format is
 //! read from the magic bytes. A PNG that decodes cleanly is kept byte-for-byte; anything
 //! else is converted. Validation rejects what a reader would call a broken picture.
 //!

@@ -1,6 +1,6 @@
 //! Prompt composition: one text from a scene's prompt, style tags and negative prompt.
 //!
-//! No current image API has a negative-prompt field (DESIGN.md §3), so what the scene must
+//! No current image API has a negative-prompt field (docs/design.md §3), so what the scene must
 //! not show is folded into the text as an "Avoid:" sentence. The composed text is exactly
 //! what the provider receives and what `generation_params.prompt` records.
 

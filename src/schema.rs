@@ -1,7 +1,7 @@
 //! The JSON contracts: what upstream stages send us and what we hand downstream.
 //!
 //! Shapes follow the seed's pydantic models (snake_case, defaults for optional fields,
-//! unknown fields ignored) plus the options DESIGN.md §2 adds. Parsing never trusts its
+//! unknown fields ignored) plus the options docs/design.md §2 adds. Parsing never trusts its
 //! input: [`parse_submission`] turns any accepted JSON shape into validated
 //! [`GenerationRequest`]s or an `invalid_request` error that names the offending field.
 
@@ -52,7 +52,7 @@ impl ImageSize {
         }
     }
 
-    /// The aspect ratio OpenRouter's models take in place of a pixel size (DESIGN.md §3).
+    /// The aspect ratio OpenRouter's models take in place of a pixel size (docs/design.md §3).
     pub fn aspect_ratio(self) -> &'static str {
         match self {
             ImageSize::Square => "1:1",
@@ -109,7 +109,7 @@ impl ImageQuality {
         }
     }
 
-    /// OpenRouter's `resolution` / `image_size` value (DESIGN.md §3).
+    /// OpenRouter's `resolution` / `image_size` value (docs/design.md §3).
     pub fn resolution(self) -> &'static str {
         match self {
             ImageQuality::Standard => "1K",

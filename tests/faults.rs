@@ -1,5 +1,5 @@
 //! Fault injection: the real service and OpenRouter client against a scripted stand-in
-//! on loopback that fails in every way DESIGN.md §3 lists.
+//! on loopback that fails in every way docs/design.md §3 lists.
 //!
 //! For each fault: how many provider calls were made, the final outcome and `error_type`,
 //! that the other scenes of the same batch still succeed, and that the output directory

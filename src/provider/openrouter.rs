@@ -7,7 +7,7 @@
 //! refused as soon as it crosses the line rather than after it has filled memory. Image
 //! data stays borrowed from the body buffer until it is decoded, once, into `Bytes`.
 //!
-//! Every failure is classified into a [`Stage3Error`] by HTTP status (DESIGN.md §3), keeping
+//! Every failure is classified into a [`Stage3Error`] by HTTP status (docs/design.md §3), keeping
 //! the status, OpenRouter's own error type and a short message. The API key is sent only in
 //! the `Authorization` header, which is marked sensitive, and is scrubbed from any text the
 //! provider sends back.
@@ -684,7 +684,7 @@ fn parse_error_object(error: &serde_json::Value) -> ErrorDetails {
     }
 }
 
-/// The DESIGN.md §3 classification of an HTTP status.
+/// The docs/design.md §3 classification of an HTTP status.
 fn classify(status: u16, failure: ProviderFailure) -> Stage3Error {
     match status {
         401 => Stage3Error::Auth(failure),

@@ -1,7 +1,7 @@
 //! The S3-compatible backend: Qiniu Kodo, MinIO, AWS S3 (and anything else speaking SigV4).
 //!
 //! One `aws-sdk-s3` client is built at start-up and shared by every scene. It is tuned for
-//! servers that are not AWS (DESIGN.md §3): checksums only when an operation requires them,
+//! servers that are not AWS (docs/design.md §3): checksums only when an operation requires them,
 //! bodies uploaded from memory (never `aws-chunked`), path-style addressing by default.
 //! Every SDK failure becomes a [`Stage3Error::Storage`] that says which operation, bucket
 //! and key failed and whether retrying can help; credentials and presigned URLs never
@@ -104,7 +104,7 @@ impl S3Store {
             .region(Region::new(s3.region.clone()))
             .force_path_style(s3.force_path_style)
             // Since 1.69 the SDK adds CRC32 checksums and streams with `aws-chunked`
-            // encoding; Qiniu, older MinIO and Ceph reject both (DESIGN.md §3).
+            // encoding; Qiniu, older MinIO and Ceph reject both (docs/design.md §3).
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .timeout_config(
