@@ -92,7 +92,11 @@ pub async fn save_record(
     keys: &ResultKeys,
     output: &Stage3Output,
 ) -> Result<()> {
-    let json = serde_json::to_vec_pretty(output).expect("Stage3Output serializes");
+    let record = Stage3Output {
+        from_cache: false,
+        ..output.clone()
+    };
+    let json = serde_json::to_vec_pretty(&record).expect("Stage3Output serializes");
     store
         .put(&keys.record, Bytes::from(json), ObjectMeta::RECORD)
         .await

@@ -38,11 +38,19 @@ pub enum ErrorType {
     Storage,
     /// The Lambda invocation's deadline left no time to finish the scene.
     DeadlineExceeded,
+    /// The key may not do this: a missing permission, a guardrail, a geo-gated model (403).
+    PermissionDenied,
+    /// The model and every fallback are unknown, retired or without endpoints.
+    ModelUnavailable,
+    /// The batch's cost estimate, or what it has spent, would pass `STAGE3_MAX_COST_USD`.
+    BudgetExceeded,
+    /// The run was interrupted (Ctrl-C) before the scene started.
+    Cancelled,
 }
 
 impl ErrorType {
     /// Every identifier, in documentation order.
-    pub const ALL: [ErrorType; 12] = [
+    pub const ALL: [ErrorType; 16] = [
         ErrorType::InvalidRequest,
         ErrorType::Config,
         ErrorType::Auth,
@@ -55,6 +63,10 @@ impl ErrorType {
         ErrorType::InvalidImage,
         ErrorType::Storage,
         ErrorType::DeadlineExceeded,
+        ErrorType::PermissionDenied,
+        ErrorType::ModelUnavailable,
+        ErrorType::BudgetExceeded,
+        ErrorType::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +83,10 @@ impl ErrorType {
             ErrorType::InvalidImage => "invalid_image",
             ErrorType::Storage => "storage",
             ErrorType::DeadlineExceeded => "deadline_exceeded",
+            ErrorType::PermissionDenied => "permission_denied",
+            ErrorType::ModelUnavailable => "model_unavailable",
+            ErrorType::BudgetExceeded => "budget_exceeded",
+            ErrorType::Cancelled => "cancelled",
         }
     }
 }
@@ -149,6 +165,14 @@ pub enum Stage3Error {
     },
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
+    #[error("permission denied: {0}")]
+    PermissionDenied(ProviderFailure),
+    #[error("model unavailable: {0}")]
+    ModelUnavailable(String),
+    #[error("over budget: {0}")]
+    BudgetExceeded(String),
+    #[error("cancelled: {0}")]
+    Cancelled(String),
 }
 
 impl Stage3Error {
@@ -166,6 +190,10 @@ impl Stage3Error {
             Stage3Error::InvalidImage(_) => ErrorType::InvalidImage,
             Stage3Error::Storage { .. } => ErrorType::Storage,
             Stage3Error::DeadlineExceeded(_) => ErrorType::DeadlineExceeded,
+            Stage3Error::PermissionDenied(_) => ErrorType::PermissionDenied,
+            Stage3Error::ModelUnavailable(_) => ErrorType::ModelUnavailable,
+            Stage3Error::BudgetExceeded(_) => ErrorType::BudgetExceeded,
+            Stage3Error::Cancelled(_) => ErrorType::Cancelled,
         }
     }
 
@@ -187,7 +215,11 @@ impl Stage3Error {
             | Stage3Error::Auth(_)
             | Stage3Error::InsufficientCredits(_)
             | Stage3Error::ContentPolicy(_)
-            | Stage3Error::DeadlineExceeded(_) => false,
+            | Stage3Error::DeadlineExceeded(_)
+            | Stage3Error::PermissionDenied(_)
+            | Stage3Error::ModelUnavailable(_)
+            | Stage3Error::BudgetExceeded(_)
+            | Stage3Error::Cancelled(_) => false,
         }
     }
 

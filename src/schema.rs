@@ -357,6 +357,10 @@ pub struct Stage3Output {
     pub width: u32,
     pub height: u32,
     pub generation_params: GenerationParams,
+    /// True when this answer was served from a stored result: no provider call, no cost.
+    /// Never stored in a record (a record describes the generation itself).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_cache: bool,
 }
 
 /// A scene that could not be illustrated.
@@ -382,6 +386,45 @@ impl SceneFailure {
 pub struct BatchAnswer {
     pub results: Vec<Stage3Output>,
     pub failures: Vec<SceneFailure>,
+    /// Counts and money, derived from the two lists (see [`BatchAnswer::summarize`]).
+    #[serde(default)]
+    pub summary: BatchSummary,
+}
+
+/// What a batch did, in one object a script can read without walking the lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchSummary {
+    pub scenes: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    /// Results served from a stored result, at no cost.
+    pub from_cache: usize,
+    /// What the provider billed for this batch's calls, in USD (cache hits cost nothing).
+    pub cost_usd: f64,
+    /// The estimate made before the batch started, when prices were known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_usd: Option<f64>,
+}
+
+impl BatchAnswer {
+    /// Recomputes [`BatchAnswer::summary`] from the lists, keeping the estimate.
+    pub fn summarize(&mut self) {
+        let from_cache = self.results.iter().filter(|r| r.from_cache).count();
+        let cost_usd = self
+            .results
+            .iter()
+            .filter(|r| !r.from_cache)
+            .filter_map(|r| r.generation_params.cost)
+            .sum();
+        self.summary = BatchSummary {
+            scenes: self.results.len() + self.failures.len(),
+            succeeded: self.results.len(),
+            failed: self.failures.len(),
+            from_cache,
+            cost_usd,
+            estimated_cost_usd: self.summary.estimated_cost_usd,
+        };
+    }
 }
 
 /// What a caller submitted: one request, or a batch of them.

@@ -218,6 +218,7 @@ impl Stage3Service {
             .run_batch(prepared, &RunOptions::default(), &|_, _| {})
             .await;
         answer.failures.splice(0..0, rejected);
+        answer.summarize();
         answer
     }
 
@@ -239,6 +240,7 @@ impl Stage3Service {
                     .push(SceneFailure::new(scene.scene_id(), &e)),
             }
         }
+        answer.summarize();
         answer
     }
 
@@ -328,6 +330,7 @@ impl Stage3Service {
             if let Some(mut output) = cached {
                 tracing::info!("cache hit: returning the stored result, no provider call");
                 output.image_url = self.image_url(&scene.keys.image).await?;
+                output.from_cache = true;
                 return Ok(output);
             }
         }
@@ -375,6 +378,7 @@ impl Stage3Service {
                 finished_at: rfc3339(SystemTime::now()),
                 duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
             },
+            from_cache: false,
         };
         // The record goes last: it is what makes the stored image a result.
         self.with_storage_retries(options, || {
