@@ -24,6 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::schema::{parse_submission, parse_submission_bytes, Stage3Output, Submission};
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
@@ -143,7 +144,7 @@ pub async fn handle(
     deadline: Option<Instant>,
 ) -> Result<Value> {
     let options = RunOptions {
-        deadline,
+        deadline: deadline.map_or(Deadline::NONE, Deadline::at),
         force: None,
     };
     let kind = classify(&payload)?;

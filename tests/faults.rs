@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use image::ImageFormat;
+use sha2::Digest;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::FsStore;
 use stage3::{Config, Stage3Service};
@@ -106,26 +107,40 @@ fn scene_of(prompt: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Every `.json` record has its `.png`, nothing temporary is left, and the images on disk
-/// are exactly those of `succeeded`.
+/// Every `.json` record names a `.png` that is there and matches it, every image belongs
+/// to a record, no claim or temporary file is left, and the images on disk are exactly
+/// those of `succeeded`.
 fn assert_store_consistent(out: &Path, succeeded: &[&str]) {
     let mut pngs = Vec::new();
+    let mut referenced = Vec::new();
     for entry in std::fs::read_dir(out).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(!name.starts_with('.'), "temporary file left behind: {name}");
-        if let Some(stem) = name.strip_suffix(".json") {
-            assert!(
-                out.join(format!("{stem}.png")).exists(),
-                "record without image: {name}"
+        assert!(!name.ends_with(".claim"), "claim left behind: {name}");
+        if name.ends_with(".json") {
+            let record: stage3::Stage3Output =
+                serde_json::from_slice(&std::fs::read(out.join(&name)).unwrap()).unwrap();
+            let image = std::fs::read(&record.image_path)
+                .unwrap_or_else(|e| panic!("record {name} without its image: {e}"));
+            assert_eq!(
+                hex::encode(sha2::Sha256::digest(&image)),
+                record.generation_params.content_sha256,
+                "record {name} disagrees with its image"
+            );
+            referenced.push(
+                Path::new(&record.image_path)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
             );
         }
         if name.ends_with(".png") {
-            assert!(
-                out.join(name.replace(".png", ".json")).exists(),
-                "image without record: {name}"
-            );
             pngs.push(name);
         }
+    }
+    for png in &pngs {
+        assert!(referenced.contains(png), "image without record: {png}");
     }
     let mut scenes: Vec<String> = pngs
         .iter()
