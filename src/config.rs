@@ -318,7 +318,7 @@ impl Config {
             )?,
             max_image_pixels: vars.parse_in(
                 "STAGE3_MAX_IMAGE_PIXELS",
-                40_000_000,
+                crate::normalize::DEFAULT_MAX_IMAGE_PIXELS,
                 1..=1_000_000_000,
             )?,
             character_references: match vars.get("STAGE3_CHARACTER_REFERENCES") {
