@@ -9,6 +9,8 @@
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
+//!   placeholder's lettering and the visible "AI生成" mark.
 //! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS).
 //! - [`cache`]: request hashes, content-addressed keys and result records.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
@@ -30,6 +32,7 @@ pub mod schema;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod text;
 
 pub use config::Config;
 pub use error::{ErrorType, Stage3Error};
