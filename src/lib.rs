@@ -9,6 +9,8 @@
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
+//!   placeholder's lettering and the visible "AI生成" mark.
 //! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS),
 //!   `memory` (tests, embedding).
 //! - [`urls`]: the URLs answers give for stored objects — CDN, Qiniu-signed, presigned.
@@ -34,6 +36,7 @@ pub mod schema;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod text;
 pub mod urls;
 
 pub use config::Config;
