@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::{Result, Stage3Error};
+use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
 use crate::schema::{validate_model, validate_reference_url};
 
@@ -195,6 +196,8 @@ pub struct Config {
     pub public_base_url: Option<String>,
     /// Signing of CDN URLs (`STAGE3_CDN_SIGN=qiniu`), when the domain has anti-leech on.
     pub cdn_signing: Option<CdnSigning>,
+    /// The GB 45438 labels every published image carries.
+    pub labels: LabelSettings,
     pub concurrency: usize,
     /// Per provider request, connect to last byte.
     pub request_timeout: Duration,
@@ -282,6 +285,14 @@ impl Config {
                 .get("STAGE3_PUBLIC_BASE_URL")
                 .map(|url| url.trim_end_matches('/').to_string()),
             cdn_signing: cdn_signing(&vars)?,
+            labels: LabelSettings {
+                implicit: vars.flag("STAGE3_AIGC_LABEL", true)?,
+                producer: vars
+                    .get("STAGE3_AIGC_PRODUCER")
+                    .unwrap_or_else(|| DEFAULT_PRODUCER.into()),
+                propagator: vars.get("STAGE3_AIGC_PROPAGATOR").unwrap_or_default(),
+                visible: vars.flag("STAGE3_VISIBLE_LABEL", false)?,
+            },
             concurrency: vars.parse_in("STAGE3_CONCURRENCY", 4, 1..=256)?,
             request_timeout: Duration::from_secs(vars.parse_in(
                 "STAGE3_TIMEOUT_SECS",

@@ -9,6 +9,7 @@
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`labels`]: the GB 45438 AIGC labels on published images, and relabelling.
 //! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
 //!   placeholder's lettering and the visible "AI生成" mark.
 //! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS),
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod labels;
 pub mod lambda;
 pub mod normalize;
 pub mod prompt;

@@ -339,6 +339,9 @@ pub struct GenerationParams {
     /// The store's entity tag for the PNG (S3), which a cache hit checks with one HEAD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
+    /// The GB 45438 labels the published PNG carries, and the hash of the unlabelled image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aigc_label: Option<crate::labels::AppliedLabels>,
     /// The format the provider actually sent (`png`, `jpeg`, `webp`), sniffed from its bytes.
     pub source_format: String,
     /// Provider calls made for this image (1 unless something was retried).

@@ -18,6 +18,7 @@ use crate::cache::{self, Claim, RequestIdentity, ResultKeys};
 use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
+use crate::labels::{self, AppliedLabels};
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
 use crate::prompt::compose_prompt;
 use crate::provider::{self, ImageProvider, ImageRequest};
@@ -385,7 +386,8 @@ impl Stage3Service {
     }
 
     /// A verified stored result for `scene`, rebuilt from the request: only what cannot be
-    /// derived (pixel size, cost, timings) comes from the record.
+    /// derived (pixel size, cost, timings) comes from the record. A result whose labels
+    /// differ from today's settings is relabelled from its source, not regenerated.
     async fn cached(
         &self,
         scene: &PreparedScene,
@@ -406,29 +408,175 @@ impl Stage3Service {
         let Some(cache::Verified { record, image_key }) = verified else {
             return Ok(None);
         };
-        tracing::info!("cache hit: returning the stored result, no provider call");
-        let fresh = self.params_for(scene);
         let stored = record.generation_params;
-        Ok(Some(Stage3Output {
+        let mut params = GenerationParams {
+            cost: stored.cost,
+            content_sha256: stored.content_sha256,
+            bytes: stored.bytes,
+            etag: stored.etag,
+            aigc_label: stored.aigc_label,
+            source_format: stored.source_format,
+            attempts: stored.attempts,
+            started_at: stored.started_at,
+            finished_at: stored.finished_at,
+            duration_ms: stored.duration_ms,
+            ..self.params_for(scene)
+        };
+        let mut image_key = image_key;
+        let labelled_as_asked = params
+            .aigc_label
+            .as_ref()
+            .is_some_and(|applied| applied.matches(&self.config.labels));
+        if !labelled_as_asked {
+            let Some(relabelled) = self.relabel(scene, &image_key, &params, options).await? else {
+                return Ok(None);
+            };
+            image_key = relabelled.image_key;
+            params.content_sha256 = relabelled.published.sha256;
+            params.bytes = relabelled.published.png.len() as u64;
+            params.etag = relabelled.etag;
+            params.aigc_label = Some(relabelled.published.applied);
+        }
+        let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
             image_path: self.store.location(&image_key),
             image_url: self.image_url(&image_key).await?,
             width: record.width,
             height: record.height,
-            generation_params: GenerationParams {
-                cost: stored.cost,
-                content_sha256: stored.content_sha256,
-                bytes: stored.bytes,
-                etag: stored.etag,
-                source_format: stored.source_format,
-                attempts: stored.attempts,
-                started_at: stored.started_at,
-                finished_at: stored.finished_at,
-                duration_ms: stored.duration_ms,
-                ..fresh
-            },
+            generation_params: params,
             from_cache: true,
-        }))
+        };
+        if !labelled_as_asked {
+            self.with_storage_retries(options, "storing the result record", || {
+                cache::save_record(self.store.as_ref(), &scene.keys, &output)
+            })
+            .await?;
+            tracing::info!("cache hit relabelled to today's label settings; no provider call");
+        } else {
+            tracing::info!("cache hit: returning the stored result, no provider call");
+        }
+        Ok(Some(output))
+    }
+
+    /// Publishes a stored result again with today's label settings, from its unlabelled
+    /// source. `None` when the source cannot be had (then the scene is generated again).
+    async fn relabel(
+        &self,
+        scene: &PreparedScene,
+        image_key: &str,
+        params: &GenerationParams,
+        options: &RunOptions,
+    ) -> Result<Option<StoredImage>> {
+        // Results from before labels were recorded carry none: their image is the source.
+        let applied = params.aigc_label.clone().unwrap_or(AppliedLabels {
+            implicit: false,
+            visible: false,
+            producer: String::new(),
+            propagator: String::new(),
+            source_sha256: params.content_sha256.clone(),
+        });
+        let (key, limit) = if applied.visible {
+            (
+                labels::source_key(scene.scene_id(), &applied.source_sha256),
+                self.config.max_response_bytes as u64,
+            )
+        } else {
+            (image_key.to_string(), params.bytes)
+        };
+        let fetched = self
+            .with_storage_retries(options, "reading the image to relabel", || {
+                self.store.get(&key, limit)
+            })
+            .await?;
+        let storage::Fetched::Found(bytes) = fetched else {
+            tracing::warn!(key, "the unlabelled source is gone; generating again");
+            return Ok(None);
+        };
+        let source = if applied.visible {
+            (hex::encode(Sha256::digest(&bytes)) == applied.source_sha256).then_some(bytes)
+        } else {
+            labels::source_of_unmarked(&bytes, &applied).ok()
+        };
+        let Some(source) = source else {
+            tracing::warn!(
+                key,
+                "the stored source does not match its record; generating again"
+            );
+            return Ok(None);
+        };
+        let published = self
+            .label(scene, source.clone(), applied.source_sha256.clone())
+            .await?;
+        Ok(Some(
+            self.store_image(scene, &published, &source, options)
+                .await?,
+        ))
+    }
+
+    /// Applies the configured labels to a checked source image (CPU work when a mark is
+    /// drawn, so it shares the decode permits).
+    async fn label(
+        &self,
+        scene: &PreparedScene,
+        source: bytes::Bytes,
+        source_sha256: String,
+    ) -> Result<labels::Published> {
+        let settings = self.config.labels.clone();
+        let propagate_id = scene.keys.record.trim_end_matches(".json").to_string();
+        if !settings.visible {
+            return labels::publish(&source, &source_sha256, &settings, &propagate_id);
+        }
+        let _permit =
+            self.decode_permits.acquire().await.map_err(|e| {
+                Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
+            })?;
+        tokio::task::spawn_blocking(move || {
+            labels::publish(&source, &source_sha256, &settings, &propagate_id)
+        })
+        .await
+        .map_err(|e| Stage3Error::InvalidImage(format!("drawing the label panicked: {e}")))?
+    }
+
+    /// Stores a published image under its content address (and, when a mark was drawn on
+    /// it, its unlabelled source beside it, so it can be relabelled later).
+    async fn store_image(
+        &self,
+        scene: &PreparedScene,
+        published: &labels::Published,
+        source: &bytes::Bytes,
+        options: &RunOptions,
+    ) -> Result<StoredImage> {
+        if published.applied.visible {
+            let key = labels::source_key(scene.scene_id(), &published.applied.source_sha256);
+            let created = self
+                .with_storage_retries(options, "storing the unlabelled source", || {
+                    self.store.put_new(&key, source.clone(), ObjectMeta::SOURCE)
+                })
+                .await?;
+            if created == Created::AlreadyExists {
+                self.republish(&key, source, ObjectMeta::SOURCE, options)
+                    .await?;
+            }
+        }
+        let image_key = cache::image_key(scene.scene_id(), &published.sha256);
+        let png = &published.png;
+        let created = self
+            .with_storage_retries(options, "storing the image", || {
+                self.store.put_new(&image_key, png.clone(), ObjectMeta::PNG)
+            })
+            .await?;
+        let etag = match created {
+            Created::Created(info) => info.etag,
+            Created::AlreadyExists => {
+                self.republish(&image_key, png, ObjectMeta::PNG, options)
+                    .await?
+            }
+        };
+        Ok(StoredImage {
+            image_key,
+            published: published.clone(),
+            etag,
+        })
     }
 
     /// Generates the image, publishes it under its content address, then writes the record.
@@ -440,35 +588,31 @@ impl Stage3Service {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let generated = self.generate_with_retries(scene, options).await?;
-
-        let image_key = cache::image_key(scene.scene_id(), &generated.image.content_sha256);
-        let png = generated.image.png.clone();
-        let created = self
-            .with_storage_retries(options, "storing the image", || {
-                self.store.put_new(&image_key, png.clone(), ObjectMeta::PNG)
-            })
+        let source = generated.image;
+        let published = self
+            .label(scene, source.png.clone(), source.content_sha256.clone())
             .await?;
-        let etag = match created {
-            Created::Created(info) => info.etag,
-            Created::AlreadyExists => self.republish(&image_key, &png, options).await?,
-        };
+        let stored = self
+            .store_image(scene, &published, &source.png, options)
+            .await?;
 
         let mut params = self.params_for(scene);
         params.cost = generated.cost;
-        params.content_sha256 = generated.image.content_sha256.clone();
-        params.bytes = generated.image.png.len() as u64;
-        params.etag = etag;
-        params.source_format = generated.image.source_format.as_str().to_string();
+        params.content_sha256 = stored.published.sha256.clone();
+        params.bytes = stored.published.png.len() as u64;
+        params.etag = stored.etag;
+        params.aigc_label = Some(stored.published.applied);
+        params.source_format = source.source_format.as_str().to_string();
         params.attempts = generated.attempts;
         params.started_at = rfc3339(started_at);
         params.finished_at = rfc3339(SystemTime::now());
         params.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
-            image_path: self.store.location(&image_key),
-            image_url: self.image_url(&image_key).await?,
-            width: generated.image.width,
-            height: generated.image.height,
+            image_path: self.store.location(&stored.image_key),
+            image_url: self.image_url(&stored.image_key).await?,
+            width: source.width,
+            height: source.height,
             generation_params: params,
             from_cache: false,
         };
@@ -480,37 +624,35 @@ impl Stage3Service {
         Ok(output)
     }
 
-    /// The image's content address is taken: normally by these very bytes (generated
-    /// before, or by a worker that raced us), which a CDN may serve and must not change. An
-    /// object there that is not these bytes was damaged or planted, and is replaced. Returns
-    /// the entity tag for the record.
+    /// A content address is taken: normally by these very bytes (generated before, or by a
+    /// worker that raced us), which a CDN may serve and must not change. An object there
+    /// that is not these bytes was damaged or planted, and is replaced. Returns the entity
+    /// tag for the record.
     async fn republish(
         &self,
-        image_key: &str,
-        png: &bytes::Bytes,
+        key: &str,
+        bytes: &bytes::Bytes,
+        meta: ObjectMeta,
         options: &RunOptions,
     ) -> Result<Option<String>> {
-        let limit = png.len() as u64;
+        let limit = bytes.len() as u64;
         let stored = self
             .with_storage_retries(options, "checking the stored image", || {
-                self.store.get(image_key, limit)
+                self.store.get(key, limit)
             })
             .await?;
-        if stored == storage::Fetched::Found(png.clone()) {
+        if stored == storage::Fetched::Found(bytes.clone()) {
             let info = self
                 .with_storage_retries(options, "checking the stored image", || {
-                    self.store.head(image_key)
+                    self.store.head(key)
                 })
                 .await?;
             return Ok(info.and_then(|info| info.etag));
         }
-        tracing::warn!(
-            key = image_key,
-            "replacing a damaged object at an image's content address"
-        );
+        tracing::warn!(key, "replacing a damaged object at a content address");
         let info = self
             .with_storage_retries(options, "storing the image", || {
-                self.store.put(image_key, png.clone(), ObjectMeta::PNG)
+                self.store.put(key, bytes.clone(), meta)
             })
             .await?;
         Ok(info.etag)
@@ -539,6 +681,7 @@ impl Stage3Service {
             content_sha256: String::new(),
             bytes: 0,
             etag: None,
+            aigc_label: None,
             source_format: String::new(),
             attempts: 0,
             started_at: String::new(),
@@ -701,6 +844,13 @@ impl Stage3Service {
         self.urls.url(self.store.as_ref(), key).await
     }
 }
+/// A published image as stored: its key, bytes and labels, and the store's tag for it.
+struct StoredImage {
+    image_key: String,
+    published: labels::Published,
+    etag: Option<String>,
+}
+
 struct Generated {
     image: NormalizedImage,
     cost: Option<f64>,

@@ -272,3 +272,71 @@ async fn a_store_that_hangs_is_cut_off_at_the_deadline_and_nothing_is_paid() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(provider.calls(), 0);
 }
+
+fn pixels(path: &str) -> Vec<u8> {
+    image::open(path).unwrap().into_rgba8().into_raw()
+}
+
+#[tokio::test]
+async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
+    let out = tempfile::tempdir().unwrap();
+    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
+    let service = |extra: &[(&str, &str)]| {
+        Stage3Service::new(config(out.path(), extra), provider.clone(), store.clone())
+    };
+
+    // The implicit label is on by default, names the unlabelled image, keeps its pixels.
+    let labelled = service(&[("STAGE3_AIGC_PRODUCER", "ACME-91310000")])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    let applied = labelled.generation_params.aigc_label.clone().unwrap();
+    assert!(applied.implicit && !applied.visible);
+    let stored = std::fs::read(&labelled.image_path).unwrap();
+    let label = stage3::normalize::read_aigc_label(&stored).unwrap();
+    assert_eq!(label.label, "1");
+    assert_eq!(label.content_producer, "ACME-91310000");
+    assert_eq!(label.produce_id, applied.source_sha256);
+    let source = stage3::normalize::strip_aigc_label(&stored).unwrap();
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&source)),
+        applied.source_sha256
+    );
+    let original_pixels = pixels(&labelled.image_path);
+
+    // Turning the visible mark on relabels the stored result: no call, new bytes, new key.
+    let marked = service(&[
+        ("STAGE3_AIGC_PRODUCER", "ACME-91310000"),
+        ("STAGE3_VISIBLE_LABEL", "1"),
+    ])
+    .generate_scene_image(request("s1"))
+    .await
+    .unwrap();
+    assert_eq!(provider.calls(), 1, "relabelled, not regenerated");
+    assert!(marked.from_cache);
+    assert!(marked.generation_params.aigc_label.as_ref().unwrap().visible);
+    assert_ne!(marked.image_path, labelled.image_path);
+    assert_ne!(pixels(&marked.image_path), original_pixels);
+    assert_eq!(
+        pixels(&labelled.image_path),
+        original_pixels,
+        "the earlier image is never changed"
+    );
+
+    // And off again, from the kept source: the original pixels, still no call.
+    let unmarked = service(&[("STAGE3_AIGC_LABEL", "off")])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    assert_eq!(provider.calls(), 1);
+    assert_eq!(pixels(&unmarked.image_path), original_pixels);
+    let bytes = std::fs::read(&unmarked.image_path).unwrap();
+    assert!(stage3::normalize::read_aigc_label(&bytes).is_none());
+    let again = service(&[("STAGE3_AIGC_LABEL", "off")])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    assert_eq!(again.image_path, unmarked.image_path, "settled: a plain hit");
+    assert_eq!(provider.calls(), 1);
+}

@@ -364,7 +364,11 @@ fn convert_to_png(
 /// Encodes for speed: the PNG is stored once and served from a CDN, so a few percent of
 /// size matter less than the milliseconds of every conversion. The output may not pass
 /// `max_bytes` ([`max_png_bytes`]): the encoder stops there rather than grow the buffer.
-fn encode_png(image: &DynamicImage, icc_profile: Option<Vec<u8>>, max_bytes: u64) -> Result<Bytes> {
+pub(crate) fn encode_png(
+    image: &DynamicImage,
+    icc_profile: Option<Vec<u8>>,
+    max_bytes: u64,
+) -> Result<Bytes> {
     let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
     let mut out = BoundedBuffer {
         bytes: Vec::with_capacity((image.as_bytes().len() / 2).min(max_bytes)),
