@@ -13,6 +13,7 @@
 //! - [`cache`]: request hashes, content-addressed keys and result records.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
+//! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
 //! - [`error`]: the error type and its stable `error_type` identifiers.
 //!
@@ -21,6 +22,7 @@
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod lambda;
 pub mod normalize;
 pub mod prompt;

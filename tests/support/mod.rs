@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod gated_store;
+pub mod moto;
 pub mod s3_server;
 pub mod scripted_openrouter;
 pub mod tls;
