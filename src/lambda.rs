@@ -348,7 +348,12 @@ async fn handle_sqs(
     // Records that failed only for good go to the dead-letter queue, all at once.
     let dead_lettered: Vec<bool> = match &outlets.dead_letter {
         Some(queue) => {
-            futures::future::join_all(records.iter().map(|record| record.dead_letter(queue))).await
+            futures::future::join_all(
+                records
+                    .iter()
+                    .map(|record| record.dead_letter(queue, options.deadline)),
+            )
+            .await
         }
         None => vec![false; records.len()],
     };
@@ -405,8 +410,10 @@ impl SqsRecord {
     }
 
     /// Sends the record to `queue` when every failure in it is permanent; answers whether
-    /// it is now there (and so must not be redelivered).
-    async fn dead_letter(&self, queue: &DeadLetterQueue) -> bool {
+    /// it is now there (and so must not be redelivered). A send the invocation's deadline
+    /// cuts short counts as failed: the message is redelivered rather than risk the
+    /// whole answer missing the deadline.
+    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Option<Instant>) -> bool {
         let Some(error) = self.first_error.as_ref().filter(|_| !self.retry) else {
             return false;
         };
@@ -421,7 +428,14 @@ impl SqsRecord {
                 .filter(|id| !id.is_empty())
                 .collect(),
         };
-        match queue.send(&self.message_id, &self.body, &letter).await {
+        let send = queue.send(&self.message_id, &self.body, &letter);
+        let sent = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, send)
+                .await
+                .unwrap_or_else(|_| Err("the invocation's deadline came first".to_string())),
+            None => send.await,
+        };
+        match sent {
             Ok(()) => {
                 tracing::warn!(
                     message_id = %self.message_id,

@@ -692,6 +692,61 @@ async fn a_webhook_refusing_with_4xx_is_not_retried() {
 }
 
 #[tokio::test]
+async fn the_lambda_function_publishes_direct_and_eventbridge_invocations() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().to_string_lossy().into_owned();
+    let config = Config::from_lookup(|name| match name {
+        "STAGE3_PROVIDER" => Some("placeholder".into()),
+        "STAGE3_OUTPUT_DIR" => Some(out.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let service = Stage3Service::from_config(config).await.unwrap();
+    let outlets = Outlets {
+        events: EventPublisher::new(vec![Arc::new(webhook(&server, "/"))]),
+        dead_letter: None,
+    };
+    let deadline = Some(tokio::time::Instant::now() + Duration::from_secs(600));
+    let types = |requests: &[wiremock::Request]| -> Vec<String> {
+        requests
+            .iter()
+            .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["type"].to_string())
+            .collect()
+    };
+
+    // One request: its scene's event only.
+    let single = json!({"scene_id": "direct_001", "image_prompt": "a fox"});
+    lambda::handle_with(&service, &outlets, single, deadline)
+        .await
+        .unwrap();
+    assert_eq!(
+        types(&server.received_requests().await.unwrap()),
+        ["\"scene.ready\""]
+    );
+
+    // A batch inside an EventBridge event: its scenes' events, then batch.done.
+    server.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    let event = json!({"detail-type": "Stage2 Scenes Ready", "source": "stage2",
+        "detail": {"scenes": [{"scene_id": "eb_001", "image_prompt": "an owl"},
+                              {"scene_id": "eb_002", "image_prompt": "a hare"}]}});
+    lambda::handle_with(&service, &outlets, event, deadline)
+        .await
+        .unwrap();
+    let received = types(&server.received_requests().await.unwrap());
+    assert_eq!(received.len(), 3, "{received:?}");
+    assert_eq!(received[2], "\"batch.done\"");
+}
+
+#[tokio::test]
 async fn a_429_is_retried_and_a_silent_webhook_times_out() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
