@@ -6,7 +6,8 @@
 //! - **SQS** (`{"Records": [{"eventSource": "aws:sqs", "body": ..}]}`): each body is one
 //!   request or a batch. The answer is `{"batchItemFailures": [..]}` naming exactly the
 //!   records to redeliver — bad bodies, failed scenes, scenes the deadline left no time
-//!   for. Succeeded scenes are already stored with their records, so a redelivery finds
+//!   for; with a dead-letter queue configured, records that failed only for good go there
+//!   instead of being redelivered. Succeeded scenes are already stored with their records, so a redelivery finds
 //!   them in the cache and pays nothing for them again.
 //! - **EventBridge** (`{"detail-type": .., "detail": ..}`): `detail` is handled as direct.
 //! - **Direct**: what [`parse_submission`] accepts. One request answers a `Stage3Output` or
