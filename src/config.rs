@@ -217,6 +217,56 @@ pub struct Config {
     /// scene's `characters_in_scene` pulls theirs in, so a character looks the same in
     /// every scene.
     pub character_references: HashMap<String, String>,
+    /// Where outcomes are announced besides the answer: EventBridge, a webhook, and the
+    /// dead-letter queue for SQS messages that failed for good (see `crate::events`).
+    pub events: EventsConfig,
+}
+
+/// `STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL` + `STAGE3_WEBHOOK_SECRET` and
+/// `STAGE3_DEAD_LETTER_QUEUE_URL` (docs/design.md §2). All unset: nothing is published and
+/// SQS failures are redelivered as before.
+#[derive(Debug, Clone, Default)]
+pub struct EventsConfig {
+    /// An EventBridge bus name or ARN.
+    pub event_bus: Option<String>,
+    pub webhook: Option<WebhookConfig>,
+    /// Where SQS messages that failed for good are sent at once.
+    pub dead_letter_queue_url: Option<String>,
+    /// `AWS_REGION` (or `AWS_DEFAULT_REGION`), when set.
+    pub aws_region: Option<String>,
+}
+
+impl EventsConfig {
+    /// The region the EventBridge and SQS clients sign for: `AWS_REGION`, else the one in
+    /// the bus ARN or queue URL (`arn:aws:events:REGION:…`, `https://sqs.REGION.amazonaws.com/…`),
+    /// else `us-east-1`. Giving the client a region up front also keeps its start-up free
+    /// of the instance-metadata lookup the default region chain would make.
+    pub fn region_for(&self, bus_or_queue: Option<&str>) -> String {
+        if let Some(region) = &self.aws_region {
+            return region.clone();
+        }
+        let from_target = bus_or_queue.and_then(|target| {
+            if let Some(arn) = target.strip_prefix("arn:") {
+                arn.split(':').nth(2).map(str::to_string)
+            } else {
+                let host = target.split("://").nth(1)?.split(['/', ':']).next()?;
+                let mut labels = host.split('.');
+                (labels.next() == Some("sqs"))
+                    .then(|| labels.next())?
+                    .map(str::to_string)
+            }
+        });
+        from_target
+            .filter(|region| !region.is_empty())
+            .unwrap_or_else(|| "us-east-1".to_string())
+    }
+}
+
+/// Where webhook events go and the key that signs them.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub secret: Secret,
 }
 
 impl Config {
@@ -336,6 +386,7 @@ impl Config {
                 Some(path) => load_character_references(&path)?,
                 None => HashMap::new(),
             },
+            events: events_config(&vars)?,
         };
         if let Some(base) = &config.public_base_url {
             check_url("STAGE3_PUBLIC_BASE_URL", base)?;
@@ -406,6 +457,54 @@ fn s3_credentials(vars: &Vars<'_>) -> Result<Option<S3Credentials>> {
             "{SECRET} is set but {ID} is not; set both or neither"
         ))),
     }
+}
+
+/// The event outlets; the webhook's URL and secret come both or neither.
+fn events_config(vars: &Vars<'_>) -> Result<EventsConfig> {
+    const URL: &str = "STAGE3_WEBHOOK_URL";
+    const SECRET: &str = "STAGE3_WEBHOOK_SECRET";
+    let event_bus = vars.get("STAGE3_EVENT_BUS");
+    if let Some(bus) = &event_bus {
+        // A name (`[A-Za-z0-9._/-]`, at most 256) or an ARN; whitespace or quotes mean a
+        // copy-paste accident that EventBridge would refuse on every call.
+        if bus.len() > 1600 || bus.chars().any(|c| c.is_whitespace() || c == '"') {
+            return Err(Stage3Error::config(format!(
+                "STAGE3_EVENT_BUS: expected an event bus name or ARN, got {bus:?}"
+            )));
+        }
+    }
+    let webhook = match (vars.get(URL), vars.get(SECRET)) {
+        (Some(url), Some(secret)) => {
+            check_url(URL, &url)?;
+            Some(WebhookConfig {
+                url,
+                secret: Secret::new(secret),
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(Stage3Error::config(format!(
+                "{URL} is set but {SECRET} is not; every webhook event is signed, set both"
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(Stage3Error::config(format!(
+                "{SECRET} is set but {URL} is not; set both or neither"
+            )))
+        }
+    };
+    let dead_letter_queue_url = vars.get("STAGE3_DEAD_LETTER_QUEUE_URL");
+    if let Some(url) = &dead_letter_queue_url {
+        check_url("STAGE3_DEAD_LETTER_QUEUE_URL", url)?;
+    }
+    Ok(EventsConfig {
+        event_bus,
+        webhook,
+        dead_letter_queue_url,
+        aws_region: vars
+            .get("AWS_REGION")
+            .or_else(|| vars.get("AWS_DEFAULT_REGION")),
+    })
 }
 
 /// Reads `{"character_id": "https://…" | "data:image/…", …}` and checks every URL.
@@ -641,6 +740,74 @@ mod tests {
         let c = config(&[("STAGE3_CHAT_MODALITIES", "image")]).unwrap();
         assert_eq!(c.openrouter.chat_modalities.as_slice(), ["image"]);
         assert!(config(&[("STAGE3_CHAT_MODALITIES", "audio")]).is_err());
+    }
+
+    #[test]
+    fn events_are_off_unless_configured() {
+        let c = config(&[]).unwrap();
+        assert!(c.events.event_bus.is_none());
+        assert!(c.events.webhook.is_none());
+        assert!(c.events.dead_letter_queue_url.is_none());
+    }
+
+    #[test]
+    fn the_webhook_needs_its_secret_and_never_shows_it() {
+        let url = ("STAGE3_WEBHOOK_URL", "https://hooks.example.com/stage3");
+        let secret = ("STAGE3_WEBHOOK_SECRET", "whsec-very-secret");
+        let c = config(&[url, secret]).unwrap();
+        let webhook = c.events.webhook.as_ref().unwrap();
+        assert_eq!(webhook.url, "https://hooks.example.com/stage3");
+        assert_eq!(webhook.secret.expose(), "whsec-very-secret");
+        assert!(!format!("{c:?}").contains("very-secret"));
+
+        for half in [url, secret] {
+            let err = config(&[half]).unwrap_err();
+            assert!(err.to_string().contains("STAGE3_WEBHOOK_SECRET"), "{err}");
+            assert!(!err.to_string().contains("very-secret"), "{err}");
+        }
+        let err = config(&[("STAGE3_WEBHOOK_URL", "hooks.example.com"), secret]).unwrap_err();
+        assert!(err.to_string().contains("STAGE3_WEBHOOK_URL"), "{err}");
+    }
+
+    #[test]
+    fn bad_event_targets_name_their_variable() {
+        for (name, value) in [
+            ("STAGE3_EVENT_BUS", "my bus"),
+            ("STAGE3_DEAD_LETTER_QUEUE_URL", "stage3-dlq"),
+        ] {
+            let err = config(&[(name, value)]).unwrap_err();
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_events_region_comes_from_the_environment_or_the_target() {
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            c.events.region_for(Some(
+                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
+            )),
+            "eu-west-1"
+        );
+        assert_eq!(
+            c.events.region_for(Some(
+                "https://sqs.ap-southeast-1.amazonaws.com/123456789012/dlq"
+            )),
+            "ap-southeast-1"
+        );
+        assert_eq!(c.events.region_for(Some("stage3-bus")), "us-east-1");
+        assert_eq!(
+            c.events
+                .region_for(Some("http://127.0.0.1:5000/123456789012/dlq")),
+            "us-east-1"
+        );
+        let c = config(&[("AWS_REGION", "cn-north-1")]).unwrap();
+        assert_eq!(
+            c.events.region_for(Some(
+                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
+            )),
+            "cn-north-1"
+        );
     }
 
     #[test]

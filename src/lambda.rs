@@ -6,12 +6,16 @@
 //! - **SQS** (`{"Records": [{"eventSource": "aws:sqs", "body": ..}]}`): each body is one
 //!   request or a batch. The answer is `{"batchItemFailures": [..]}` naming exactly the
 //!   records to redeliver — bad bodies, failed scenes, scenes the deadline left no time
-//!   for. Succeeded scenes are already stored with their records, so a redelivery finds
+//!   for; with a dead-letter queue configured, records that failed only for good go there
+//!   instead of being redelivered. Succeeded scenes are already stored with their records, so a redelivery finds
 //!   them in the cache and pays nothing for them again.
 //! - **EventBridge** (`{"detail-type": .., "detail": ..}`): `detail` is handled as direct.
 //! - **Direct**: what [`parse_submission`] accepts. One request answers a `Stage3Output` or
 //!   fails with the stable `error_type`; a batch answers a [`BatchAnswer`], and an invalid
 //!   batch is rejected whole before anything is spent.
+//!
+//! After the work, [`Outlets`] publish events for what happened and send SQS messages
+//! that failed for good to the dead-letter queue (see [`crate::events`]).
 //!
 //! The adapter only routes: every scene of an invocation goes through one
 //! [`Stage3Service::run_batch`] call, so concurrency and rate-limit back-pressure are shared.
@@ -24,9 +28,14 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
-use crate::schema::{parse_submission, parse_submission_bytes, Stage3Output, Submission};
+use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
+use crate::events::{self, Event, EventPublisher};
+use crate::schema::{
+    parse_submission, parse_submission_bytes, BatchAnswer, SceneFailure, Stage3Output, Submission,
+};
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
@@ -35,6 +44,29 @@ pub const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
 
 /// The SQS `eventSource` of queue messages.
 const SQS_EVENT_SOURCE: &str = "aws:sqs";
+
+/// Where an invocation reports besides its answer: events for its outcomes
+/// ([`EventPublisher`]) and the dead-letter queue for SQS messages that failed for good.
+/// The default has neither, which is how the function behaved before either existed.
+#[derive(Debug, Default, Clone)]
+pub struct Outlets {
+    pub events: EventPublisher,
+    pub dead_letter: Option<DeadLetterQueue>,
+}
+
+impl Outlets {
+    /// Builds what `config` names (clients only, no network call): once, at start-up.
+    pub async fn from_config(config: &Config) -> Result<Self> {
+        let dead_letter = match &config.events.dead_letter_queue_url {
+            Some(url) => Some(DeadLetterQueue::from_config(url, &config.events).await),
+            None => None,
+        };
+        Ok(Outlets {
+            events: EventPublisher::from_config(config).await?,
+            dead_letter,
+        })
+    }
+}
 
 /// What kind of event a payload is, decided by [`classify`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,12 +159,23 @@ pub async fn handle_invocation(
     service: &Stage3Service,
     event: LambdaEvent<Value>,
 ) -> std::result::Result<Value, Diagnostic> {
+    handle_invocation_with(service, &Outlets::default(), event).await
+}
+
+/// [`handle_invocation`] with events and the dead-letter queue: what `stage3-lambda` runs.
+pub async fn handle_invocation_with(
+    service: &Stage3Service,
+    outlets: &Outlets,
+    event: LambdaEvent<Value>,
+) -> std::result::Result<Value, Diagnostic> {
     let LambdaEvent { payload, context } = event;
     let deadline = invocation_deadline(context.deadline, SystemTime::now());
-    handle(service, payload, deadline).await.map_err(|error| {
-        tracing::warn!(error_type = %error.error_type(), error = %error, "invocation failed");
-        diagnostic(&error)
-    })
+    handle_with(service, outlets, payload, deadline)
+        .await
+        .map_err(|error| {
+            tracing::warn!(error_type = %error.error_type(), error = %error, "invocation failed");
+            diagnostic(&error)
+        })
 }
 
 /// Answers one event. `deadline` is when the answer must be ready (see
@@ -140,6 +183,16 @@ pub async fn handle_invocation(
 /// `deadline_exceeded`.
 pub async fn handle(
     service: &Stage3Service,
+    payload: Value,
+    deadline: Option<Instant>,
+) -> Result<Value> {
+    handle_with(service, &Outlets::default(), payload, deadline).await
+}
+
+/// [`handle`], also publishing events and dead-lettering through `outlets`.
+pub async fn handle_with(
+    service: &Stage3Service,
+    outlets: &Outlets,
     payload: Value,
     deadline: Option<Instant>,
 ) -> Result<Value> {
@@ -155,13 +208,15 @@ pub async fn handle(
         "event received"
     );
     match kind {
-        EventKind::Sqs => Ok(to_json(&handle_sqs(service, payload, &options).await?)),
+        EventKind::Sqs => Ok(to_json(
+            &handle_sqs(service, outlets, payload, &options).await?,
+        )),
         EventKind::EventBridge => {
             let detail = match payload {
                 Value::Object(mut map) => map.remove("detail").unwrap_or(Value::Null),
                 _ => Value::Null,
             };
-            handle_direct(service, detail, &options)
+            handle_direct(service, outlets, detail, &options)
                 .await
                 .map_err(|e| match e {
                     Stage3Error::InvalidRequest(message) => {
@@ -170,33 +225,56 @@ pub async fn handle(
                     other => other,
                 })
         }
-        EventKind::Direct => handle_direct(service, payload, &options).await,
+        EventKind::Direct => handle_direct(service, outlets, payload, &options).await,
     }
 }
 
-/// One request → its `Stage3Output` or its error; a batch → the batch answer.
+/// One request → its `Stage3Output` or its error; a batch → the batch answer. A single
+/// request publishes its scene's event; a batch its scenes' events and `Batch Done`.
 async fn handle_direct(
     service: &Stage3Service,
+    outlets: &Outlets,
     payload: Value,
     options: &RunOptions,
 ) -> Result<Value> {
     match parse_submission(payload, service.config().max_batch)? {
         Submission::Single(request) => {
             let scene = service.prepare(request)?;
-            let output: Stage3Output = service.run_scene(&scene, options).await?;
-            Ok(to_json(&output))
+            let outcome: Result<Stage3Output> = service.run_scene(&scene, options).await;
+            if outlets.events.is_enabled() {
+                let event = match &outcome {
+                    Ok(output) => Event::scene_ready(output),
+                    Err(error) => Event::scene_failed(&SceneFailure::new(scene.scene_id(), error)),
+                };
+                outlets
+                    .events
+                    .publish(&[event], options.deadline.instant())
+                    .await;
+            }
+            Ok(to_json(&outcome?))
         }
         Submission::Batch(requests) => {
             let scenes = service.prepare_all(requests)?;
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
+            outlets
+                .events
+                .publish_batch(&answer, None, options.deadline.instant())
+                .await;
             Ok(to_json(&answer))
         }
     }
 }
 
 /// Runs every valid record's scenes in one batch and names the records to redeliver.
+///
+/// A record whose failures are all permanent ([`dead_letter::is_permanent`]) goes
+/// straight to the dead-letter queue when one is configured, and is redelivered only if
+/// that send fails. Events: every stored scene is announced at once; a record's failures
+/// and its `Batch Done` only once the record is settled (not going back to the queue),
+/// so a scene about to be retried is never announced as failed.
 async fn handle_sqs(
     service: &Stage3Service,
+    outlets: &Outlets,
     payload: Value,
     options: &RunOptions,
 ) -> Result<SqsBatchResponse> {
@@ -217,53 +295,180 @@ async fn handle_sqs(
         }
     }
 
-    let mut failed = vec![false; event.records.len()];
+    let mut records: Vec<SqsRecord> = Vec::with_capacity(event.records.len());
     let mut scenes: Vec<PreparedScene> = Vec::new();
     let mut owners: Vec<usize> = Vec::new();
-    for (index, record) in event.records.into_iter().enumerate() {
+    for (index, (record, message_id)) in event.records.into_iter().zip(message_ids).enumerate() {
         let body = record.body.unwrap_or_default();
         let prepared = parse_submission_bytes(body.as_bytes(), service.config().max_batch)
             .and_then(|submission| service.prepare_all(submission.into_requests()));
+        let mut state = SqsRecord {
+            message_id,
+            body,
+            answer: BatchAnswer::default(),
+            first_error: None,
+            retry: false,
+        };
         match prepared {
             Ok(record_scenes) => {
                 owners.extend(std::iter::repeat_n(index, record_scenes.len()));
                 scenes.extend(record_scenes);
             }
             Err(error) => {
-                // Redelivered until the queue's maxReceiveCount moves it to the dead-letter
-                // queue; this line tells whoever looks there why.
+                // A malformed body never gets better: permanent. Without a dead-letter
+                // queue it is redelivered until the queue's maxReceiveCount moves it
+                // there; this line tells whoever looks there why.
                 tracing::warn!(
-                    message_id = %message_ids[index],
+                    message_id = %state.message_id,
                     error_type = %error.error_type(),
                     error = %error,
                     "SQS record rejected"
                 );
-                failed[index] = true;
+                let scene_id = body_scene_id(&state.body);
+                state.fail(&scene_id, &error);
             }
         }
+        records.push(state);
     }
 
     let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
     for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
-        if let Err(error) = outcome {
-            failed[owner] = true;
-            tracing::warn!(
-                message_id = %message_ids[owner],
-                scene_id = %scene.scene_id(),
-                error_type = %error.error_type(),
-                error = %error,
-                "scene failed; its SQS message will be redelivered"
-            );
+        let record = &mut records[owner];
+        match outcome {
+            Ok(output) => record.answer.results.push(output),
+            Err(error) => {
+                tracing::warn!(
+                    message_id = %record.message_id,
+                    scene_id = %scene.scene_id(),
+                    error_type = %error.error_type(),
+                    permanent = dead_letter::is_permanent(&error),
+                    error = %error,
+                    "scene failed"
+                );
+                record.fail(scene.scene_id(), &error);
+            }
         }
     }
 
+    // Records that failed only for good go to the dead-letter queue, all at once.
+    let dead_lettered: Vec<bool> = match &outlets.dead_letter {
+        Some(queue) => {
+            futures::future::join_all(
+                records
+                    .iter()
+                    .map(|record| record.dead_letter(queue, options.deadline.instant())),
+            )
+            .await
+        }
+        None => vec![false; records.len()],
+    };
+
     let mut response = SqsBatchResponse::default();
-    for (message_id, _) in message_ids.into_iter().zip(failed).filter(|(_, f)| *f) {
-        let mut item = BatchItemFailure::default();
-        item.item_identifier = message_id;
-        response.batch_item_failures.push(item);
+    let mut announcements = Vec::new();
+    for (mut record, dead_lettered) in records.into_iter().zip(dead_lettered) {
+        record.answer.summarize();
+        let redeliver = record.first_error.is_some() && !dead_lettered;
+        if redeliver {
+            tracing::warn!(
+                message_id = %record.message_id,
+                failed = record.answer.failures.len(),
+                "SQS message will be redelivered"
+            );
+            let mut item = BatchItemFailure::default();
+            item.item_identifier = record.message_id;
+            response.batch_item_failures.push(item);
+            if outlets.events.is_enabled() {
+                announcements.extend(record.answer.results.iter().map(Event::scene_ready));
+            }
+        } else if outlets.events.is_enabled() {
+            announcements.extend(events::batch_events(&record.answer, None));
+        }
     }
+    outlets
+        .events
+        .publish(&announcements, options.deadline.instant())
+        .await;
     Ok(response)
+}
+
+/// One SQS record's part of the invocation.
+struct SqsRecord {
+    message_id: String,
+    /// The body exactly as it arrived: what the dead-letter queue gets.
+    body: String,
+    answer: BatchAnswer,
+    /// The first failure, which names the cause in the dead-letter attributes.
+    first_error: Option<Stage3Error>,
+    /// Some failure may go away on another try: the record must be redelivered.
+    retry: bool,
+}
+
+impl SqsRecord {
+    fn fail(&mut self, scene_id: &str, error: &Stage3Error) {
+        self.answer
+            .failures
+            .push(SceneFailure::new(scene_id, error));
+        self.retry |= !dead_letter::is_permanent(error);
+        if self.first_error.is_none() {
+            self.first_error = Some(error.clone());
+        }
+    }
+
+    /// Sends the record to `queue` when every failure in it is permanent; answers whether
+    /// it is now there (and so must not be redelivered). A send the invocation's deadline
+    /// cuts short counts as failed: the message is redelivered rather than risk the
+    /// whole answer missing the deadline.
+    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Option<Instant>) -> bool {
+        let Some(error) = self.first_error.as_ref().filter(|_| !self.retry) else {
+            return false;
+        };
+        let letter = DeadLetter {
+            error_type: error.error_type(),
+            error_message: error.to_string(),
+            scene_ids: self
+                .answer
+                .failures
+                .iter()
+                .map(|f| f.scene_id.clone())
+                .filter(|id| !id.is_empty())
+                .collect(),
+        };
+        let send = queue.send(&self.message_id, &self.body, &letter);
+        let sent = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, send)
+                .await
+                .unwrap_or_else(|_| Err("the invocation's deadline came first".to_string())),
+            None => send.await,
+        };
+        match sent {
+            Ok(()) => {
+                tracing::warn!(
+                    message_id = %self.message_id,
+                    error_type = %letter.error_type,
+                    scene_ids = %letter.scene_ids.join(","),
+                    queue = queue.queue_url(),
+                    "SQS message failed for good; sent to the dead-letter queue"
+                );
+                true
+            }
+            Err(send_error) => {
+                tracing::warn!(
+                    message_id = %self.message_id,
+                    error = %send_error,
+                    "dead-letter queue unreachable; the message will be redelivered instead"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// The `scene_id` a rejected body names at its top level, if any, for its failure report.
+fn body_scene_id(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|value| value.get("scene_id")?.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

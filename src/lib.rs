@@ -19,6 +19,7 @@
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
+//! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
 //! - [`error`]: the error type and its stable `error_type` identifiers.
 //!
@@ -28,6 +29,7 @@ pub mod cache;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod events;
 pub mod labels;
 pub mod lambda;
 pub mod normalize;

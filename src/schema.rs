@@ -421,7 +421,8 @@ impl BatchAnswer {
             .iter()
             .filter(|r| !r.from_cache)
             .filter_map(|r| r.generation_params.cost)
-            .sum();
+            // Not `sum()`: an empty float sum is -0.0, which prints as "-0.0".
+            .fold(0.0, |total, cost| total + cost);
         self.summary = BatchSummary {
             scenes: self.results.len() + self.failures.len(),
             succeeded: self.results.len(),

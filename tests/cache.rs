@@ -315,7 +315,14 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     .unwrap();
     assert_eq!(provider.calls(), 1, "relabelled, not regenerated");
     assert!(marked.from_cache);
-    assert!(marked.generation_params.aigc_label.as_ref().unwrap().visible);
+    assert!(
+        marked
+            .generation_params
+            .aigc_label
+            .as_ref()
+            .unwrap()
+            .visible
+    );
     assert_ne!(marked.image_path, labelled.image_path);
     assert_ne!(pixels(&marked.image_path), original_pixels);
     assert_eq!(
@@ -337,6 +344,9 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
         .generate_scene_image(request("s1"))
         .await
         .unwrap();
-    assert_eq!(again.image_path, unmarked.image_path, "settled: a plain hit");
+    assert_eq!(
+        again.image_path, unmarked.image_path,
+        "settled: a plain hit"
+    );
     assert_eq!(provider.calls(), 1);
 }

@@ -17,12 +17,18 @@ async fn main() -> ExitCode {
     // Built before the first event, outside any invocation: the HTTP connection pool and
     // the S3 client are reused by every event this sandbox serves. A bad configuration
     // fails the init phase, where Lambda reports it as `Runtime.ExitError` with our message.
-    let service = match Config::from_env() {
-        Ok(config) => Stage3Service::from_config(config).await,
+    // The event and dead-letter clients too: built here, without any network call.
+    let built = match Config::from_env() {
+        Ok(config) => match lambda::Outlets::from_config(&config).await {
+            Ok(outlets) => Stage3Service::from_config(config)
+                .await
+                .map(|service| (service, outlets)),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
-    let service = match service {
-        Ok(service) => service,
+    let (service, outlets) = match built {
+        Ok(built) => built,
         Err(e) => {
             // One line on stderr, which Lambda keeps in the function's log next to the
             // init failure.
@@ -31,9 +37,10 @@ async fn main() -> ExitCode {
         }
     };
 
-    let service = &service;
-    let handler =
-        service_fn(move |event: LambdaEvent<Value>| lambda::handle_invocation(service, event));
+    let (service, outlets) = (&service, &outlets);
+    let handler = service_fn(move |event: LambdaEvent<Value>| {
+        lambda::handle_invocation_with(service, outlets, event)
+    });
     match lambda_runtime::run(handler).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

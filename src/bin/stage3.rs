@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::config::{Config, ProviderKind};
+use stage3::events::EventPublisher;
 use stage3::provider::PlaceholderProvider;
 use stage3::schema::{parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize};
 use stage3::service::{prepare_all, PreparedScene, RunOptions, Stage3Service};
@@ -123,6 +124,7 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         }
     }
 
+    let events = EventPublisher::from_config(&config).await?;
     let service = Stage3Service::from_config(config).await?;
     let scenes = service.prepare_all(requests)?;
     let progress = Progress::new(&scenes);
@@ -132,6 +134,13 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         })
         .await;
     progress.finish(answer.results.len(), answer.failures.len());
+    if events.is_enabled() {
+        let report = events.publish_batch(&answer, None, None).await;
+        eprintln!(
+            "events: {} delivered, {} lost",
+            report.delivered, report.lost
+        );
+    }
 
     let json = serde_json::to_string_pretty(&answer).expect("batch answer serializes");
     println!("{json}");

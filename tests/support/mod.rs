@@ -7,6 +7,7 @@
 
 pub mod counting_provider;
 pub mod gated_store;
+pub mod moto;
 pub mod s3_server;
 pub mod scripted_openrouter;
 pub mod tls;

@@ -1,0 +1,336 @@
+//! Events to an Amazon EventBridge bus (`STAGE3_EVENT_BUS`), with `PutEvents`.
+//!
+//! EventBridge takes at most 10 entries and 256 KB per `PutEvents` call, and may accept a
+//! call while refusing some of its entries (`FailedEntryCount`, an `ErrorCode` per entry).
+//! So events go in chunks that respect both limits, and the entries refused for a passing
+//! reason (throttling, an internal failure) are sent again with backoff, as are whole
+//! calls that failed in transit. Whatever is still refused after that is logged and
+//! counted as lost; nothing here can fail a scene.
+//!
+//! The client is built once at start-up from the standard AWS configuration, so the
+//! endpoint comes from `AWS_ENDPOINT_URL_EVENTBRIDGE` / `AWS_ENDPOINT_URL` (a local
+//! EventBridge such as moto in the tests) and credentials from the usual chain (the
+//! Lambda role). Building it makes no network call.
+
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_eventbridge::config::retry::RetryConfig;
+use aws_sdk_eventbridge::config::timeout::TimeoutConfig;
+use aws_sdk_eventbridge::config::{BehaviorVersion, Region};
+use aws_sdk_eventbridge::error::DisplayErrorContext;
+use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_eventbridge::operation::put_events::PutEventsError;
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use aws_sdk_eventbridge::Client;
+use tokio::time::Instant;
+
+use super::{Backoff, Event, EventSink, EVENT_SOURCE};
+use crate::config::EventsConfig;
+
+/// Entries per `PutEvents` call (EventBridge's limit).
+pub const MAX_ENTRIES_PER_CALL: usize = 10;
+/// Bytes of entries per `PutEvents` call: EventBridge's 256 KB, less a little for safety.
+pub const MAX_BYTES_PER_CALL: usize = 256 * 1024 - 1024;
+/// Longest wait for a TCP (and TLS) connection to EventBridge.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest one `PutEvents` call may take.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An [`EventSink`] over one EventBridge bus.
+#[derive(Clone)]
+pub struct EventBridgeSink {
+    client: Client,
+    /// A bus name or ARN, as `PutEvents` takes it.
+    bus: String,
+    backoff: Backoff,
+}
+
+impl fmt::Debug for EventBridgeSink {
+    // The client's configuration holds the credentials provider: leave it out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBridgeSink")
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBridgeSink {
+    /// Builds the client for `bus` from the standard AWS configuration, in the region
+    /// [`EventsConfig::region_for`] chooses. Call once, at start-up.
+    pub async fn from_config(bus: &str, events: &EventsConfig) -> Self {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(events.region_for(Some(bus))))
+            .load()
+            .await;
+        let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(&shared));
+        EventBridgeSink::new(Client::from_conf(config.build()), bus)
+    }
+
+    /// Applies the Stage 3 client settings: short timeouts and a single SDK attempt (this
+    /// sink retries itself, entry by entry). Public so tests that bring their own endpoint
+    /// and credentials get the production behaviour.
+    pub fn configure(
+        builder: aws_sdk_eventbridge::config::Builder,
+    ) -> aws_sdk_eventbridge::config::Builder {
+        builder
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(1))
+    }
+
+    /// A sink over an existing client (tests, embedding).
+    pub fn new(client: Client, bus: &str) -> Self {
+        EventBridgeSink {
+            client,
+            bus: bus.to_string(),
+            backoff: Backoff::DEFAULT,
+        }
+    }
+
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    fn entry(&self, event: &Event) -> PutEventsRequestEntry {
+        PutEventsRequestEntry::builder()
+            .event_bus_name(&self.bus)
+            .source(EVENT_SOURCE)
+            .detail_type(event.kind.detail_type())
+            .detail(&event.data)
+            .build()
+    }
+
+    /// Sends one chunk, retrying what may succeed later; answers how many were lost.
+    async fn put_chunk(&self, chunk: &[Event], deadline: Option<Instant>) -> usize {
+        let mut pending: Vec<&Event> = chunk.iter().collect();
+        let mut retry = 0;
+        loop {
+            let entries = pending.iter().map(|event| self.entry(event)).collect();
+            let call = self.client.put_events().set_entries(Some(entries)).send();
+            let outcome = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        tracing::warn!(
+                            bus = %self.bus,
+                            lost = pending.len(),
+                            "PutEvents: the invocation's deadline came first"
+                        );
+                        return pending.len();
+                    }
+                },
+                None => call.await,
+            };
+            let mut lost = 0;
+            match outcome {
+                Ok(output) => {
+                    let results = output.entries();
+                    let mut again = Vec::new();
+                    for (index, event) in pending.into_iter().enumerate() {
+                        // An entry without a result cannot be known as delivered: send it
+                        // again rather than count it (EventBridge answers one per entry).
+                        let Some(result) = results.get(index) else {
+                            again.push(event);
+                            continue;
+                        };
+                        let Some(code) = result.error_code() else {
+                            continue;
+                        };
+                        if retryable_entry_code(code) {
+                            again.push(event);
+                        } else {
+                            tracing::warn!(
+                                bus = %self.bus,
+                                detail_type = event.kind.detail_type(),
+                                error_code = code,
+                                error = result.error_message().unwrap_or_default(),
+                                "PutEvents refused an event; it is lost"
+                            );
+                            lost += 1;
+                        }
+                    }
+                    pending = again;
+                }
+                Err(error) if transient(&error) => {
+                    tracing::debug!(
+                        bus = %self.bus,
+                        error = %DisplayErrorContext(&error),
+                        "PutEvents failed; retrying"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        bus = %self.bus,
+                        lost = pending.len(),
+                        error = %DisplayErrorContext(&error),
+                        "PutEvents failed for good; its events are lost"
+                    );
+                    return lost + pending.len();
+                }
+            }
+            if pending.is_empty() {
+                return lost;
+            }
+            retry += 1;
+            if retry >= self.backoff.attempts || !self.backoff.wait(retry, deadline).await {
+                tracing::warn!(
+                    bus = %self.bus,
+                    lost = pending.len(),
+                    attempts = retry,
+                    "PutEvents: events still refused after every retry; they are lost"
+                );
+                return lost + pending.len();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventSink for EventBridgeSink {
+    fn name(&self) -> &'static str {
+        "eventbridge"
+    }
+
+    async fn deliver(&self, events: &[Event], deadline: Option<Instant>) -> usize {
+        let sizes: Vec<usize> = events.iter().map(entry_size).collect();
+        let mut lost = 0;
+        for (event, size) in events.iter().zip(&sizes) {
+            if *size > MAX_BYTES_PER_CALL {
+                tracing::warn!(
+                    bus = %self.bus,
+                    detail_type = event.kind.detail_type(),
+                    bytes = size,
+                    "event larger than PutEvents takes; it is lost"
+                );
+                lost += 1;
+            }
+        }
+        let sendable: Vec<Event> = events
+            .iter()
+            .zip(&sizes)
+            .filter(|(_, size)| **size <= MAX_BYTES_PER_CALL)
+            .map(|(event, _)| event.clone())
+            .collect();
+        let sendable_sizes: Vec<usize> = sendable.iter().map(entry_size).collect();
+        for range in plan_chunks(&sendable_sizes) {
+            lost += self.put_chunk(&sendable[range], deadline).await;
+        }
+        lost
+    }
+}
+
+/// An entry's size as EventBridge counts it against the 256 KB limit: source, detail-type
+/// and detail in UTF-8 bytes (no `Time` or `Resources` are sent).
+pub fn entry_size(event: &Event) -> usize {
+    EVENT_SOURCE.len() + event.kind.detail_type().len() + event.data.len()
+}
+
+/// Splits entries of the given sizes into consecutive calls of at most
+/// [`MAX_ENTRIES_PER_CALL`] entries and [`MAX_BYTES_PER_CALL`] bytes, in order. Every
+/// size must be at most [`MAX_BYTES_PER_CALL`].
+pub fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, size) in sizes.iter().enumerate() {
+        if index > start
+            && (index - start == MAX_ENTRIES_PER_CALL || bytes + size > MAX_BYTES_PER_CALL)
+        {
+            chunks.push(start..index);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        chunks.push(start..sizes.len());
+    }
+    chunks
+}
+
+/// Per-entry error codes worth another try (EventBridge's `PutEvents` reference names
+/// throttling and internal failures as the ones to retry).
+fn retryable_entry_code(code: &str) -> bool {
+    code.contains("Throttl") || code.starts_with("Internal") || code == "ServiceUnavailable"
+}
+
+/// Whether a failed call may succeed if made again: transport failures, timeouts,
+/// throttling and 5xx. A missing bus, a refused permission or bad credentials will not.
+fn transient(error: &SdkError<PutEventsError>) -> bool {
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            service.raw().status().as_u16() >= 500
+                || code.contains("Throttl")
+                || code.starts_with("Internal")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    #[test]
+    fn chunks_hold_at_most_ten_entries() {
+        let chunks = plan_chunks(&[100; 25]);
+        assert_eq!(chunks, [0..10, 10..20, 20..25]);
+        assert_eq!(plan_chunks(&[100; 10]), vec![Range { start: 0, end: 10 }]);
+        assert!(plan_chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn chunks_stay_under_the_request_size_limit() {
+        let big = 100 * 1024;
+        assert_eq!(plan_chunks(&[big, big, big, 10]), [0..2, 2..4]);
+        assert_eq!(
+            plan_chunks(&[MAX_BYTES_PER_CALL, 1, MAX_BYTES_PER_CALL]),
+            [0..1, 1..2, 2..3]
+        );
+        for chunk in plan_chunks(&[60 * 1024; 30]) {
+            assert!(chunk.len() * 60 * 1024 <= MAX_BYTES_PER_CALL, "{chunk:?}");
+        }
+    }
+
+    #[test]
+    fn entry_size_counts_what_eventbridge_counts() {
+        let event = Event {
+            kind: EventKind::BatchDone,
+            data: "{}".into(),
+        };
+        assert_eq!(
+            entry_size(&event),
+            "stage3".len() + "Stage3 Batch Done".len() + 2
+        );
+    }
+
+    #[test]
+    fn only_passing_entry_errors_are_retried() {
+        for code in [
+            "ThrottlingException",
+            "InternalFailure",
+            "InternalException",
+        ] {
+            assert!(retryable_entry_code(code), "{code}");
+        }
+        for code in [
+            "MalformedDetail",
+            "InvalidArgument",
+            "AccessDeniedException",
+            "NotAuthorizedForSourceException",
+        ] {
+            assert!(!retryable_entry_code(code), "{code}");
+        }
+    }
+}
