@@ -8,7 +8,9 @@
 //! - [`config`]: the environment variables, read and checked once at start-up.
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
-//! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG; keeps
+//!   only the PNG chunks it checks (`normalize::chunks`) and writes the AIGC label
+//!   (`normalize::aigc`).
 //! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS).
 //! - [`cache`]: request hashes, content-addressed keys and result records.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
