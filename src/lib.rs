@@ -8,7 +8,9 @@
 //! - [`config`]: the environment variables, read and checked once at start-up.
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
-//! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
+//! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG; keeps
+//!   only the PNG chunks it checks (`normalize::chunks`) and writes the AIGC label
+//!   (`normalize::aigc`).
 //! - [`labels`]: the GB 45438 AIGC labels on published images, and relabelling.
 //! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
 //!   placeholder's lettering and the visible "AI生成" mark.
