@@ -21,6 +21,8 @@ pub use visible_label::{
 pub const MIN_PX: u32 = EM;
 /// The largest size, in pixels per em; larger requests are drawn at this size.
 pub const MAX_PX: u32 = 1024;
+/// The widest line [`Mask::line`] draws, in pixels.
+pub const MAX_LINE_WIDTH: u32 = 16_384;
 
 /// Width of `text` in font units (1/16 em).
 pub fn advance_units(text: &str) -> u32 {
@@ -262,7 +264,17 @@ impl Mask {
     pub fn line(text: &str, px: u32) -> Mask {
         let px = clamp_px(px);
         let font = font();
-        let glyphs: Vec<Glyph> = text.chars().map(|ch| font.glyph_or_box(ch)).collect();
+        // A line is meant to be wrapped first; past MAX_LINE_WIDTH pixels the rest is
+        // dropped, so no text can ask for an unbounded mask.
+        let mut units = 0u32;
+        let glyphs: Vec<Glyph> = text
+            .chars()
+            .map(|ch| font.glyph_or_box(ch))
+            .take_while(|glyph| {
+                units += glyph.width;
+                units_to_px(units, px) <= MAX_LINE_WIDTH
+            })
+            .collect();
         let units: u32 = glyphs.iter().map(|g| g.width).sum();
 
         // The line as one bitmap in font units, so glyphs join without seams.
@@ -677,6 +689,8 @@ mod tests {
         let long = "狐".repeat(100_000);
         let lines = wrap(&long, 16, 160, 3);
         assert_eq!(lines.len(), 3);
+        let mask = Mask::line(&long, 256);
+        assert!(mask.width <= MAX_LINE_WIDTH && mask.width > MAX_LINE_WIDTH - 256);
         for odd in ["\u{0}\u{301}\u{200B}", "한국어", "🦊🦊", "\u{FFFF}", "\t\n"] {
             let _ = Mask::line(odd, 40);
             let _ = wrap(odd, 40, 10, 2);
@@ -713,5 +727,21 @@ mod tests {
         assert!(pixels.chunks_exact(4).all(|p| p[3] == 255));
         assert!(pixels.chunks_exact(4).any(|p| p[0] < 50));
         assert!(Surface::new(&mut [0u8; 10], 2, 2, 3).is_none());
+    }
+
+    /// The pixels of a line are pinned: any machine (x86_64, arm64) and any later build
+    /// must draw exactly these, or cached placeholder images would change under their keys.
+    #[test]
+    fn rendering_is_pinned_across_machines() {
+        use sha2::{Digest, Sha256};
+        let mask = Mask::line("清晨的城市天际线，一只小狐狸 googles «jQuery»", 40);
+        let shadow = mask.shadow(3);
+        let mut hasher = Sha256::new();
+        hasher.update(&mask.alpha);
+        hasher.update(&shadow.alpha);
+        assert_eq!(
+            hex::encode(hasher.finalize()),
+            "a2df2b0a5bc62df6202ddbdba9f8696e10d3a34b17e24c0d76b2c905a7dc38f3"
+        );
     }
 }
