@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::error::{Result, Stage3Error};
 use crate::schema::{parse_submission, parse_submission_bytes, Stage3Output, Submission};
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
+use crate::story;
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
 /// the runtime: an answer that misses the deadline is lost and the whole event retried.
@@ -190,6 +191,16 @@ async fn handle_direct(
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
             Ok(to_json(&answer))
         }
+        Submission::Story { story_id, requests } => {
+            let scenes = service.prepare_all(requests)?;
+            let story_scenes = story::story_scenes(&scenes);
+            let mut answer = service.run_batch(scenes, options, &|_, _| {}).await;
+            // Publishing may use half the safety margin; the answer still needs the rest.
+            let deadline = options.deadline.map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+            story::publish_into_answer(service, &story_id, &story_scenes, &mut answer, deadline)
+                .await;
+            Ok(to_json(&answer))
+        }
     }
 }
 
@@ -217,12 +228,16 @@ async fn handle_sqs(
     }
 
     let mut failed = vec![false; event.records.len()];
+    let mut stories: Vec<Option<String>> = vec![None; event.records.len()];
     let mut scenes: Vec<PreparedScene> = Vec::new();
     let mut owners: Vec<usize> = Vec::new();
     for (index, record) in event.records.into_iter().enumerate() {
         let body = record.body.unwrap_or_default();
         let prepared = parse_submission_bytes(body.as_bytes(), service.config().max_batch)
-            .and_then(|submission| service.prepare_all(submission.into_requests()));
+            .and_then(|submission| {
+                stories[index] = submission.story_id().map(str::to_string);
+                service.prepare_all(submission.into_requests())
+            });
         match prepared {
             Ok(record_scenes) => {
                 owners.extend(std::iter::repeat_n(index, record_scenes.len()));
@@ -243,6 +258,7 @@ async fn handle_sqs(
     }
 
     let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
+    publish_queued_stories(service, &scenes, &owners, &stories, &outcomes, options).await;
     for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
         if let Err(error) = outcome {
             failed[owner] = true;
@@ -263,6 +279,35 @@ async fn handle_sqs(
         response.batch_item_failures.push(item);
     }
     Ok(response)
+}
+
+/// Publishes the story of every record that named one, each story once with all its
+/// records' scenes. A failure is logged, not redelivered: the scenes are stored, and the
+/// story's next batch merges whatever fragment this one left.
+async fn publish_queued_stories(
+    service: &Stage3Service,
+    scenes: &[PreparedScene],
+    owners: &[usize],
+    stories: &[Option<String>],
+    outcomes: &[Result<Stage3Output>],
+    options: &RunOptions,
+) {
+    let mut by_story: std::collections::BTreeMap<
+        &str,
+        (Vec<story::StoryScene>, Vec<Result<Stage3Output>>),
+    > = std::collections::BTreeMap::new();
+    for ((scene, owner), outcome) in scenes.iter().zip(owners).zip(outcomes) {
+        if let Some(story_id) = stories[*owner].as_deref() {
+            let (story_scenes, story_outcomes) = by_story.entry(story_id).or_default();
+            story_scenes.push(story::StoryScene::from(scene));
+            story_outcomes.push(outcome.clone());
+        }
+    }
+    let deadline = options.deadline.map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+    for (story_id, (story_scenes, story_outcomes)) in by_story {
+        let entries = story::entries_from_outcomes(&story_scenes, &story_outcomes);
+        story::publish_or_report(service, story_id, entries, deadline).await;
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

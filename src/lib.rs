@@ -10,6 +10,7 @@
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
 //! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS).
+//! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
 //! - [`cache`]: request hashes, content-addressed keys and result records.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
@@ -29,6 +30,7 @@ pub mod retry;
 pub mod schema;
 pub mod service;
 pub mod storage;
+pub mod story;
 pub mod telemetry;
 
 pub use config::Config;

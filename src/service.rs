@@ -185,6 +185,11 @@ impl Stage3Service {
         &self.config
     }
 
+    /// The store images go to (story manifests and pages go beside them).
+    pub fn store(&self) -> &dyn ObjectStore {
+        self.store.as_ref()
+    }
+
     /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
     pub fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
         PreparedScene::new(request, &self.config, self.provider.as_ref())
@@ -330,6 +335,11 @@ impl Stage3Service {
             if let Some(mut output) = cached {
                 tracing::info!("cache hit: returning the stored result, no provider call");
                 output.image_url = self.image_url(&scene.keys.image).await?;
+                // story: a thumbnail's URL is made afresh like the image's (a presigned one expires).
+                if output.thumbnail_path.is_some() {
+                    let thumbnail_key = crate::story::thumbnail_key(&scene.keys.image);
+                    output.thumbnail_url = self.image_url(&thumbnail_key).await?;
+                }
                 output.from_cache = true;
                 return Ok(output);
             }
@@ -346,6 +356,20 @@ impl Stage3Service {
         })
         .await?;
         let image_url = self.image_url(image_key).await?;
+        // story: the gallery thumbnail beside the image. Only a convenience: a scene whose
+        // thumbnail cannot be stored still succeeds, and pages fall back to the full image.
+        let thumbnail_key = {
+            let _decoding = self.decode_permits.acquire().await;
+            let png = generated.image.png.clone();
+            crate::story::store_thumbnail(self.store.as_ref(), image_key, png)
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
+                .ok()
+        };
+        let (thumbnail_path, thumbnail_url) = match &thumbnail_key {
+            Some(key) => (Some(self.store.location(key)), self.image_url(key).await?),
+            None => (None, None),
+        };
 
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
@@ -378,6 +402,8 @@ impl Stage3Service {
                 finished_at: rfc3339(SystemTime::now()),
                 duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
             },
+            thumbnail_path,
+            thumbnail_url,
             from_cache: false,
         };
         // The record goes last: it is what makes the stored image a result.

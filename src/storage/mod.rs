@@ -57,6 +57,16 @@ pub trait ObjectStore: Send + Sync {
     /// A URL that reads the object without credentials when no public base URL is set
     /// (a presigned GET on S3); `None` where there is no such thing (the filesystem).
     async fn signed_url(&self, key: &str) -> Result<Option<String>>;
+
+    /// The keys that start with `prefix` (in this store's key space, without the S3
+    /// prefix), in byte order. Objects being written are never listed half-done. Stores
+    /// that cannot list keep this default, which says so.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Err(crate::error::Stage3Error::storage(
+            format!("this store cannot list keys (prefix {prefix:?})"),
+            false,
+        ))
+    }
 }
 
 /// Builds the configured store. Called once at start-up (the S3 client is built here).

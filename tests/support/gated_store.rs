@@ -63,4 +63,8 @@ impl ObjectStore for GatedStore {
     async fn signed_url(&self, key: &str) -> Result<Option<String>> {
         self.inner.signed_url(key).await
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix).await
+    }
 }
