@@ -357,7 +357,7 @@ pub struct Stage3Output {
     pub width: u32,
     pub height: u32,
     pub generation_params: GenerationParams,
-    /// The small PNG stored beside the image for galleries (`…-thumb.png`), as a path like
+    /// The small PNG stored for galleries (`thumbnails/{image key}`), as a path like
     /// `image_path` and a URL like `image_url`; absent when none was stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thumbnail_path: Option<String>,

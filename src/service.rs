@@ -356,7 +356,7 @@ impl Stage3Service {
         })
         .await?;
         let image_url = self.image_url(image_key).await?;
-        // story: the gallery thumbnail beside the image. Only a convenience: a scene whose
+        // story: the gallery thumbnail (`thumbnails/{image key}`). Only a convenience: a scene whose
         // thumbnail cannot be stored still succeeds, and pages fall back to the full image.
         let thumbnail_key = {
             let _decoding = self.decode_permits.acquire().await;

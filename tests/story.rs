@@ -252,11 +252,12 @@ async fn the_cli_publishes_the_story_and_later_batches_update_it() {
         "Chinese text survives"
     );
 
-    // Every stored image has a small thumbnail beside it, named in the answer.
+    // Every stored image has a small thumbnail in `thumbnails/`, named in the answer.
     for result in answer["results"].as_array().unwrap() {
         let image = result["image_path"].as_str().unwrap();
         let thumbnail = result["thumbnail_path"].as_str().unwrap();
-        assert_eq!(thumbnail, image.replace(".png", "-thumb.png"));
+        let name = Path::new(image).file_name().unwrap();
+        assert_eq!(Path::new(thumbnail), out.join("thumbnails").join(name));
         let decoded = image::open(thumbnail).unwrap();
         assert_eq!(decoded.width().max(decoded.height()), 320, "{thumbnail}");
         assert!(

@@ -251,7 +251,7 @@ mod tests {
         entry.error_type = None;
         entry.message = None;
         entry.image_key = Some(format!("{id}-9c1e4f0a2b7d3e55.png"));
-        entry.thumbnail_key = Some(format!("{id}-9c1e4f0a2b7d3e55-thumb.png"));
+        entry.thumbnail_key = Some(format!("thumbnails/{id}-9c1e4f0a2b7d3e55.png"));
         entry.width = Some(1344);
         entry.height = Some(768);
         entry.cost = Some(0.039);
@@ -285,7 +285,7 @@ mod tests {
         let third = page.find(r#"id="scene-scene_003""#).unwrap();
         assert!(first < second && second < third);
         assert!(page.contains(
-            r#"<a class="thumb" href="../../scene_001-9c1e4f0a2b7d3e55.png" title="Open scene_001 full size"><img src="../../scene_001-9c1e4f0a2b7d3e55-thumb.png" width="320" height="183""#
+            r#"<a class="thumb" href="../../scene_001-9c1e4f0a2b7d3e55.png" title="Open scene_001 full size"><img src="../../thumbnails/scene_001-9c1e4f0a2b7d3e55.png" width="320" height="183""#
         ));
         assert!(page.contains("一只狐狸在雪中"));
         assert!(page.contains(r#"<article class="card failed" id="scene-scene_002">"#));

@@ -112,7 +112,10 @@ impl ManifestEntry {
     /// The entry of a stored image.
     pub fn succeeded(scene: &StoryScene, output: &Stage3Output) -> Self {
         let image_key = key_of_location(&output.image_path);
-        let thumbnail_key = output.thumbnail_path.as_deref().map(key_of_location);
+        let thumbnail_key = output
+            .thumbnail_path
+            .as_ref()
+            .map(|_| super::thumbnail::thumbnail_key(&image_key));
         ManifestEntry {
             scene_id: scene.scene_id.clone(),
             status: SceneStatus::Succeeded,

@@ -3,7 +3,7 @@
 //!
 //! - [`manifest`]: the manifest format, and the merge of batch fragments into it.
 //! - [`gallery`]: the storyboard page (`index.html`), self-contained static HTML.
-//! - [`thumbnail`]: the small PNG stored beside every image, which keeps the page light.
+//! - [`thumbnail`]: the small PNG stored for every image, which keeps the page light.
 //!
 //! ## Why concurrent batches lose nothing
 //!

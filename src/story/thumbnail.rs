@@ -1,4 +1,4 @@
-//! Small PNG thumbnails beside each stored image, so a storyboard of fifty 2K scenes loads
+//! Small PNG thumbnails of each stored image (`thumbnails/{image key}`), so a storyboard of fifty 2K scenes loads
 //! a few megabytes instead of a few hundred.
 //!
 //! The thumbnail is an area average of the source (every source pixel counts once, so fine
@@ -26,12 +26,16 @@ const AIGC_KEYWORD: &str = "AIGC";
 /// The largest source decoded, width × height: the service's default image bound.
 const MAX_SOURCE_PIXELS: u64 = 40_000_000;
 
+/// Where the thumbnails live: a folder of their own beside the images, under the image's
+/// own name, so whatever lists or globs the images (`*.png` in the output directory, the
+/// record/image pairing checks) never takes a thumbnail for an image.
+pub const THUMBNAIL_FOLDER: &str = "thumbnails/";
+
 /// The key of the thumbnail of the image stored under `image_key`:
-/// `scene_001-9c1e4f0a2b7d3e55.png` → `scene_001-9c1e4f0a2b7d3e55-thumb.png`. Image keys are
-/// content-addressed and never overwritten, so neither is the thumbnail.
+/// `scene_001-9c1e4f0a2b7d3e55.png` → `thumbnails/scene_001-9c1e4f0a2b7d3e55.png`. Image
+/// keys are content-addressed and never overwritten, so neither is the thumbnail.
 pub fn thumbnail_key(image_key: &str) -> String {
-    let stem = image_key.strip_suffix(".png").unwrap_or(image_key);
-    format!("{stem}-thumb.png")
+    format!("{THUMBNAIL_FOLDER}{image_key}")
 }
 
 /// Makes the thumbnail of the image already stored under `image_key` from its PNG bytes and
@@ -302,10 +306,10 @@ mod tests {
     }
 
     #[test]
-    fn keys_sit_beside_the_image() {
+    fn keys_sit_in_their_own_folder_under_the_image_name() {
         assert_eq!(
             thumbnail_key("scene_001-9c1e4f0a2b7d3e55.png"),
-            "scene_001-9c1e4f0a2b7d3e55-thumb.png"
+            "thumbnails/scene_001-9c1e4f0a2b7d3e55.png"
         );
     }
 
