@@ -184,7 +184,7 @@ say "bucket $bucket ready for key $key_id"
 
 # --- the suites --------------------------------------------------------------------------
 
-say "cargo test --test s3_storage --test s3_service against http://$address:$s3_port"
+say "cargo test --test s3_storage --test s3_service --test story against http://$address:$s3_port"
 started=$SECONDS
 STAGE3_TEST_S3_ENDPOINT="http://$address:$s3_port" \
     STAGE3_TEST_S3_BUCKET="$bucket" \
@@ -192,6 +192,6 @@ STAGE3_TEST_S3_ENDPOINT="http://$address:$s3_port" \
     STAGE3_TEST_S3_SECRET_KEY="$secret_key" \
     STAGE3_TEST_S3_REGION="$region" \
     STAGE3_TEST_S3_PATH_STYLE=1 \
-    cargo test --test s3_storage --test s3_service "$@" ||
+    cargo test --test s3_storage --test s3_service --test story "$@" ||
     fail "the S3 suites failed against Garage"
 say "the S3 suites passed against Garage in $((SECONDS - started))s"

@@ -37,6 +37,7 @@ use crate::schema::{
     parse_submission, parse_submission_bytes, BatchAnswer, SceneFailure, Stage3Output, Submission,
 };
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
+use crate::story;
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
 /// the runtime: an answer that misses the deadline is lost and the whole event retried.
@@ -262,6 +263,24 @@ async fn handle_direct(
                 .await;
             Ok(to_json(&answer))
         }
+        Submission::Story { story_id, requests } => {
+            let scenes = service.prepare_all(requests)?;
+            let story_scenes = story::story_scenes(&scenes);
+            let mut answer = service.run_batch(scenes, options, &|_, _| {}).await;
+            // Publishing may use half the safety margin; the answer still needs the rest.
+            let deadline = options
+                .deadline
+                .instant()
+                .map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+            story::publish_into_answer(service, &story_id, &story_scenes, &mut answer, deadline)
+                .await;
+            let story = answer.story.as_ref().map(events::StoryRef::from);
+            outlets
+                .events
+                .publish_batch(&answer, story.as_ref(), options.deadline.instant())
+                .await;
+            Ok(to_json(&answer))
+        }
     }
 }
 
@@ -296,12 +315,16 @@ async fn handle_sqs(
     }
 
     let mut records: Vec<SqsRecord> = Vec::with_capacity(event.records.len());
+    let mut stories: Vec<Option<String>> = vec![None; event.records.len()];
     let mut scenes: Vec<PreparedScene> = Vec::new();
     let mut owners: Vec<usize> = Vec::new();
     for (index, (record, message_id)) in event.records.into_iter().zip(message_ids).enumerate() {
         let body = record.body.unwrap_or_default();
         let prepared = parse_submission_bytes(body.as_bytes(), service.config().max_batch)
-            .and_then(|submission| service.prepare_all(submission.into_requests()));
+            .and_then(|submission| {
+                stories[index] = submission.story_id().map(str::to_string);
+                service.prepare_all(submission.into_requests())
+            });
         let mut state = SqsRecord {
             message_id,
             body,
@@ -332,6 +355,7 @@ async fn handle_sqs(
     }
 
     let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
+    publish_queued_stories(service, &scenes, &owners, &stories, &outcomes, options).await;
     for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
         let record = &mut records[owner];
         match outcome {
@@ -469,6 +493,38 @@ fn body_scene_id(body: &str) -> String {
         .ok()
         .and_then(|value| value.get("scene_id")?.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// Publishes the story of every record that named one, each story once with all its
+/// records' scenes. A failure is logged, not redelivered: the scenes are stored, and the
+/// story's next batch merges whatever fragment this one left.
+async fn publish_queued_stories(
+    service: &Stage3Service,
+    scenes: &[PreparedScene],
+    owners: &[usize],
+    stories: &[Option<String>],
+    outcomes: &[Result<Stage3Output>],
+    options: &RunOptions,
+) {
+    let mut by_story: std::collections::BTreeMap<
+        &str,
+        (Vec<story::StoryScene>, Vec<Result<Stage3Output>>),
+    > = std::collections::BTreeMap::new();
+    for ((scene, owner), outcome) in scenes.iter().zip(owners).zip(outcomes) {
+        if let Some(story_id) = stories[*owner].as_deref() {
+            let (story_scenes, story_outcomes) = by_story.entry(story_id).or_default();
+            story_scenes.push(story::StoryScene::from(scene));
+            story_outcomes.push(outcome.clone());
+        }
+    }
+    let deadline = options
+        .deadline
+        .instant()
+        .map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+    for (story_id, (story_scenes, story_outcomes)) in by_story {
+        let entries = story::entries_from_outcomes(&story_scenes, &story_outcomes);
+        story::publish_or_report(service, story_id, entries, deadline).await;
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

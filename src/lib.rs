@@ -18,6 +18,7 @@
 //!   `memory` (tests, embedding).
 //! - [`urls`]: the URLs answers give for stored objects — CDN, Qiniu-signed, presigned.
 //! - [`deadline`]: the time budget every provider, download and storage call runs under.
+//! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
@@ -41,6 +42,7 @@ pub mod retry;
 pub mod schema;
 pub mod service;
 pub mod storage;
+pub mod story;
 pub mod telemetry;
 pub mod text;
 pub mod urls;

@@ -363,6 +363,12 @@ pub struct Stage3Output {
     pub width: u32,
     pub height: u32,
     pub generation_params: GenerationParams,
+    /// The small PNG stored for galleries (`thumbnails/{image key}`), as a path like
+    /// `image_path` and a URL like `image_url`; absent when none was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnail_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbnail_url: Option<String>,
     /// True when this answer was served from a stored result: no provider call, no cost.
     /// Never stored in a record (a record describes the generation itself).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -395,6 +401,10 @@ pub struct BatchAnswer {
     /// Counts and money, derived from the two lists (see [`BatchAnswer::summarize`]).
     #[serde(default)]
     pub summary: BatchSummary,
+    /// With a `story_id`: `story_id`, `manifest_url`/`manifest_path`,
+    /// `gallery_url`/`gallery_path`, or `story_error` (see [`crate::story`]).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub story: Option<crate::story::StoryLinks>,
 }
 
 /// What a batch did, in one object a script can read without walking the lists.
@@ -439,13 +449,27 @@ impl BatchAnswer {
 pub enum Submission {
     Single(GenerationRequest),
     Batch(Vec<GenerationRequest>),
+    /// A `{"scenes": [...], "story_id": ..}` batch: its store also gets the story's
+    /// manifest and storyboard page (see [`crate::story`]).
+    Story {
+        story_id: String,
+        requests: Vec<GenerationRequest>,
+    },
 }
 
 impl Submission {
     pub fn into_requests(self) -> Vec<GenerationRequest> {
         match self {
             Submission::Single(request) => vec![request],
-            Submission::Batch(requests) => requests,
+            Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
+        }
+    }
+
+    /// The `story_id` of a story batch.
+    pub fn story_id(&self) -> Option<&str> {
+        match self {
+            Submission::Story { story_id, .. } => Some(story_id),
+            _ => None,
         }
     }
 }
@@ -461,10 +485,13 @@ struct BatchEnvelope {
     quality: Option<ImageQuality>,
     #[serde(default)]
     model: Option<String>,
+    #[serde(default)]
+    story_id: Option<String>,
 }
 
 /// Parses any accepted input shape — one request, an array of requests, or
-/// `{"scenes": [...], "size"?, "quality"?, "model"?}` — and validates every request.
+/// `{"scenes": [...], "size"?, "quality"?, "model"?, "story_id"?}` — and validates every
+/// request (and the `story_id`, by the `scene_id` rules).
 ///
 /// `max_batch` caps the number of scenes. Duplicate `scene_id`s are accepted only when the
 /// requests are identical (they are then generated once); two different requests for the
@@ -482,7 +509,14 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
                 quality: envelope.quality,
                 model: envelope.model,
             };
-            Submission::Batch(parse_items(items, &defaults)?)
+            let requests = parse_items(items, &defaults)?;
+            match envelope.story_id {
+                Some(story_id) => {
+                    crate::story::validate_story_id(&story_id)?;
+                    Submission::Story { story_id, requests }
+                }
+                None => Submission::Batch(requests),
+            }
         }
         Value::Object(_) => {
             let request: GenerationRequest = deserialize_named(value, "request")?;
@@ -496,7 +530,7 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
             )))
         }
     };
-    if let Submission::Batch(requests) = &submission {
+    if let Submission::Batch(requests) | Submission::Story { requests, .. } = &submission {
         if requests.is_empty() {
             return Err(Stage3Error::invalid_request("the batch has no scenes"));
         }
@@ -683,6 +717,25 @@ mod tests {
         for good in ["scene_001", "Scene-1.v2", "a", &"x".repeat(128)] {
             parse_submission(scene(good), 100).unwrap();
         }
+    }
+
+    #[test]
+    fn a_story_id_makes_a_story_batch_under_the_scene_id_rules() {
+        let submission = parse_submission(
+            json!({"story_id": "fox-1", "scenes": [scene("a"), scene("b")]}),
+            100,
+        )
+        .unwrap();
+        assert_eq!(submission.story_id(), Some("fox-1"));
+        assert_eq!(submission.into_requests().len(), 2);
+        for bad in ["", "../x", "a/b", ".hidden", "ü", &"x".repeat(129)] {
+            let message = rejection(json!({"story_id": bad, "scenes": [scene("a")]}));
+            assert!(message.starts_with("story_id:"), "{bad:?}: {message}");
+        }
+        assert!(rejection(json!({"story_id": 7, "scenes": [scene("a")]})).starts_with("story_id:"));
+        assert!(rejection(json!({"story_id": "s", "scenes": []})).contains("no scenes"));
+        let plain = parse_submission(json!({"scenes": [scene("a")]}), 100).unwrap();
+        assert_eq!(plain.story_id(), None);
     }
 
     #[test]

@@ -205,6 +205,16 @@ impl Stage3Service {
         &self.config
     }
 
+    /// How answers point at stored objects (CDN, signed, presigned).
+    pub fn urls(&self) -> &UrlPolicy {
+        &self.urls
+    }
+
+    /// The store images go to (story manifests and pages go beside them).
+    pub fn store(&self) -> &dyn ObjectStore {
+        self.store.as_ref()
+    }
+
     /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
     pub fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
         PreparedScene::new(request, &self.config, self.provider.as_ref())
@@ -423,6 +433,7 @@ impl Stage3Service {
             ..self.params_for(scene)
         };
         let mut image_key = image_key;
+        let mut relabelled_png = None;
         let labelled_as_asked = params
             .aigc_label
             .as_ref()
@@ -432,11 +443,20 @@ impl Stage3Service {
                 return Ok(None);
             };
             image_key = relabelled.image_key;
+            relabelled_png = Some(relabelled.published.png.clone());
             params.content_sha256 = relabelled.published.sha256;
             params.bytes = relabelled.published.png.len() as u64;
             params.etag = relabelled.etag;
             params.aigc_label = Some(relabelled.published.applied);
         }
+        let (thumbnail_path, thumbnail_url) = match (&relabelled_png, &record.thumbnail_path) {
+            (Some(png), _) => self.store_thumbnail(&image_key, png).await?,
+            (None, Some(_)) => {
+                let key = crate::story::thumbnail_key(&image_key);
+                (Some(self.store.location(&key)), self.image_url(&key).await?)
+            }
+            (None, None) => (None, None),
+        };
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
             image_path: self.store.location(&image_key),
@@ -444,6 +464,8 @@ impl Stage3Service {
             width: record.width,
             height: record.height,
             generation_params: params,
+            thumbnail_path,
+            thumbnail_url,
             from_cache: true,
         };
         if !labelled_as_asked {
@@ -607,6 +629,9 @@ impl Stage3Service {
         params.started_at = rfc3339(started_at);
         params.finished_at = rfc3339(SystemTime::now());
         params.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let (thumbnail_path, thumbnail_url) = self
+            .store_thumbnail(&stored.image_key, &stored.published.png)
+            .await?;
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
             image_path: self.store.location(&stored.image_key),
@@ -614,6 +639,8 @@ impl Stage3Service {
             width: source.width,
             height: source.height,
             generation_params: params,
+            thumbnail_path,
+            thumbnail_url,
             from_cache: false,
         };
         // The record goes last: it is what makes the stored image a result.
@@ -622,6 +649,27 @@ impl Stage3Service {
         })
         .await?;
         Ok(output)
+    }
+
+    /// The gallery thumbnail of a stored image (`thumbnails/{image key}`), and its location
+    /// and URL. Only a convenience: a thumbnail that cannot be stored is logged, the scene
+    /// still succeeds, and pages fall back to the full image.
+    async fn store_thumbnail(
+        &self,
+        image_key: &str,
+        png: &bytes::Bytes,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let stored = {
+            let _decoding = self.decode_permits.acquire().await;
+            crate::story::store_thumbnail(self.store.as_ref(), image_key, png.clone())
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
+                .ok()
+        };
+        Ok(match stored {
+            Some(key) => (Some(self.store.location(&key)), self.image_url(&key).await?),
+            None => (None, None),
+        })
     }
 
     /// A content address is taken: normally by these very bytes (generated before, or by a

@@ -1,8 +1,8 @@
 //! `stage3`: the command-line shell over the Stage 3 service.
 //!
 //! Prints the batch answer as JSON on stdout and progress on stderr. Exit codes are a
-//! contract: 0 every scene done, 1 some failed, 2 invalid input or configuration (nothing
-//! generated, nothing spent).
+//! contract: 0 every scene done, 1 some failed (or the story's manifest and page could not
+//! be published), 2 invalid input or configuration (nothing generated, nothing spent).
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -15,7 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stage3::config::{Config, ProviderKind};
 use stage3::events::EventPublisher;
 use stage3::provider::PlaceholderProvider;
-use stage3::schema::{parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize};
+use stage3::schema::{
+    parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize, Submission,
+};
 use stage3::service::{prepare_all, PreparedScene, RunOptions, Stage3Service};
 use stage3::{telemetry, Stage3Error};
 
@@ -38,6 +40,11 @@ enum Command {
     Validate {
         /// The input JSON file, or `-` for stdin.
         input: PathBuf,
+    },
+    /// Rebuild a story's storyboard page (index.html) from its manifest.json.
+    Gallery {
+        /// The story's directory (`OUT/stories/STORY_ID`) or its manifest.json.
+        story: PathBuf,
     },
 }
 
@@ -90,6 +97,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args).await,
         Command::Validate { input } => validate(&input),
+        Command::Gallery { story } => gallery(&story),
     };
     match result {
         Ok(code) => code,
@@ -115,7 +123,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         config.force = true;
     }
 
-    let mut requests = read_requests(&args.input, config.max_batch)?;
+    let submission = read_submission(&args.input, config.max_batch)?;
+    let story_id = submission.story_id().map(str::to_string);
+    let mut requests = submission.into_requests();
     for request in &mut requests {
         request.size = args.size.or(request.size);
         request.quality = args.quality.or(request.quality);
@@ -127,15 +137,31 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let events = EventPublisher::from_config(&config).await?;
     let service = Stage3Service::from_config(config).await?;
     let scenes = service.prepare_all(requests)?;
+    let story_scenes = stage3::story::story_scenes(&scenes);
     let progress = Progress::new(&scenes);
-    let answer = service
+    let mut answer = service
         .run_batch(scenes, &RunOptions::default(), &|scene_id, outcome| {
             progress.scene_done(scene_id, outcome)
         })
         .await;
     progress.finish(answer.results.len(), answer.failures.len());
+    if let Some(story_id) = &story_id {
+        stage3::story::publish_into_answer(&service, story_id, &story_scenes, &mut answer, None)
+            .await;
+        if let Some(story) = &answer.story {
+            match (&story.story_error, &story.gallery_path) {
+                (Some(e), _) => eprintln!(
+                    "story {story_id}: not published [{}] {}",
+                    e.error_type, e.message
+                ),
+                (None, Some(page)) => eprintln!("story {story_id}: {page}"),
+                (None, None) => {}
+            }
+        }
+    }
     if events.is_enabled() {
-        let report = events.publish_batch(&answer, None, None).await;
+        let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
+        let report = events.publish_batch(&answer, story.as_ref(), None).await;
         eprintln!(
             "events: {} delivered, {} lost",
             report.delivered, report.lost
@@ -144,7 +170,11 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
 
     let json = serde_json::to_string_pretty(&answer).expect("batch answer serializes");
     println!("{json}");
-    Ok(if answer.failures.is_empty() {
+    let story_failed = answer
+        .story
+        .as_ref()
+        .is_some_and(|s| s.story_error.is_some());
+    Ok(if answer.failures.is_empty() && !story_failed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_SOME_FAILED)
@@ -160,7 +190,17 @@ fn validate(input: &PathBuf) -> Result<ExitCode, Stage3Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn gallery(story: &std::path::Path) -> Result<ExitCode, Stage3Error> {
+    let page = stage3::story::rebuild_gallery(story)?;
+    println!("{}", page.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn read_requests(input: &PathBuf, max_batch: usize) -> Result<Vec<GenerationRequest>, Stage3Error> {
+    Ok(read_submission(input, max_batch)?.into_requests())
+}
+
+fn read_submission(input: &PathBuf, max_batch: usize) -> Result<Submission, Stage3Error> {
     let bytes = if input.as_os_str() == "-" {
         let mut buffer = Vec::new();
         std::io::stdin()
@@ -172,7 +212,7 @@ fn read_requests(input: &PathBuf, max_batch: usize) -> Result<Vec<GenerationRequ
             Stage3Error::invalid_request(format!("cannot read {}: {e}", input.display()))
         })?
     };
-    Ok(parse_submission_bytes(&bytes, max_batch)?.into_requests())
+    parse_submission_bytes(&bytes, max_batch)
 }
 
 /// Progress on stderr: a bar on a terminal, one plain line per scene otherwise (CI logs).

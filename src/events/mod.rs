@@ -110,6 +110,16 @@ pub struct StoryRef {
     pub gallery_url: Option<String>,
 }
 
+impl From<&crate::story::StoryLinks> for StoryRef {
+    fn from(links: &crate::story::StoryLinks) -> Self {
+        StoryRef {
+            story_id: links.story_id.clone(),
+            manifest_url: links.manifest_url.clone().or(links.manifest_path.clone()),
+            gallery_url: links.gallery_url.clone().or(links.gallery_path.clone()),
+        }
+    }
+}
+
 /// The data of `Stage3 Batch Done`: `{summary, story_id?, manifest?, gallery?}`.
 #[derive(Serialize)]
 struct BatchDone<'a> {

@@ -123,6 +123,52 @@ fn create_atomically(path: &Path, bytes: &[u8]) -> Result<bool> {
     // The temporary name is removed when `temp` drops; the link keeps the data.
 }
 
+/// Every file under `start` whose key (its path below `root`, `/`-separated) starts with
+/// `prefix`. Hidden names are skipped: they are never keys, and the temporary files of
+/// writes in progress are hidden, so a half-written object is never listed.
+fn list_files(root: &Path, start: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut pending = vec![start.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error("list", &dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", &dir, e))?;
+            let path = entry.path();
+            let Some(key) = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(|relative| {
+                    relative
+                        .components()
+                        .map(|c| c.as_os_str().to_str())
+                        .collect::<Option<Vec<_>>>()
+                })
+                .map(|parts| parts.join("/"))
+            else {
+                continue; // not UTF-8: no key names it
+            };
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let kind = entry.file_type().map_err(|e| io_error("list", &path, e))?;
+            if kind.is_dir() {
+                let as_dir = format!("{key}/");
+                if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                    pending.push(path);
+                }
+            } else if kind.is_file() && key.starts_with(prefix) {
+                keys.push(key);
+            }
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
 /// Opens `path` for reading unless it is a symbolic link (checked on the opened file, so a
 /// link swapped in between cannot slip through). `None` when there is no such file.
 fn open_no_symlink(path: &Path) -> std::io::Result<Option<(std::fs::File, u64)>> {
@@ -262,6 +308,18 @@ impl ObjectStore for FsStore {
     async fn presigned_url(&self, _key: &str) -> Result<Option<String>> {
         Ok(None)
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        // Only the directory of the prefix's last `/` can hold matching keys.
+        let start = match prefix.rsplit_once('/') {
+            Some((dir, _)) if !dir.is_empty() => self.path_of(dir)?,
+            _ => self.root.clone(),
+        };
+        let (root, prefix) = (self.root.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || list_files(&root, &start, &prefix))
+            .await
+            .map_err(|e| Stage3Error::storage(format!("list task failed: {e}"), true))?
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +364,43 @@ mod tests {
             vec!["a.png".to_string()],
             "no temporary files remain"
         );
+    }
+
+    #[tokio::test]
+    async fn list_finds_keys_by_prefix_in_order_and_skips_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        for key in [
+            "stories/a/batches/2.json",
+            "stories/a/batches/1.json",
+            "stories/a/manifest.json",
+            "stories/ab/batches/1.json",
+            "top.png",
+        ] {
+            store
+                .put(key, Bytes::from_static(b"x"), ObjectMeta::RECORD)
+                .await
+                .unwrap();
+        }
+        // A write in progress: a hidden temporary file beside the fragments.
+        std::fs::write(dir.path().join("stories/a/batches/.stage3-x.part"), b"half").unwrap();
+
+        assert_eq!(
+            store.list("stories/a/batches/").await.unwrap(),
+            ["stories/a/batches/1.json", "stories/a/batches/2.json"]
+        );
+        assert_eq!(
+            store.list("stories/a").await.unwrap(),
+            [
+                "stories/a/batches/1.json",
+                "stories/a/batches/2.json",
+                "stories/a/manifest.json",
+                "stories/ab/batches/1.json"
+            ]
+        );
+        assert_eq!(store.list("").await.unwrap().len(), 5);
+        assert!(store.list("stories/none/").await.unwrap().is_empty());
+        assert!(store.list("../").await.is_err());
     }
 
     #[tokio::test]

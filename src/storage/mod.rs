@@ -123,6 +123,16 @@ pub trait ObjectStore: Send + Sync {
     /// A URL that reads the object without credentials when no CDN is configured (a
     /// presigned GET on S3); `None` where there is no such thing (the filesystem).
     async fn presigned_url(&self, key: &str) -> Result<Option<String>>;
+
+    /// The keys that start with `prefix` (in this store's key space, without the S3
+    /// prefix), in byte order. Objects being written are never listed half-done. Stores
+    /// that cannot list keep this default, which says so.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Err(crate::error::Stage3Error::storage(
+            format!("this store cannot list keys (prefix {prefix:?})"),
+            false,
+        ))
+    }
 }
 
 /// The error for an object over a read limit: not transient, it will not shrink.

@@ -370,6 +370,51 @@ impl ObjectStore for S3Store {
         self.object_key(key)
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let full_prefix = self.object_key(prefix);
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| self.failure("ListObjectsV2", &full_prefix, e))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|object| object.key())
+                    // A key ending in `/` is a "folder" marker some consoles create.
+                    .filter(|key| !key.ends_with('/'))
+                    .filter_map(|key| key.strip_prefix(&self.prefix))
+                    .map(str::to_string),
+            );
+            let next = page.next_continuation_token().map(str::to_string);
+            match next {
+                Some(next) if page.is_truncated() == Some(true) => {
+                    if token.as_ref() == Some(&next) {
+                        return Err(Stage3Error::storage(
+                            format!(
+                                "S3 ListObjectsV2 of s3://{}/{full_prefix} returned the same \
+                                 continuation token twice",
+                                self.bucket
+                            ),
+                            false,
+                        ));
+                    }
+                    token = Some(next);
+                }
+                _ => break,
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
         let object_key = self.object_key(key);
         let presigning = PresigningConfig::expires_in(self.presign_expiry)

@@ -78,4 +78,8 @@ impl ObjectStore for GatedStore {
     async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
         self.inner.presigned_url(key).await
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix).await
+    }
 }

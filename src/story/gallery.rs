@@ -1,0 +1,324 @@
+//! The storyboard page: `stories/{story_id}/index.html`, one static file beside the
+//! manifest that shows the story's scenes in order as a grid of thumbnails.
+//!
+//! It must open the same from a local directory (`file://`) and from a CDN, with nothing
+//! fetched from anywhere else: the CSS is inline, there is no script, and fonts are the
+//! system's (a stack that reaches the common CJK faces, so Chinese prompts render). Links
+//! are relative (`../../{key}`): the page and the images live in the same store, the page
+//! two levels below the images' root, so the links resolve under a directory, a bucket
+//! prefix or a CDN path alike. Prompts and error messages are untrusted text: everything
+//! that came from a request or a provider is escaped, and a Content-Security-Policy forbids
+//! scripts in case anything ever slips through.
+
+use std::fmt::Write;
+
+use super::manifest::{is_lasting_url, Manifest, ManifestEntry, SceneStatus};
+
+/// From `stories/{story_id}/index.html` back to the store's root.
+const TO_STORE_ROOT: &str = "../../";
+
+/// Renders the storyboard page of `manifest`.
+pub fn render(manifest: &Manifest) -> String {
+    let mut page = String::with_capacity(4096 + manifest.scenes.len() * 1024);
+    let story = escape(&manifest.story_id);
+    let totals = &manifest.totals;
+    let _ = write!(
+        page,
+        r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'">
+<meta name="generator" content="stage3">
+<title>{story} · storyboard</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<header>
+<h1>{story}</h1>
+<p class="totals"><span><b>{scenes}</b> {scene_word}</span><span><b>{succeeded}</b> succeeded</span><span class="{failed_class}"><b>{failed}</b> failed</span><span>total <b>{cost}</b></span><span>updated {updated}</span><a href="manifest.json">manifest.json</a></p>
+</header>
+<main class="grid">
+"#,
+        scenes = totals.scenes,
+        scene_word = if totals.scenes == 1 {
+            "scene"
+        } else {
+            "scenes"
+        },
+        succeeded = totals.succeeded,
+        failed = totals.failed,
+        failed_class = if totals.failed > 0 { "bad" } else { "" },
+        cost = money(totals.cost_usd),
+        updated = escape(&manifest.updated_at),
+    );
+    for (index, entry) in manifest.scenes.iter().enumerate() {
+        card(&mut page, index + 1, entry);
+    }
+    page.push_str("</main>\n</body>\n</html>\n");
+    page
+}
+
+fn card(page: &mut String, number: usize, entry: &ManifestEntry) {
+    let scene_id = escape(&entry.scene_id);
+    let prompt = escape(&entry.prompt);
+    let failed = entry.status == SceneStatus::Failed;
+    let _ = writeln!(
+        page,
+        r#"<article class="card{}" id="scene-{scene_id}">"#,
+        if failed { " failed" } else { "" }
+    );
+    let full = image_href(entry.image_key.as_deref(), entry.image_url.as_deref());
+    let thumb = image_href(
+        entry.thumbnail_key.as_deref(),
+        entry.thumbnail_url.as_deref(),
+    )
+    .or_else(|| full.clone());
+    match (failed, full, thumb) {
+        (false, Some(full), Some(thumb)) => {
+            let (width, height) = shown_size(entry);
+            let _ = writeln!(
+                page,
+                r#"<a class="thumb" href="{full}" title="Open {scene_id} full size"><img src="{thumb}" width="{width}" height="{height}" alt="{scene_id}: {prompt}" loading="lazy" decoding="async"></a>"#,
+                full = escape(&full),
+                thumb = escape(&thumb),
+            );
+        }
+        _ => {
+            let label = if failed {
+                entry.error_type.as_deref().unwrap_or("failed")
+            } else {
+                "no image"
+            };
+            let _ = writeln!(
+                page,
+                r#"<div class="thumb missing"><span class="badge">failed</span><strong>{}</strong></div>"#,
+                escape(label)
+            );
+        }
+    }
+    let _ = writeln!(
+        page,
+        r#"<div class="body"><h2><span class="number">{number}</span>{scene_id}</h2>"#
+    );
+    if failed {
+        let _ = writeln!(
+            page,
+            r#"<p class="reason"><b>{}</b> {}</p>"#,
+            escape(entry.error_type.as_deref().unwrap_or("failed")),
+            escape(entry.message.as_deref().unwrap_or("no reason given"))
+        );
+    }
+    let _ = writeln!(page, r#"<p class="prompt">{prompt}</p>"#);
+    let pixels = match (entry.width, entry.height) {
+        (Some(w), Some(h)) => format!("{w}×{h} px"),
+        _ => escape(&entry.size),
+    };
+    let cost = entry.cost.map_or_else(|| "—".to_string(), money);
+    let _ = writeln!(
+        page,
+        r#"<dl><dt>size</dt><dd>{pixels}</dd><dt>model</dt><dd>{model}</dd><dt>cost</dt><dd>{cost}</dd></dl></div>"#,
+        model = escape(&entry.model),
+    );
+    page.push_str("</article>\n");
+}
+
+/// A link to an object of the store: relative to the page when its key is known, else its
+/// URL when that URL lasts.
+fn image_href(key: Option<&str>, url: Option<&str>) -> Option<String> {
+    match (key, url) {
+        (Some(key), _) if !key.is_empty() => Some(format!("{TO_STORE_ROOT}{}", url_path(key))),
+        (_, Some(url)) if is_lasting_url(url) && url.starts_with("https://") => {
+            Some(url.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The thumbnail's pixel size for the `img` element, so the grid does not jump as images
+/// arrive; the image's own aspect at the thumbnail bound.
+fn shown_size(entry: &ManifestEntry) -> (u32, u32) {
+    match (entry.width, entry.height) {
+        (Some(w), Some(h)) if w > 0 && h > 0 => {
+            super::thumbnail::thumbnail_size(w, h, super::thumbnail::THUMBNAIL_MAX_SIDE)
+        }
+        _ => (
+            super::thumbnail::THUMBNAIL_MAX_SIDE,
+            super::thumbnail::THUMBNAIL_MAX_SIDE,
+        ),
+    }
+}
+
+/// USD with at least cents and at most four decimals: `$0.039`, `$1.50`, `$0.00`.
+fn money(usd: f64) -> String {
+    let text = format!("{usd:.4}");
+    let trimmed = text.trim_end_matches('0');
+    let decimals = trimmed.split('.').nth(1).map_or(0, str::len);
+    if decimals >= 2 {
+        format!("${trimmed}")
+    } else {
+        format!("${usd:.2}")
+    }
+}
+
+/// Percent-encodes everything in a key but the characters keys are made of.
+fn url_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'/' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// Escapes text for HTML content and double- or single-quoted attributes.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = r#"
+:root{color-scheme:light dark;--bg:#f4f2ee;--card:#fff;--ink:#1f2328;--soft:#5d6570;--line:#dedad2;--frame:#e9e5dc;--bad:#b42318;--badbg:#fdecea}
+@media (prefers-color-scheme:dark){:root{--bg:#16181c;--card:#1f2228;--ink:#e8e6e3;--soft:#a3a9b3;--line:#2f333b;--frame:#262a31;--bad:#ff7b72;--badbg:#3a1d1d}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans","Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Hiragino Sans GB","Microsoft YaHei","WenQuanYi Micro Hei",sans-serif}
+header{padding:24px 28px 8px}
+h1{margin:0 0 6px;font-size:26px;letter-spacing:.01em;overflow-wrap:anywhere}
+.totals{margin:0;display:flex;flex-wrap:wrap;gap:6px 18px;color:var(--soft)}
+.totals b{color:var(--ink)}
+.totals .bad,.totals .bad b{color:var(--bad)}
+.totals a{color:inherit}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:18px;padding:16px 28px 32px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden;display:flex;flex-direction:column}
+.card.failed{border-color:var(--bad)}
+.thumb{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;min-height:0;overflow:hidden;background:var(--frame)}
+.thumb img{display:block;width:100%;height:100%;object-fit:contain}
+.thumb.missing{flex-direction:column;gap:4px;background:repeating-linear-gradient(135deg,var(--badbg) 0 14px,transparent 14px 28px);color:var(--bad)}
+.badge{font-size:12px;text-transform:uppercase;letter-spacing:.08em;border:1px solid currentColor;border-radius:99px;padding:0 8px}
+.body{padding:10px 14px 14px;display:flex;flex-direction:column;gap:6px;min-width:0}
+h2{margin:0;font-size:15px;display:flex;gap:8px;align-items:baseline;overflow-wrap:anywhere}
+.number{color:var(--soft);font-weight:400;font-variant-numeric:tabular-nums}
+.prompt{margin:0;max-height:7.5em;overflow:auto;white-space:pre-wrap;overflow-wrap:anywhere}
+.reason{margin:0;color:var(--bad);overflow-wrap:anywhere;max-height:6em;overflow:auto}
+dl{margin:0;display:grid;grid-template-columns:auto 1fr;gap:0 10px;font-size:13px;color:var(--soft)}
+dt{font-weight:600}
+dd{margin:0;overflow-wrap:anywhere}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::super::manifest::{merge, Fragment, StoryScene, MANIFEST_FORMAT};
+    use super::*;
+
+    fn scene(id: &str, prompt: &str) -> StoryScene {
+        StoryScene {
+            scene_id: id.into(),
+            prompt: prompt.into(),
+            size: "1792x1024".into(),
+            model: "google/gemini-3.1-flash-image".into(),
+        }
+    }
+
+    fn manifest(entries: Vec<ManifestEntry>) -> Manifest {
+        merge(
+            "fox-story",
+            &[Fragment {
+                format: MANIFEST_FORMAT,
+                story_id: "fox-story".into(),
+                written_at: "2026-11-29T10:00:00.000Z".into(),
+                scenes: entries,
+            }],
+        )
+    }
+
+    fn succeeded(id: &str, prompt: &str) -> ManifestEntry {
+        let mut entry = ManifestEntry::failed(&scene(id, prompt), "x", "x");
+        entry.status = SceneStatus::Succeeded;
+        entry.error_type = None;
+        entry.message = None;
+        entry.image_key = Some(format!("{id}-9c1e4f0a2b7d3e55.png"));
+        entry.thumbnail_key = Some(format!("thumbnails/{id}-9c1e4f0a2b7d3e55.png"));
+        entry.width = Some(1344);
+        entry.height = Some(768);
+        entry.cost = Some(0.039);
+        entry
+    }
+
+    #[test]
+    fn prompts_and_messages_are_inert_text() {
+        let hostile = r#"<script>alert(1)</script><img src=x onerror="alert(2)"> & 'quoted'"#;
+        let mut failure = ManifestEntry::failed(&scene("s2", hostile), "content_policy", hostile);
+        failure.error_type = Some("<b>x</b>".into());
+        let page = render(&manifest(vec![succeeded("s1", hostile), failure]));
+        assert!(!page.contains("<script"), "{page}");
+        assert!(!page.contains("<img src=x"), "{page}");
+        assert!(!page.contains("<b>x</b>"));
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(page.contains("onerror=&quot;alert(2)&quot;"));
+        assert!(page.contains("&amp; &#39;quoted&#39;"));
+        assert!(page.contains("script-src 'none'"));
+    }
+
+    #[test]
+    fn cards_follow_the_manifest_with_relative_links() {
+        let page = render(&manifest(vec![
+            succeeded("scene_001", "一只狐狸在雪中"),
+            ManifestEntry::failed(&scene("scene_002", "a storm"), "content_policy", "refused"),
+            succeeded("scene_003", "dawn"),
+        ]));
+        let first = page.find(r#"id="scene-scene_001""#).unwrap();
+        let second = page.find(r#"id="scene-scene_002""#).unwrap();
+        let third = page.find(r#"id="scene-scene_003""#).unwrap();
+        assert!(first < second && second < third);
+        assert!(page.contains(
+            r#"<a class="thumb" href="../../scene_001-9c1e4f0a2b7d3e55.png" title="Open scene_001 full size"><img src="../../thumbnails/scene_001-9c1e4f0a2b7d3e55.png" width="320" height="183""#
+        ));
+        assert!(page.contains("一只狐狸在雪中"));
+        assert!(page.contains(r#"<article class="card failed" id="scene-scene_002">"#));
+        assert!(page.contains(r#"<p class="reason"><b>content_policy</b> refused</p>"#));
+        assert!(page.contains("<b>3</b> scenes"));
+        assert!(page.contains(r#"<span class="bad"><b>1</b> failed</span>"#));
+        assert!(page.contains("total <b>$0.078</b>"));
+        assert!(page.contains("1344×768 px"));
+        assert!(
+            !page.contains("http://") && !page.contains("https://"),
+            "nothing external"
+        );
+    }
+
+    #[test]
+    fn without_a_key_only_a_lasting_https_url_is_linked() {
+        let mut entry = succeeded("s1", "p");
+        entry.image_key = None;
+        entry.thumbnail_key = None;
+        entry.image_url = Some("https://img.example.com/s1.png".into());
+        assert!(render(&manifest(vec![entry.clone()]))
+            .contains(r#"src="https://img.example.com/s1.png""#));
+        entry.image_url = Some("https://s3.example.com/s1.png?X-Amz-Signature=1".into());
+        assert!(!render(&manifest(vec![entry.clone()])).contains("X-Amz"));
+        entry.image_url = Some("javascript:alert(1)".into());
+        assert!(!render(&manifest(vec![entry])).contains("javascript:"));
+    }
+
+    #[test]
+    fn money_reads_like_money() {
+        assert_eq!(money(0.0), "$0.00");
+        assert_eq!(money(0.039), "$0.039");
+        assert_eq!(money(1.5), "$1.50");
+        assert_eq!(money(0.12345), "$0.1235");
+    }
+}

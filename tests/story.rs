@@ -1,0 +1,937 @@
+//! Stories end to end: the manifest and storyboard page a batch with a `story_id`
+//! publishes, on the filesystem and on a real S3 server, with concurrent batches, through
+//! the real `stage3` binary against an OpenRouter stand-in, and in a real browser.
+//!
+//! The browser is Debian's `chromium`, run headless. Without it these tests say so and
+//! pass only outside CI: with `CI` set, a missing browser is a failure.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use assert_cmd::Command;
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use stage3::error::Result;
+use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
+use stage3::schema::{ImageQuality, ImageSize};
+use stage3::storage::{Created, Fetched, FsStore, ObjectInfo, ObjectMeta, ObjectStore};
+use stage3::story::{self, Manifest, ManifestEntry, SceneStatus, StoryScene};
+use stage3::urls::UrlPolicy;
+use support::s3_server::S3Target;
+use support::scripted_openrouter::{Reply, ScriptedOpenRouter};
+use tokio::sync::{oneshot, watch};
+
+const KEY: &str = "sk-or-v1-story-test-secret-0123456789";
+
+// ---------------------------------------------------------------------------------------
+// The `stage3` binary against an OpenRouter stand-in serving placeholder drawings.
+
+/// One scene of a test story: its request, and whether the stand-in refuses its first call.
+struct Scene {
+    id: &'static str,
+    prompt: &'static str,
+    size: ImageSize,
+    refused_first: bool,
+}
+
+const STORY: &[Scene] = &[
+    Scene {
+        id: "scene_001",
+        prompt: "A red fox wakes in a snowy forest at dawn",
+        size: ImageSize::Landscape,
+        refused_first: false,
+    },
+    Scene {
+        id: "scene_002",
+        prompt: "小狐狸在结冰的河边遇见一只猫头鹰",
+        size: ImageSize::Square,
+        refused_first: false,
+    },
+    Scene {
+        id: "scene_003",
+        prompt: "A storm breaks over the frozen lake, lightning everywhere",
+        size: ImageSize::Square,
+        refused_first: true,
+    },
+    Scene {
+        id: "scene_004",
+        prompt: "The owl guides the fox through a tall pine wood",
+        size: ImageSize::Portrait,
+        refused_first: false,
+    },
+    Scene {
+        id: "scene_005",
+        prompt: "Fox and owl share berries by a warm campfire",
+        size: ImageSize::Square,
+        refused_first: false,
+    },
+    Scene {
+        id: "scene_006",
+        prompt: "Morning light over the valley; the fox sets off home",
+        size: ImageSize::Landscape,
+        refused_first: false,
+    },
+];
+
+/// The placeholder's drawing of each scene, encoded once: the stand-in serves these bytes
+/// as the Image API's base64 answer, so the pictures look like the offline provider's.
+async fn drawings(scenes: &[&Scene]) -> Vec<(&'static str, Vec<u8>)> {
+    let provider = PlaceholderProvider::new();
+    let mut out = Vec::new();
+    for scene in scenes {
+        let image = provider
+            .generate(&ImageRequest {
+                scene_id: scene.id,
+                prompt: scene.prompt,
+                model: "google/gemini-3.1-flash-image",
+                size: scene.size,
+                quality: ImageQuality::Standard,
+                seed: None,
+                references: &[],
+                timeout: Duration::from_secs(30),
+            })
+            .await
+            .unwrap();
+        out.push((scene.prompt, image.bytes.to_vec()));
+    }
+    out
+}
+
+/// An Image API stand-in: each scene's drawing, except a scene marked `refused_first`,
+/// whose first call gets OpenRouter's documented 400 `content_policy_violation`.
+async fn stand_in(scenes: &[&Scene]) -> ScriptedOpenRouter {
+    let drawings = drawings(scenes).await;
+    let refused: Vec<&'static str> = scenes
+        .iter()
+        .filter(|s| s.refused_first)
+        .map(|s| s.prompt)
+        .collect();
+    ScriptedOpenRouter::start(move |request, nth| {
+        let prompt = request.prompt();
+        if nth == 0 && refused.iter().any(|p| prompt.contains(p)) {
+            return Reply::json(
+                400,
+                json!({"error": {"code": 400, "message": "Your request was flagged by the image safety filter",
+                    "metadata": {"error_type": "content_policy_violation"}}}),
+            );
+        }
+        match drawings.iter().find(|(p, _)| prompt.contains(p)) {
+            Some((_, png)) => Reply::image(png, "image/png"),
+            None => Reply::json(400, json!({"error": {"code": 400, "message": "unknown prompt"}})),
+        }
+    })
+    .await
+}
+
+fn input(story_id: &str, scenes: &[&Scene]) -> Value {
+    let scenes: Vec<Value> = scenes
+        .iter()
+        .map(|s| json!({"scene_id": s.id, "image_prompt": s.prompt, "size": s.size.as_str()}))
+        .collect();
+    json!({"story_id": story_id, "scenes": scenes})
+}
+
+/// Runs `stage3 generate` on `input` into `out`; returns the exit code and the answer.
+async fn generate(
+    server: &ScriptedOpenRouter,
+    work: &Path,
+    out: &Path,
+    input: &Value,
+) -> (i32, Value) {
+    let path = work.join("input.json");
+    std::fs::write(&path, serde_json::to_vec(input).unwrap()).unwrap();
+    let (base_url, work, out) = (
+        server.base_url.clone(),
+        work.to_path_buf(),
+        out.to_path_buf(),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::cargo_bin("stage3")
+            .unwrap()
+            .current_dir(&work)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .env("STAGE3_MODEL", "google/gemini-3.1-flash-image")
+            .args([
+                "generate",
+                path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains(KEY), "the key leaked: {stderr}");
+    let answer =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}; stderr: {stderr}"));
+    (output.status.code().unwrap_or(-1), answer)
+}
+
+fn read_manifest(path: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn ids(manifest: &Manifest) -> Vec<&str> {
+    manifest
+        .scenes
+        .iter()
+        .map(|e| e.scene_id.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_cli_publishes_the_story_and_later_batches_update_it() {
+    let scenes: Vec<&Scene> = STORY.iter().take(4).collect();
+    let server = stand_in(&scenes).await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("images");
+
+    // Batch 1: scenes 1-3; the stand-in refuses scene 3.
+    let (code, answer) = generate(&server, work.path(), &out, &input("fox", &scenes[..3])).await;
+    assert_eq!(code, 1, "a refused scene makes the batch partial: {answer}");
+    let manifest_path = PathBuf::from(answer["manifest_path"].as_str().unwrap());
+    let gallery_path = PathBuf::from(answer["gallery_path"].as_str().unwrap());
+    assert_eq!(manifest_path, out.join("stories/fox/manifest.json"));
+    assert_eq!(gallery_path, out.join("stories/fox/index.html"));
+    assert_eq!(answer["story_id"], "fox");
+    assert!(
+        answer.get("manifest_url").is_none(),
+        "no URL on the filesystem store"
+    );
+    assert!(answer.get("story_error").is_none());
+
+    let manifest = read_manifest(&manifest_path);
+    assert_eq!(ids(&manifest), ["scene_001", "scene_002", "scene_003"]);
+    assert_eq!(manifest.totals.scenes, 3);
+    assert_eq!(manifest.totals.failed, 1);
+    assert!(
+        (manifest.totals.cost_usd - 0.08).abs() < 1e-9,
+        "{}",
+        manifest.totals.cost_usd
+    );
+    let refused = &manifest.scenes[2];
+    assert_eq!(refused.status, SceneStatus::Failed);
+    // The same cause as the answer's failure (how a 400 `content_policy_violation` is
+    // classified is the OpenRouter client's business, not the story's).
+    assert_eq!(answer["failures"][0]["scene_id"], "scene_003");
+    assert_eq!(
+        refused.error_type.as_deref(),
+        answer["failures"][0]["error_type"].as_str()
+    );
+    assert!(refused
+        .message
+        .as_deref()
+        .unwrap()
+        .contains("image safety filter"));
+    assert_eq!(refused.prompt, STORY[2].prompt);
+    assert_eq!(refused.size, "1024x1024");
+    assert_eq!(refused.model, "google/gemini-3.1-flash-image");
+    let fox = &manifest.scenes[0];
+    assert_eq!(fox.status, SceneStatus::Succeeded);
+    assert_eq!(
+        (fox.width, fox.height, fox.size.as_str()),
+        (Some(1792), Some(1024), "1792x1024")
+    );
+    assert_eq!(fox.cost, Some(0.04));
+    assert_eq!(fox.model, "google/gemini-3.1-flash-image");
+    assert_eq!(
+        fox.image_path.as_deref(),
+        answer["results"][0]["image_path"].as_str()
+    );
+    assert_eq!(
+        manifest.scenes[1].prompt, STORY[1].prompt,
+        "Chinese text survives"
+    );
+
+    // Every stored image has a small thumbnail in `thumbnails/`, named in the answer.
+    for result in answer["results"].as_array().unwrap() {
+        let image = result["image_path"].as_str().unwrap();
+        let thumbnail = result["thumbnail_path"].as_str().unwrap();
+        let name = Path::new(image).file_name().unwrap();
+        assert_eq!(Path::new(thumbnail), out.join("thumbnails").join(name));
+        let decoded = image::open(thumbnail).unwrap();
+        assert_eq!(decoded.width().max(decoded.height()), 320, "{thumbnail}");
+        assert!(
+            std::fs::metadata(thumbnail).unwrap().len() * 4
+                < std::fs::metadata(image).unwrap().len()
+        );
+    }
+    let page = std::fs::read_to_string(&gallery_path).unwrap();
+    assert!(page.contains(STORY[1].prompt));
+    assert!(page.contains(r#"<article class="card failed" id="scene-scene_003">"#));
+
+    // Batch 2: scene 3 again (now drawn) and a new scene 4.
+    let (code, answer) = generate(
+        &server,
+        work.path(),
+        &out,
+        &input("fox", &[scenes[2], scenes[3]]),
+    )
+    .await;
+    assert_eq!(code, 0, "{answer}");
+    let manifest = read_manifest(&manifest_path);
+    assert_eq!(
+        ids(&manifest),
+        ["scene_001", "scene_002", "scene_003", "scene_004"]
+    );
+    assert_eq!(
+        manifest.scenes[2].status,
+        SceneStatus::Succeeded,
+        "the regenerated scene replaced its failure"
+    );
+    assert_eq!(manifest.totals.failed, 0);
+    assert_eq!(manifest.batches, 2);
+    assert!((manifest.totals.cost_usd - 0.16).abs() < 1e-9);
+
+    // `stage3 gallery` rebuilds the same page from the manifest alone.
+    let published = std::fs::read(&gallery_path).unwrap();
+    std::fs::remove_file(&gallery_path).unwrap();
+    let story_dir = out.join("stories/fox");
+    let output = Command::cargo_bin("stage3")
+        .unwrap()
+        .env_clear()
+        .args(["gallery", story_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        gallery_path.to_str().unwrap()
+    );
+    assert_eq!(std::fs::read(&gallery_path).unwrap(), published);
+
+    // A story_id that is no safe key is refused before anything is spent.
+    let calls = server.total_calls();
+    let (code, _) = generate_invalid(work.path(), &input("../escape", &scenes[..1])).await;
+    assert_eq!(code, 2);
+    assert_eq!(server.total_calls(), calls);
+}
+
+async fn generate_invalid(work: &Path, input: &Value) -> (i32, String) {
+    let path = work.join("invalid.json");
+    std::fs::write(&path, serde_json::to_vec(input).unwrap()).unwrap();
+    let work = work.to_path_buf();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::cargo_bin("stage3")
+            .unwrap()
+            .current_dir(&work)
+            .env_clear()
+            .env("STAGE3_PROVIDER", "placeholder")
+            .args(["generate", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(stderr.contains("story_id"), "{stderr}");
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrent batches of one story, on both stores.
+
+fn entry(scene_id: &str) -> ManifestEntry {
+    let scene = StoryScene {
+        scene_id: scene_id.to_string(),
+        prompt: format!("the prompt of {scene_id}"),
+        size: "1024x1024".into(),
+        model: "test/model".into(),
+    };
+    let mut entry = ManifestEntry::failed(&scene, "timeout", "placeholder");
+    entry.status = SceneStatus::Succeeded;
+    entry.error_type = None;
+    entry.message = None;
+    entry.image_key = Some(format!("{scene_id}-0123456789abcdef.png"));
+    entry.width = Some(1024);
+    entry.height = Some(1024);
+    entry.cost = Some(0.01);
+    entry
+}
+
+/// A store whose first manifest write stops until the test lets it go, after saying it
+/// got there: one batch is frozen between merging and writing, as a slow network or a
+/// descheduled Lambda freezes it.
+struct PausingStore {
+    inner: Arc<dyn ObjectStore>,
+    arrived: Mutex<Option<oneshot::Sender<()>>>,
+    release: watch::Receiver<bool>,
+    manifest_writes: AtomicUsize,
+}
+
+#[async_trait]
+impl ObjectStore for PausingStore {
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
+        if key.ends_with("manifest.json") {
+            self.manifest_writes.fetch_add(1, Ordering::SeqCst);
+            let first = self.arrived.lock().unwrap().take();
+            if let Some(arrived) = first {
+                let _ = arrived.send(());
+                let mut release = self.release.clone();
+                release
+                    .wait_for(|go| *go)
+                    .await
+                    .expect("the test keeps the sender");
+            }
+        }
+        self.inner.put(key, bytes, meta).await
+    }
+    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
+        self.inner.put_new(key, bytes, meta).await
+    }
+    async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
+        self.inner.get(key, limit).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.inner.head(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key).await
+    }
+    fn location(&self, key: &str) -> String {
+        self.inner.location(key)
+    }
+    fn public_key(&self, key: &str) -> String {
+        self.inner.public_key(key)
+    }
+    async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
+        self.inner.presigned_url(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix).await
+    }
+}
+
+async fn stored_manifest(store: &dyn ObjectStore, story_id: &str) -> Manifest {
+    let bytes = store
+        .get(&story::manifest_key(story_id), 1 << 24)
+        .await
+        .unwrap()
+        .into_bytes("manifest", 1 << 24)
+        .unwrap()
+        .expect("a manifest");
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Batch A merges while alone, then stalls before writing; batch B publishes in full;
+/// A's stale manifest lands over B's. A must notice B's fragment and merge again.
+async fn a_stale_writer_merges_again(store: Arc<dyn ObjectStore>) {
+    let (arrived_tx, arrived_rx) = oneshot::channel();
+    let (release_tx, release_rx) = watch::channel(false);
+    let slow = Arc::new(PausingStore {
+        inner: store.clone(),
+        arrived: Mutex::new(Some(arrived_tx)),
+        release: release_rx,
+        manifest_writes: AtomicUsize::new(0),
+    });
+    let slow_batch = {
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            story::publish_story(
+                slow.as_ref(),
+                &UrlPolicy::Store,
+                "tale",
+                vec![entry("a1"), entry("a2")],
+            )
+            .await
+        })
+    };
+    arrived_rx
+        .await
+        .expect("batch A reaches its manifest write");
+
+    story::publish_story(
+        store.as_ref(),
+        &UrlPolicy::Store,
+        "tale",
+        vec![entry("b1"), entry("a2")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(&stored_manifest(store.as_ref(), "tale").await),
+        ["a1", "a2", "b1"]
+    );
+
+    release_tx.send(true).unwrap();
+    slow_batch.await.unwrap().unwrap();
+    assert_eq!(
+        slow.manifest_writes.load(Ordering::SeqCst),
+        2,
+        "A wrote a manifest without B, saw B's fragment, and wrote again"
+    );
+    let manifest = stored_manifest(store.as_ref(), "tale").await;
+    assert_eq!(ids(&manifest), ["a1", "a2", "b1"]);
+    assert_eq!(manifest.batches, 2);
+    let page = store
+        .get(&story::gallery_key("tale"), 1 << 24)
+        .await
+        .unwrap()
+        .into_bytes("page", 1 << 24)
+        .unwrap()
+        .unwrap();
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    for id in ["a1", "a2", "b1"] {
+        assert!(
+            page.contains(&format!(r#"id="scene-{id}""#)),
+            "{id} on the page"
+        );
+    }
+}
+
+/// Eight batches publish at once; every one's scenes end up in the manifest, each batch's
+/// in its own order.
+async fn many_batches_at_once_lose_nothing(store: Arc<dyn ObjectStore>) {
+    const WRITERS: usize = 8;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let entries = (0..3)
+                    .map(|s| entry(&format!("w{w}-s{s}")))
+                    .chain([entry("shared")])
+                    .collect();
+                story::publish_story(store.as_ref(), &UrlPolicy::Store, "crowd", entries).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let links = task.await.unwrap().unwrap();
+        assert!(links.story_error.is_none());
+    }
+    let manifest = stored_manifest(store.as_ref(), "crowd").await;
+    assert_eq!(manifest.batches, WRITERS);
+    assert_eq!(manifest.totals.scenes, WRITERS * 3 + 1);
+    let order = ids(&manifest);
+    for w in 0..WRITERS {
+        let at = |s: usize| {
+            order
+                .iter()
+                .position(|id| *id == format!("w{w}-s{s}"))
+                .unwrap_or_else(|| panic!("w{w}-s{s} missing from {order:?}"))
+        };
+        assert!(at(0) < at(1) && at(1) < at(2), "{order:?}");
+    }
+    assert_eq!(order.iter().filter(|id| **id == "shared").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_writer_merges_again_on_the_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    a_stale_writer_merges_again(Arc::new(FsStore::new(dir.path()).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_lose_nothing_on_the_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    many_batches_at_once_lose_nothing(Arc::new(FsStore::new(dir.path()).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_writer_merges_again_on_s3() {
+    let target = S3Target::start().await;
+    a_stale_writer_merges_again(Arc::new(target.store())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_lose_nothing_on_s3() {
+    let target = S3Target::start().await;
+    many_batches_at_once_lose_nothing(Arc::new(target.store())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_list_pages_through_more_than_a_thousand_keys() {
+    use futures::stream::{self, StreamExt};
+    let target = S3Target::start().await;
+    let store = Arc::new(target.store());
+    let keys: Vec<String> = (0..1_005).map(|i| format!("many/{i:05}.json")).collect();
+    stream::iter(keys.clone())
+        .for_each_concurrent(16, |key| {
+            let store = store.clone();
+            async move {
+                store
+                    .put(&key, Bytes::from_static(b"{}"), ObjectMeta::RECORD)
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    store
+        .put(
+            "other/x.json",
+            Bytes::from_static(b"{}"),
+            ObjectMeta::RECORD,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list("many/").await.unwrap(),
+        keys,
+        "every key, no prefix, in order"
+    );
+    assert_eq!(store.list("other/").await.unwrap(), ["other/x.json"]);
+    assert!(store.list("none/").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn s3_answers_name_the_manifest_and_page_by_url() {
+    let target = S3Target::start().await;
+    let store = target.store();
+    let links = story::publish_story(
+        &store,
+        &UrlPolicy::Cdn {
+            base: "https://img.example.com".into(),
+            signer: None,
+        },
+        "fox",
+        vec![entry("s1")],
+    )
+    .await
+    .unwrap();
+    let prefix = &target.prefix;
+    assert_eq!(
+        links.manifest_url.as_deref(),
+        Some(format!("https://img.example.com/{prefix}stories/fox/manifest.json").as_str())
+    );
+    assert_eq!(
+        links.gallery_url.as_deref(),
+        Some(format!("https://img.example.com/{prefix}stories/fox/index.html").as_str())
+    );
+    assert_eq!(
+        links.gallery_path.as_deref(),
+        Some(format!("s3://{}/{prefix}stories/fox/index.html", target.bucket).as_str())
+    );
+    let head = target
+        .client()
+        .head_object()
+        .bucket(&target.bucket)
+        .key(format!("{prefix}stories/fox/index.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("text/html; charset=utf-8"));
+    assert_eq!(head.cache_control(), Some("no-cache"));
+
+    // Without a CDN base the answer carries presigned URLs; the manifest keeps none.
+    let links = story::publish_story(&store, &UrlPolicy::Store, "fox", vec![entry("s2")])
+        .await
+        .unwrap();
+    let url = links.manifest_url.unwrap();
+    assert!(url.contains("X-Amz-Signature"), "{url}");
+    let manifest = stored_manifest(&store, "fox").await;
+    assert_eq!(ids(&manifest), ["s1", "s2"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The page in a real browser.
+
+/// Debian's chromium, or `None` outside CI when it is not installed.
+fn chromium(test: &str) -> Option<PathBuf> {
+    let candidates = [
+        std::env::var("STAGE3_CHROMIUM").ok(),
+        Some("/usr/bin/chromium".into()),
+    ];
+    if let Some(found) = candidates
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    {
+        return Some(found);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: chromium is not installed, and CI must run the browser tests (.ci/run installs it)");
+    }
+    println!(
+        "{test}: SKIPPED — chromium is not installed (apt-get install chromium); CI runs this"
+    );
+    None
+}
+
+/// Runs headless chromium on `page` with `args` and a fresh profile; returns stdout.
+async fn run_chromium(chromium: &Path, page: &Path, args: &[String]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(chromium);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("chromium finished within two minutes")
+        .expect("chromium runs");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A test copy of `page` beside it, without the page's script ban and with a script that
+/// records, once every image has finished, how many there are and how many decoded.
+fn instrumented_copy(page: &Path) -> PathBuf {
+    let html = std::fs::read_to_string(page).unwrap();
+    let csp_start = html
+        .find("<meta http-equiv=\"Content-Security-Policy\"")
+        .expect("the page bans scripts");
+    let csp_end = csp_start + html[csp_start..].find('>').unwrap() + 1;
+    let checker = r#"<script>
+function stage3Check() {
+  const images = Array.from(document.images);
+  const done = images.filter(i => i.complete);
+  document.body.dataset.images = images.length;
+  document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  if (done.length < images.length) setTimeout(stage3Check, 50);
+  else document.body.dataset.settled = "yes";
+}
+window.addEventListener("load", stage3Check);
+</script>
+</body>"#;
+    let instrumented =
+        format!("{}{}", &html[..csp_start], &html[csp_end..]).replace("</body>", checker);
+    let copy = page.with_file_name("instrumented-index.html");
+    std::fs::write(&copy, instrumented).unwrap();
+    copy
+}
+
+fn body_attribute(dom: &str, name: &str) -> Option<String> {
+    let body = &dom[dom.find("<body")?..];
+    let body = &body[..body.find('>')?];
+    let start = body.find(&format!("{name}=\""))? + name.len() + 2;
+    Some(body[start..start + body[start..].find('"')?].to_string())
+}
+
+#[tokio::test]
+async fn the_storyboard_loads_every_image_in_headless_chromium() {
+    let Some(chromium) = chromium("the_storyboard_loads_every_image_in_headless_chromium") else {
+        return;
+    };
+    let scenes: Vec<&Scene> = STORY.iter().collect();
+    let server = stand_in(&scenes).await;
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("images");
+    let (code, answer) = generate(&server, work.path(), &out, &input("fox-and-owl", &scenes)).await;
+    assert_eq!(code, 1, "one scene is refused: {answer}");
+    let page = PathBuf::from(answer["gallery_path"].as_str().unwrap());
+
+    let copy = instrumented_copy(&page);
+    let dom = run_chromium(
+        &chromium,
+        &copy,
+        &[
+            "--virtual-time-budget=10000".into(),
+            "--run-all-compositor-stages-before-draw".into(),
+            "--window-size=1280,900".into(),
+            "--dump-dom".into(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        body_attribute(&dom, "data-settled").as_deref(),
+        Some("yes"),
+        "{dom}"
+    );
+    assert_eq!(
+        body_attribute(&dom, "data-images").as_deref(),
+        Some("5"),
+        "five drawn scenes"
+    );
+    assert_eq!(
+        body_attribute(&dom, "data-loaded").as_deref(),
+        Some("5"),
+        "every thumbnail decoded"
+    );
+    assert!(dom.contains(STORY[1].prompt));
+
+    // The page as published, for people to look at.
+    let screenshot = work.path().join("storyboard.png");
+    run_chromium(
+        &chromium,
+        &page,
+        &[
+            format!("--screenshot={}", screenshot.display()),
+            "--window-size=1280,900".into(),
+            "--virtual-time-budget=10000".into(),
+        ],
+    )
+    .await;
+    let shot = image::open(&screenshot).unwrap();
+    assert_eq!((shot.width(), shot.height()), (1280, 900));
+    if let Ok(keep) = std::env::var("STAGE3_STORYBOARD_SCREENSHOT") {
+        std::fs::copy(&screenshot, &keep).unwrap();
+        println!("storyboard screenshot kept at {keep}");
+    }
+}
+
+#[tokio::test]
+async fn hostile_prompts_stay_text_in_headless_chromium() {
+    let Some(chromium) = chromium("hostile_prompts_stay_text_in_headless_chromium") else {
+        return;
+    };
+    let hostile = r#"<script>document.body.dataset.pwned = "script"</script><img src=x onerror="document.body.dataset.pwned = 'onerror'">"#;
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::new(dir.path()).unwrap();
+    let mut drawn = entry("drawn");
+    drawn.prompt = hostile.into();
+    let mut failed = ManifestEntry::failed(
+        &StoryScene {
+            scene_id: "failed".into(),
+            prompt: hostile.into(),
+            size: "1024x1024".into(),
+            model: "m".into(),
+        },
+        "content_policy",
+        hostile,
+    );
+    failed.error_type = Some(hostile.into());
+    let links = story::publish_story(&store, &UrlPolicy::Store, "hostile", vec![drawn, failed])
+        .await
+        .unwrap();
+    let page = PathBuf::from(links.gallery_path.unwrap());
+    // The instrumented copy allows scripts: only escaping stands between the prompt and the DOM.
+    let copy = instrumented_copy(&page);
+    let dom = run_chromium(
+        &chromium,
+        &copy,
+        &["--virtual-time-budget=5000".into(), "--dump-dom".into()],
+    )
+    .await;
+    assert_eq!(
+        body_attribute(&dom, "data-settled").as_deref(),
+        Some("yes"),
+        "the checker ran: {dom}"
+    );
+    assert_eq!(body_attribute(&dom, "data-pwned"), None, "{dom}");
+    assert_eq!(
+        body_attribute(&dom, "data-images").as_deref(),
+        Some("1"),
+        "only the scene's own image"
+    );
+    assert!(
+        dom.contains("&lt;script&gt;document.body.dataset.pwned"),
+        "shown as text"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The Lambda function: direct batches and SQS records of one story, at the same time.
+
+fn lambda_service(target: &S3Target) -> stage3::Stage3Service {
+    let mut vars: std::collections::HashMap<String, String> =
+        target.env_vars().into_iter().collect();
+    vars.insert("STAGE3_PROVIDER".into(), "placeholder".into());
+    let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    stage3::Stage3Service::new(
+        config,
+        Arc::new(PlaceholderProvider::new()),
+        Arc::new(target.store()),
+    )
+}
+
+fn sqs_record(message_id: &str, body: &Value) -> Value {
+    json!({
+        "messageId": message_id,
+        "receiptHandle": format!("handle-{message_id}"),
+        "body": body.to_string(),
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:stage3-requests",
+        "awsRegion": "us-east-1"
+    })
+}
+
+fn lambda_scene(id: &str) -> Value {
+    json!({"scene_id": id, "image_prompt": format!("{id}: a lantern in the fog")})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_lambda_invocations_of_one_story_finishing_together_lose_nothing() {
+    let target = S3Target::start().await;
+    // Two invocations, as two Lambda sandboxes: each its own service and S3 client.
+    let (first, second) = (lambda_service(&target), lambda_service(&target));
+    let direct = json!({"story_id": "tale", "scenes": [lambda_scene("d1"), lambda_scene("d2")]});
+    let queued = json!({"Records": [
+        sqs_record("m1", &json!({"story_id": "tale", "scenes": [lambda_scene("q1")]})),
+        sqs_record("m2", &json!({"story_id": "tale", "scenes": [lambda_scene("q2"), lambda_scene("q3")]})),
+        sqs_record("m3", &json!({"scenes": [lambda_scene("loose")]})),
+    ]});
+    let (direct_answer, queue_answer) = tokio::join!(
+        stage3::lambda::handle(&first, direct, None),
+        stage3::lambda::handle(&second, queued, None)
+    );
+    let direct_answer = direct_answer.unwrap();
+    assert_eq!(queue_answer.unwrap(), json!({"batchItemFailures": []}));
+
+    assert_eq!(direct_answer["story_id"], "tale");
+    let prefix = &target.prefix;
+    assert_eq!(
+        direct_answer["gallery_path"],
+        format!("s3://{}/{prefix}stories/tale/index.html", target.bucket)
+    );
+    let manifest_url = direct_answer["manifest_url"].as_str().unwrap();
+    assert!(
+        manifest_url.contains(&format!("{prefix}stories/tale/manifest.json")),
+        "{manifest_url}"
+    );
+    assert!(direct_answer["gallery_url"]
+        .as_str()
+        .unwrap()
+        .contains("index.html"));
+
+    let store = target.store();
+    let manifest = stored_manifest(&store, "tale").await;
+    let mut scene_ids = ids(&manifest);
+    scene_ids.sort();
+    assert_eq!(
+        scene_ids,
+        ["d1", "d2", "q1", "q2", "q3"],
+        "every invocation's scenes, no loose one"
+    );
+    assert_eq!(manifest.batches, 2, "one fragment per invocation");
+    for entry in &manifest.scenes {
+        assert_eq!(entry.status, SceneStatus::Succeeded);
+        let thumbnail = entry.thumbnail_key.as_deref().expect("a thumbnail");
+        let png = store
+            .get(thumbnail, 1 << 24)
+            .await
+            .unwrap()
+            .into_bytes("thumbnail", 1 << 24)
+            .unwrap()
+            .expect("the thumbnail is stored");
+        let decoded = image::load_from_memory(&png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (320, 320));
+        assert!(
+            entry.image_url.is_none(),
+            "presigned URLs expire: not kept in the manifest"
+        );
+    }
+}
