@@ -4,7 +4,7 @@
 //! rejected payload always says why:
 //!
 //! - **SQS** (`{"Records": [{"eventSource": "aws:sqs", "body": ..}]}`): each body is one
-//!   request or a batch. The answer is `{"batchItemFailures": [..]}` naming exactly the
+//!   request or a batch. The answer is `{"batchItemFailures": [..], "summary": {..}}` naming exactly the
 //!   records to redeliver — bad bodies, failed scenes, scenes the deadline left no time
 //!   for. Succeeded scenes are already stored with their records, so a redelivery finds
 //!   them in the cache and pays nothing for them again.
@@ -25,7 +25,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::error::{Result, Stage3Error};
-use crate::schema::{parse_submission, parse_submission_bytes, Stage3Output, Submission};
+use crate::schema::{
+    parse_submission, parse_submission_bytes, BatchAnswer, BatchSummary, SceneFailure,
+    Stage3Output, Submission,
+};
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
@@ -144,7 +147,7 @@ pub async fn handle(
 ) -> Result<Value> {
     let options = RunOptions {
         deadline,
-        force: None,
+        ..RunOptions::default()
     };
     let kind = classify(&payload)?;
     tracing::info!(
@@ -182,15 +185,27 @@ async fn handle_direct(
     match parse_submission(payload, service.config().max_batch)? {
         Submission::Single(request) => {
             let scene = service.prepare(request)?;
+            service.check_batch(std::slice::from_ref(&scene)).await?;
             let output: Stage3Output = service.run_scene(&scene, options).await?;
             Ok(to_json(&output))
         }
         Submission::Batch(requests) => {
             let scenes = service.prepare_all(requests)?;
+            // A scene its model cannot serve, or an estimate over the budget, refuses the
+            // batch whole before anything is spent.
+            service.check_batch(&scenes).await?;
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
             Ok(to_json(&answer))
         }
     }
+}
+
+/// The SQS answer: the records to redeliver, and what the invocation did.
+#[derive(Debug, Serialize)]
+pub struct SqsAnswer {
+    #[serde(flatten)]
+    pub response: SqsBatchResponse,
+    pub summary: BatchSummary,
 }
 
 /// Runs every valid record's scenes in one batch and names the records to redeliver.
@@ -198,7 +213,7 @@ async fn handle_sqs(
     service: &Stage3Service,
     payload: Value,
     options: &RunOptions,
-) -> Result<SqsBatchResponse> {
+) -> Result<SqsAnswer> {
     let event: SqsEvent = serde_json::from_value(payload)
         .map_err(|e| Stage3Error::invalid_request(format!("SQS event: {e}")))?;
 
@@ -242,8 +257,20 @@ async fn handle_sqs(
         }
     }
 
-    let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
+    let plan = service.plan_batch(&scenes).await;
+    let outcomes = match service.check_budget(&plan) {
+        Ok(()) => service.run_scenes(&scenes, options, &|_, _| {}).await,
+        Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
+    };
+    let mut summary = BatchAnswer::default();
+    summary.summary.estimated_cost_usd = plan.estimated_cost_usd;
     for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
+        match &outcome {
+            Ok(output) => summary.results.push(output.clone()),
+            Err(error) => summary
+                .failures
+                .push(SceneFailure::new(scene.scene_id(), error)),
+        }
         if let Err(error) = outcome {
             failed[owner] = true;
             tracing::warn!(
@@ -262,7 +289,11 @@ async fn handle_sqs(
         item.item_identifier = message_id;
         response.batch_item_failures.push(item);
     }
-    Ok(response)
+    summary.summarize();
+    Ok(SqsAnswer {
+        response,
+        summary: summary.summary,
+    })
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

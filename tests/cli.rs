@@ -96,7 +96,11 @@ async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
             assert!(params.get(key).is_some(), "generation_params.{key}");
         }
         assert_eq!(params["quality"], "hd");
-        assert_eq!(params["model"], "google/gemini-2.5-flash-image");
+        assert_eq!(params["model"], stage3::config::DEFAULT_MODEL);
+        assert!(
+            params.get("requested_model").is_none(),
+            "no fallback served"
+        );
         assert_eq!(result["image_url"], Value::Null);
     }
     assert_eq!(results[1]["generation_params"]["size"], "1024x1792");
@@ -409,6 +413,8 @@ async fn generate_over_chat(
             .env("OPENROUTER_BASE_URL", base_url)
             .env("STAGE3_OPENROUTER_API", "chat")
             .env("STAGE3_MAX_RETRIES", "0")
+            // The image host is a loopback stand-in, which image fetches otherwise refuse.
+            .env("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1")
             .envs(extra_env)
             .args(["generate", input.to_str().unwrap()])
             .output()
@@ -482,4 +488,238 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
         message.contains("certificate"),
         "the cause is named: {message}"
     );
+}
+
+// ---- Catalogue, budget and address checks ---------------------------------------------
+
+/// Runs `stage3 ARGS` against `server` with the key set, off the async runtime.
+async fn run_stage3(
+    server: &ScriptedOpenRouter,
+    dir: &std::path::Path,
+    args: Vec<String>,
+    extra_env: Vec<(&'static str, String)>,
+) -> std::process::Output {
+    let (dir, base_url) = (dir.to_path_buf(), server.base_url.clone());
+    tokio::task::spawn_blocking(move || {
+        stage3(&dir)
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .envs(extra_env)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn stage3_models_lists_resolutions_aspect_ratios_and_prices() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let output = run_stage3(&server, work.path(), vec!["models".into()], vec![]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = |model: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(model))
+            .unwrap_or_else(|| panic!("{model} missing: {stdout}"))
+            .to_string()
+    };
+    let gemini = line("google/gemini-3.1-flash-image");
+    for part in ["1K,2K,4K", "16:9", "$0.0400", "$0.0800"] {
+        assert!(gemini.contains(part), "{part:?} in {gemini}");
+    }
+    let flux = line("black-forest-labs/flux.2-pro");
+    // 1K only: no hd price; per megapixel: $0.03 × 1.048576 MP.
+    assert!(
+        flux.contains("$0.0315") && flux.trim_end().ends_with('-'),
+        "{flux}"
+    );
+    assert!(line("openai/gpt-image-1").contains("auto,low,medium,high"));
+    assert_eq!(server.total_calls(), 0, "listing models costs nothing");
+
+    let json = run_stage3(
+        &server,
+        work.path(),
+        vec!["models".into(), "--json".into()],
+        vec![],
+    )
+    .await;
+    let models: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(models.as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn validate_prints_the_estimate_and_checks_the_budget() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    // Two hd scenes on the default model: 2 × $0.08 (the `2k` variant).
+    let input = write_input(work.path(), &scenes());
+    let path = input.to_str().unwrap().to_string();
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec!["validate".into(), path.clone()],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("estimated cost: $0.1600"), "{stderr}");
+
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec!["validate".into(), path, "--max-cost".into(), "0.10".into()],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("budget_exceeded"), "{stderr}");
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_over_budget_generate_exits_2_and_calls_nobody() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--out".into(),
+            "images".into(),
+        ],
+        vec![("STAGE3_MAX_COST_USD", "0.10".into())],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error[budget_exceeded]"), "{stderr}");
+    assert!(stderr.contains("0.16"), "the estimate is named: {stderr}");
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn hd_on_a_1k_only_model_exits_2_naming_what_it_supports() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--model".into(),
+            "black-forest-labs/flux.2-pro".into(),
+        ],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid_request") && stderr.contains("1K"),
+        "{stderr}"
+    );
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_fallback_model_flag_serves_a_retired_model_and_says_so() {
+    let retired = "google/gemini-2.5-flash-image";
+    let server = stand_in_answering(ImageFormat::Png, "image/png").await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--model".into(),
+            retired.into(),
+            "--fallback-model".into(),
+            "bytedance-seed/seedream-4.5".into(),
+        ],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("using the fallback"),
+        "a warning is logged: {stderr}"
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for result in answer["results"].as_array().unwrap() {
+        assert_eq!(
+            result["generation_params"]["model"],
+            "bytedance-seed/seedream-4.5"
+        );
+        assert_eq!(result["generation_params"]["requested_model"], retired);
+    }
+    assert_eq!(answer["summary"]["succeeded"], 2);
+}
+
+#[tokio::test]
+async fn an_image_url_on_loopback_is_refused_without_the_test_switch() {
+    let ca = TestCa::new();
+    let (api, image_host) = https_chat_stand_ins(&ca).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!({"scene_id": "scene_001", "image_prompt": "A lighthouse at dusk"}),
+    );
+    let output = run_stage3(
+        &api,
+        work.path(),
+        vec!["generate".into(), input.to_str().unwrap().into()],
+        vec![
+            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
+            ("STAGE3_OPENROUTER_API", "chat".into()),
+            ("STAGE3_MAX_RETRIES", "0".into()),
+        ],
+    )
+    .await;
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let failure = &answer["failures"][0];
+    assert_eq!(failure["error_type"], "provider_error", "{failure}");
+    assert!(
+        failure["message"].as_str().unwrap().contains("non-public"),
+        "{failure}"
+    );
+    assert_eq!(
+        image_host.total_calls(),
+        0,
+        "the loopback host was never contacted"
+    );
+}
+
+#[test]
+fn plain_http_to_a_remote_openrouter_is_a_config_error() {
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    stage3(work.path())
+        .env("OPENROUTER_API_KEY", KEY)
+        .env(
+            "OPENROUTER_BASE_URL",
+            "http://openrouter.example.com/api/v1",
+        )
+        .args(["generate", input.to_str().unwrap()])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("clear text"));
 }

@@ -16,7 +16,7 @@ use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::{ExtendedColorType, ImageEncoder};
 use sha2::{Digest, Sha256};
 
-use super::{ImageProvider, ImageRequest, ProviderImage};
+use super::{ImageProvider, ImageRequest, Plan, ProviderImage, SceneSpec};
 use crate::error::{ProviderFailure, Result, Stage3Error};
 
 #[derive(Debug, Default)]
@@ -36,6 +36,11 @@ impl ImageProvider for PlaceholderProvider {
 
     fn api(&self) -> Option<&'static str> {
         None
+    }
+
+    /// Offline and free: every model "serves", at no cost.
+    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
+        Ok(Plan::unchecked(spec, Some(0.0)))
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
