@@ -723,3 +723,90 @@ fn plain_http_to_a_remote_openrouter_is_a_config_error() {
         .code(2)
         .stderr(predicates::str::contains("clear text"));
 }
+
+/// The image host redirects once, then once more to a private address: the first hop is
+/// followed without a `Referer` (which would leak the signed URL), the second refused.
+#[tokio::test]
+async fn image_redirects_send_no_referer_and_never_reach_private_addresses() {
+    let ca = TestCa::new();
+    let jpeg = bytes::Bytes::from(noisy_image(384, 384, ImageFormat::Jpeg));
+    let image_host = ScriptedOpenRouter::start_tls(&ca, move |request, _| {
+        if request.path.starts_with("/files/first") {
+            Reply::Http {
+                status: 302,
+                headers: vec![("Location".into(), "/files/second.jpg".into())],
+                body: bytes::Bytes::new(),
+            }
+        } else if request.path.starts_with("/files/private") {
+            Reply::Http {
+                status: 302,
+                headers: vec![(
+                    "Location".into(),
+                    "https://169.254.169.254/latest/meta-data".into(),
+                )],
+                body: bytes::Bytes::new(),
+            }
+        } else {
+            Reply::Http {
+                status: 200,
+                headers: vec![("Content-Type".into(), "image/jpeg".into())],
+                body: jpeg.clone(),
+            }
+        }
+    })
+    .await;
+    let origin = image_host.base_url.trim_end_matches("/api/v1").to_string();
+    let api = ScriptedOpenRouter::start_tls(&ca, move |request, _| {
+        let file = if request.body.to_string().contains("metadata") {
+            "private.jpg"
+        } else {
+            "first.jpg"
+        };
+        Reply::chat_image(&format!(
+            "{origin}/files/{file}?X-Signature={URL_SIGNATURE}"
+        ))
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!([
+            {"scene_id": "followed", "image_prompt": "A lighthouse at dusk"},
+            {"scene_id": "refused", "image_prompt": "A lighthouse with metadata"}
+        ]),
+    );
+    let output = run_stage3(
+        &api,
+        work.path(),
+        vec!["generate".into(), input.to_str().unwrap().into()],
+        vec![
+            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
+            ("STAGE3_OPENROUTER_API", "chat".into()),
+            ("STAGE3_MAX_RETRIES", "0".into()),
+            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1".into()),
+        ],
+    )
+    .await;
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["results"][0]["scene_id"], "followed", "{answer}");
+    let failure = &answer["failures"][0];
+    assert_eq!(failure["scene_id"], "refused", "{answer}");
+    assert!(
+        failure["message"].as_str().unwrap().contains("redirect"),
+        "{failure}"
+    );
+
+    let second = image_host
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/files/second"))
+        .expect("the first redirect was followed");
+    assert!(
+        !second.headers.contains_key("referer"),
+        "no Referer: {:?}",
+        second.headers
+    );
+    let everything =
+        String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
+    assert!(!everything.contains(URL_SIGNATURE), "{everything}");
+}

@@ -220,12 +220,12 @@ async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
         }
     };
     println!(
-        "{:<40} {:<14} {:<36} {:<10} {:>10} {:>10}",
+        "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
         "MODEL", "RESOLUTIONS", "ASPECT RATIOS", "QUALITY", "STANDARD", "HD"
     );
     for model in &models {
         println!(
-            "{:<40} {:<14} {:<36} {:<10} {:>10} {:>10}",
+            "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
             model.id,
             list(&model.resolutions),
             list(&model.aspect_ratios),
