@@ -8,12 +8,19 @@
 //!    JPEG→PNG, filesystem and S3 (a real S3 server in-process on loopback);
 //! 2. batch wall time for 16 and 64 scenes at 1 s provider latency, concurrency 8, against
 //!    the limit ceil(N / 8) × 1 s;
-//! 3. peak RSS of the `stage3` CLI for a 16-scene batch of 1792x1024 images;
+//! 3. peak RSS of the `stage3` CLI for a 16-scene batch of 1792x1024 images, and for
+//!    8 scenes at concurrency 4 whose answers are hostile: a PNG with a ~1 MB colour-profile
+//!    chunk that inflates to 1 GiB, and a 40 MP (8000x5000) JPEG;
 //! 4. Lambda init time: process start to the first Runtime API poll, all clients built;
 //! 5. the release size of `stage3-lambda`.
 //!
 //! `STAGE3_BENCH_SAMPLES` sets the samples per overhead case (default 40).
+//! `STAGE3_BENCH_CLI` runs the memory figures (3, 3b) on another `stage3` binary, e.g. one
+//! built from an older commit, to compare before and after.
 
+#[allow(dead_code)]
+#[path = "../tests/support/hostile_images.rs"]
+mod hostile_images;
 #[allow(dead_code)]
 #[path = "../tests/support/s3_server.rs"]
 mod s3_server;
@@ -134,8 +141,40 @@ async fn run() {
     println!("\n3. peak memory of `stage3 generate`, 16 scenes at 1792x1024 (target: <= 150 MiB)");
     let reply = Reply::image(&jpeg, "image/jpeg");
     let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-    let peak = peak_rss_of_cli_batch(&server.base_url, 16).await;
-    println!("   peak RSS {:.1} MiB", peak as f64 / 1024.0 / 1024.0);
+    let run = peak_rss_of_cli_batch(&server.base_url, 16, 8).await;
+    println!("   peak RSS {:.1} MiB ({})", mib(run.peak_rss), run.outcome);
+
+    println!(
+        "\n3b. peak memory of `stage3 generate`, 8 scenes at concurrency 4, hostile answers \
+         (target: <= 200 MiB)"
+    );
+    let png_1792 = photo_like(1792, 1024, ImageFormat::Png);
+    let icc_bomb = hostile_images::png_with_icc_bomb(&png_1792, 1 << 30);
+    let big_jpeg = hostile_images::large_photo_jpeg(8000, 5000);
+    for (name, bytes, media) in [
+        (
+            format!(
+                "PNG, {:.2} MB iCCP chunk inflating to 1 GiB",
+                mb(icc_bomb.len() - png_1792.len())
+            ),
+            &icc_bomb,
+            "image/png",
+        ),
+        (
+            format!("8000x5000 JPEG, {:.2} MB", mb(big_jpeg.len())),
+            &big_jpeg,
+            "image/jpeg",
+        ),
+    ] {
+        let reply = Reply::image(bytes, media);
+        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+        let run = peak_rss_of_cli_batch(&server.base_url, 8, 4).await;
+        println!(
+            "   {name:<45} peak RSS {:>6.1} MiB ({})",
+            mib(run.peak_rss),
+            run.outcome
+        );
+    }
 
     println!("\n4. Lambda init: process start to first Runtime API poll, clients built (target: <= 30 ms)");
     let mut inits = Vec::new();
@@ -213,8 +252,19 @@ fn photo_like(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
     bytes.into_inner()
 }
 
-/// Runs the real CLI on `scenes` scenes and returns its peak resident set, in bytes.
-async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize) -> u64 {
+/// What one run of the CLI cost, and how its scenes ended.
+struct CliRun {
+    /// Peak resident set, in bytes.
+    peak_rss: u64,
+    /// "N stored, M refused (error types)".
+    outcome: String,
+}
+
+/// Runs the real CLI on `scenes` 1792x1024 scenes with `concurrency` provider calls in
+/// flight and returns its peak resident set. Retries wait 50 ms, not seconds: a refused
+/// answer is asked for again (up to `STAGE3_MAX_RETRIES`), and that repetition is part of
+/// what a hostile answer costs, but the wait is not.
+async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize, concurrency: usize) -> CliRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let batch: Vec<serde_json::Value> = (0..scenes)
         .map(|i| {
@@ -227,17 +277,22 @@ async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize) -> u64 {
         .collect();
     let input = dir.path().join("batch.json");
     std::fs::write(&input, serde_json::to_vec(&batch).expect("json")).expect("write input");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3"))
+    let answer_path = dir.path().join("answer.json");
+    let answer_file = std::fs::File::create(&answer_path).expect("answer file");
+    let cli = std::env::var("STAGE3_BENCH_CLI")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stage3").to_string());
+    let mut child = tokio::process::Command::new(cli)
         .args([
             "generate",
             input.to_str().expect("utf-8 path"),
             "--concurrency",
-            "8",
+            &concurrency.to_string(),
         ])
         .current_dir(dir.path())
         .env("OPENROUTER_API_KEY", KEY)
         .env("OPENROUTER_BASE_URL", base_url)
-        .stdout(std::process::Stdio::null())
+        .env("STAGE3_RETRY_BASE_MS", "50")
+        .stdout(answer_file)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn stage3");
@@ -265,7 +320,31 @@ async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize) -> u64 {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    peak_kb * 1024
+    let answer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&answer_path).unwrap_or_default())
+            .unwrap_or_default();
+    let count = |list: &str| answer[list].as_array().map_or(0, Vec::len);
+    let mut error_types: Vec<&str> = answer["failures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|failure| failure["error_type"].as_str())
+        .collect();
+    error_types.sort_unstable();
+    error_types.dedup();
+    CliRun {
+        peak_rss: peak_kb * 1024,
+        outcome: format!(
+            "{} stored, {} refused{}",
+            count("results"),
+            count("failures"),
+            if error_types.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", error_types.join(", "))
+            }
+        ),
+    }
 }
 
 /// Starts `stage3-lambda` against a fake Runtime API and times its first poll.
@@ -323,4 +402,8 @@ fn ms(d: Duration) -> f64 {
 
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0
 }

@@ -1,24 +1,39 @@
-//! The content-addressed result cache: request hashes, object keys and stored records.
+//! The result cache: request hashes, object keys, verified records, and claims.
 //!
 //! A generation is identified by everything that shapes the image — provider, endpoint,
-//! model, the exact prompt, size, quality, seed — hashed with SHA-256. The hash is part of
-//! the object key, so a changed prompt never overwrites an image a CDN may have cached, and
-//! the same request always finds its earlier result. Beside each image lies a JSON record
-//! (its `Stage3Output`), written *after* the image: a record always points at a complete
-//! image, and an image without a record is simply not a result yet.
+//! model, the exact prompt, size, quality, seed, references — hashed with SHA-256: the
+//! request hash. It names the scene's *record* (`{scene}-{hash16}.json`), the JSON of its
+//! `Stage3Output`, which is replaced when the scene is generated again. The image itself is
+//! published under a *content-addressed* key (`{scene}-{sha256 of the PNG, 16}.png`) and never
+//! changes: a CDN that cached it for a year is never wrong, and two runs that raced each left
+//! a record pointing at the image it wrote.
+//!
+//! A record is not believed blindly. On a hit, everything that can be derived from the request
+//! is derived again (scene id, paths, URLs, options), and the stored image is checked against
+//! the record — its size and SHA-256, or on S3 its length and entity tag from one HEAD — so an
+//! edited record or a swapped image is a miss, not an answer.
+//!
+//! Claims make concurrent workers given the same scene (SQS delivers at least once) pay once:
+//! before generating, a worker creates `{scene}-{hash16}.claim` with an atomic create; the
+//! others wait for its record. Stores that ignore conditional writes (Garage, Qiniu) let both
+//! generate, which costs money but never correctness.
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
+use crate::normalize::{MAX_ASPECT_DEVIATION, MIN_SIDE};
 use crate::schema::{ImageQuality, ImageSize, Stage3Output};
-use crate::storage::{ObjectMeta, ObjectStore};
+use crate::storage::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
 
 /// Bumped when the meaning of a stored result changes, so old records stop matching.
 const KEY_SCHEME: &str = "stage3/v1";
-/// Hex digits of the request hash used in keys: 64 bits, plenty per scene.
+/// Hex digits of a hash used in keys: 64 bits, plenty per scene.
 const KEY_HASH_CHARS: usize = 16;
+/// Records are a few kilobytes; anything bigger was not written by us.
+pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
 
 /// Everything that determines the generated image.
 #[derive(Debug, Clone, Serialize)]
@@ -45,54 +60,184 @@ impl RequestIdentity<'_> {
     }
 }
 
-/// The two objects of one result.
+/// The mutable objects of one request: its record, and the claim of a worker generating it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultKeys {
-    pub image: String,
     pub record: String,
+    pub claim: String,
+    /// Where images lived before keys were content-addressed; still read, never written.
+    pub legacy_image: String,
 }
 
 impl ResultKeys {
     pub fn new(scene_id: &str, request_hash: &str) -> Self {
         let stem = format!("{scene_id}-{}", &request_hash[..KEY_HASH_CHARS]);
         ResultKeys {
-            image: format!("{stem}.png"),
             record: format!("{stem}.json"),
+            claim: format!("{stem}.claim"),
+            legacy_image: format!("{stem}.png"),
         }
     }
 }
 
-/// Looks up a finished result: its record must parse, belong to `request_hash`, and its
-/// image must still exist. Anything less is a miss, and the scene is generated again.
+/// The published key of a PNG: the scene and the first hex digits of its SHA-256.
+pub fn image_key(scene_id: &str, content_sha256: &str) -> String {
+    format!("{scene_id}-{}.png", &content_sha256[..KEY_HASH_CHARS])
+}
+
+/// What a hit must agree with: the request, and what an image of it can look like.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub scene_id: &'a str,
+    pub request_hash: &'a str,
+    pub size: ImageSize,
+    pub max_pixels: u64,
+    /// The largest image worth reading back to verify it.
+    pub max_image_bytes: u64,
+}
+
+/// A stored result that passed every check, with the key its image really lives under.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub record: Stage3Output,
+    pub image_key: String,
+}
+
+/// Looks up a finished result and verifies it. Anything that does not check out is a miss
+/// (logged), and the scene is generated again; only a store failure is an error.
 pub async fn lookup(
     store: &dyn ObjectStore,
     keys: &ResultKeys,
-    request_hash: &str,
-) -> Result<Option<Stage3Output>> {
-    let Some(record) = store.get(&keys.record).await? else {
-        return Ok(None);
+    expected: &Expected<'_>,
+) -> Result<Option<Verified>> {
+    let bytes = match store.get(&keys.record, MAX_RECORD_BYTES).await? {
+        Fetched::Missing => return Ok(None),
+        Fetched::TooLarge { size } => {
+            tracing::warn!(key = %keys.record, size, "ignoring an oversized result record");
+            return Ok(None);
+        }
+        Fetched::Found(bytes) => bytes,
     };
-    let Ok(output) = serde_json::from_slice::<Stage3Output>(&record) else {
+    let Ok(record) = serde_json::from_slice::<Stage3Output>(&bytes) else {
         tracing::warn!(key = %keys.record, "ignoring an unreadable result record");
         return Ok(None);
     };
-    if output.generation_params.request_hash != request_hash {
+    if let Err(why) = plausible(&record, expected) {
+        tracing::warn!(key = %keys.record, why, "ignoring a result record that does not fit its request");
         return Ok(None);
     }
-    if !store.exists(&keys.image).await? {
-        tracing::warn!(key = %keys.image, "result record without its image; regenerating");
-        return Ok(None);
+    let content_key = image_key(expected.scene_id, &record.generation_params.content_sha256);
+    for image_key in [content_key, keys.legacy_image.clone()] {
+        match verify_image(store, &image_key, &record, expected).await? {
+            ImageCheck::Matches => return Ok(Some(Verified { record, image_key })),
+            ImageCheck::Missing => continue,
+            ImageCheck::Differs(why) => {
+                tracing::warn!(key = %image_key, why, "stored image does not match its record; regenerating");
+                return Ok(None);
+            }
+        }
     }
-    Ok(Some(output))
+    tracing::warn!(key = %keys.record, "result record without its image; regenerating");
+    Ok(None)
 }
 
-/// Writes the record of a result whose image is already stored.
+/// Checks a record's own claims against the request, before any image is read.
+fn plausible(record: &Stage3Output, expected: &Expected<'_>) -> std::result::Result<(), String> {
+    let params = &record.generation_params;
+    if params.request_hash != expected.request_hash {
+        return Err("its request hash is another request's".into());
+    }
+    let sha = &params.content_sha256;
+    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err("its content hash is not a SHA-256".into());
+    }
+    let (width, height) = (record.width, record.height);
+    if width.min(height) < MIN_SIDE || u64::from(width) * u64::from(height) > expected.max_pixels {
+        return Err(format!("it claims an impossible size {width}x{height}"));
+    }
+    let (want_width, want_height) = expected.size.dimensions();
+    let wanted = f64::from(want_width) / f64::from(want_height);
+    let actual = f64::from(width) / f64::from(height);
+    if (actual - wanted).abs() / wanted > MAX_ASPECT_DEVIATION {
+        return Err(format!(
+            "it claims {width}x{height} for size {}",
+            expected.size
+        ));
+    }
+    Ok(())
+}
+
+enum ImageCheck {
+    Matches,
+    Missing,
+    Differs(String),
+}
+
+/// Compares the stored image with what the record says about it: length and entity tag
+/// from one HEAD where the store keeps tags, otherwise the bytes themselves.
+async fn verify_image(
+    store: &dyn ObjectStore,
+    key: &str,
+    record: &Stage3Output,
+    expected: &Expected<'_>,
+) -> Result<ImageCheck> {
+    let params = &record.generation_params;
+    let Some(info) = store.head(key).await? else {
+        return Ok(ImageCheck::Missing);
+    };
+    if info.size != params.bytes {
+        return Ok(ImageCheck::Differs(format!(
+            "{} bytes stored, {} recorded",
+            info.size, params.bytes
+        )));
+    }
+    if let (Some(stored), Some(recorded)) = (&info.etag, &params.etag) {
+        return Ok(if stored == recorded {
+            ImageCheck::Matches
+        } else {
+            ImageCheck::Differs("its entity tag changed".into())
+        });
+    }
+    let bytes = match store.get(key, expected.max_image_bytes).await? {
+        Fetched::Found(bytes) => bytes,
+        Fetched::Missing => return Ok(ImageCheck::Missing),
+        Fetched::TooLarge { size } => {
+            return Ok(ImageCheck::Differs(format!(
+                "{size} bytes, too large to check"
+            )))
+        }
+    };
+    if hex::encode(Sha256::digest(&bytes)) != params.content_sha256 {
+        return Ok(ImageCheck::Differs(
+            "its SHA-256 differs from the record's".into(),
+        ));
+    }
+    if png_dimensions(&bytes) != Some((record.width, record.height)) {
+        return Ok(ImageCheck::Differs(
+            "its pixel size differs from the record's".into(),
+        ));
+    }
+    Ok(ImageCheck::Matches)
+}
+
+/// Width and height from a PNG's IHDR chunk, which must come first.
+fn png_dimensions(png: &[u8]) -> Option<(u32, u32)> {
+    if png.get(..8)? != b"\x89PNG\r\n\x1a\n" || png.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let word = |at: usize| Some(u32::from_be_bytes(png.get(at..at + 4)?.try_into().ok()?));
+    Some((word(16)?, word(20)?))
+}
+
+/// Writes the record of a result whose image is already stored. URLs are left out: they are
+/// computed for each answer (a presigned or signed URL expires), never stored.
 pub async fn save_record(
     store: &dyn ObjectStore,
     keys: &ResultKeys,
     output: &Stage3Output,
-) -> Result<()> {
+) -> Result<ObjectInfo> {
     let record = Stage3Output {
+        image_url: None,
         from_cache: false,
         ..output.clone()
     };
@@ -100,6 +245,67 @@ pub async fn save_record(
     store
         .put(&keys.record, Bytes::from(json), ObjectMeta::RECORD)
         .await
+}
+
+/// A worker's claim on a request it is generating.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClaimBody {
+    owner: String,
+    expires_at_ms: u64,
+}
+
+/// The answer to [`claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker holds the claim under `owner` and generates the scene.
+    Owned { owner: String },
+    /// Another worker does; its claim lapses in `expires_in` unless it finishes first.
+    HeldElsewhere { expires_in: Duration },
+}
+
+/// Tries to become the one worker generating this request. A lapsed claim (its worker died)
+/// is taken over.
+pub async fn claim(store: &dyn ObjectStore, keys: &ResultKeys, ttl: Duration) -> Result<Claim> {
+    let owner = format!("{:016x}", fastrand::u64(..));
+    let now = now_ms();
+    let body = ClaimBody {
+        owner: owner.clone(),
+        expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+    };
+    let json = Bytes::from(serde_json::to_vec(&body).expect("claims serialize"));
+    if let Created::Created(_) = store
+        .put_new(&keys.claim, json.clone(), ObjectMeta::CLAIM)
+        .await?
+    {
+        return Ok(Claim::Owned { owner });
+    }
+    let held = match store.get(&keys.claim, MAX_RECORD_BYTES).await? {
+        Fetched::Found(bytes) => serde_json::from_slice::<ClaimBody>(&bytes).ok(),
+        Fetched::Missing | Fetched::TooLarge { .. } => None,
+    };
+    match held {
+        Some(other) if other.expires_at_ms > now => Ok(Claim::HeldElsewhere {
+            expires_in: Duration::from_millis(other.expires_at_ms - now),
+        }),
+        _ => {
+            // Lapsed, released in between, or garbage: take it. Two workers doing this at
+            // once both generate, which costs money, never correctness.
+            store.put(&keys.claim, json, ObjectMeta::CLAIM).await?;
+            Ok(Claim::Owned { owner })
+        }
+    }
+}
+
+/// Gives up a claim this worker owns, so waiting workers stop waiting.
+pub async fn release(store: &dyn ObjectStore, keys: &ResultKeys) -> Result<()> {
+    store.delete(&keys.claim).await
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 #[cfg(test)]
@@ -146,9 +352,54 @@ mod tests {
 
     #[test]
     fn keys_carry_the_scene_and_the_hash() {
-        let keys = ResultKeys::new("scene_001", &identity("a").hash());
-        assert!(keys.image.starts_with("scene_001-"));
-        assert!(keys.image.ends_with(".png"));
-        assert_eq!(keys.record, keys.image.replace(".png", ".json"));
+        let hash = identity("a").hash();
+        let keys = ResultKeys::new("scene_001", &hash);
+        assert_eq!(keys.record, format!("scene_001-{}.json", &hash[..16]));
+        assert_eq!(keys.claim, keys.record.replace(".json", ".claim"));
+        let content = hex::encode(Sha256::digest(b"png bytes"));
+        assert_eq!(
+            image_key("scene_001", &content),
+            format!("scene_001-{}.png", &content[..16])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_claim_waits_and_a_lapsed_one_is_taken_over() {
+        let store = crate::storage::MemoryStore::new();
+        let keys = ResultKeys::new("s", &identity("a").hash());
+        let first = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(first, Claim::Owned { .. }));
+        let second = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
+        assert!(
+            matches!(second, Claim::HeldElsewhere { expires_in } if expires_in <= Duration::from_secs(60))
+        );
+        release(&store, &keys).await.unwrap();
+        let third = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(third, Claim::Owned { .. }));
+
+        // A claim whose worker died lapses.
+        let lapsed = ClaimBody {
+            owner: "dead".into(),
+            expires_at_ms: now_ms() - 1,
+        };
+        store
+            .put(
+                &keys.claim,
+                Bytes::from(serde_json::to_vec(&lapsed).unwrap()),
+                ObjectMeta::CLAIM,
+            )
+            .await
+            .unwrap();
+        let taken = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(taken, Claim::Owned { .. }));
+    }
+
+    #[test]
+    fn png_dimensions_come_from_the_header() {
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        png.extend_from_slice(&1792u32.to_be_bytes());
+        png.extend_from_slice(&1024u32.to_be_bytes());
+        assert_eq!(png_dimensions(&png), Some((1792, 1024)));
+        assert_eq!(png_dimensions(b"<html>"), None);
     }
 }

@@ -175,6 +175,13 @@ pub struct S3Config {
     pub credentials: Option<S3Credentials>,
 }
 
+/// Qiniu CDN timestamp anti-leech: every URL is signed with `key` and expires after `ttl`.
+#[derive(Debug, Clone)]
+pub struct CdnSigning {
+    pub key: Secret,
+    pub ttl: Duration,
+}
+
 /// A static access key pair for an S3-compatible service.
 #[derive(Debug, Clone)]
 pub struct S3Credentials {
@@ -192,6 +199,8 @@ pub struct Config {
     pub s3: Option<S3Config>,
     /// CDN origin without a trailing `/`; `image_url` = base + `/` + key.
     pub public_base_url: Option<String>,
+    /// Signing of CDN URLs (`STAGE3_CDN_SIGN=qiniu`), when the domain has anti-leech on.
+    pub cdn_signing: Option<CdnSigning>,
     pub concurrency: usize,
     /// Per provider request, connect to last byte.
     pub request_timeout: Duration,
@@ -290,6 +299,7 @@ impl Config {
             public_base_url: vars
                 .get("STAGE3_PUBLIC_BASE_URL")
                 .map(|url| url.trim_end_matches('/').to_string()),
+            cdn_signing: cdn_signing(&vars)?,
             concurrency: vars.parse_in("STAGE3_CONCURRENCY", 4, 1..=256)?,
             request_timeout: Duration::from_secs(vars.parse_in(
                 "STAGE3_TIMEOUT_SECS",
@@ -326,7 +336,7 @@ impl Config {
             )?,
             max_image_pixels: vars.parse_in(
                 "STAGE3_MAX_IMAGE_PIXELS",
-                40_000_000,
+                crate::normalize::DEFAULT_MAX_IMAGE_PIXELS,
                 1..=1_000_000_000,
             )?,
             character_references: match vars.get("STAGE3_CHARACTER_REFERENCES") {
@@ -345,6 +355,11 @@ impl Config {
         };
         if let Some(base) = &config.public_base_url {
             check_url("STAGE3_PUBLIC_BASE_URL", base)?;
+        }
+        if config.cdn_signing.is_some() && config.public_base_url.is_none() {
+            return Err(Stage3Error::config(
+                "STAGE3_CDN_SIGN needs STAGE3_PUBLIC_BASE_URL: only CDN URLs can be signed",
+            ));
         }
         check_url("OPENROUTER_BASE_URL", &config.openrouter.base_url)?;
         check_key_travels_encrypted(&config.openrouter.base_url)?;
@@ -370,6 +385,24 @@ impl Config {
             return Err(Stage3Error::config("STAGE3_S3_BUCKET is not set"));
         }
         Ok(())
+    }
+}
+
+/// `STAGE3_CDN_SIGN=qiniu` with its key and lifetime, or no signing.
+fn cdn_signing(vars: &Vars<'_>) -> Result<Option<CdnSigning>> {
+    match vars.get("STAGE3_CDN_SIGN").as_deref() {
+        None | Some("none" | "off") => Ok(None),
+        Some("qiniu") => Ok(Some(CdnSigning {
+            key: Secret::new(vars.required("STAGE3_CDN_SIGN_KEY")?),
+            ttl: Duration::from_secs(vars.parse_in(
+                "STAGE3_CDN_URL_TTL_SECS",
+                3600,
+                1..=366 * 24 * 3600,
+            )?),
+        })),
+        Some(other) => Err(Stage3Error::config(format!(
+            "STAGE3_CDN_SIGN: unknown scheme {other:?}; expected qiniu or none"
+        ))),
     }
 }
 
@@ -737,5 +770,29 @@ mod tests {
         let debug = format!("{c:?}");
         assert!(!debug.contains("very-secret"), "{debug}");
         assert!(debug.contains("redacted"));
+    }
+
+    #[test]
+    fn qiniu_signing_needs_its_key_and_a_cdn_base_and_hides_the_key() {
+        let c = config(&[
+            ("STAGE3_PUBLIC_BASE_URL", "https://img.example.com"),
+            ("STAGE3_CDN_SIGN", "qiniu"),
+            ("STAGE3_CDN_SIGN_KEY", "very-secret-sign-key"),
+        ])
+        .unwrap();
+        let signing = c.cdn_signing.as_ref().unwrap();
+        assert_eq!(signing.ttl, Duration::from_secs(3600));
+        assert!(!format!("{c:?}").contains("very-secret-sign-key"));
+
+        let err = config(&[
+            ("STAGE3_PUBLIC_BASE_URL", "https://img.example.com"),
+            ("STAGE3_CDN_SIGN", "qiniu"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("STAGE3_CDN_SIGN_KEY"), "{err}");
+        let err =
+            config(&[("STAGE3_CDN_SIGN", "qiniu"), ("STAGE3_CDN_SIGN_KEY", "k")]).unwrap_err();
+        assert!(err.to_string().contains("STAGE3_PUBLIC_BASE_URL"), "{err}");
+        assert!(config(&[("STAGE3_CDN_SIGN", "akamai")]).is_err());
     }
 }

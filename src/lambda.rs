@@ -24,6 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::schema::{
     parse_submission, parse_submission_bytes, BatchAnswer, BatchSummary, SceneFailure,
@@ -146,7 +147,7 @@ pub async fn handle(
     deadline: Option<Instant>,
 ) -> Result<Value> {
     let options = RunOptions {
-        deadline,
+        deadline: deadline.map_or(Deadline::NONE, Deadline::at),
         ..RunOptions::default()
     };
     let kind = classify(&payload)?;

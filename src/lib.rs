@@ -9,8 +9,13 @@
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG.
-//! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS).
-//! - [`cache`]: request hashes, content-addressed keys and result records.
+//! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
+//!   placeholder's lettering and the visible "AI生成" mark.
+//! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS),
+//!   `memory` (tests, embedding).
+//! - [`urls`]: the URLs answers give for stored objects — CDN, Qiniu-signed, presigned.
+//! - [`deadline`]: the time budget every provider, download and storage call runs under.
+//! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
@@ -20,6 +25,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod lambda;
 pub mod normalize;
@@ -30,6 +36,8 @@ pub mod schema;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod text;
+pub mod urls;
 
 pub use config::Config;
 pub use error::{ErrorType, Stage3Error};

@@ -340,6 +340,9 @@ pub struct GenerationParams {
     pub content_sha256: String,
     /// The stored PNG's size in bytes.
     pub bytes: u64,
+    /// The store's entity tag for the PNG (S3), which a cache hit checks with one HEAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
     /// The format the provider actually sent (`png`, `jpeg`, `webp`), sniffed from its bytes.
     pub source_format: String,
     /// Provider calls made for this image (1 unless something was retried).

@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cache::{self, RequestIdentity, ResultKeys};
+use crate::cache::{self, Claim, RequestIdentity, ResultKeys};
 use crate::config::Config;
+use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
 use crate::prompt::compose_prompt;
@@ -25,20 +26,26 @@ use crate::schema::{
     locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize,
     SceneFailure, Stage3Output, MAX_REFERENCE_IMAGES,
 };
-use crate::storage::{self, ObjectMeta, ObjectStore};
+use crate::storage::{self, Created, ObjectMeta, ObjectStore};
+use crate::urls::{QiniuSigner, UrlPolicy};
 
 /// A provider call is not started with less time than this left before the deadline:
 /// images take seconds at best, and a call cut short is paid for and thrown away.
 pub const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
 /// Time kept back from the provider for storing the image and its record.
 pub const STORAGE_RESERVE: Duration = Duration::from_secs(2);
+/// The longest one storage call may take, deadline permitting: a little over the S3
+/// client's own operation timeout, so its clearer error wins when it fires first.
+pub const STORAGE_CALL_TIMEOUT: Duration = Duration::from_secs(65);
+/// How often a worker waiting for another worker's result looks for it.
+const CLAIM_POLL: Duration = Duration::from_secs(1);
 
 /// Per-run settings that are not configuration: the caller's deadline, cache policy and
 /// batch stop.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// When everything must be finished (a Lambda invocation's deadline).
-    pub deadline: Option<Instant>,
+    pub deadline: Deadline,
     /// Regenerate even when a stored result matches; `None` uses `STAGE3_FORCE`.
     pub force: Option<bool>,
     /// Stops the batch from starting provider calls (a 401 or 402, the budget, Ctrl-C).
@@ -313,6 +320,7 @@ pub struct Stage3Service {
     config: Arc<Config>,
     provider: Arc<dyn ImageProvider>,
     store: Arc<dyn ObjectStore>,
+    urls: UrlPolicy,
     retry: RetryPolicy,
     backpressure: Backpressure,
     limits: ImageLimits,
@@ -339,7 +347,18 @@ impl Stage3Service {
         provider: Arc<dyn ImageProvider>,
         store: Arc<dyn ObjectStore>,
     ) -> Self {
+        let urls = match &config.public_base_url {
+            Some(base) => UrlPolicy::Cdn {
+                base: base.clone(),
+                signer: config
+                    .cdn_signing
+                    .as_ref()
+                    .map(|signing| QiniuSigner::new(signing.key.clone(), signing.ttl)),
+            },
+            None => UrlPolicy::Store,
+        };
         Stage3Service {
+            urls,
             retry: RetryPolicy::from_config(&config),
             limits: ImageLimits {
                 max_pixels: config.max_image_pixels,
@@ -593,71 +612,225 @@ impl Stage3Service {
     ) -> Result<Stage3Output> {
         let force = options.force.unwrap_or(self.config.force);
         if !force {
-            let cached = self
-                .with_storage_retries(options, || {
-                    cache::lookup(self.store.as_ref(), &scene.keys, &scene.request_hash)
-                })
-                .await?;
-            if let Some(mut output) = cached {
-                tracing::info!("cache hit: returning the stored result, no provider call");
-                output.image_url = self.image_url(&scene.keys.image).await?;
-                output.from_cache = true;
-                return Ok(output);
+            if let Some(hit) = self.cached(scene, options).await? {
+                return Ok(hit);
             }
         }
+        // One worker per request pays; the others wait for its result.
+        loop {
+            let claim = self
+                .with_storage_retries(options, "claiming the scene", || {
+                    cache::claim(self.store.as_ref(), &scene.keys, self.claim_ttl())
+                })
+                .await?;
+            match claim {
+                Claim::Owned { .. } => break,
+                Claim::HeldElsewhere { expires_in } => {
+                    let wait = CLAIM_POLL.min(expires_in);
+                    if !options
+                        .deadline
+                        .allows(wait + MIN_CALL_BUDGET + STORAGE_RESERVE)
+                    {
+                        return Err(Stage3Error::DeadlineExceeded(
+                            "another worker is generating this scene and the deadline is near; \
+                             not paying for it twice"
+                                .into(),
+                        ));
+                    }
+                    tracing::info!(
+                        "another worker is generating this scene; waiting for its result"
+                    );
+                    tokio::time::sleep(wait).await;
+                    if let Some(hit) = self.cached(scene, options).await? {
+                        return Ok(hit);
+                    }
+                }
+            }
+        }
+        let outcome = self.generate_and_store(scene, options).await;
+        // Waiting workers look for the record; on failure they may try themselves.
+        if let Err(e) = cache::release(self.store.as_ref(), &scene.keys).await {
+            tracing::warn!(error = %e, "could not release the claim; it lapses by itself");
+        }
+        outcome
+    }
 
+    /// A verified stored result for `scene`, rebuilt from the request: only what cannot be
+    /// derived (pixel size, cost, timings) comes from the record.
+    async fn cached(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+    ) -> Result<Option<Stage3Output>> {
+        let expected = cache::Expected {
+            scene_id: scene.scene_id(),
+            request_hash: &scene.request_hash,
+            size: scene.size,
+            max_pixels: self.limits.max_pixels,
+            max_image_bytes: self.config.max_response_bytes as u64,
+        };
+        let verified = self
+            .with_storage_retries(options, "looking up the stored result", || {
+                cache::lookup(self.store.as_ref(), &scene.keys, &expected)
+            })
+            .await?;
+        let Some(cache::Verified { record, image_key }) = verified else {
+            return Ok(None);
+        };
+        tracing::info!("cache hit: returning the stored result, no provider call");
+        let fresh = self.params_for(scene);
+        let stored = record.generation_params;
+        Ok(Some(Stage3Output {
+            scene_id: scene.scene_id().to_string(),
+            image_path: self.store.location(&image_key),
+            image_url: self.image_url(&image_key).await?,
+            width: record.width,
+            height: record.height,
+            generation_params: GenerationParams {
+                // A fallback may have made it: the record names the model that did.
+                model: stored.model,
+                requested_model: stored.requested_model,
+                cost: stored.cost,
+                content_sha256: stored.content_sha256,
+                bytes: stored.bytes,
+                etag: stored.etag,
+                source_format: stored.source_format,
+                attempts: stored.attempts,
+                started_at: stored.started_at,
+                finished_at: stored.finished_at,
+                duration_ms: stored.duration_ms,
+                ..fresh
+            },
+            from_cache: true,
+        }))
+    }
+
+    /// Generates the image, publishes it under its content address, then writes the record.
+    async fn generate_and_store(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+    ) -> Result<Stage3Output> {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let generated = self.generate_with_retries(scene, options).await?;
 
-        let image_key = &scene.keys.image;
+        let image_key = cache::image_key(scene.scene_id(), &generated.image.content_sha256);
         let png = generated.image.png.clone();
-        self.with_storage_retries(options, || {
-            self.store.put(image_key, png.clone(), ObjectMeta::PNG)
-        })
-        .await?;
-        let image_url = self.image_url(image_key).await?;
+        let created = self
+            .with_storage_retries(options, "storing the image", || {
+                self.store.put_new(&image_key, png.clone(), ObjectMeta::PNG)
+            })
+            .await?;
+        let etag = match created {
+            Created::Created(info) => info.etag,
+            Created::AlreadyExists => self.republish(&image_key, &png, options).await?,
+        };
 
+        let mut params = self.params_for(scene);
+        if generated.model != scene.model {
+            params.requested_model = Some(scene.model.clone());
+            params.model = generated.model.clone();
+        }
+        params.cost = generated.cost;
+        params.content_sha256 = generated.image.content_sha256.clone();
+        params.bytes = generated.image.png.len() as u64;
+        params.etag = etag;
+        params.source_format = generated.image.source_format.as_str().to_string();
+        params.attempts = generated.attempts;
+        params.started_at = rfc3339(started_at);
+        params.finished_at = rfc3339(SystemTime::now());
+        params.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
-            image_path: self.store.location(image_key),
-            image_url,
+            image_path: self.store.location(&image_key),
+            image_url: self.image_url(&image_key).await?,
             width: generated.image.width,
             height: generated.image.height,
-            generation_params: GenerationParams {
-                requested_model: (generated.model != scene.model).then(|| scene.model.clone()),
-                model: generated.model.clone(),
-                size: scene.size,
-                quality: scene.quality,
-                prompt: scene.prompt.clone(),
-                provider: self.provider.name().to_string(),
-                api: self.provider.api().map(str::to_string),
-                aspect_ratio: scene.size.aspect_ratio().to_string(),
-                resolution: scene.quality.resolution().to_string(),
-                seed: scene.request.seed,
-                reference_images: scene
-                    .references
-                    .iter()
-                    .map(|url| recorded_reference(url))
-                    .collect(),
-                cost: generated.cost,
-                request_hash: scene.request_hash.clone(),
-                content_sha256: generated.image.content_sha256.clone(),
-                bytes: generated.image.png.len() as u64,
-                source_format: generated.image.source_format.as_str().to_string(),
-                attempts: generated.attempts,
-                started_at: rfc3339(started_at),
-                finished_at: rfc3339(SystemTime::now()),
-                duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
-            },
+            generation_params: params,
             from_cache: false,
         };
         // The record goes last: it is what makes the stored image a result.
-        self.with_storage_retries(options, || {
+        self.with_storage_retries(options, "storing the result record", || {
             cache::save_record(self.store.as_ref(), &scene.keys, &output)
         })
         .await?;
         Ok(output)
+    }
+
+    /// The image's content address is taken: normally by these very bytes (generated
+    /// before, or by a worker that raced us), which a CDN may serve and must not change. An
+    /// object there that is not these bytes was damaged or planted, and is replaced. Returns
+    /// the entity tag for the record.
+    async fn republish(
+        &self,
+        image_key: &str,
+        png: &bytes::Bytes,
+        options: &RunOptions,
+    ) -> Result<Option<String>> {
+        let limit = png.len() as u64;
+        let stored = self
+            .with_storage_retries(options, "checking the stored image", || {
+                self.store.get(image_key, limit)
+            })
+            .await?;
+        if stored == storage::Fetched::Found(png.clone()) {
+            let info = self
+                .with_storage_retries(options, "checking the stored image", || {
+                    self.store.head(image_key)
+                })
+                .await?;
+            return Ok(info.and_then(|info| info.etag));
+        }
+        tracing::warn!(
+            key = image_key,
+            "replacing a damaged object at an image's content address"
+        );
+        let info = self
+            .with_storage_retries(options, "storing the image", || {
+                self.store.put(image_key, png.clone(), ObjectMeta::PNG)
+            })
+            .await?;
+        Ok(info.etag)
+    }
+
+    /// The generation parameters that follow from the request alone; what the generation
+    /// measured (hash, size, cost, timings) is filled in by the caller.
+    fn params_for(&self, scene: &PreparedScene) -> GenerationParams {
+        GenerationParams {
+            model: scene.model.clone(),
+            requested_model: None,
+            size: scene.size,
+            quality: scene.quality,
+            prompt: scene.prompt.clone(),
+            provider: self.provider.name().to_string(),
+            api: self.provider.api().map(str::to_string),
+            aspect_ratio: scene.size.aspect_ratio().to_string(),
+            resolution: scene.quality.resolution().to_string(),
+            seed: scene.request.seed,
+            reference_images: scene
+                .references
+                .iter()
+                .map(|url| recorded_reference(url))
+                .collect(),
+            cost: None,
+            request_hash: scene.request_hash.clone(),
+            content_sha256: String::new(),
+            bytes: 0,
+            etag: None,
+            source_format: String::new(),
+            attempts: 0,
+            started_at: String::new(),
+            finished_at: String::new(),
+            duration_ms: 0,
+        }
+    }
+
+    /// How long a claim holds: a whole generation with every retry, plus room to store it.
+    fn claim_ttl(&self) -> Duration {
+        let calls = self.config.max_retries + 1;
+        (self.config.request_timeout * calls + Duration::from_secs(60))
+            .min(Duration::from_secs(30 * 60))
     }
 
     /// Generates the scene's image with the first model of its plan that can, falling back
@@ -854,32 +1027,30 @@ impl Stage3Service {
 
     /// The timeout for the next provider call, and whether the deadline shortened it.
     fn call_budget(&self, options: &RunOptions) -> Result<(Duration, bool)> {
-        let configured = self.config.request_timeout;
-        let Some(deadline) = options.deadline else {
-            return Ok((configured, false));
-        };
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(STORAGE_RESERVE);
-        if left < MIN_CALL_BUDGET {
+        let budget = options
+            .deadline
+            .budget(self.config.request_timeout, STORAGE_RESERVE);
+        if budget.cut_by_deadline && budget.timeout < MIN_CALL_BUDGET {
             return Err(Stage3Error::DeadlineExceeded(format!(
                 "{} ms left before the deadline; not starting a provider call",
-                left.as_millis()
+                budget.timeout.as_millis()
             )));
         }
-        Ok((configured.min(left), left < configured))
+        Ok((budget.timeout, budget.cut_by_deadline))
     }
 
     fn fits_before_deadline(&self, options: &RunOptions, delay: Duration) -> bool {
-        options.deadline.is_none_or(|deadline| {
-            Instant::now() + delay + STORAGE_RESERVE + MIN_CALL_BUDGET <= deadline
-        })
+        options
+            .deadline
+            .allows(delay + STORAGE_RESERVE + MIN_CALL_BUDGET)
     }
 
-    /// Runs a storage operation, retrying transient failures within the same budget.
+    /// Runs a storage operation, each attempt within `min(its timeout, time left)`, retrying
+    /// transient failures while the deadline allows.
     async fn with_storage_retries<T, F, Fut>(
         &self,
         options: &RunOptions,
+        what: &str,
         mut operation: F,
     ) -> Result<T>
     where
@@ -889,32 +1060,27 @@ impl Stage3Service {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match operation().await {
+            let call = operation();
+            match options.deadline.run(STORAGE_CALL_TIMEOUT, what, call).await {
                 Ok(value) => return Ok(value),
                 Err(error) => {
                     let delay = self.retry.delay_before(attempt, &error);
-                    let in_time = options
-                        .deadline
-                        .is_none_or(|deadline| Instant::now() + delay < deadline);
-                    if !self.retry.should_retry(attempt, &error) || !in_time {
+                    if !self.retry.should_retry(attempt, &error) || !options.deadline.allows(delay)
+                    {
                         return Err(error);
                     }
-                    tracing::warn!(attempt, error = %error, "storage failure; retrying");
+                    tracing::warn!(attempt, error = %error, "storage failure while {what}; retrying");
                     tokio::time::sleep(delay).await;
                 }
             }
         }
     }
 
-    /// `image_url`: the CDN URL when a public base is configured, else what the store offers.
+    /// `image_url`: the CDN URL (signed if so configured) or what the store offers.
     async fn image_url(&self, key: &str) -> Result<Option<String>> {
-        match &self.config.public_base_url {
-            Some(base) => Ok(Some(format!("{base}/{}", self.store.public_key(key)))),
-            None => self.store.signed_url(key).await,
-        }
+        self.urls.url(self.store.as_ref(), key).await
     }
 }
-
 struct Generated {
     image: NormalizedImage,
     cost: Option<f64>,

@@ -231,8 +231,18 @@ fn placeholder_runs_offline_from_stdin_and_caches_the_second_run() {
         serde_json::from_slice::<Value>(&output.stdout).unwrap()
     };
     let first = run(&[]);
-    let second = run(&[]);
-    assert_eq!(first, second, "an identical run returns the stored results");
+    let mut second = run(&[]);
+    let scenes = first["results"].as_array().unwrap().len();
+    assert_eq!(second["summary"]["from_cache"], scenes, "{second}");
+    assert_eq!(first["summary"]["from_cache"], 0);
+    for result in second["results"].as_array_mut().unwrap() {
+        assert_eq!(result["from_cache"], true, "a cache hit says so");
+        result.as_object_mut().unwrap().remove("from_cache");
+    }
+    assert_eq!(
+        first["results"], second["results"],
+        "an identical run returns the stored results"
+    );
     let forced = run(&["--force"]);
     assert_ne!(
         first["results"][0]["generation_params"]["finished_at"],

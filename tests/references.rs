@@ -77,7 +77,10 @@ async fn characters_in_scene_pull_in_their_reference_images() {
         .generate_scene_image(scene(&[], &[inline]))
         .await
         .unwrap();
-    assert_ne!(with_fox.image_path, without.image_path);
+    assert_ne!(
+        with_fox.generation_params.request_hash,
+        without.generation_params.request_hash
+    );
     assert!(server.requests()[1].body.get("input_references").is_some());
     assert_eq!(server.total_calls(), 2);
 }

@@ -41,7 +41,15 @@ async fn put_then_get_returns_the_same_bytes_with_png_headers() {
         .await
         .unwrap();
 
-    assert_eq!(store.get("scene_001-abc.png").await.unwrap(), Some(png));
+    assert_eq!(
+        store
+            .get("scene_001-abc.png", 1 << 20)
+            .await
+            .unwrap()
+            .into_bytes("", 1 << 20)
+            .unwrap(),
+        Some(png)
+    );
     let head = target
         .client()
         .head_object()
@@ -65,7 +73,15 @@ async fn records_are_stored_as_uncached_json() {
         .await
         .unwrap();
 
-    assert_eq!(store.get("scene_001-abc.json").await.unwrap(), Some(record));
+    assert_eq!(
+        store
+            .get("scene_001-abc.json", 1 << 20)
+            .await
+            .unwrap()
+            .into_bytes("", 1 << 20)
+            .unwrap(),
+        Some(record)
+    );
     let head = target
         .client()
         .head_object()
@@ -91,7 +107,15 @@ async fn a_second_put_replaces_the_object() {
         .await
         .unwrap();
 
-    assert_eq!(store.get("a.png").await.unwrap(), Some(second));
+    assert_eq!(
+        store
+            .get("a.png", 1 << 20)
+            .await
+            .unwrap()
+            .into_bytes("", 1 << 20)
+            .unwrap(),
+        Some(second)
+    );
 }
 
 #[tokio::test]
@@ -111,7 +135,10 @@ async fn exists_tells_stored_from_missing() {
 #[tokio::test]
 async fn get_of_a_missing_object_is_none() {
     let target = S3Target::start().await;
-    assert_eq!(target.store().get("never-stored.png").await.unwrap(), None);
+    assert_eq!(
+        target.store().get("never-stored.png", 1024).await.unwrap(),
+        stage3::storage::Fetched::Missing
+    );
 }
 
 #[tokio::test]
@@ -125,7 +152,7 @@ async fn the_presigned_url_serves_the_object_without_credentials() {
         .unwrap();
 
     let url = store
-        .signed_url("scene_002-def.png")
+        .presigned_url("scene_002-def.png")
         .await
         .unwrap()
         .unwrap();
@@ -192,7 +219,15 @@ async fn from_config_signs_with_the_configured_bucket_keys() {
         .await
         .unwrap();
 
-    assert_eq!(store.get("a.png").await.unwrap(), Some(png));
+    assert_eq!(
+        store
+            .get("a.png", 1 << 20)
+            .await
+            .unwrap()
+            .into_bytes("", 1 << 20)
+            .unwrap(),
+        Some(png)
+    );
     assert_eq!(
         store.location("a.png"),
         format!("s3://{}/{}a.png", target.bucket, target.prefix)
@@ -219,7 +254,7 @@ async fn a_missing_bucket_is_a_permanent_storage_error() {
     assert!(message.contains("NoSuchBucket"), "{message}");
 
     // A read must not mistake a missing bucket for a missing object.
-    let (transient, message) = storage_failure(store.get("a.png").await.unwrap_err());
+    let (transient, message) = storage_failure(store.get("a.png", 1 << 20).await.unwrap_err());
     assert!(!transient, "{message}");
     assert!(message.contains("NoSuchBucket"), "{message}");
 }
@@ -234,7 +269,7 @@ async fn a_wrong_secret_key_is_permanent_and_never_shown() {
         .put("a.png", noisy_png(8, 8, 6), ObjectMeta::PNG)
         .await
         .unwrap_err();
-    let get = store.get("a.png").await.unwrap_err();
+    let get = store.get("a.png", 1 << 20).await.unwrap_err();
     let exists = store.exists("a.png").await.unwrap_err();
 
     for error in [put, get, exists] {
@@ -270,7 +305,7 @@ async fn a_server_that_went_away_is_a_transient_storage_error() {
         .put("b.png", noisy_png(8, 8, 8), ObjectMeta::PNG)
         .await
         .unwrap_err();
-    let get = store.get("a.png").await.unwrap_err();
+    let get = store.get("a.png", 1 << 20).await.unwrap_err();
     let exists = store.exists("a.png").await.unwrap_err();
 
     for (error, operation) in [

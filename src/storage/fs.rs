@@ -1,17 +1,24 @@
 //! The local filesystem backend, for development, tests and single-machine runs.
 //!
 //! Writes go to a temporary file in the destination directory, are flushed to disk, then
-//! renamed over the final name: a crash or an error leaves either the old object or the new
-//! one, never half of one. Keys are checked so no path leaves the output directory.
+//! renamed (or, for [`ObjectStore::put_new`], hard-linked, which fails if the name exists)
+//! into place: a crash or an error leaves either the old object or the new one, never half of
+//! one. Keys are checked so no path leaves the output directory, and reads refuse symbolic
+//! links, so a planted link cannot make us serve `/etc/shadow` as an image.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectStore};
+use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::error::{Result, Stage3Error};
+
+/// Temporary files are named `.stage3-….part`; one older than this belongs to a process
+/// that died mid-write (a write takes milliseconds) and is removed at start-up.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone)]
 pub struct FsStore {
@@ -19,7 +26,9 @@ pub struct FsStore {
 }
 
 impl FsStore {
-    /// A store rooted at `root`, created if missing.
+    /// A store rooted at `root`, created if missing. The root is made absolute, so every
+    /// `image_path` it reports is right from any working directory. Temporary files left by
+    /// a process that died mid-write are removed.
     pub fn new(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| {
             Stage3Error::storage(
@@ -27,9 +36,14 @@ impl FsStore {
                 false,
             )
         })?;
-        Ok(FsStore {
-            root: root.to_path_buf(),
-        })
+        let root = std::fs::canonicalize(root).map_err(|e| {
+            Stage3Error::storage(
+                format!("cannot resolve output directory {}: {e}", root.display()),
+                false,
+            )
+        })?;
+        remove_stale_temp_files(&root, STALE_TEMP_AGE);
+        Ok(FsStore { root })
     }
 
     /// The file behind `key`, refusing anything that could point outside the root.
@@ -64,8 +78,8 @@ fn io_error(action: &str, path: &Path, e: std::io::Error) -> Stage3Error {
     )
 }
 
-/// Writes `bytes` to `path` atomically: temporary file in the same directory, fsync, rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temporary file beside `path`, holding `bytes`, flushed to disk, world-readable.
+fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_error("create directory", dir, e))?;
     let mut temp = tempfile::Builder::new()
@@ -85,35 +99,156 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     temp.write_all(bytes)
         .and_then(|()| temp.as_file().sync_all())
         .map_err(|e| io_error("write", temp.path(), e))?;
+    Ok(temp)
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename over the old one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let temp = write_temporary(path, bytes)?;
     // If persisting fails, dropping the temporary file removes it: nothing partial remains.
     temp.persist(path)
         .map_err(|e| io_error("move into place", path, e.error))?;
     Ok(())
 }
 
-#[async_trait]
-impl ObjectStore for FsStore {
-    async fn put(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<()> {
-        let path = self.path_of(key)?;
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
-            .await
-            .map_err(|e| Stage3Error::storage(format!("write task failed: {e}"), true))?
+/// Writes `bytes` to `path` only if nothing is there: the hard link from the finished
+/// temporary file fails atomically when the name is taken.
+fn create_atomically(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let temp = write_temporary(path, bytes)?;
+    match std::fs::hard_link(temp.path(), path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io_error("link into place", path, e)),
     }
+    // The temporary name is removed when `temp` drops; the link keeps the data.
+}
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let path = self.path_of(key)?;
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error("read", &path, e)),
+/// Opens `path` for reading unless it is a symbolic link (checked on the opened file, so a
+/// link swapped in between cannot slip through). `None` when there is no such file.
+fn open_no_symlink(path: &Path) -> std::io::Result<Option<(std::fs::File, u64)>> {
+    let link_meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !link_meta.file_type().is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (symbolic links are not followed)",
+        ));
+    }
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (meta.dev(), meta.ino()) != (link_meta.dev(), link_meta.ino()) {
+            return Err(std::io::Error::other("the file changed while being opened"));
         }
     }
+    Ok(Some((file, meta.len())))
+}
 
-    async fn exists(&self, key: &str) -> Result<bool> {
+/// Removes `.stage3-*.part` files older than `age` under `root` (best effort).
+fn remove_stale_temp_files(root: &Path, age: Duration) {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if kind.is_dir() && !name.starts_with('.') {
+                dirs.push(entry.path());
+            } else if kind.is_file() && name.starts_with(".stage3-") && name.ends_with(".part") {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+                    .is_some_and(|elapsed| elapsed >= age);
+                if stale && std::fs::remove_file(entry.path()).is_ok() {
+                    tracing::info!(path = %entry.path().display(), "removed a stale temporary file");
+                }
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Stage3Error::storage(format!("storage task failed: {e}"), true))?
+}
+
+#[async_trait]
+impl ObjectStore for FsStore {
+    async fn put(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<ObjectInfo> {
         let path = self.path_of(key)?;
-        tokio::fs::try_exists(&path)
-            .await
-            .map_err(|e| io_error("check", &path, e))
+        let size = bytes.len() as u64;
+        blocking(move || write_atomically(&path, &bytes)).await?;
+        Ok(ObjectInfo { size, etag: None })
+    }
+
+    async fn put_new(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<Created> {
+        let path = self.path_of(key)?;
+        let size = bytes.len() as u64;
+        let created = blocking(move || create_atomically(&path, &bytes)).await?;
+        Ok(if created {
+            Created::Created(ObjectInfo { size, etag: None })
+        } else {
+            Created::AlreadyExists
+        })
+    }
+
+    async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
+        let path = self.path_of(key)?;
+        blocking(move || {
+            let Some((file, size)) =
+                open_no_symlink(&path).map_err(|e| io_error("read", &path, e))?
+            else {
+                return Ok(Fetched::Missing);
+            };
+            if size > limit {
+                return Ok(Fetched::TooLarge { size });
+            }
+            let mut bytes = Vec::with_capacity(size as usize);
+            // `take` also bounds a file that grows while it is read.
+            file.take(limit + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| io_error("read", &path, e))?;
+            if bytes.len() as u64 > limit {
+                return Ok(Fetched::TooLarge {
+                    size: bytes.len() as u64,
+                });
+            }
+            Ok(Fetched::Found(Bytes::from(bytes)))
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let path = self.path_of(key)?;
+        blocking(move || {
+            Ok(open_no_symlink(&path)
+                .map_err(|e| io_error("check", &path, e))?
+                .map(|(_, size)| ObjectInfo { size, etag: None }))
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &path, e)),
+        }
     }
 
     fn location(&self, key: &str) -> String {
@@ -124,7 +259,7 @@ impl ObjectStore for FsStore {
         key.to_string()
     }
 
-    async fn signed_url(&self, _key: &str) -> Result<Option<String>> {
+    async fn presigned_url(&self, _key: &str) -> Result<Option<String>> {
         Ok(None)
     }
 }
@@ -138,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::new(dir.path()).unwrap();
         assert!(!store.exists("a.png").await.unwrap());
-        assert_eq!(store.get("a.png").await.unwrap(), None);
+        assert_eq!(store.get("a.png", 1024).await.unwrap(), Fetched::Missing);
 
         store
             .put("a.png", Bytes::from_static(b"one"), ObjectMeta::PNG)
@@ -150,12 +285,16 @@ mod tests {
             .unwrap();
         assert!(store.exists("a.png").await.unwrap());
         assert_eq!(
-            store.get("a.png").await.unwrap().unwrap(),
-            Bytes::from_static(b"two")
+            store.get("a.png", 1024).await.unwrap(),
+            Fetched::Found(Bytes::from_static(b"two"))
         );
         assert_eq!(
             store.location("a.png"),
-            dir.path().join("a.png").to_string_lossy()
+            dir.path()
+                .canonicalize()
+                .unwrap()
+                .join("a.png")
+                .to_string_lossy()
         );
 
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -199,5 +338,86 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["taken.png".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn put_new_never_replaces_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        let first = store
+            .put_new("a.png", Bytes::from_static(b"one"), ObjectMeta::PNG)
+            .await
+            .unwrap();
+        assert!(matches!(
+            first,
+            Created::Created(ObjectInfo { size: 3, .. })
+        ));
+        let second = store
+            .put_new("a.png", Bytes::from_static(b"two"), ObjectMeta::PNG)
+            .await
+            .unwrap();
+        assert_eq!(second, Created::AlreadyExists);
+        assert_eq!(
+            store.get("a.png", 10).await.unwrap(),
+            Fetched::Found(Bytes::from_static(b"one"))
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["a.png".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn reads_are_capped_and_refuse_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        store
+            .put(
+                "big.json",
+                Bytes::from(vec![b'x'; 2048]),
+                ObjectMeta::RECORD,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get("big.json", 1024).await.unwrap(),
+            Fetched::TooLarge { size: 2048 }
+        );
+
+        let secret = dir.path().join("secret.txt");
+        std::fs::write(&secret, b"top secret").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&secret, dir.path().join("link.png")).unwrap();
+            assert!(store.get("link.png", 1024).await.is_err());
+            assert!(store.head("link.png").await.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relative_root_reports_absolute_paths() {
+        let store = FsStore::new(Path::new(".")).unwrap();
+        assert!(Path::new(&store.location("a.png")).is_absolute());
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".stage3-old.part");
+        let fresh = dir.path().join("sub/.stage3-new.part");
+        std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+        std::fs::write(&stale, b"x").unwrap();
+        std::fs::write(&fresh, b"x").unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+        FsStore::new(dir.path()).unwrap();
+        assert!(!stale.exists());
+        assert!(fresh.exists());
     }
 }

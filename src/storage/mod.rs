@@ -5,6 +5,7 @@
 //! and prefix. Every `put` is all-or-nothing: a reader never sees a partial object.
 
 mod fs;
+mod memory;
 mod s3;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use fs::FsStore;
+pub use memory::MemoryStore;
 pub use s3::S3Store;
 
 use crate::config::{Config, StorageKind};
@@ -35,28 +37,94 @@ impl ObjectMeta {
         content_type: "application/json",
         cache_control: "no-cache",
     };
+    /// A worker's claim on a scene it is generating; never worth caching anywhere.
+    pub const CLAIM: ObjectMeta = ObjectMeta {
+        content_type: "application/json",
+        cache_control: "no-store",
+    };
+}
+
+/// What a store knows about an object without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// The server's entity tag (S3), when it gives one: equal tags mean the same bytes.
+    pub etag: Option<String>,
+}
+
+/// The outcome of a capped [`ObjectStore::get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    Missing,
+    /// The object is larger than the read allowed; it was not read.
+    TooLarge {
+        size: u64,
+    },
+    Found(Bytes),
+}
+
+impl Fetched {
+    /// The bytes, treating an object over the limit as an error naming `location`.
+    pub fn into_bytes(self, location: &str, limit: u64) -> Result<Option<Bytes>> {
+        match self {
+            Fetched::Missing => Ok(None),
+            Fetched::TooLarge { size } => Err(too_large(location, size, limit)),
+            Fetched::Found(bytes) => Ok(Some(bytes)),
+        }
+    }
+}
+
+/// The outcome of [`ObjectStore::put_new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    Created(ObjectInfo),
+    /// Something was already stored under the key; it was left as it was.
+    AlreadyExists,
 }
 
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Stores `bytes` under `key`, replacing what was there, atomically.
-    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<()>;
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo>;
 
-    /// The object's bytes, or `None` when there is no such object.
-    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+    /// Stores `bytes` under `key` only if nothing is there yet. Atomic where the store can
+    /// do it (a filesystem link, S3 `If-None-Match: *`); servers that ignore the condition
+    /// (Garage, Qiniu) overwrite, which is why published keys are content-addressed.
+    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created>;
+
+    /// The object's bytes, if there is one of at most `limit` bytes. A larger one is not
+    /// read: records and manifests are small, and a planted giant must not cost memory.
+    async fn get(&self, key: &str, limit: u64) -> Result<Fetched>;
+
+    /// The object's size and tag, or `None` when there is no such object.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
 
     /// Whether an object exists under `key`.
-    async fn exists(&self, key: &str) -> Result<bool>;
+    async fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.head(key).await?.is_some())
+    }
 
-    /// Where the object lives, for `image_path`: a filesystem path or `s3://bucket/key`.
+    /// Removes the object; removing a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Where the object lives, for `image_path`: an absolute filesystem path or
+    /// `s3://bucket/key`.
     fn location(&self, key: &str) -> String;
 
     /// The object's key as a CDN sees it (with any prefix), for `public base + / + key`.
     fn public_key(&self, key: &str) -> String;
 
-    /// A URL that reads the object without credentials when no public base URL is set
-    /// (a presigned GET on S3); `None` where there is no such thing (the filesystem).
-    async fn signed_url(&self, key: &str) -> Result<Option<String>>;
+    /// A URL that reads the object without credentials when no CDN is configured (a
+    /// presigned GET on S3); `None` where there is no such thing (the filesystem).
+    async fn presigned_url(&self, key: &str) -> Result<Option<String>>;
+}
+
+/// The error for an object over a read limit: not transient, it will not shrink.
+fn too_large(location: &str, size: u64, limit: u64) -> crate::error::Stage3Error {
+    crate::error::Stage3Error::storage(
+        format!("{location} is {size} bytes, more than the {limit} this read allows"),
+        false,
+    )
 }
 
 /// Builds the configured store. Called once at start-up (the S3 client is built here).

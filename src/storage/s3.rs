@@ -22,7 +22,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
-use super::{ObjectMeta, ObjectStore};
+use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::config::{Config, S3Config};
 use crate::error::{Result, Stage3Error};
 
@@ -228,25 +228,68 @@ where
     }
 }
 
-#[async_trait]
-impl ObjectStore for S3Store {
-    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<()> {
+/// Whether a conditional write was refused because the object exists (`412`), as opposed
+/// to failing.
+fn is_precondition_failed<E>(error: &SdkError<E>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    matches!(error, SdkError::ServiceError(_))
+        && (error.code() == Some("PreconditionFailed")
+            || error.raw_response().map(|r| r.status().as_u16()) == Some(412))
+}
+
+impl S3Store {
+    async fn put_object(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        meta: ObjectMeta,
+        only_if_new: bool,
+    ) -> Result<Created> {
         let object_key = self.object_key(key);
+        let size = bytes.len() as u64;
         // S3 replaces an object atomically on PutObject: readers see the old or the new one.
-        self.client
+        let mut request = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(&object_key)
             .content_type(meta.content_type)
             .cache_control(meta.cache_control)
-            .body(ByteStream::from(bytes))
-            .send()
-            .await
-            .map_err(|e| self.failure("PutObject", &object_key, e))?;
-        Ok(())
+            .body(ByteStream::from(bytes));
+        if only_if_new {
+            request = request.if_none_match("*");
+        }
+        match request.send().await {
+            Ok(output) => Ok(Created::Created(ObjectInfo {
+                size,
+                etag: output.e_tag().map(str::to_string),
+            })),
+            Err(e) if only_if_new && is_precondition_failed(&e) => Ok(Created::AlreadyExists),
+            Err(e) => Err(self.failure("PutObject", &object_key, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
+        match self.put_object(key, bytes, meta, false).await? {
+            Created::Created(info) => Ok(info),
+            // An unconditional PUT has no condition to fail; a server saying so is confused.
+            Created::AlreadyExists => Err(Stage3Error::storage(
+                format!("S3 PutObject of {} reported a conflict", self.location(key)),
+                true,
+            )),
+        }
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
+        self.put_object(key, bytes, meta, true).await
+    }
+
+    async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
         let object_key = self.object_key(key);
         let output = match self
             .client
@@ -257,23 +300,34 @@ impl ObjectStore for S3Store {
             .await
         {
             Ok(output) => output,
-            Err(e) if is_missing_object(&e) => return Ok(None),
+            Err(e) if is_missing_object(&e) => return Ok(Fetched::Missing),
             Err(e) => return Err(self.failure("GetObject", &object_key, e)),
         };
+        let location = self.location(key);
+        let announced = output.content_length().map_or(0, |n| n.max(0) as u64);
+        if announced > limit {
+            // Dropping the body closes the connection without reading it.
+            return Ok(Fetched::TooLarge { size: announced });
+        }
         let body = output.body.collect().await.map_err(|e| {
             Stage3Error::storage(
                 format!(
-                    "S3 GetObject of s3://{}/{object_key} failed while reading the body: {}",
-                    self.bucket,
+                    "S3 GetObject of {location} failed while reading the body: {}",
                     causes(&e)
                 ),
                 true,
             )
         })?;
-        Ok(Some(body.into_bytes()))
+        let bytes = body.into_bytes();
+        if bytes.len() as u64 > limit {
+            return Ok(Fetched::TooLarge {
+                size: bytes.len() as u64,
+            });
+        }
+        Ok(Fetched::Found(bytes))
     }
 
-    async fn exists(&self, key: &str) -> Result<bool> {
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let object_key = self.object_key(key);
         match self
             .client
@@ -283,9 +337,28 @@ impl ObjectStore for S3Store {
             .send()
             .await
         {
-            Ok(_) => Ok(true),
-            Err(e) if is_missing_object(&e) => Ok(false),
+            Ok(output) => Ok(Some(ObjectInfo {
+                size: output.content_length().map_or(0, |n| n.max(0) as u64),
+                etag: output.e_tag().map(str::to_string),
+            })),
+            Err(e) if is_missing_object(&e) => Ok(None),
             Err(e) => Err(self.failure("HeadObject", &object_key, e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let object_key = self.object_key(key);
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_missing_object(&e) => Ok(()),
+            Err(e) => Err(self.failure("DeleteObject", &object_key, e)),
         }
     }
 
@@ -297,7 +370,7 @@ impl ObjectStore for S3Store {
         self.object_key(key)
     }
 
-    async fn signed_url(&self, key: &str) -> Result<Option<String>> {
+    async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
         let object_key = self.object_key(key);
         let presigning = PresigningConfig::expires_in(self.presign_expiry)
             .map_err(|e| Stage3Error::config(format!("STAGE3_S3_PRESIGN_SECS: {e}")))?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use stage3::error::Result;
-use stage3::storage::{ObjectMeta, ObjectStore};
+use stage3::storage::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
 use tokio::sync::watch;
 
 pub struct GatedStore {
@@ -32,24 +32,39 @@ impl GatedStore {
     }
 }
 
-#[async_trait]
-impl ObjectStore for GatedStore {
-    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<()> {
+impl GatedStore {
+    async fn wait_if_gated(&self, key: &str) {
         if (self.gated)(key) {
             let mut gate = self.gate.clone();
             gate.wait_for(|open| *open)
                 .await
                 .expect("the test keeps the gate's sender");
         }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for GatedStore {
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
+        self.wait_if_gated(key).await;
         self.inner.put(key, bytes, meta).await
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        self.inner.get(key).await
+    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
+        self.wait_if_gated(key).await;
+        self.inner.put_new(key, bytes, meta).await
     }
 
-    async fn exists(&self, key: &str) -> Result<bool> {
-        self.inner.exists(key).await
+    async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
+        self.inner.get(key, limit).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.inner.head(key).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key).await
     }
 
     fn location(&self, key: &str) -> String {
@@ -60,7 +75,7 @@ impl ObjectStore for GatedStore {
         self.inner.public_key(key)
     }
 
-    async fn signed_url(&self, key: &str) -> Result<Option<String>> {
-        self.inner.signed_url(key).await
+    async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
+        self.inner.presigned_url(key).await
     }
 }

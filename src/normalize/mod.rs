@@ -1,14 +1,21 @@
 //! Image normalisation: sniff the real format, decode safely, validate, hand back a PNG.
 //!
 //! Providers send PNG, JPEG or WEBP, and their labels lie (docs/design.md §3), so the format is
-//! read from the magic bytes. A PNG that decodes cleanly is kept byte-for-byte; anything
-//! else is converted. Validation rejects what a reader would call a broken picture.
+//! read from the magic bytes. A PNG keeps its image data byte for byte, but only the chunks
+//! we check travel with it ([`chunks`]: critical chunks and a short allowlist; animation is
+//! flattened); anything else is converted. Validation rejects what a reader would call a
+//! broken picture. [`aigc`] writes the GB 45438-2025 label into the stored PNG afterwards.
 //!
 //! Every rejection is [`Stage3Error::InvalidImage`], which the service retries as transient:
 //! this module is the seed's "quality validation → automatic regeneration" hook. The checks
 //! run cheapest first — magic bytes, container structure (truncation), header dimensions
 //! (decompression bombs, aspect ratio) — so most bad images are refused before a single
 //! pixel is decoded, and the blank-image test samples a grid instead of walking every pixel.
+
+pub mod aigc;
+pub mod chunks;
+#[cfg(test)]
+mod test_png;
 
 use std::io::Cursor;
 
@@ -22,6 +29,22 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Result, Stage3Error};
 use crate::schema::ImageSize;
+
+pub use aigc::{insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel};
+pub use chunks::{ChunkReport, MAX_ICC_PROFILE_BYTES};
+
+/// The default `STAGE3_MAX_IMAGE_PIXELS`. The largest image we ask for is "2K" at 16:9,
+/// about 2752x1536 = 4.2 MP (2K square is 2048x2048 = 4.2 MP). 12 MP leaves room for a
+/// provider that answers bigger than asked — a 4K 16:9 frame, 3840x2160 = 8.3 MP, still
+/// passes — while a 40 MP photo is refused from its header: decoding one took ~440 MB and
+/// a 120 MB PNG, where a 12 MP RGBA frame is at most 48 MB.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 12_000_000;
+const _: () = assert!(
+    2752 * 1536 <= DEFAULT_MAX_IMAGE_PIXELS // 2K 16:9 (and 9:16)
+        && 2048 * 2048 <= DEFAULT_MAX_IMAGE_PIXELS // 2K 1:1
+        && 3840 * 2160 <= DEFAULT_MAX_IMAGE_PIXELS // 4K 16:9, more than asked for
+        && 8000 * 5000 > DEFAULT_MAX_IMAGE_PIXELS // a 40 MP photo
+);
 
 /// How far an image's width/height ratio may stray from the requested one (relative).
 /// Models return 16:9 (1.778) for `1792x1024` (1.75); 15% leaves room for such rounding
@@ -122,10 +145,38 @@ pub struct NormalizedImage {
     pub content_sha256: String,
 }
 
+impl NormalizedImage {
+    /// The same image with `label` as its AIGC implicit label (see [`aigc`]), its hash
+    /// recomputed over the labelled bytes. The pixels and every other chunk are unchanged.
+    pub fn with_aigc_label(self, label: &AigcLabel) -> Result<NormalizedImage> {
+        let png = insert_aigc_label(&self.png, label)?;
+        let content_sha256 = hex::encode(Sha256::digest(&png));
+        Ok(NormalizedImage {
+            png,
+            content_sha256,
+            ..self
+        })
+    }
+}
+
+/// The most bytes a PNG of `width` × `height` pixels at `bits_per_pixel` can honestly
+/// need: its raw scanlines (a filter byte a row, more rows when interlaced), an eighth more
+/// for deflate's worst case (fixed-Huffman literals take up to 9 bits a byte), and room for
+/// the allowed ancillary chunks (the colour profile bound, plus 64 KiB). A bigger file is
+/// padding — empty deflate blocks, or many empty chunks — that every reader would have to
+/// chew through and the store would keep. Since pixels are bounded by
+/// `STAGE3_MAX_IMAGE_PIXELS`, so is this.
+pub fn max_png_bytes(width: u32, height: u32, bits_per_pixel: u32) -> u64 {
+    let row = (u64::from(width) * u64::from(bits_per_pixel)).div_ceil(8);
+    // Adam7 splits each row across up to 4 passes' scanlines, each with its filter byte
+    // and a partly filled last byte.
+    let raw = u64::from(height) * (row + 8);
+    raw + raw / 8 + MAX_ICC_PROFILE_BYTES as u64 + 64 * 1024
+}
+
 /// The real format of `bytes`, from its magic numbers.
 pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
-    const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-    if bytes.starts_with(PNG_SIGNATURE) {
+    if bytes.starts_with(chunks::PNG_SIGNATURE) {
         Some(SourceFormat::Png)
     } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         Some(SourceFormat::Jpeg)
@@ -174,28 +225,36 @@ pub fn normalize_image(
     })
 }
 
-/// Decodes a PNG completely, row by row, and hands back the same bytes (minus anything
-/// after IEND). Decoding row by row needs no frame buffer: memory stays at a couple of
-/// rows whatever the image size.
+/// Keeps the chunks we check ([`chunks::keep_checked_chunks`]), then decodes that PNG
+/// completely, row by row, and hands it back. Decoding row by row needs no frame buffer:
+/// memory stays at a couple of rows whatever the image size.
 fn validate_png(
     bytes: Bytes,
     requested: ImageSize,
     limits: &ImageLimits,
 ) -> Result<(Bytes, u32, u32)> {
-    let end = png_stream_end(&bytes)?;
-    // Bytes after IEND are no part of the picture (sometimes a whole second file): keep
-    // only the PNG, as a zero-copy slice, so what we store and hash is exactly one image.
-    let png = if end == bytes.len() {
-        bytes
-    } else {
-        bytes.slice(..end)
-    };
+    // Bytes after IEND (sometimes a whole second file), text, EXIF, animation frames and
+    // unknown chunks are no part of the picture we check: they are not stored either.
+    let (png, report) = chunks::keep_checked_chunks(bytes)?;
+    if !report.dropped.is_empty() || report.trailing_bytes > 0 {
+        tracing::debug!(
+            dropped = %report.dropped_names(),
+            flattened_animation = report.flattened_animation,
+            trailing_bytes = report.trailing_bytes,
+            "PNG chunks not kept"
+        );
+    }
 
     let mut options = png::DecodeOptions::default();
     // Browsers skip an ancillary chunk whose CRC fails, but Pillow refuses the whole file,
-    // and we store these bytes unchanged for whoever reads them next: a damaged chunk of
-    // any kind sends the image back for another try.
+    // and we store these chunks unchanged for whoever reads them next: a damaged chunk of
+    // any kind we keep sends the image back for another try.
     options.set_skip_ancillary_crc_failures(false);
+    // The pixels are all we check, and the profile's size was bounded by the chunk pass:
+    // the decoder has no reason to inflate it (or text, none of which is left), though it
+    // still checks the chunk's CRC.
+    options.set_ignore_iccp_chunk(true);
+    options.set_ignore_text_chunk(true);
     let mut decoder = png::Decoder::new_with_options(Cursor::new(&png[..]), options);
     decoder.set_limits(limits.for_png_crate());
     // 8 bits a sample whatever the source depth: all the blank test needs.
@@ -203,6 +262,8 @@ fn validate_png(
     let header = decoder.read_header_info().map_err(png_error)?;
     let (width, height, interlaced) = (header.width, header.height, header.interlaced);
     check_geometry(width, height, requested, limits)?;
+    let bits_per_pixel = header.color_type.samples() as u32 * header.bit_depth as u32;
+    check_png_size(png.len(), width, height, bits_per_pixel)?;
 
     let mut reader = decoder.read_info().map_err(png_error)?;
     let channels = reader.output_color_type().0.samples();
@@ -221,6 +282,18 @@ fn validate_png(
     reader.finish().map_err(png_error)?;
     check_not_blank(&sampler)?;
     Ok((png, width, height))
+}
+
+/// Refuses a PNG larger than its pixels can need ([`max_png_bytes`]).
+fn check_png_size(bytes: usize, width: u32, height: u32, bits_per_pixel: u32) -> Result<()> {
+    let max = max_png_bytes(width, height, bits_per_pixel);
+    if bytes as u64 > max {
+        return Err(invalid(format!(
+            "PNG is {bytes} bytes, more than a {width}x{height} image at {bits_per_pixel} bits \
+             a pixel can need ({max}): padded or bloated"
+        )));
+    }
+    Ok(())
 }
 
 /// Decodes a JPEG or WEBP, validates it and encodes it as PNG.
@@ -243,8 +316,18 @@ fn convert_to_png(
     decoder
         .set_limits(limits.for_image_crate())
         .map_err(|e| decode_error(format, e))?;
-    // A colour profile (Display P3 photos) must travel with the pixels or colours shift.
-    let icc_profile = decoder.icc_profile().map_err(|e| decode_error(format, e))?;
+    // A colour profile (Display P3 photos) must travel with the pixels or colours shift;
+    // one beyond the bound the PNG chunk pass keeps would not survive a second look.
+    let icc_profile = decoder
+        .icc_profile()
+        .map_err(|e| decode_error(format, e))?
+        .filter(|profile| {
+            let fits = profile.len() <= MAX_ICC_PROFILE_BYTES;
+            if !fits {
+                tracing::debug!(bytes = profile.len(), "colour profile too large; not kept");
+            }
+            fits
+        });
 
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
     let image = match image {
@@ -272,14 +355,22 @@ fn convert_to_png(
     }
     check_not_blank(&sampler)?;
 
-    let png = encode_png(&image, icc_profile)?;
+    let bits_per_pixel = 8 * channels as u32;
+    let max = max_png_bytes(image.width(), image.height(), bits_per_pixel);
+    let png = encode_png(&image, icc_profile, max)?;
     Ok((png, image.width(), image.height()))
 }
 
 /// Encodes for speed: the PNG is stored once and served from a CDN, so a few percent of
-/// size matter less than the milliseconds of every conversion.
-fn encode_png(image: &DynamicImage, icc_profile: Option<Vec<u8>>) -> Result<Bytes> {
-    let mut out = Vec::with_capacity(image.as_bytes().len() / 2);
+/// size matter less than the milliseconds of every conversion. The output may not pass
+/// `max_bytes` ([`max_png_bytes`]): the encoder stops there rather than grow the buffer.
+fn encode_png(image: &DynamicImage, icc_profile: Option<Vec<u8>>, max_bytes: u64) -> Result<Bytes> {
+    let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let mut out = BoundedBuffer {
+        bytes: Vec::with_capacity((image.as_bytes().len() / 2).min(max_bytes)),
+        max: max_bytes,
+        overflowed: false,
+    };
     let mut encoder =
         PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive);
     if let Some(profile) = icc_profile.filter(|p| !p.is_empty()) {
@@ -289,15 +380,43 @@ fn encode_png(image: &DynamicImage, icc_profile: Option<Vec<u8>>) -> Result<Byte
             tracing::debug!(error = %e, "colour profile not carried into the PNG");
         }
     }
-    encoder
-        .write_image(
-            image.as_bytes(),
+    let written = encoder.write_image(
+        image.as_bytes(),
+        image.width(),
+        image.height(),
+        image.color().into(),
+    );
+    if out.overflowed {
+        return Err(invalid(format!(
+            "the converted PNG would pass {max_bytes} bytes, more than a {}x{} image can need",
             image.width(),
-            image.height(),
-            image.color().into(),
-        )
-        .map_err(|e| invalid(format!("could not encode the image as PNG: {e}")))?;
-    Ok(Bytes::from(out))
+            image.height()
+        )));
+    }
+    written.map_err(|e| invalid(format!("could not encode the image as PNG: {e}")))?;
+    Ok(Bytes::from(out.bytes))
+}
+
+/// A `Vec` writer that refuses to grow past `max` bytes.
+struct BoundedBuffer {
+    bytes: Vec<u8>,
+    max: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.max {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output bound reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn swaps_sides(orientation: Orientation) -> bool {
@@ -435,46 +554,6 @@ fn luminance(pixel: &[u8]) -> u32 {
     }
 }
 
-/// Walks the PNG chunk list and returns the offset just past IEND. This catches a cut-off
-/// download before the decoder runs, with a message that says where it ends.
-fn png_stream_end(bytes: &[u8]) -> Result<usize> {
-    let mut offset = 8; // the signature, already sniffed
-    let mut first = true;
-    loop {
-        let Some(header) = bytes.get(offset..offset + 8) else {
-            return Err(invalid(format!(
-                "PNG is truncated: {} bytes and no IEND chunk",
-                bytes.len()
-            )));
-        };
-        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let kind = &header[4..8];
-        if length > 0x7FFF_FFFF {
-            return Err(invalid(format!(
-                "PNG is corrupt: chunk at byte {offset} claims {length} bytes"
-            )));
-        }
-        if first && kind != b"IHDR" {
-            return Err(invalid("PNG is corrupt: it does not start with IHDR"));
-        }
-        first = false;
-        // length, type, data, CRC
-        let end = offset + 12 + length as usize;
-        if end > bytes.len() {
-            return Err(invalid(format!(
-                "PNG is truncated: chunk {} at byte {offset} needs {} bytes, only {} remain",
-                String::from_utf8_lossy(kind),
-                12 + length as usize,
-                bytes.len() - offset
-            )));
-        }
-        if kind == b"IEND" {
-            return Ok(end);
-        }
-        offset = end;
-    }
-}
-
 /// Walks the JPEG marker segments and returns the offset just past the end-of-image
 /// marker. The JPEG decoder, like a browser, paints a cut-off image grey and carries on;
 /// the walk is what refuses it. Inside entropy-coded data a 0xFF byte is always followed
@@ -557,29 +636,21 @@ fn decode_error(format: SourceFormat, error: image::ImageError) -> Stage3Error {
     }
 }
 
-fn invalid(message: impl Into<String>) -> Stage3Error {
+pub(crate) fn invalid(message: impl Into<String>) -> Stage3Error {
     Stage3Error::InvalidImage(message.into())
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_png::*;
     use super::*;
     use image::codecs::jpeg::JpegEncoder;
     use image::codecs::webp::WebPEncoder;
     use image::{ImageFormat, RgbImage, RgbaImage};
 
     const LIMITS: ImageLimits = ImageLimits {
-        max_pixels: 40_000_000,
+        max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
     };
-
-    /// A picture with real content: a gradient under per-pixel noise.
-    fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        RgbImage::from_fn(width, height, |x, y| {
-            let base = ((x + y) * 255 / (width + height)) as u8;
-            image::Rgb([base.wrapping_add(rng.u8(0..40)), rng.u8(..), 255 - base])
-        })
-    }
 
     fn encode(image: &DynamicImage, format: ImageFormat) -> Bytes {
         let mut out = Vec::new();
@@ -624,77 +695,6 @@ mod tests {
                 image.width, image.height
             ),
         }
-    }
-
-    fn crc32(parts: &[&[u8]]) -> u32 {
-        let mut crc = !0u32;
-        for byte in parts.iter().flat_map(|p| p.iter()) {
-            crc ^= u32::from(*byte);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
-    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-        let mut out = (data.len() as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(kind);
-        out.extend_from_slice(data);
-        out.extend_from_slice(&crc32(&[kind, data]).to_be_bytes());
-        out
-    }
-
-    /// `(type, data)` of every chunk, in order.
-    fn chunks(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut offset = 8;
-        while offset < png.len() {
-            let length = u32::from_be_bytes(png[offset..offset + 4].try_into().unwrap()) as usize;
-            let kind: [u8; 4] = png[offset + 4..offset + 8].try_into().unwrap();
-            out.push((kind, png[offset + 8..offset + 8 + length].to_vec()));
-            offset += 12 + length;
-        }
-        out
-    }
-
-    fn assemble(chunks: &[([u8; 4], Vec<u8>)]) -> Bytes {
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (kind, data) in chunks {
-            out.extend(chunk(kind, data));
-        }
-        Bytes::from(out)
-    }
-
-    fn ihdr(width: u32, height: u32, color_type: u8, interlace: u8) -> Vec<u8> {
-        let mut data = width.to_be_bytes().to_vec();
-        data.extend_from_slice(&height.to_be_bytes());
-        data.extend_from_slice(&[8, color_type, 0, 0, interlace]);
-        data
-    }
-
-    /// A zlib stream of stored (uncompressed) blocks: enough to hand-build any PNG.
-    fn zlib_stored(data: &[u8]) -> Vec<u8> {
-        let mut out = vec![0x78, 0x01];
-        let blocks: Vec<&[u8]> = data.chunks(65_535).collect();
-        for (i, block) in blocks.iter().enumerate() {
-            out.push(u8::from(i + 1 == blocks.len()));
-            let length = block.len() as u16;
-            out.extend_from_slice(&length.to_le_bytes());
-            out.extend_from_slice(&(!length).to_le_bytes());
-            out.extend_from_slice(block);
-        }
-        let (mut a, mut b) = (1u32, 0u32);
-        for byte in data {
-            a = (a + u32::from(*byte)) % 65_521;
-            b = (b + a) % 65_521;
-        }
-        out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-        out
     }
 
     /// An Adam7-interlaced RGB PNG, which the `png` encoder cannot write.
@@ -987,7 +987,7 @@ mod tests {
     fn a_png_whose_image_data_stops_early_is_refused() {
         // The chunk list is intact, so only decoding every row can tell the data is short.
         let png = noisy(ImageFormat::Png, 256, 256);
-        let mut parts = chunks(&png);
+        let mut parts = parts(&png);
         let mut raw = Vec::new();
         for (kind, data) in &parts {
             if kind == b"IDAT" {
@@ -1030,18 +1030,33 @@ mod tests {
         ));
         assert!(message.contains("PNG does not decode"), "{message}");
 
-        // A damaged chunk after the image data is found too: the reader goes on to IEND.
-        let mut parts = chunks(&png);
-        parts.insert(parts.len() - 1, (*b"tEXt", b"Comment\0hello".to_vec()));
-        let mut with_text = assemble(&parts).to_vec();
+        // A damaged chunk we keep is found wherever it is: before the image data, or
+        // after it (the reader goes on to IEND).
+        let mut with_gamma = parts(&png);
+        with_gamma.insert(1, (*b"gAMA", 45_455u32.to_be_bytes().to_vec()));
+        let mut with_gamma = assemble(&with_gamma).to_vec();
+        with_gamma[33 + 8 + 4] ^= 0xFF; // the gAMA chunk's CRC, after the 33 bytes to IHDR's end
+        let mut bad_iend = png.to_vec();
+        let crc_at = bad_iend.len() - 4;
+        bad_iend[crc_at] ^= 0xFF;
+        for damaged in [with_gamma, bad_iend] {
+            let message = error_message(normalize_image(
+                Bytes::from(damaged),
+                ImageSize::Square,
+                &LIMITS,
+            ));
+            assert!(message.to_lowercase().contains("crc"), "{message}");
+        }
+
+        // A damaged chunk we drop anyway costs no new image: it is not stored.
+        let mut with_text = parts(&png);
+        with_text.insert(with_text.len() - 1, (*b"tEXt", b"Comment\0hello".to_vec()));
+        let mut with_text = assemble(&with_text).to_vec();
         let crc_at = with_text.len() - 12 - 4;
         with_text[crc_at] ^= 0xFF;
-        let message = error_message(normalize_image(
-            Bytes::from(with_text),
-            ImageSize::Square,
-            &LIMITS,
-        ));
-        assert!(message.to_lowercase().contains("crc"), "{message}");
+        let normalized =
+            normalize_image(Bytes::from(with_text), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, png);
     }
 
     #[test]
@@ -1089,7 +1104,7 @@ mod tests {
         let message = error_message(normalize_image(bomb, ImageSize::Square, &LIMITS));
         assert!(message.contains("100000x100000"), "{message}");
         assert!(
-            message.contains("more than the 40000000 allowed"),
+            message.contains("more than the 12000000 allowed"),
             "{message}"
         );
     }
@@ -1107,6 +1122,215 @@ mod tests {
             &LIMITS,
         ));
         assert!(message.contains("60000x60000"), "{message}");
+    }
+
+    #[test]
+    fn a_40_megapixel_jpeg_is_refused_from_its_header() {
+        // Under the old 40 MP default this decoded: a 120 MB frame and a 120 MB PNG.
+        let mut jpeg = noisy(ImageFormat::Jpeg, 256, 256).to_vec();
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 7].copy_from_slice(&5_000u16.to_be_bytes());
+        jpeg[sof + 7..sof + 9].copy_from_slice(&8_000u16.to_be_bytes());
+        let message = error_message(normalize_image(
+            Bytes::from(jpeg),
+            ImageSize::Landscape,
+            &LIMITS,
+        ));
+        assert!(message.contains("8000x5000"), "{message}");
+        assert!(
+            message.contains("more than the 12000000 allowed"),
+            "{message}"
+        );
+    }
+
+    /// Pillow opens the stored PNG as one still frame; prints its size and frame count.
+    const PILLOW_FRAMES: &str = r#"
+import sys
+from PIL import Image
+with Image.open(sys.argv[1]) as im:
+    im.load()
+    print(im.size[0], im.size[1], getattr(im, "n_frames", 1), sorted(im.info))
+"#;
+
+    #[test]
+    fn an_icc_bomb_png_is_stored_without_the_bomb() {
+        // A 64 KB profile chunk inflating to 64 MiB: the old code inflated it (up to its
+        // 320 MB allocation limit) and stored it; Pillow refuses such a file.
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut bombed = parts(&png);
+        bombed.insert(1, (*b"iCCP", iccp_bomb(64 * 1024 * 1024)));
+        let bombed = assemble(&bombed);
+        assert!(bombed.len() < png.len() + 128 * 1024);
+        let normalized = normalize_image(bombed, ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, png, "stored without the iCCP chunk");
+
+        // A real-sized profile is kept, so colours stay right.
+        let profile: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut with_profile = parts(&png);
+        with_profile.insert(1, (*b"iCCP", iccp(b"Display P3", &profile)));
+        let with_profile = assemble(&with_profile);
+        let normalized = normalize_image(with_profile.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, with_profile);
+        let reader = png::Decoder::new(Cursor::new(normalized.png.to_vec()))
+            .read_info()
+            .unwrap();
+        assert_eq!(reader.info().icc_profile.as_deref(), Some(&profile[..]));
+    }
+
+    #[test]
+    fn an_apng_is_stored_as_its_still_image() {
+        // The second frame is black: the old code stored it unchecked.
+        let (apng, still) = apng_with_second_frame();
+        let normalized = normalize_image(apng, ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, still);
+        let reader = png::Decoder::new(Cursor::new(normalized.png.to_vec()))
+            .read_info()
+            .unwrap();
+        assert!(reader.info().animation_control.is_none());
+        if let Some(printed) = with_pillow(&normalized.png, PILLOW_FRAMES) {
+            assert_eq!(printed, "256 256 1 []");
+        }
+    }
+
+    #[test]
+    fn junk_chunks_are_not_stored() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut junk = parts(&png);
+        // A text chunk Pillow would refuse to read (over its 1 MB text limit), EXIF, a
+        // private chunk, an unknown one after the image data, and a provider's AIGC label.
+        junk.insert(
+            1,
+            (
+                *b"tEXt",
+                [b"Comment\0".as_slice(), &[b'x'; 2_000_000]].concat(),
+            ),
+        );
+        junk.insert(1, (*b"eXIf", b"MM\0\x2a\0\0\0\x08\0\0".to_vec()));
+        junk.insert(1, (*b"prVt", vec![0xAB; 1000]));
+        junk.insert(
+            1,
+            (
+                *b"iTXt",
+                b"AIGC\0\0\0\0\0{\"Label\":\"0\",\"ContentProducer\":\"not us\"}".to_vec(),
+            ),
+        );
+        let end = junk.len() - 1;
+        junk.insert(end, (*b"zzZz", vec![1, 2, 3]));
+        let normalized = normalize_image(assemble(&junk), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(normalized.png, png);
+        assert_eq!(aigc::count_aigc_labels(&normalized.png), 0);
+        assert_eq!(read_aigc_label(&normalized.png), None);
+    }
+
+    #[test]
+    fn our_aigc_label_goes_on_after_the_allowlist_and_replaces_a_fake() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut faked = parts(&png);
+        faked.insert(1, (*b"iTXt", b"AIGC\0\0\0\0\0{\"Label\":\"0\"}".to_vec()));
+        let normalized = normalize_image(assemble(&faked), ImageSize::Square, &LIMITS).unwrap();
+        let label = AigcLabel::new("stage3", normalized.content_sha256.clone(), "us", "s-1");
+        let labelled = normalized.clone().with_aigc_label(&label).unwrap();
+        assert_eq!(read_aigc_label(&labelled.png), Some(label.clone()));
+        assert_eq!(aigc::count_aigc_labels(&labelled.png), 1);
+        assert_eq!(
+            labelled.content_sha256,
+            hex::encode(Sha256::digest(&labelled.png))
+        );
+        assert_ne!(labelled.content_sha256, normalized.content_sha256);
+        assert_eq!(strip_aigc_label(&labelled.png).unwrap(), png);
+        // The labelled PNG is itself valid; checked again, the label is dropped like any
+        // text a provider might send, and labelling puts it back.
+        let again = normalize_image(labelled.png.clone(), ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(again.png, png);
+        let relabelled = again.with_aigc_label(&label).unwrap();
+        assert_eq!(relabelled.png, labelled.png);
+        // And a converted JPEG takes the label the same way.
+        let converted = normalize_image(
+            noisy(ImageFormat::Jpeg, 512, 512),
+            ImageSize::Square,
+            &LIMITS,
+        )
+        .unwrap()
+        .with_aigc_label(&label)
+        .unwrap();
+        assert_eq!(read_aigc_label(&converted.png), Some(label));
+        image::load_from_memory(&converted.png).unwrap();
+    }
+
+    #[test]
+    fn a_padded_png_is_refused() {
+        // 2 MiB of empty deflate blocks ahead of a 128x128 image's data: valid, decodes to
+        // the right pixels, and far bigger than those pixels can need.
+        let image = noisy_rgb(128, 128, 3);
+        let mut raw = Vec::new();
+        for row in image.rows() {
+            raw.push(0);
+            for pixel in row {
+                raw.extend_from_slice(&pixel.0);
+            }
+        }
+        let data = zlib_stored(&raw);
+        let mut padded = data[..2].to_vec();
+        for _ in 0..(2 * 1024 * 1024 / 5) {
+            padded.extend_from_slice(&[0, 0, 0, 0xFF, 0xFF]);
+        }
+        padded.extend_from_slice(&data[2..]);
+        let build = |idat: Vec<u8>| {
+            assemble(&[
+                (*b"IHDR", ihdr(128, 128, 2, 0)),
+                (*b"IDAT", idat),
+                (*b"IEND", Vec::new()),
+            ])
+        };
+        // Unpadded, the same file is accepted.
+        normalize_image(build(data), ImageSize::Square, &LIMITS).unwrap();
+        let message = error_message(normalize_image(build(padded), ImageSize::Square, &LIMITS));
+        assert!(message.contains("padded or bloated"), "{message}");
+        assert!(message.contains("128x128"), "{message}");
+    }
+
+    #[test]
+    fn the_converted_png_stops_at_its_bound() {
+        let image = DynamicImage::ImageRgb8(noisy_rgb(256, 256, 4));
+        let Err(Stage3Error::InvalidImage(message)) = encode_png(&image, None, 10_000) else {
+            panic!("a 256x256 noisy PNG fits in 10000 bytes?");
+        };
+        assert!(message.contains("would pass 10000 bytes"), "{message}");
+        // The bound a real conversion gets leaves room for incompressible pixels.
+        let bound = max_png_bytes(256, 256, 24);
+        let png = encode_png(&image, None, bound).unwrap();
+        assert!((png.len() as u64) < bound);
+        assert!(
+            png.len() as u64 > 256 * 256 * 3 / 2,
+            "noise does not compress"
+        );
+    }
+
+    #[test]
+    fn stored_pngs_open_in_pillow() {
+        let png = noisy(ImageFormat::Png, 256, 256);
+        let mut hostile = parts(&png);
+        hostile.insert(1, (*b"iCCP", iccp_bomb(64 * 1024 * 1024)));
+        hostile.insert(
+            1,
+            (
+                *b"tEXt",
+                [b"Comment\0".as_slice(), &[b'x'; 2_000_000]].concat(),
+            ),
+        );
+        let hostile = assemble(&hostile);
+        // Pillow refuses the provider's file as it came…
+        let script = "import sys\nfrom PIL import Image\ntry:\n    Image.open(sys.argv[1]).load()\n    print('opened')\nexcept Exception as e:\n    print('refused')";
+        let Some(printed) = with_pillow(&hostile, script) else {
+            return;
+        };
+        assert_eq!(printed, "refused");
+        // …and opens what we store.
+        let normalized = normalize_image(hostile, ImageSize::Square, &LIMITS).unwrap();
+        assert_eq!(
+            with_pillow(&normalized.png, PILLOW_FRAMES).unwrap(),
+            "256 256 1 []"
+        );
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! The time budget of a run: one type from the Lambda runtime's deadline down to every call.
+//!
+//! A Lambda invocation must answer before its deadline, or the whole event is redelivered and
+//! everything it paid for is thrown away. So every outbound call — provider, image download,
+//! storage — runs under `min(its own timeout, the time left)`, and a call cut short by the
+//! deadline (rather than by its own timeout) is reported as `deadline_exceeded`, not as a slow
+//! provider or a broken store. The CLI has no deadline: [`Deadline::NONE`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Result, Stage3Error};
+
+/// When everything must be finished, if anything says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deadline(Option<Instant>);
+
+/// How long one call may take, and why it ends when it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget {
+    pub timeout: Duration,
+    /// True when the deadline, not the call's own timeout, set `timeout`.
+    pub cut_by_deadline: bool,
+}
+
+impl Deadline {
+    /// No deadline: calls get their own timeouts.
+    pub const NONE: Deadline = Deadline(None);
+
+    pub fn at(instant: Instant) -> Self {
+        Deadline(Some(instant))
+    }
+
+    pub fn after(duration: Duration) -> Self {
+        Deadline(Some(Instant::now() + duration))
+    }
+
+    pub fn instant(&self) -> Option<Instant> {
+        self.0
+    }
+
+    /// The time left, or `None` when there is no deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.0
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether `needed` still fits before the deadline.
+    pub fn allows(&self, needed: Duration) -> bool {
+        self.remaining().is_none_or(|left| needed <= left)
+    }
+
+    /// The budget for a call whose own timeout is `timeout`, keeping `reserve` back for what
+    /// must happen after it.
+    pub fn budget(&self, timeout: Duration, reserve: Duration) -> CallBudget {
+        match self.remaining() {
+            Some(left) if left.saturating_sub(reserve) < timeout => CallBudget {
+                timeout: left.saturating_sub(reserve),
+                cut_by_deadline: true,
+            },
+            _ => CallBudget {
+                timeout,
+                cut_by_deadline: false,
+            },
+        }
+    }
+
+    /// Runs `call` for at most `min(timeout, time left)`. Running out of the call's own
+    /// timeout is `Timeout`; running out of the deadline is `DeadlineExceeded`.
+    pub async fn run<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let budget = self.budget(timeout, Duration::ZERO);
+        if budget.timeout.is_zero() {
+            return Err(Stage3Error::DeadlineExceeded(format!(
+                "no time left before the deadline for {what}"
+            )));
+        }
+        match tokio::time::timeout(budget.timeout, call).await {
+            Ok(result) => result,
+            Err(_) if budget.cut_by_deadline => Err(Stage3Error::DeadlineExceeded(format!(
+                "{what} was cut short by the deadline after {} ms",
+                budget.timeout.as_millis()
+            ))),
+            Err(_) => Err(Stage3Error::Timeout(format!(
+                "{what} did not finish within {}",
+                humantime::format_duration(timeout)
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorType;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_gets_the_smaller_of_its_timeout_and_the_time_left() {
+        let deadline = Deadline::after(Duration::from_secs(15));
+        let budget = deadline.budget(Duration::from_secs(60), Duration::from_secs(2));
+        assert_eq!(budget.timeout, Duration::from_secs(13));
+        assert!(budget.cut_by_deadline);
+        let budget = Deadline::NONE.budget(Duration::from_secs(60), Duration::from_secs(2));
+        assert_eq!(budget.timeout, Duration::from_secs(60));
+        assert!(!budget.cut_by_deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_call_ends_at_the_deadline_as_deadline_exceeded() {
+        let deadline = Deadline::after(Duration::from_secs(15));
+        let started = Instant::now();
+        let hung = std::future::pending::<Result<()>>();
+        let err = deadline
+            .run(Duration::from_secs(60), "S3 PutObject", hung)
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::DeadlineExceeded);
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_a_hung_call_ends_at_its_own_timeout() {
+        let hung = std::future::pending::<Result<()>>();
+        let err = Deadline::NONE
+            .run(Duration::from_secs(60), "S3 PutObject", hung)
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::Timeout);
+    }
+}
