@@ -147,6 +147,9 @@ fn plausible(record: &Stage3Output, expected: &Expected<'_>) -> std::result::Res
     if params.request_hash != expected.request_hash {
         return Err("its request hash is another request's".into());
     }
+    if crate::schema::validate_model(&params.model).is_err() {
+        return Err("its model is not a model slug".into());
+    }
     let sha = &params.content_sha256;
     if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err("its content hash is not a SHA-256".into());

@@ -16,7 +16,10 @@ use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
 use crate::schema::{validate_model, validate_reference_url};
 
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
-pub const DEFAULT_MODEL: &str = "google/gemini-2.5-flash-image";
+/// OpenRouter's image guide calls it "a strong default" (docs/design.md §3); the catalogue
+/// is checked before the first call, so a retirement is an error naming alternatives (and
+/// `STAGE3_MODEL_FALLBACKS` serve), never a batch of paid failures.
+pub const DEFAULT_MODEL: &str = "google/gemini-3.1-flash-image";
 /// S3 presigned URLs cannot outlive seven days (SigV4's limit).
 pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 
@@ -123,6 +126,9 @@ pub struct OpenRouterConfig {
     pub title: Option<String>,
     /// The chat path's `modalities`: image-only models refuse `["image", "text"]`.
     pub chat_modalities: ChatModalities,
+    /// `STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS=1`: image URLs on loopback may be fetched (test
+    /// stand-ins). Private and link-local addresses are refused regardless.
+    pub allow_loopback_image_urls: bool,
 }
 
 /// What the chat path asks the model to answer with (`STAGE3_CHAT_MODALITIES`).
@@ -217,6 +223,16 @@ pub struct Config {
     /// scene's `characters_in_scene` pulls theirs in, so a character looks the same in
     /// every scene.
     pub character_references: HashMap<String, String>,
+    /// Models tried in order when the asked-for one is unavailable or its transient retries
+    /// are spent (`STAGE3_MODEL_FALLBACKS`, comma-separated; `--fallback-model`).
+    pub model_fallbacks: Vec<String>,
+    /// `STAGE3_FALLBACK_ON_REFUSAL=1`: a refusal (`content_policy`) also moves on to the next
+    /// model. Off by default: a refused prompt is usually refused everywhere, and each try
+    /// may be billed.
+    pub fallback_on_refusal: bool,
+    /// `STAGE3_MAX_COST_USD` / `--max-cost`: a batch estimated above it is refused before any
+    /// call, and no call starts once spent + the next scene's estimate would pass it.
+    pub max_cost_usd: Option<f64>,
     /// Where outcomes are announced besides the answer: EventBridge, a webhook, and the
     /// dead-letter queue for SQS messages that failed for good (see `crate::events`).
     pub events: EventsConfig,
@@ -324,6 +340,8 @@ impl Config {
                 title: vars.get("STAGE3_APP_TITLE"),
                 chat_modalities: vars
                     .parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
+                allow_loopback_image_urls: vars
+                    .flag("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", false)?,
             },
             storage,
             output_dir: PathBuf::from(
@@ -387,6 +405,15 @@ impl Config {
                 None => HashMap::new(),
             },
             events: events_config(&vars)?,
+            model_fallbacks: parse_fallbacks(
+                "STAGE3_MODEL_FALLBACKS",
+                &vars.get("STAGE3_MODEL_FALLBACKS").unwrap_or_default(),
+            )?,
+            fallback_on_refusal: vars.flag("STAGE3_FALLBACK_ON_REFUSAL", false)?,
+            max_cost_usd: match vars.get("STAGE3_MAX_COST_USD") {
+                Some(raw) => Some(parse_cost("STAGE3_MAX_COST_USD", &raw)?),
+                None => None,
+            },
         };
         if let Some(base) = &config.public_base_url {
             check_url("STAGE3_PUBLIC_BASE_URL", base)?;
@@ -397,6 +424,7 @@ impl Config {
             ));
         }
         check_url("OPENROUTER_BASE_URL", &config.openrouter.base_url)?;
+        check_key_travels_encrypted(&config.openrouter.base_url)?;
         Ok(config)
     }
 
@@ -540,6 +568,63 @@ fn check_url(name: &str, url: &str) -> Result<()> {
     } else {
         Err(Stage3Error::config(format!(
             "{name}: expected an http:// or https:// URL, got {url:?}"
+        )))
+    }
+}
+
+/// Comma-separated model slugs, each checked like `STAGE3_MODEL`; blanks skipped.
+pub fn parse_fallbacks(name: &str, raw: &str) -> Result<Vec<String>> {
+    let mut models: Vec<String> = Vec::new();
+    for model in raw.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        validate_model(model).map_err(|e| Stage3Error::config(format!("{name}: {e}")))?;
+        if !models.iter().any(|m| m == model) {
+            models.push(model.to_string());
+        }
+    }
+    Ok(models)
+}
+
+/// A budget in USD: a finite, non-negative number.
+pub fn parse_cost(name: &str, raw: &str) -> Result<f64> {
+    raw.trim()
+        .trim_start_matches('$')
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| {
+            Stage3Error::config(format!(
+                "{name}: expected an amount in USD such as 2.50, got {:?}",
+                raw.chars().take(40).collect::<String>()
+            ))
+        })
+}
+
+/// The API key travels with every call to `OPENROUTER_BASE_URL`: plain `http` is allowed
+/// only to this machine (a local stand-in), where nobody is on the path.
+fn check_key_travels_encrypted(base_url: &str) -> Result<()> {
+    let Some(rest) = base_url.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => host,
+        None => authority,
+    };
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err(Stage3Error::config(format!(
+            "OPENROUTER_BASE_URL: plain http to {host:?} would send the API key in clear text; \
+             use https (http is accepted for loopback only)"
         )))
     }
 }
@@ -840,5 +925,52 @@ mod tests {
             config(&[("STAGE3_CDN_SIGN", "qiniu"), ("STAGE3_CDN_SIGN_KEY", "k")]).unwrap_err();
         assert!(err.to_string().contains("STAGE3_PUBLIC_BASE_URL"), "{err}");
         assert!(config(&[("STAGE3_CDN_SIGN", "akamai")]).is_err());
+    }
+
+    #[test]
+    fn the_key_never_travels_in_clear_text_beyond_loopback() {
+        for ok in [
+            "https://openrouter.ai/api/v1",
+            "http://127.0.0.1:8080/api/v1",
+            "http://localhost:9/api/v1",
+            "http://[::1]:9/api/v1",
+        ] {
+            config(&[("OPENROUTER_BASE_URL", ok)]).unwrap();
+        }
+        for bad in [
+            "http://openrouter.ai/api/v1",
+            "http://10.0.0.5/api/v1",
+            "http://127.0.0.1.evil.example/api/v1",
+            "http://user@evil.example/api/v1",
+        ] {
+            let err = config(&[("OPENROUTER_BASE_URL", bad)]).unwrap_err();
+            assert!(err.to_string().contains("clear text"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn fallbacks_and_budget_are_read_and_checked() {
+        let c = config(&[
+            (
+                "STAGE3_MODEL_FALLBACKS",
+                " openai/gpt-image-1, ,bytedance-seed/seedream-4.5,openai/gpt-image-1",
+            ),
+            ("STAGE3_MAX_COST_USD", "2.50"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.model_fallbacks,
+            ["openai/gpt-image-1", "bytedance-seed/seedream-4.5"]
+        );
+        assert_eq!(c.max_cost_usd, Some(2.5));
+        assert!(config(&[("STAGE3_MODEL_FALLBACKS", "bad model")]).is_err());
+        for bad in ["-1", "lots", "NaN", "inf"] {
+            let err = config(&[("STAGE3_MAX_COST_USD", bad)]).unwrap_err();
+            assert!(err.to_string().contains("STAGE3_MAX_COST_USD"), "{err}");
+        }
+        let defaults = config(&[]).unwrap();
+        assert!(defaults.model_fallbacks.is_empty());
+        assert_eq!(defaults.max_cost_usd, None);
+        assert!(!defaults.fallback_on_refusal);
     }
 }

@@ -22,13 +22,16 @@ pub enum ErrorType {
     Auth,
     /// The provider account has no credits left (402).
     InsufficientCredits,
-    /// The provider's moderation refused the prompt or the image (403).
+    /// A content filter or the model refused the prompt or the image (OpenRouter's 400
+    /// `content_policy_violation`/`refusal`, or a chat answer that finished on a safety
+    /// filter). Never retried: the same prompt is refused again, and may be billed again.
     ContentPolicy,
     /// The provider throttled us (429) and the retry budget ran out.
     RateLimited,
     /// The provider was down, overloaded or unreachable (5xx, 529, connect errors).
     ProviderUnavailable,
-    /// The provider answered something we cannot use (400, 413, a malformed body).
+    /// The provider answered something we cannot use (400, 404, 413, a malformed body, a
+    /// reference image it could not use).
     ProviderError,
     /// A request took longer than `STAGE3_TIMEOUT_SECS`.
     Timeout,
@@ -98,7 +101,7 @@ impl fmt::Display for ErrorType {
 }
 
 /// What went wrong when talking to the image provider, as the provider told it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderFailure {
     /// The HTTP status, when an answer arrived.
     pub status: Option<u16>,
@@ -108,6 +111,9 @@ pub struct ProviderFailure {
     pub message: String,
     /// How long the provider asked us to wait (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// What the provider billed for the failed call, in USD, when it said (a refusal on
+    /// the chat path may still bill the prompt).
+    pub cost: Option<f64>,
 }
 
 impl ProviderFailure {
@@ -117,6 +123,7 @@ impl ProviderFailure {
             provider_error_type: None,
             message: message.into(),
             retry_after: None,
+            cost: None,
         }
     }
 }
@@ -230,6 +237,42 @@ impl Stage3Error {
             | Stage3Error::ProviderUnavailable(f)
             | Stage3Error::ProviderError(f) => f.retry_after,
             _ => None,
+        }
+    }
+
+    /// What the provider billed for the failed call, when it said.
+    pub fn cost(&self) -> Option<f64> {
+        match self {
+            Stage3Error::Auth(f)
+            | Stage3Error::InsufficientCredits(f)
+            | Stage3Error::ContentPolicy(f)
+            | Stage3Error::RateLimited(f)
+            | Stage3Error::ProviderUnavailable(f)
+            | Stage3Error::ProviderError(f)
+            | Stage3Error::PermissionDenied(f) => f.cost,
+            _ => None,
+        }
+    }
+
+    /// The same cause, told to a scene that never called: a batch stopped by `self` (a 401,
+    /// a 402, the budget, Ctrl-C) fails its remaining scenes with the same `error_type`.
+    pub fn for_unstarted_scene(&self) -> Stage3Error {
+        const NOT_STARTED: &str = "not started: the batch stopped calling the provider after";
+        let retold = |f: &ProviderFailure| ProviderFailure {
+            message: format!("{NOT_STARTED} {}", f.message),
+            retry_after: None,
+            cost: None,
+            ..f.clone()
+        };
+        match self {
+            Stage3Error::Auth(f) => Stage3Error::Auth(retold(f)),
+            Stage3Error::InsufficientCredits(f) => Stage3Error::InsufficientCredits(retold(f)),
+            Stage3Error::PermissionDenied(f) => Stage3Error::PermissionDenied(retold(f)),
+            Stage3Error::BudgetExceeded(m) => {
+                Stage3Error::BudgetExceeded(format!("not started: {m}"))
+            }
+            Stage3Error::Cancelled(m) => Stage3Error::Cancelled(format!("not started: {m}")),
+            other => other.clone(),
         }
     }
 

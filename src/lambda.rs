@@ -4,7 +4,7 @@
 //! rejected payload always says why:
 //!
 //! - **SQS** (`{"Records": [{"eventSource": "aws:sqs", "body": ..}]}`): each body is one
-//!   request or a batch. The answer is `{"batchItemFailures": [..]}` naming exactly the
+//!   request or a batch. The answer is `{"batchItemFailures": [..], "summary": {..}}` naming exactly the
 //!   records to redeliver — bad bodies, failed scenes, scenes the deadline left no time
 //!   for; with a dead-letter queue configured, records that failed only for good go there
 //!   instead of being redelivered. Succeeded scenes are already stored with their records, so a redelivery finds
@@ -34,7 +34,8 @@ use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
 use crate::events::{self, Event, EventPublisher};
 use crate::schema::{
-    parse_submission, parse_submission_bytes, BatchAnswer, SceneFailure, Stage3Output, Submission,
+    parse_submission, parse_submission_bytes, BatchAnswer, BatchSummary, SceneFailure,
+    Stage3Output, Submission,
 };
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
 use crate::story;
@@ -199,7 +200,7 @@ pub async fn handle_with(
 ) -> Result<Value> {
     let options = RunOptions {
         deadline: deadline.map_or(Deadline::NONE, Deadline::at),
-        force: None,
+        ..RunOptions::default()
     };
     let kind = classify(&payload)?;
     tracing::info!(
@@ -241,6 +242,7 @@ async fn handle_direct(
     match parse_submission(payload, service.config().max_batch)? {
         Submission::Single(request) => {
             let scene = service.prepare(request)?;
+            service.check_batch(std::slice::from_ref(&scene)).await?;
             let outcome: Result<Stage3Output> = service.run_scene(&scene, options).await;
             if outlets.events.is_enabled() {
                 let event = match &outcome {
@@ -256,6 +258,9 @@ async fn handle_direct(
         }
         Submission::Batch(requests) => {
             let scenes = service.prepare_all(requests)?;
+            // A scene its model cannot serve, or an estimate over the budget, refuses the
+            // batch whole before anything is spent.
+            service.check_batch(&scenes).await?;
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
             outlets
                 .events
@@ -265,6 +270,7 @@ async fn handle_direct(
         }
         Submission::Story { story_id, requests } => {
             let scenes = service.prepare_all(requests)?;
+            service.check_batch(&scenes).await?;
             let story_scenes = story::story_scenes(&scenes);
             let mut answer = service.run_batch(scenes, options, &|_, _| {}).await;
             // Publishing may use half the safety margin; the answer still needs the rest.
@@ -284,6 +290,14 @@ async fn handle_direct(
     }
 }
 
+/// The SQS answer: the records to redeliver, and what the invocation did.
+#[derive(Debug, Serialize)]
+pub struct SqsAnswer {
+    #[serde(flatten)]
+    pub response: SqsBatchResponse,
+    pub summary: BatchSummary,
+}
+
 /// Runs every valid record's scenes in one batch and names the records to redeliver.
 ///
 /// A record whose failures are all permanent ([`dead_letter::is_permanent`]) goes
@@ -296,7 +310,7 @@ async fn handle_sqs(
     outlets: &Outlets,
     payload: Value,
     options: &RunOptions,
-) -> Result<SqsBatchResponse> {
+) -> Result<SqsAnswer> {
     let event: SqsEvent = serde_json::from_value(payload)
         .map_err(|e| Stage3Error::invalid_request(format!("SQS event: {e}")))?;
 
@@ -354,10 +368,23 @@ async fn handle_sqs(
         records.push(state);
     }
 
-    let outcomes = service.run_scenes(&scenes, options, &|_, _| {}).await;
+    // The budget holds for the invocation as a whole: over it, nothing is called.
+    let plan = service.plan_batch(&scenes).await;
+    let outcomes = match service.check_budget(&plan) {
+        Ok(()) => service.run_scenes(&scenes, options, &|_, _| {}).await,
+        Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
+    };
     publish_queued_stories(service, &scenes, &owners, &stories, &outcomes, options).await;
+    // The summary counts scenes that ran; a body that was no request is reported per record.
+    let mut total = BatchAnswer::default();
     for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
         let record = &mut records[owner];
+        match &outcome {
+            Ok(output) => total.results.push(output.clone()),
+            Err(error) => total
+                .failures
+                .push(SceneFailure::new(scene.scene_id(), error)),
+        }
         match outcome {
             Ok(output) => record.answer.results.push(output),
             Err(error) => {
@@ -412,7 +439,12 @@ async fn handle_sqs(
         .events
         .publish(&announcements, options.deadline.instant())
         .await;
-    Ok(response)
+    total.summarize();
+    total.summary.estimated_cost_usd = plan.estimated_cost_usd;
+    Ok(SqsAnswer {
+        response,
+        summary: total.summary,
+    })
 }
 
 /// One SQS record's part of the invocation.

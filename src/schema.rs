@@ -306,8 +306,12 @@ fn truncate_for_message(text: &str, max_chars: usize) -> String {
 /// The parameters that produced an image: enough to reproduce it and audit what it cost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationParams {
-    /// The model slug sent to the provider (the seed's key).
+    /// The model that made the image (the seed's key): a fallback's slug when one served.
     pub model: String,
+    /// The model the request asked for, present only when a fallback made the image
+    /// (`STAGE3_MODEL_FALLBACKS`); the cache key stays that of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
     /// The requested size (the seed's key); the stored pixel size is `width`×`height`.
     pub size: ImageSize,
     /// The requested quality (the seed's key).
@@ -383,12 +387,17 @@ pub struct SceneFailure {
     pub message: String,
 }
 
+/// The longest failure message kept. Provider text is shortened where it is read; this is
+/// the last line of defence, so no answer can outgrow Lambda's 6 MB response limit because
+/// of messages (500 scenes × 2 KB is 1 MB).
+pub const MAX_FAILURE_MESSAGE_CHARS: usize = 2000;
+
 impl SceneFailure {
     pub fn new(scene_id: impl Into<String>, error: &Stage3Error) -> Self {
         SceneFailure {
             scene_id: scene_id.into(),
             error_type: error.error_type(),
-            message: error.to_string(),
+            message: truncate_for_message(&error.to_string(), MAX_FAILURE_MESSAGE_CHARS),
         }
     }
 }
@@ -806,6 +815,13 @@ mod tests {
         let mut many = scene("s");
         many["reference_images"] = json!(vec!["https://a.example/x.png"; 9]);
         assert!(rejection(many).contains("at most 8"));
+    }
+
+    #[test]
+    fn failure_messages_are_bounded() {
+        let huge = Stage3Error::invalid_request("x".repeat(8 * 1024 * 1024));
+        let failure = SceneFailure::new("s", &huge);
+        assert!(failure.message.chars().count() <= MAX_FAILURE_MESSAGE_CHARS + 1);
     }
 
     #[test]

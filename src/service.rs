@@ -21,7 +21,7 @@ use crate::error::{Result, Stage3Error};
 use crate::labels::{self, AppliedLabels};
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
 use crate::prompt::compose_prompt;
-use crate::provider::{self, ImageProvider, ImageRequest};
+use crate::provider::{self, ImageProvider, ImageRequest, Plan, PlannedModel, SceneSpec};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
     locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize,
@@ -41,13 +41,174 @@ pub const STORAGE_CALL_TIMEOUT: Duration = Duration::from_secs(65);
 /// How often a worker waiting for another worker's result looks for it.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
 
-/// Per-run settings that are not configuration: the caller's deadline and cache policy.
-#[derive(Debug, Clone, Copy, Default)]
+/// Per-run settings that are not configuration: the caller's deadline, cache policy and
+/// batch stop.
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// When everything must be finished (a Lambda invocation's deadline).
     pub deadline: Deadline,
     /// Regenerate even when a stored result matches; `None` uses `STAGE3_FORCE`.
     pub force: Option<bool>,
+    /// Stops the batch from starting provider calls (a 401 or 402, the budget, Ctrl-C).
+    /// [`Stage3Service::run_scenes`] makes one per batch when none is given; give one to
+    /// stop the batch from outside (`stop.stop(Stage3Error::Cancelled(..))`).
+    pub stop: Option<BatchStop>,
+}
+
+/// The brake of one batch: once stopped, no provider call starts, and every scene that
+/// would have called fails with the stopping cause (see
+/// [`Stage3Error::for_unstarted_scene`]). Also keeps the batch's spending against
+/// `STAGE3_MAX_COST_USD`. Checked right before each provider call; calls in flight finish.
+/// Cheap to clone: clones share the same state.
+#[derive(Debug, Clone, Default)]
+pub struct BatchStop(Arc<StopState>);
+
+#[derive(Debug, Default)]
+struct StopState {
+    reason: std::sync::Mutex<Option<Stage3Error>>,
+    spending: std::sync::Mutex<Spending>,
+    /// Models that answered "unavailable" in this batch: later scenes go straight to their
+    /// fallbacks instead of paying a round trip to learn it again.
+    unavailable_models: std::sync::Mutex<Vec<String>>,
+}
+
+#[derive(Debug, Default)]
+struct Spending {
+    max_usd: Option<f64>,
+    spent_usd: f64,
+    /// Estimates of the calls in flight, whose price is not known yet.
+    reserved_usd: f64,
+}
+
+fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data stays consistent under every panic point (plain assignments), so a poisoned
+    // lock is still usable.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl BatchStop {
+    pub fn new() -> Self {
+        BatchStop::default()
+    }
+
+    /// A stop that also refuses calls once spending would pass `max_usd`.
+    pub fn with_budget(max_usd: Option<f64>) -> Self {
+        let stop = BatchStop::new();
+        stop.limit_spending(max_usd);
+        stop
+    }
+
+    /// Stops the batch with `error`. The first cause wins.
+    pub fn stop(&self, error: Stage3Error) {
+        let mut reason = locked(&self.0.reason);
+        if reason.is_none() {
+            tracing::warn!(
+                error_type = %error.error_type(),
+                error = %error,
+                "the batch stops starting provider calls"
+            );
+            *reason = Some(error);
+        }
+    }
+
+    /// `Ok` while calls may start; the stopping cause, retold for a scene that never
+    /// called, once stopped.
+    pub fn check(&self) -> Result<()> {
+        match locked(&self.0.reason).as_ref() {
+            None => Ok(()),
+            Some(error) => Err(error.for_unstarted_scene()),
+        }
+    }
+
+    /// Why the batch stopped, if it has.
+    pub fn reason(&self) -> Option<Stage3Error> {
+        locked(&self.0.reason).clone()
+    }
+
+    fn mark_unavailable(&self, model: &str) {
+        let mut models = locked(&self.0.unavailable_models);
+        if !models.iter().any(|m| m == model) {
+            models.push(model.to_string());
+        }
+    }
+
+    fn is_unavailable(&self, model: &str) -> bool {
+        locked(&self.0.unavailable_models)
+            .iter()
+            .any(|m| m == model)
+    }
+
+    /// What the batch's calls were billed so far, in USD.
+    pub fn spent_usd(&self) -> f64 {
+        locked(&self.0.spending).spent_usd
+    }
+
+    /// Sets the budget unless one is set already.
+    pub fn limit_spending(&self, max_usd: Option<f64>) {
+        let mut spending = locked(&self.0.spending);
+        if spending.max_usd.is_none() {
+            spending.max_usd = max_usd;
+        }
+    }
+
+    /// Reserves a call's estimate, or stops the batch when spent + reserved + estimate would
+    /// pass the budget. Returns the amount reserved.
+    fn reserve(&self, estimate_usd: Option<f64>) -> Result<f64> {
+        let estimate = estimate_usd.unwrap_or(0.0);
+        let mut spending = locked(&self.0.spending);
+        if let Some(max) = spending.max_usd {
+            let committed = spending.spent_usd + spending.reserved_usd;
+            if committed + estimate > max + 1e-9 {
+                drop(spending);
+                let error = Stage3Error::BudgetExceeded(format!(
+                    "the batch has spent or committed ${committed:.4} of its ${max:.2} budget \
+                     (STAGE3_MAX_COST_USD); the next call's estimate of ${estimate:.4} would \
+                     pass it"
+                ));
+                self.stop(error.clone());
+                return Err(error);
+            }
+        }
+        spending.reserved_usd += estimate;
+        Ok(estimate)
+    }
+
+    /// Replaces a call's reservation by what it cost.
+    fn settle(&self, reserved_usd: f64, cost_usd: Option<f64>) {
+        let mut spending = locked(&self.0.spending);
+        spending.reserved_usd = (spending.reserved_usd - reserved_usd).max(0.0);
+        spending.spent_usd += cost_usd.unwrap_or(0.0);
+    }
+}
+
+/// Every scene of a batch checked and priced before any call (see
+/// [`Stage3Service::plan_batch`]).
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    /// Each scene's plan, in input order; an `Err` is why the scene cannot be served.
+    pub plans: Vec<Result<Plan>>,
+    /// The sum of every scene's estimate, when every scene has one.
+    pub estimated_cost_usd: Option<f64>,
+    /// Scenes whose price is not known (no catalogue, no pricing).
+    pub unpriced: usize,
+}
+
+impl BatchPlan {
+    /// The first scene the asked-for model cannot serve (`invalid_request`), with its place.
+    pub fn first_invalid(&self, scenes: &[PreparedScene]) -> Option<Stage3Error> {
+        self.plans
+            .iter()
+            .zip(scenes)
+            .enumerate()
+            .find_map(|(index, (plan, scene))| match plan {
+                Err(e @ Stage3Error::InvalidRequest(_)) => {
+                    Some(locate_in_batch(e.clone(), index, Some(scene.scene_id())))
+                }
+                _ => None,
+            })
+    }
 }
 
 /// A request that passed validation, with everything derived from it.
@@ -119,6 +280,19 @@ impl PreparedScene {
 
     pub fn scene_id(&self) -> &str {
         &self.request.scene_id
+    }
+
+    /// What the provider needs to check and price this scene.
+    pub fn spec<'a>(&'a self, fallbacks: &'a [String]) -> SceneSpec<'a> {
+        SceneSpec {
+            scene_id: self.scene_id(),
+            model: &self.model,
+            fallbacks,
+            size: self.size,
+            quality: self.quality,
+            seed: self.request.seed,
+            references: &self.references,
+        }
     }
 }
 
@@ -226,6 +400,80 @@ impl Stage3Service {
         prepare_all(requests, &self.config, self.provider.as_ref())
     }
 
+    /// Checks one scene against what its model can do and prices it. Costs nothing.
+    pub async fn plan_scene(&self, scene: &PreparedScene) -> Result<Plan> {
+        self.provider
+            .plan(&scene.spec(&self.config.model_fallbacks))
+            .await
+    }
+
+    /// Checks and prices every scene before any call (identical scenes once). Costs nothing;
+    /// the provider may read its catalogue the first time.
+    pub async fn plan_batch(&self, scenes: &[PreparedScene]) -> BatchPlan {
+        let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut plans: Vec<Result<Plan>> = Vec::with_capacity(scenes.len());
+        let mut total = 0.0;
+        let mut unpriced = 0;
+        for scene in scenes {
+            let key = (scene.scene_id(), scene.request_hash.as_str());
+            if let Some(&first) = seen.get(&key) {
+                plans.push(plans[first].clone());
+                continue;
+            }
+            seen.insert(key, plans.len());
+            let plan = self.plan_scene(scene).await;
+            match plan.as_ref().map(Plan::estimate_usd) {
+                Ok(Some(estimate)) => total += estimate,
+                Ok(None) => unpriced += 1,
+                // A scene that cannot be served makes no call and costs nothing.
+                Err(_) => {}
+            }
+            plans.push(plan);
+        }
+        BatchPlan {
+            plans,
+            estimated_cost_usd: (unpriced == 0).then_some(total),
+            unpriced,
+        }
+    }
+
+    /// `Err(budget_exceeded)` when the batch's estimate passes `STAGE3_MAX_COST_USD`.
+    pub fn check_budget(&self, plan: &BatchPlan) -> Result<()> {
+        let Some(max) = self.config.max_cost_usd else {
+            return Ok(());
+        };
+        let known: f64 = plan
+            .plans
+            .iter()
+            .filter_map(|p| p.as_ref().ok().and_then(Plan::estimate_usd))
+            .sum();
+        if plan.unpriced > 0 {
+            tracing::warn!(
+                unpriced = plan.unpriced,
+                "some scenes have no price estimate; the budget can only count what is billed"
+            );
+        }
+        if known > max + 1e-9 {
+            return Err(Stage3Error::BudgetExceeded(format!(
+                "the batch is estimated at ${known:.4}, over the ${max:.2} budget \
+                 (STAGE3_MAX_COST_USD / --max-cost); nothing was generated"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Plans a batch and refuses it whole when a scene asks what its model cannot do
+    /// (`invalid_request`, naming the scene) or the estimate passes the budget
+    /// (`budget_exceeded`). Nothing is spent either way.
+    pub async fn check_batch(&self, scenes: &[PreparedScene]) -> Result<BatchPlan> {
+        let plan = self.plan_batch(scenes).await;
+        if let Some(invalid) = plan.first_invalid(scenes) {
+            return Err(invalid);
+        }
+        self.check_budget(&plan)?;
+        Ok(plan)
+    }
+
     /// The seed's `generate_scene_image`: one scene, start to finish.
     pub async fn generate_scene_image(&self, request: GenerationRequest) -> Result<Stage3Output> {
         let scene = self.prepare(request)?;
@@ -254,14 +502,30 @@ impl Stage3Service {
 
     /// Runs prepared scenes with bounded concurrency and answers the batch. Results and
     /// failures keep the input order; one scene's failure never stops the others.
+    ///
+    /// The batch is planned first (see [`Stage3Service::plan_batch`]): its estimate goes in
+    /// the summary, and a batch estimated above `STAGE3_MAX_COST_USD` makes no call — every
+    /// scene fails `budget_exceeded`. Callers that can refuse a batch whole (the CLI's exit
+    /// 2, a Lambda error) call [`Stage3Service::check_batch`] first.
     pub async fn run_batch(
         &self,
         scenes: Vec<PreparedScene>,
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
-        let outcomes = self.run_scenes(&scenes, options, on_done).await;
+        let plan = self.plan_batch(&scenes).await;
+        let outcomes = match self.check_budget(&plan) {
+            Ok(()) => self.run_scenes(&scenes, options, on_done).await,
+            Err(refusal) => scenes
+                .iter()
+                .map(|scene| {
+                    on_done(scene.scene_id(), Err(&refusal));
+                    Err(refusal.clone())
+                })
+                .collect(),
+        };
         let mut answer = BatchAnswer::default();
+        answer.summary.estimated_cost_usd = plan.estimated_cost_usd;
         for (scene, outcome) in scenes.iter().zip(outcomes) {
             match outcome {
                 Ok(output) => answer.results.push(output),
@@ -289,6 +553,13 @@ impl Stage3Service {
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> Vec<Result<Stage3Output>> {
+        // One brake for the whole batch: a 401/402 or the budget stops every scene's calls.
+        let stop = options.stop.clone().unwrap_or_default();
+        stop.limit_spending(self.config.max_cost_usd);
+        let options = &RunOptions {
+            stop: Some(stop),
+            ..options.clone()
+        };
         let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
         let mut unique: Vec<&PreparedScene> = Vec::new();
         let slots: Vec<usize> = scenes
@@ -420,6 +691,9 @@ impl Stage3Service {
         };
         let stored = record.generation_params;
         let mut params = GenerationParams {
+            // A fallback may have made it: the record names the model that did.
+            model: stored.model,
+            requested_model: stored.requested_model,
             cost: stored.cost,
             content_sha256: stored.content_sha256,
             bytes: stored.bytes,
@@ -619,6 +893,10 @@ impl Stage3Service {
             .await?;
 
         let mut params = self.params_for(scene);
+        if generated.model != scene.model {
+            params.requested_model = Some(scene.model.clone());
+            params.model = generated.model.clone();
+        }
         params.cost = generated.cost;
         params.content_sha256 = stored.published.sha256.clone();
         params.bytes = stored.published.png.len() as u64;
@@ -711,6 +989,7 @@ impl Stage3Service {
     fn params_for(&self, scene: &PreparedScene) -> GenerationParams {
         GenerationParams {
             model: scene.model.clone(),
+            requested_model: None,
             size: scene.size,
             quality: scene.quality,
             prompt: scene.prompt.clone(),
@@ -745,29 +1024,113 @@ impl Stage3Service {
             .min(Duration::from_secs(30 * 60))
     }
 
-    /// Calls the provider and validates its image until one is good, a permanent error
-    /// arrives, the retry budget is spent, or the deadline leaves no room.
+    /// Generates the scene's image with the first model of its plan that can, falling back
+    /// to the next when a model is unavailable or its transient retries are spent (never
+    /// silently: each fallback is logged, and the result names the model that made it).
     async fn generate_with_retries(
         &self,
         scene: &PreparedScene,
         options: &RunOptions,
     ) -> Result<Generated> {
+        let own_stop;
+        let stop = match &options.stop {
+            Some(stop) => stop,
+            None => {
+                own_stop = BatchStop::with_budget(self.config.max_cost_usd);
+                &own_stop
+            }
+        };
+        let plan = self.plan_scene(scene).await?;
+        let mut tally = CallTally::default();
+        let mut earlier: Vec<String> = Vec::new();
+        let last = plan.models.len().saturating_sub(1);
+        for (index, planned) in plan.models.iter().enumerate() {
+            if index > 0 {
+                tracing::warn!(
+                    requested_model = %scene.model,
+                    model = %planned.model,
+                    after = %earlier.join("; "),
+                    "falling back to the next model"
+                );
+            }
+            match self
+                .generate_with_model(scene, planned, options, stop, &mut tally)
+                .await
+            {
+                Ok(image) => {
+                    return Ok(Generated {
+                        image,
+                        cost: tally.cost,
+                        attempts: tally.attempts,
+                        model: planned.model.clone(),
+                    })
+                }
+                Err(error) if index < last && self.falls_back(&error) => {
+                    earlier.push(format!("{}: {error}", planned.model));
+                }
+                Err(Stage3Error::ModelUnavailable(message)) if !earlier.is_empty() => {
+                    return Err(Stage3Error::ModelUnavailable(format!(
+                        "{message}; tried before: {}",
+                        earlier.join("; ")
+                    )))
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(Stage3Error::ModelUnavailable(format!(
+            "no model to try for {}",
+            scene.model
+        )))
+    }
+
+    /// Whether a model's final failure moves on to the next model of the chain.
+    fn falls_back(&self, error: &Stage3Error) -> bool {
+        match error {
+            Stage3Error::ModelUnavailable(_) => true,
+            Stage3Error::ContentPolicy(_) => self.config.fallback_on_refusal,
+            // Retries spent on something that may be the model's own trouble.
+            other => other.is_transient(),
+        }
+    }
+
+    /// Calls the provider with one model and validates its image until one is good, a
+    /// permanent error arrives, the retry budget is spent, or the deadline leaves no room.
+    async fn generate_with_model(
+        &self,
+        scene: &PreparedScene,
+        planned: &PlannedModel,
+        options: &RunOptions,
+        stop: &BatchStop,
+        tally: &mut CallTally,
+    ) -> Result<NormalizedImage> {
         let mut attempts = 0u32;
-        let mut total_cost: Option<f64> = None;
         loop {
-            attempts += 1;
             let provider_slot = self
                 .provider_permits
                 .acquire()
                 .await
                 .expect("the provider semaphore is never closed");
+            stop.check()?;
+            // Checked with the slot held: a scene that waited for it may have been
+            // overtaken by one that learnt the model is gone.
+            if stop.is_unavailable(&planned.model) {
+                return Err(Stage3Error::ModelUnavailable(format!(
+                    "{} answered unavailable earlier in this batch",
+                    planned.model
+                )));
+            }
             self.backpressure.wait().await;
+            // Checked again: the pause may have been long, and the batch stopped meanwhile.
+            stop.check()?;
             // Measured after the wait for a slot, which spends the same deadline.
             let (timeout, cut_by_deadline) = self.call_budget(options)?;
+            let reserved = stop.reserve(planned.estimate_usd)?;
+            attempts += 1;
+            tally.attempts += 1;
             let request = ImageRequest {
                 scene_id: scene.scene_id(),
                 prompt: &scene.prompt,
-                model: &scene.model,
+                model: &planned.model,
                 size: scene.size,
                 quality: scene.quality,
                 seed: scene.request.seed,
@@ -775,24 +1138,44 @@ impl Stage3Service {
                 timeout,
             };
             let answer = self.provider.generate(&request).await;
+            let billed = match &answer {
+                Ok(image) => image.cost,
+                Err(error) => error.cost(),
+            };
+            if let Some(cost) = billed {
+                *tally.cost.get_or_insert(0.0) += cost;
+            }
+            // An image of unknown price counts at its estimate: the budget must not drift low.
+            let counted = match &answer {
+                Ok(_) => billed.or(planned.estimate_usd),
+                Err(_) => billed,
+            };
+            stop.settle(reserved, counted);
+            if let Err(Stage3Error::ModelUnavailable(_)) = &answer {
+                stop.mark_unavailable(&planned.model);
+            }
+            if let Err(error @ (Stage3Error::Auth(_) | Stage3Error::InsufficientCredits(_))) =
+                &answer
+            {
+                // The account, not the scene: every other call would be refused the same way.
+                stop.stop(error.clone());
+            }
+            let mut retry_delay = None;
+            if let Err(error @ Stage3Error::RateLimited(_)) = &answer {
+                // Everyone waits, not just this scene: the limit is the account's. The pause
+                // is set while this scene still holds its slot, so no queued scene can slip a
+                // call in between.
+                let delay = self.retry.delay_before(attempts, error);
+                self.backpressure.pause_for(delay).await;
+                retry_delay = Some(delay);
+            }
             drop(provider_slot);
             let outcome = match answer {
-                Ok(image) => {
-                    if let Some(cost) = image.cost {
-                        *total_cost.get_or_insert(0.0) += cost;
-                    }
-                    self.normalize(image.bytes, scene.size).await
-                }
+                Ok(image) => self.normalize(image.bytes, scene.size).await,
                 Err(e) => Err(e),
             };
             let error = match outcome {
-                Ok(image) => {
-                    return Ok(Generated {
-                        image,
-                        cost: total_cost,
-                        attempts,
-                    })
-                }
+                Ok(image) => return Ok(image),
                 Err(Stage3Error::Timeout(message)) if cut_by_deadline => {
                     return Err(Stage3Error::DeadlineExceeded(format!(
                         "the provider call was cut short by the invocation deadline ({message})"
@@ -801,11 +1184,7 @@ impl Stage3Service {
                 Err(e) => e,
             };
 
-            let delay = self.retry.delay_before(attempts, &error);
-            if matches!(error, Stage3Error::RateLimited(_)) {
-                // Everyone waits, not just this scene: the limit is the account's.
-                self.backpressure.pause_for(delay).await;
-            }
+            let delay = retry_delay.unwrap_or_else(|| self.retry.delay_before(attempts, &error));
             if !self.retry.should_retry(attempts, &error)
                 || !self.fits_before_deadline(options, delay)
             {
@@ -813,6 +1192,7 @@ impl Stage3Service {
             }
             tracing::warn!(
                 attempt = attempts,
+                model = %planned.model,
                 error_type = %error.error_type(),
                 error = %error,
                 delay_ms = delay.as_millis() as u64,
@@ -903,6 +1283,15 @@ struct Generated {
     image: NormalizedImage,
     cost: Option<f64>,
     attempts: u32,
+    /// The model that made the image.
+    model: String,
+}
+
+/// Calls and billing of one scene, across its models.
+#[derive(Default)]
+struct CallTally {
+    attempts: u32,
+    cost: Option<f64>,
 }
 
 /// How a reference is recorded: an https URL as is, an inline image by its hash, so a record

@@ -262,6 +262,7 @@ async fn a_store_that_hangs_is_cut_off_at_the_deadline_and_nothing_is_paid() {
     let options = RunOptions {
         deadline: Deadline::after(Duration::from_millis(800)),
         force: None,
+        stop: None,
     };
     let started = std::time::Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(30), service.run_scene(&scene, &options))

@@ -96,7 +96,11 @@ async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
             assert!(params.get(key).is_some(), "generation_params.{key}");
         }
         assert_eq!(params["quality"], "hd");
-        assert_eq!(params["model"], "google/gemini-2.5-flash-image");
+        assert_eq!(params["model"], stage3::config::DEFAULT_MODEL);
+        assert!(
+            params.get("requested_model").is_none(),
+            "no fallback served"
+        );
         assert_eq!(result["image_url"], Value::Null);
     }
     assert_eq!(results[1]["generation_params"]["size"], "1024x1792");
@@ -419,6 +423,8 @@ async fn generate_over_chat(
             .env("OPENROUTER_BASE_URL", base_url)
             .env("STAGE3_OPENROUTER_API", "chat")
             .env("STAGE3_MAX_RETRIES", "0")
+            // The image host is a loopback stand-in, which image fetches otherwise refuse.
+            .env("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1")
             .envs(extra_env)
             .args(["generate", input.to_str().unwrap()])
             .output()
@@ -492,4 +498,325 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
         message.contains("certificate"),
         "the cause is named: {message}"
     );
+}
+
+// ---- Catalogue, budget and address checks ---------------------------------------------
+
+/// Runs `stage3 ARGS` against `server` with the key set, off the async runtime.
+async fn run_stage3(
+    server: &ScriptedOpenRouter,
+    dir: &std::path::Path,
+    args: Vec<String>,
+    extra_env: Vec<(&'static str, String)>,
+) -> std::process::Output {
+    let (dir, base_url) = (dir.to_path_buf(), server.base_url.clone());
+    tokio::task::spawn_blocking(move || {
+        stage3(&dir)
+            .env("OPENROUTER_API_KEY", KEY)
+            .env("OPENROUTER_BASE_URL", base_url)
+            .envs(extra_env)
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn stage3_models_lists_resolutions_aspect_ratios_and_prices() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let output = run_stage3(&server, work.path(), vec!["models".into()], vec![]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = |model: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(model))
+            .unwrap_or_else(|| panic!("{model} missing: {stdout}"))
+            .to_string()
+    };
+    let gemini = line("google/gemini-3.1-flash-image");
+    for part in ["1K,2K,4K", "16:9", "$0.0400", "$0.0800"] {
+        assert!(gemini.contains(part), "{part:?} in {gemini}");
+    }
+    let flux = line("black-forest-labs/flux.2-pro");
+    // 1K only: no hd price; per megapixel: $0.03 × 1.048576 MP.
+    assert!(
+        flux.contains("$0.0315") && flux.trim_end().ends_with('-'),
+        "{flux}"
+    );
+    assert!(line("openai/gpt-image-1").contains("auto,low,medium,high"));
+    assert_eq!(server.total_calls(), 0, "listing models costs nothing");
+
+    let json = run_stage3(
+        &server,
+        work.path(),
+        vec!["models".into(), "--json".into()],
+        vec![],
+    )
+    .await;
+    let models: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(models.as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn validate_prints_the_estimate_and_checks_the_budget() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    // Two hd scenes on the default model: 2 × $0.08 (the `2k` variant).
+    let input = write_input(work.path(), &scenes());
+    let path = input.to_str().unwrap().to_string();
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec!["validate".into(), path.clone()],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("estimated cost: $0.1600"), "{stderr}");
+
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec!["validate".into(), path, "--max-cost".into(), "0.10".into()],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("budget_exceeded"), "{stderr}");
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_over_budget_generate_exits_2_and_calls_nobody() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--out".into(),
+            "images".into(),
+        ],
+        vec![("STAGE3_MAX_COST_USD", "0.10".into())],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error[budget_exceeded]"), "{stderr}");
+    assert!(stderr.contains("0.16"), "the estimate is named: {stderr}");
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn hd_on_a_1k_only_model_exits_2_naming_what_it_supports() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--model".into(),
+            "black-forest-labs/flux.2-pro".into(),
+        ],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid_request") && stderr.contains("1K"),
+        "{stderr}"
+    );
+    assert_eq!(server.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_fallback_model_flag_serves_a_retired_model_and_says_so() {
+    let retired = "google/gemini-2.5-flash-image";
+    let server = stand_in_answering(ImageFormat::Png, "image/png").await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let output = run_stage3(
+        &server,
+        work.path(),
+        vec![
+            "generate".into(),
+            input.to_str().unwrap().into(),
+            "--model".into(),
+            retired.into(),
+            "--fallback-model".into(),
+            "bytedance-seed/seedream-4.5".into(),
+        ],
+        vec![],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("using the fallback"),
+        "a warning is logged: {stderr}"
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for result in answer["results"].as_array().unwrap() {
+        assert_eq!(
+            result["generation_params"]["model"],
+            "bytedance-seed/seedream-4.5"
+        );
+        assert_eq!(result["generation_params"]["requested_model"], retired);
+    }
+    assert_eq!(answer["summary"]["succeeded"], 2);
+}
+
+#[tokio::test]
+async fn an_image_url_on_loopback_is_refused_without_the_test_switch() {
+    let ca = TestCa::new();
+    let (api, image_host) = https_chat_stand_ins(&ca).await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!({"scene_id": "scene_001", "image_prompt": "A lighthouse at dusk"}),
+    );
+    let output = run_stage3(
+        &api,
+        work.path(),
+        vec!["generate".into(), input.to_str().unwrap().into()],
+        vec![
+            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
+            ("STAGE3_OPENROUTER_API", "chat".into()),
+            ("STAGE3_MAX_RETRIES", "0".into()),
+        ],
+    )
+    .await;
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let failure = &answer["failures"][0];
+    assert_eq!(failure["error_type"], "provider_error", "{failure}");
+    assert!(
+        failure["message"].as_str().unwrap().contains("non-public"),
+        "{failure}"
+    );
+    assert_eq!(
+        image_host.total_calls(),
+        0,
+        "the loopback host was never contacted"
+    );
+}
+
+#[test]
+fn plain_http_to_a_remote_openrouter_is_a_config_error() {
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    stage3(work.path())
+        .env("OPENROUTER_API_KEY", KEY)
+        .env(
+            "OPENROUTER_BASE_URL",
+            "http://openrouter.example.com/api/v1",
+        )
+        .args(["generate", input.to_str().unwrap()])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains("clear text"));
+}
+
+/// The image host redirects once, then once more to a private address: the first hop is
+/// followed without a `Referer` (which would leak the signed URL), the second refused.
+#[tokio::test]
+async fn image_redirects_send_no_referer_and_never_reach_private_addresses() {
+    let ca = TestCa::new();
+    let jpeg = bytes::Bytes::from(noisy_image(384, 384, ImageFormat::Jpeg));
+    let image_host = ScriptedOpenRouter::start_tls(&ca, move |request, _| {
+        if request.path.starts_with("/files/first") {
+            Reply::Http {
+                status: 302,
+                headers: vec![("Location".into(), "/files/second.jpg".into())],
+                body: bytes::Bytes::new(),
+            }
+        } else if request.path.starts_with("/files/private") {
+            Reply::Http {
+                status: 302,
+                headers: vec![(
+                    "Location".into(),
+                    "https://169.254.169.254/latest/meta-data".into(),
+                )],
+                body: bytes::Bytes::new(),
+            }
+        } else {
+            Reply::Http {
+                status: 200,
+                headers: vec![("Content-Type".into(), "image/jpeg".into())],
+                body: jpeg.clone(),
+            }
+        }
+    })
+    .await;
+    let origin = image_host.base_url.trim_end_matches("/api/v1").to_string();
+    let api = ScriptedOpenRouter::start_tls(&ca, move |request, _| {
+        let file = if request.body.to_string().contains("metadata") {
+            "private.jpg"
+        } else {
+            "first.jpg"
+        };
+        Reply::chat_image(&format!(
+            "{origin}/files/{file}?X-Signature={URL_SIGNATURE}"
+        ))
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!([
+            {"scene_id": "followed", "image_prompt": "A lighthouse at dusk"},
+            {"scene_id": "refused", "image_prompt": "A lighthouse with metadata"}
+        ]),
+    );
+    let output = run_stage3(
+        &api,
+        work.path(),
+        vec!["generate".into(), input.to_str().unwrap().into()],
+        vec![
+            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
+            ("STAGE3_OPENROUTER_API", "chat".into()),
+            ("STAGE3_MAX_RETRIES", "0".into()),
+            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1".into()),
+        ],
+    )
+    .await;
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["results"][0]["scene_id"], "followed", "{answer}");
+    let failure = &answer["failures"][0];
+    assert_eq!(failure["scene_id"], "refused", "{answer}");
+    assert!(
+        failure["message"].as_str().unwrap().contains("redirect"),
+        "{failure}"
+    );
+
+    let second = image_host
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/files/second"))
+        .expect("the first redirect was followed");
+    assert!(
+        !second.headers.contains_key("referer"),
+        "no Referer: {:?}",
+        second.headers
+    );
+    let everything =
+        String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
+    assert!(!everything.contains(URL_SIGNATURE), "{everything}");
 }

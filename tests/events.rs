@@ -210,7 +210,8 @@ async fn a_batch_publishes_ready_failed_and_done_through_an_eventbridge_rule() {
         done[0]["detail"],
         json!({
             "summary": {"scenes": 14, "succeeded": 12, "failed": 2, "from_cache": 0,
-                        "cost_usd": answer.summary.cost_usd},
+                        "cost_usd": answer.summary.cost_usd,
+                        "estimated_cost_usd": answer.summary.estimated_cost_usd},
             "story_id": "fox_tale",
             "manifest": "stories/fox_tale/manifest.json",
         })

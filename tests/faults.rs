@@ -63,9 +63,7 @@ fn script(scene: &str, nth: usize) -> Reply {
     match scene {
         "ok" => ok,
         "s400" => Reply::error(400, "bad request"),
-        "s401" => Reply::error(401, "invalid key"),
-        "s402" => Reply::error(402, "insufficient credits"),
-        "s403" => Reply::error(403, "content_policy_violation"),
+        "s403" => Reply::error(403, "guardrail"),
         "s413" => Reply::error(413, "payload too large"),
         "s408" | "s500" | "s502" | "s503" | "s504" | "s524" | "s529" if first => {
             Reply::error(scene[1..].parse().unwrap(), "transient")
@@ -165,9 +163,8 @@ async fn every_provider_fault_has_its_outcome_and_spares_the_rest_of_the_batch()
     let cases: &[(&str, usize, Option<&str>)] = &[
         ("ok", 1, None),
         ("s400", 1, Some("provider_error")),
-        ("s401", 1, Some("auth")),
-        ("s402", 1, Some("insufficient_credits")),
-        ("s403", 1, Some("content_policy")),
+        // 401 and 402 stop the whole batch: see `a_402_stops_the_batch_*`.
+        ("s403", 1, Some("permission_denied")),
         ("s413", 1, Some("provider_error")),
         ("s408", 2, None),
         ("s429", 2, None),
@@ -293,16 +290,19 @@ async fn a_hung_provider_is_cut_off_by_the_timeout_and_retried() {
 
 #[tokio::test]
 async fn a_rate_limit_pauses_the_whole_batch() {
-    // Two scenes in flight: "first" is told 429 with Retry-After: 1; "second" takes 300 ms;
-    // "third" starts when "second" is done, inside the pause, and must wait it out instead
-    // of calling at once.
-    let server =
-        ScriptedOpenRouter::start(|request, nth| match scene_of(request.prompt()).as_str() {
-            "first" if nth == 0 => Reply::error(429, "slow down").with_header("Retry-After", "1"),
-            "second" => Reply::image(&good_png(), "image/png").after(Duration::from_millis(300)),
-            _ => Reply::image(&good_png(), "image/png"),
-        })
-        .await;
+    // Two slots. Whichever call arrives first is told 429 with Retry-After: 1; the others
+    // take 300 ms. The call already in flight beside it may finish, but no call may start
+    // inside the pause: not the next queued scene (which gets the freed slot), not the
+    // retry. Deterministic whatever order the scenes reach their slots in.
+    let throttled = std::sync::atomic::AtomicBool::new(false);
+    let server = ScriptedOpenRouter::start(move |_, _| {
+        if !throttled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Reply::error(429, "slow down").with_header("Retry-After", "1")
+        } else {
+            Reply::image(&good_png(), "image/png").after(Duration::from_millis(300))
+        }
+    })
+    .await;
     let out = tempfile::tempdir().unwrap();
     let service = Stage3Service::from_config(config(
         &server.base_url,
@@ -316,21 +316,28 @@ async fn a_rate_limit_pauses_the_whole_batch() {
         .await;
     assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
 
-    let requests = server.requests();
-    let arrival = |scene: &str| {
-        requests
-            .iter()
-            .filter(|r| scene_of(r.prompt()) == scene)
-            .map(|r| r.at)
-            .collect::<Vec<_>>()
-    };
-    let throttled_at = arrival("first")[0];
-    let third_at = arrival("third")[0];
-    // A lower bound the protocol demands, not a measure of our speed.
+    let mut arrivals: Vec<std::time::Instant> = server.requests().iter().map(|r| r.at).collect();
+    arrivals.sort();
+    assert_eq!(arrivals.len(), 4, "3 scenes + 1 retry");
+    let throttled_at = arrivals[0];
+    let after: Vec<Duration> = arrivals[1..]
+        .iter()
+        .map(|at| at.duration_since(throttled_at))
+        .collect();
+    // In flight already (started with the 429'd call), or after the pause: never between.
+    // The bounds are what the protocol demands, not a measure of our speed.
+    let inside_pause = after
+        .iter()
+        .filter(|d| (Duration::from_millis(100)..Duration::from_millis(950)).contains(*d))
+        .count();
+    assert_eq!(inside_pause, 0, "calls started during the pause: {after:?}");
+    let after_pause = after
+        .iter()
+        .filter(|d| **d >= Duration::from_millis(950))
+        .count();
     assert!(
-        third_at.duration_since(throttled_at) >= Duration::from_millis(950),
-        "third called {:?} after the 429",
-        third_at.duration_since(throttled_at)
+        after_pause >= 2,
+        "the queued scene and the retry waited: {after:?}"
     );
 }
 
@@ -509,4 +516,169 @@ async fn load_200_scenes_with_ten_percent_transient_faults() {
         })
         .count();
     assert_eq!(pngs, 200, "one image per scene, none duplicated");
+}
+
+// ---- The batch stops spending ---------------------------------------------------------
+
+/// 402 at concurrency 1: the first scene's call is refused, and no other scene calls.
+#[tokio::test]
+async fn a_402_stops_the_batch_at_concurrency_1() {
+    let server = ScriptedOpenRouter::start(|_, _| {
+        Reply::typed_error(402, "payment_required", "Insufficient credits")
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "1")],
+    ))
+    .await
+    .unwrap();
+    let requests = (0..6).map(|i| request(&format!("credit-{i}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+
+    assert_eq!(server.total_calls(), 1, "exactly one paid call attempt");
+    assert_eq!(answer.failures.len(), 6);
+    for failure in &answer.failures {
+        assert_eq!(
+            failure.error_type.as_str(),
+            "insufficient_credits",
+            "{}",
+            failure.message
+        );
+    }
+    assert!(
+        answer.failures[1].message.contains("not started"),
+        "{}",
+        answer.failures[1].message
+    );
+    assert_store_consistent(out.path(), &[]);
+}
+
+/// 402 at concurrency 3: the calls already in flight when it arrives finish, and none
+/// starts after it.
+#[tokio::test]
+async fn a_402_stops_the_batch_at_concurrency_3() {
+    let server = ScriptedOpenRouter::start(|request, _| {
+        let reply = Reply::typed_error(402, "payment_required", "Insufficient credits");
+        // The first wave all starts before the first 402 is answered (300 ms); the 402
+        // frees a slot that the next scene must not use.
+        let latency = if scene_of(request.prompt()) == "credit-0" {
+            300
+        } else {
+            600
+        };
+        reply.after(Duration::from_millis(latency))
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "3")],
+    ))
+    .await
+    .unwrap();
+    let requests = (0..10).map(|i| request(&format!("credit-{i}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+
+    assert_eq!(
+        server.total_calls(),
+        3,
+        "the first wave only: nothing starts after the 402"
+    );
+    assert_eq!(answer.failures.len(), 10);
+    assert!(answer
+        .failures
+        .iter()
+        .all(|f| f.error_type.as_str() == "insufficient_credits"));
+}
+
+#[tokio::test]
+async fn a_401_stops_the_batch_too() {
+    let server = ScriptedOpenRouter::start(|_, _| {
+        Reply::typed_error(401, "authentication", "No auth credentials found")
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_CONCURRENCY", "1")],
+    ))
+    .await
+    .unwrap();
+    let requests = (0..4).map(|i| request(&format!("key-{i}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+    assert_eq!(server.total_calls(), 1);
+    assert!(answer
+        .failures
+        .iter()
+        .all(|f| f.error_type.as_str() == "auth"));
+}
+
+// ---- Money ----------------------------------------------------------------------------
+
+/// The standard catalogue prices the default model at $0.04 an image: three scenes are
+/// estimated at $0.12, over a $0.10 budget, so nothing is called at all.
+#[tokio::test]
+async fn an_over_budget_batch_spends_nothing() {
+    let server = ScriptedOpenRouter::start(|_, _| Reply::image(&good_png(), "image/png")).await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_MAX_COST_USD", "0.10")],
+    ))
+    .await
+    .unwrap();
+    let requests: Vec<GenerationRequest> =
+        (0..3).map(|i| request(&format!("budget-{i}"))).collect();
+
+    let scenes = service.prepare_all(requests.clone()).unwrap();
+    let err = service.check_batch(&scenes).await.unwrap_err();
+    assert_eq!(err.error_type().as_str(), "budget_exceeded", "{err}");
+    assert!(err.to_string().contains("0.12"), "{err}");
+
+    let answer = service.generate_all_images(requests).await;
+    assert_eq!(server.total_calls(), 0, "nothing spent");
+    assert_eq!(answer.failures.len(), 3);
+    assert!(answer
+        .failures
+        .iter()
+        .all(|f| f.error_type.as_str() == "budget_exceeded"));
+    let estimate = answer.summary.estimated_cost_usd.unwrap();
+    assert!((estimate - 0.12).abs() < 1e-9, "{estimate}");
+}
+
+/// The estimate fits ($0.08 ≤ $0.10) but the provider bills $0.09 an image: once spent +
+/// the next estimate would pass the budget, no call starts.
+#[tokio::test]
+async fn spending_stops_when_the_next_call_would_pass_the_budget() {
+    let png = good_png();
+    let server = ScriptedOpenRouter::start(move |_, _| {
+        Reply::json(
+            200,
+            serde_json::json!({"created": 1, "data": [{"b64_json":
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png),
+                "media_type": "image/png"}], "usage": {"cost": 0.09}}),
+        )
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let service = Stage3Service::from_config(config(
+        &server.base_url,
+        out.path(),
+        &[("STAGE3_MAX_COST_USD", "0.10"), ("STAGE3_CONCURRENCY", "1")],
+    ))
+    .await
+    .unwrap();
+    let answer = service
+        .generate_all_images(vec![request("spend-0"), request("spend-1")])
+        .await;
+    assert_eq!(server.total_calls(), 1);
+    assert_eq!(answer.results.len(), 1);
+    assert_eq!(answer.failures[0].error_type.as_str(), "budget_exceeded");
+    assert!((answer.summary.cost_usd - 0.09).abs() < 1e-9);
 }

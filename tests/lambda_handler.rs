@@ -607,3 +607,27 @@ async fn every_sample_event_is_answered() {
         assert!(answer.is_ok(), "{name}: {answer:?}");
     }
 }
+
+#[tokio::test]
+async fn sqs_and_batch_answers_carry_the_summary() {
+    let harness = Harness::new();
+    let answer = harness.handle(sample("sqs.json")).await.unwrap();
+    let summary = &answer["summary"];
+    assert_eq!(summary["scenes"], 3, "{answer}");
+    assert_eq!(summary["succeeded"], 3, "{answer}");
+    assert_eq!(summary["failed"], 0);
+    let cost = summary["cost_usd"].as_f64().unwrap();
+    assert!((cost - 3.0 * 0.039).abs() < 1e-9, "{summary}");
+    assert!(
+        summary.get("estimated_cost_usd").is_none(),
+        "this provider knows no prices: {summary}"
+    );
+
+    let mixed = serde_json::json!([
+        scene("ok_001", "a lighthouse"),
+        scene("no_002", "a forbidden lighthouse")
+    ]);
+    let answer = harness.handle(mixed).await.unwrap();
+    assert_eq!(answer["summary"]["scenes"], 2, "{answer}");
+    assert_eq!(answer["summary"]["failed"], 1);
+}

@@ -99,7 +99,8 @@ fn failure_of(error: &Stage3Error) -> &ProviderFailure {
         | Stage3Error::ContentPolicy(f)
         | Stage3Error::RateLimited(f)
         | Stage3Error::ProviderUnavailable(f)
-        | Stage3Error::ProviderError(f) => f,
+        | Stage3Error::ProviderError(f)
+        | Stage3Error::PermissionDenied(f) => f,
         other => panic!("no provider failure in {other:?}"),
     }
 }
@@ -493,7 +494,7 @@ async fn every_documented_error_status_maps_to_its_error_type() {
         (400, ErrorType::ProviderError, false),
         (401, ErrorType::Auth, false),
         (402, ErrorType::InsufficientCredits, false),
-        (403, ErrorType::ContentPolicy, false),
+        (403, ErrorType::PermissionDenied, false),
         (408, ErrorType::Timeout, true),
         (413, ErrorType::ProviderError, false),
         (429, ErrorType::RateLimited, true),
@@ -524,7 +525,11 @@ async fn every_documented_error_status_maps_to_its_error_type() {
             let failure = failure_of(&err);
             assert_eq!(failure.status, Some(status));
             assert_eq!(failure.provider_error_type.as_deref(), Some(kind.as_str()));
-            assert_eq!(failure.message, message);
+            assert_eq!(
+                failure.message,
+                format!("{MODEL}: {message}"),
+                "names the model"
+            );
             assert_eq!(failure.retry_after, None);
         }
     }
@@ -946,4 +951,695 @@ fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
     stream.read_exact(&mut body).ok()?;
     request.extend_from_slice(&body);
     Some(request)
+}
+
+// ---- OpenRouter as it really is: typed errors through the service ---------------------
+//
+// Each row of the error mapping (docs/design.md §3 → our `error_type`s) against the real
+// service, retries and catalogue, over a real HTTP stand-in that answers exactly as
+// OpenRouter's error reference documents: how many calls each costs, and what it says.
+
+mod real {
+    use super::support::scripted_openrouter::{
+        noisy_image, Catalogue, CatalogueModel, Reply, ScriptedOpenRouter,
+    };
+    use super::*;
+    use stage3::schema::{GenerationRequest, Stage2Output};
+    use stage3::Stage3Service;
+
+    pub const KEY: &str = "sk-or-v1-typed-errors-secret";
+
+    pub async fn service(
+        server: &ScriptedOpenRouter,
+        out: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Stage3Service {
+        let mut vars: HashMap<String, String> = [
+            ("OPENROUTER_API_KEY", KEY),
+            ("OPENROUTER_BASE_URL", server.base_url.as_str()),
+            ("STAGE3_OUTPUT_DIR", out.to_str().unwrap()),
+            ("STAGE3_RETRY_BASE_MS", "5"),
+            ("STAGE3_RETRY_MAX_MS", "50"),
+            ("STAGE3_MAX_RETRIES", "1"),
+            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+        Stage3Service::from_config(config).await.unwrap()
+    }
+
+    pub fn scene(id: &str) -> GenerationRequest {
+        Stage2Output {
+            scene_id: id.to_string(),
+            image_prompt: format!("[{id}] a lighthouse on a cliff at dusk"),
+            negative_prompt: String::new(),
+            style_tags: vec![],
+            characters_in_scene: vec![],
+        }
+        .into()
+    }
+
+    pub fn square_png() -> Vec<u8> {
+        noisy_image(256, 256, ImageFormat::Png)
+    }
+
+    /// One scene whose every call gets `reply`: its outcome's `error_type`, message and
+    /// the number of generation calls it cost.
+    pub async fn outcome_of(reply: Reply, extra: &[(&str, &str)]) -> (String, String, usize) {
+        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), extra).await;
+        let answer = service.generate_all_images(vec![scene("row")]).await;
+        let failure = answer
+            .failures
+            .first()
+            .unwrap_or_else(|| panic!("the scene should fail: {answer:?}"));
+        assert!(!failure.message.contains(KEY));
+        (
+            failure.error_type.as_str().to_string(),
+            failure.message.clone(),
+            server.total_calls(),
+        )
+    }
+
+    /// One test per row: the reply, the `error_type` it must give, the calls it may cost
+    /// (1 = never retried; 2 = retried once, `STAGE3_MAX_RETRIES=1`), and what the message
+    /// must name.
+    macro_rules! mapping_row {
+        ($name:ident, $reply:expr, $error_type:expr, $calls:expr, $names:expr) => {
+            mapping_row!($name, $reply, $error_type, $calls, $names, &[]);
+        };
+        ($name:ident, $reply:expr, $error_type:expr, $calls:expr, $names:expr, $extra:expr) => {
+            #[tokio::test]
+            async fn $name() {
+                let (error_type, message, calls) = outcome_of($reply, $extra).await;
+                assert_eq!(error_type, $error_type, "{message}");
+                assert_eq!(calls, $calls, "provider calls: {message}");
+                for name in $names {
+                    assert!(message.contains(name), "{name:?} missing from {message}");
+                }
+            }
+        };
+    }
+
+    const DEFAULT: &str = stage3::config::DEFAULT_MODEL;
+    const CHAT: &[(&str, &str)] = &[("STAGE3_OPENROUTER_API", "chat")];
+
+    mapping_row!(
+        a_400_content_policy_violation_is_content_policy_after_one_call,
+        Reply::typed_error(400, "content_policy_violation", "Input was flagged"),
+        "content_policy",
+        1,
+        [DEFAULT, "Input was flagged"]
+    );
+    mapping_row!(
+        a_400_refusal_is_content_policy_after_one_call,
+        Reply::typed_error(400, "refusal", "The model declined"),
+        "content_policy",
+        1,
+        [DEFAULT, "The model declined"]
+    );
+    mapping_row!(
+        a_403_permission_denied_is_permission_denied_not_content_policy,
+        Reply::typed_error(403, "permission_denied", "Guardrail blocked this model"),
+        "permission_denied",
+        1,
+        ["Guardrail blocked this model"]
+    );
+    mapping_row!(
+        a_401_authentication_is_auth,
+        Reply::typed_error(401, "authentication", "No auth credentials found"),
+        "auth",
+        1,
+        ["No auth credentials found"]
+    );
+    mapping_row!(
+        a_402_payment_required_is_insufficient_credits,
+        Reply::typed_error(402, "payment_required", "Insufficient credits"),
+        "insufficient_credits",
+        1,
+        ["Insufficient credits"]
+    );
+    mapping_row!(
+        a_400_invalid_request_is_a_permanent_provider_error,
+        Reply::typed_error(400, "invalid_request", "aspect_ratio is invalid"),
+        "provider_error",
+        1,
+        ["aspect_ratio is invalid"]
+    );
+    mapping_row!(
+        a_400_invalid_prompt_is_a_permanent_provider_error,
+        Reply::typed_error(400, "invalid_prompt", "prompt is empty"),
+        "provider_error",
+        1,
+        ["prompt is empty"]
+    );
+    mapping_row!(
+        a_400_image_download_failed_names_the_reference_image,
+        Reply::typed_error(
+            400,
+            "image_download_failed",
+            "could not fetch input_references[0]"
+        ),
+        "provider_error",
+        1,
+        ["reference image", "input_references[0]"]
+    );
+    mapping_row!(
+        a_404_not_found_is_a_permanent_provider_error,
+        Reply::typed_error(404, "not_found", "no such route"),
+        "provider_error",
+        1,
+        ["no such route"]
+    );
+    mapping_row!(
+        a_413_payload_too_large_is_a_permanent_provider_error,
+        Reply::typed_error(413, "payload_too_large", "body too big"),
+        "provider_error",
+        1,
+        ["body too big"]
+    );
+    mapping_row!(
+        a_429_rate_limit_exceeded_is_rate_limited_after_its_retries,
+        Reply::typed_error(429, "rate_limit_exceeded", "slow down"),
+        "rate_limited",
+        2,
+        ["slow down"]
+    );
+    mapping_row!(
+        a_502_provider_unavailable_is_provider_unavailable_after_its_retries,
+        Reply::typed_error(502, "provider_unavailable", "upstream gave nothing"),
+        "provider_unavailable",
+        2,
+        ["upstream gave nothing"]
+    );
+    mapping_row!(
+        a_503_provider_overloaded_is_provider_unavailable_after_its_retries,
+        Reply::typed_error(503, "provider_overloaded", "overloaded"),
+        "provider_unavailable",
+        2,
+        ["overloaded"]
+    );
+    mapping_row!(
+        a_500_server_is_provider_unavailable_after_its_retries,
+        Reply::typed_error(500, "server", "Internal Server Error"),
+        "provider_unavailable",
+        2,
+        ["Internal Server Error"]
+    );
+    mapping_row!(
+        a_504_timeout_is_timeout_after_its_retries,
+        Reply::typed_error(504, "timeout", "upstream timed out"),
+        "timeout",
+        2,
+        ["upstream timed out"]
+    );
+    mapping_row!(
+        a_deprecated_model_without_fallbacks_is_model_unavailable_after_one_call,
+        Reply::availability(
+            404,
+            "not_found",
+            "model_deprecated",
+            false,
+            DEFAULT,
+            &["google/gemini-3.5-flash-image"]
+        ),
+        "model_unavailable",
+        1,
+        [DEFAULT, "model_deprecated", "google/gemini-3.5-flash-image"]
+    );
+    mapping_row!(
+        an_unknown_model_400_is_model_unavailable_after_one_call,
+        Reply::availability(
+            400,
+            "invalid_request",
+            "model_not_found",
+            false,
+            DEFAULT,
+            &[]
+        ),
+        "model_unavailable",
+        1,
+        [DEFAULT, "model_not_found"]
+    );
+    mapping_row!(
+        a_model_without_endpoints_is_model_unavailable,
+        Reply::availability(404, "not_found", "no_endpoints", false, DEFAULT, &[]),
+        "model_unavailable",
+        1,
+        ["no_endpoints"]
+    );
+    mapping_row!(
+        a_region_restricted_model_is_permission_denied,
+        Reply::availability(
+            403,
+            "permission_denied",
+            "region_restricted",
+            false,
+            DEFAULT,
+            &[]
+        ),
+        "permission_denied",
+        1,
+        ["region_restricted"]
+    );
+    mapping_row!(
+        capacity_exhausted_is_retried_then_rate_limited,
+        Reply::availability(
+            429,
+            "rate_limit_exceeded",
+            "capacity_exhausted",
+            true,
+            DEFAULT,
+            &[]
+        ),
+        "rate_limited",
+        2,
+        ["capacity_exhausted"]
+    );
+    mapping_row!(
+        temporarily_unavailable_is_retried_then_provider_unavailable,
+        Reply::availability(
+            503,
+            "provider_overloaded",
+            "temporarily_unavailable",
+            true,
+            DEFAULT,
+            &[]
+        ),
+        "provider_unavailable",
+        2,
+        ["temporarily_unavailable"]
+    );
+    mapping_row!(
+        availability_retryable_is_trusted_over_the_code,
+        Reply::availability(404, "not_found", "no_endpoints", true, DEFAULT, &[]),
+        "provider_unavailable",
+        2,
+        ["no_endpoints"]
+    );
+    mapping_row!(
+        a_chat_content_filter_is_content_policy_after_exactly_one_call,
+        Reply::chat_refusal("content_filter", "IMAGE_SAFETY"),
+        "content_policy",
+        1,
+        [DEFAULT, "IMAGE_SAFETY", "I can't create that image."],
+        CHAT
+    );
+    mapping_row!(
+        a_chat_image_prohibited_content_stop_is_content_policy_after_one_call,
+        Reply::chat_refusal("stop", "IMAGE_PROHIBITED_CONTENT"),
+        "content_policy",
+        1,
+        ["IMAGE_PROHIBITED_CONTENT"],
+        CHAT
+    );
+    mapping_row!(
+        a_chat_no_image_is_content_policy_after_one_call,
+        Reply::chat_refusal("stop", "NO_IMAGE"),
+        "content_policy",
+        1,
+        ["NO_IMAGE"],
+        CHAT
+    );
+    mapping_row!(
+        a_chat_answer_without_an_image_or_a_refusal_is_retried,
+        Reply::chat_refusal("stop", "STOP"),
+        "provider_error",
+        2,
+        ["returned no image"],
+        CHAT
+    );
+    mapping_row!(
+        a_chat_choice_error_is_classified_like_an_error_answer,
+        Reply::json(
+            200,
+            json!({"choices": [{"finish_reason": "error",
+            "message": {"role": "assistant", "content": "partial"},
+            "error": {"code": 502, "message": "Provider disconnected mid-stream",
+                      "metadata": {"error_type": "provider_unavailable"}}}]})
+        ),
+        "provider_unavailable",
+        2,
+        ["Provider disconnected mid-stream"],
+        CHAT
+    );
+
+    #[tokio::test]
+    async fn a_chat_refusal_records_what_the_prompt_cost() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::chat_refusal("content_filter", "SAFETY")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), CHAT).await;
+        let scene = service.prepare(scene("refused")).unwrap();
+        let stop = stage3::service::BatchStop::new();
+        let options = stage3::RunOptions {
+            stop: Some(stop.clone()),
+            ..Default::default()
+        };
+        let outcome = service.run_scenes(&[scene], &options, &|_, _| {}).await;
+        let err = outcome[0].as_ref().unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::ContentPolicy, "{err}");
+        assert_eq!(err.cost(), Some(0.0002));
+        assert_eq!(
+            stop.spent_usd(),
+            0.0002,
+            "the billed refusal counts against the budget"
+        );
+        assert_eq!(server.total_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_8_mb_finish_reason_leaves_the_answer_small() {
+        let flood = "A".repeat(8 * 1024 * 1024);
+        let body = json!({"choices": [{"finish_reason": flood, "native_finish_reason": flood,
+            "message": {"role": "assistant", "content": flood}}]});
+        let server = ScriptedOpenRouter::start(move |_, _| Reply::json(200, body.clone())).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(
+            &server,
+            out.path(),
+            &[
+                ("STAGE3_OPENROUTER_API", "chat"),
+                ("STAGE3_MAX_RETRIES", "0"),
+            ],
+        )
+        .await;
+        let answer = service.generate_all_images(vec![scene("flood")]).await;
+        assert_eq!(answer.failures.len(), 1);
+        let message = &answer.failures[0].message;
+        assert!(message.len() < 4096, "{} bytes", message.len());
+        let json = serde_json::to_vec(&answer).unwrap();
+        assert!(json.len() < 8192, "the answer is {} bytes", json.len());
+    }
+
+    // ---- The catalogue -----------------------------------------------------------------
+
+    #[tokio::test]
+    async fn hd_on_a_1k_only_model_is_refused_before_any_call() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        let mut request = scene("hd");
+        request.quality = Some(stage3::schema::ImageQuality::Hd);
+        request.model = Some("black-forest-labs/flux.2-pro".into());
+        let scenes = service
+            .prepare_all(vec![scene("fine"), request.clone()])
+            .unwrap();
+
+        let err = service.check_batch(&scenes).await.unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::InvalidRequest, "{err}");
+        let message = err.to_string();
+        for part in ["scenes[1]", "black-forest-labs/flux.2-pro", "hd", "1K"] {
+            assert!(message.contains(part), "{part:?} missing from {message}");
+        }
+        let answer = service.generate_all_images(vec![request]).await;
+        assert_eq!(answer.failures[0].error_type, ErrorType::InvalidRequest);
+        assert_eq!(server.total_calls(), 0, "nothing was called");
+        assert_eq!(server.catalogue_requests()[0].path, "/api/v1/images/models");
+    }
+
+    #[tokio::test]
+    async fn a_seed_the_model_does_not_take_is_refused_before_any_call() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        let mut request = scene("seeded");
+        request.seed = Some(7);
+        request.model = Some("openai/gpt-image-1".into());
+        let answer = service.generate_all_images(vec![request]).await;
+        assert_eq!(answer.failures[0].error_type, ErrorType::InvalidRequest);
+        assert!(answer.failures[0].message.contains("seed"));
+        assert_eq!(server.total_calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn hd_sends_quality_high_to_a_model_that_takes_quality() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        let mut request = scene("gpt");
+        request.quality = Some(stage3::schema::ImageQuality::Hd);
+        request.model = Some("openai/gpt-image-1".into());
+        let answer = service.generate_all_images(vec![request]).await;
+        assert_eq!(answer.results.len(), 1, "{:?}", answer.failures);
+        let sent = &server.requests()[0].body;
+        assert_eq!(sent["quality"], "high");
+        assert_eq!(sent["size"], "1024x1024");
+        assert!(sent.get("resolution").is_none(), "{sent}");
+        assert!(sent.get("aspect_ratio").is_none(), "{sent}");
+        assert_eq!(answer.summary.estimated_cost_usd, Some(0.167));
+    }
+
+    #[tokio::test]
+    async fn the_catalogue_is_read_once_and_prices_the_batch() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        assert!(
+            server.catalogue_requests().is_empty(),
+            "nothing is read at start-up"
+        );
+        let requests = (0..4).map(|i| scene(&format!("c{i}"))).collect();
+        let answer = service.generate_all_images(requests).await;
+        assert_eq!(answer.results.len(), 4, "{:?}", answer.failures);
+        let paths: Vec<String> = server
+            .catalogue_requests()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/images/models".to_string(),
+                format!("/api/v1/images/models/{DEFAULT}/endpoints")
+            ]
+        );
+        assert!(
+            server
+                .catalogue_requests()
+                .iter()
+                .all(|r| !r.headers.contains_key("authorization")),
+            "the catalogue needs no key and gets none"
+        );
+        let estimate = answer.summary.estimated_cost_usd.unwrap();
+        assert!((estimate - 0.16).abs() < 1e-9, "4 × $0.04: {estimate}");
+        assert!((answer.summary.cost_usd - 0.16).abs() < 1e-9);
+        let sent = &server.requests()[0].body;
+        assert_eq!(sent["resolution"], "1K");
+        assert_eq!(sent["aspect_ratio"], "1:1");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_catalogue_never_blocks_work() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        server.set_catalogue(Catalogue::Status(503));
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let requests = (0..3).map(|i| scene(&format!("u{i}"))).collect();
+        let answer = service.generate_all_images(requests).await;
+
+        assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
+        assert_eq!(server.total_calls(), 3);
+        assert_eq!(
+            server.catalogue_requests().len(),
+            1,
+            "asked once, not per scene"
+        );
+        assert_eq!(
+            answer.summary.estimated_cost_usd, None,
+            "no prices, no estimate"
+        );
+        let text = logs.text();
+        assert_eq!(
+            text.matches("image catalogue cannot be read").count(),
+            1,
+            "one warning: {text}"
+        );
+        // Unchecked, the design's default mapping is sent.
+        assert_eq!(server.requests()[0].body["resolution"], "1K");
+    }
+
+    #[tokio::test]
+    async fn a_model_missing_from_the_catalogue_names_close_alternatives() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[]).await;
+        let mut request = scene("retired");
+        request.model = Some("google/gemini-2.5-flash-image".into());
+        let answer = service.generate_all_images(vec![request]).await;
+        let failure = &answer.failures[0];
+        assert_eq!(failure.error_type, ErrorType::ModelUnavailable);
+        assert!(failure.message.contains("google/gemini-2.5-flash-image"));
+        assert!(
+            failure.message.contains("google/gemini-3.1-flash-image"),
+            "{}",
+            failure.message
+        );
+        assert_eq!(server.total_calls(), 0);
+    }
+
+    // ---- Fallbacks ---------------------------------------------------------------------
+
+    const RETIRED: &str = "google/gemini-2.5-flash-image";
+    const FALLBACK: &str = "bytedance-seed/seedream-4.5";
+
+    /// The retired model is still listed (the catalogue lags), but the API answers 404
+    /// `model_deprecated`: the first scene pays one call to learn it, every scene is
+    /// delivered by the fallback, and each says which model made it.
+    #[tokio::test]
+    async fn a_retired_default_with_a_fallback_delivers_every_scene() {
+        let server = ScriptedOpenRouter::start(|request, _| {
+            if request.body["model"] == RETIRED {
+                Reply::availability(
+                    404,
+                    "not_found",
+                    "model_deprecated",
+                    false,
+                    RETIRED,
+                    &[FALLBACK],
+                )
+            } else {
+                Reply::image(&square_png(), "image/png")
+            }
+        })
+        .await;
+        server.set_catalogue(Catalogue::with(CatalogueModel::new(
+            RETIRED,
+            json!({"resolution": {"type": "enum", "values": ["1K", "2K"]},
+                   "aspect_ratio": {"type": "enum", "values": ["1:1", "16:9", "9:16"]}}),
+            json!([{"billable": "output_image", "unit": "image", "cost_usd": 0.039}]),
+        )));
+        let out = tempfile::tempdir().unwrap();
+        let service = service(
+            &server,
+            out.path(),
+            &[
+                ("STAGE3_MODEL", RETIRED),
+                ("STAGE3_MODEL_FALLBACKS", FALLBACK),
+                ("STAGE3_CONCURRENCY", "1"),
+            ],
+        )
+        .await;
+        let requests: Vec<_> = (0..3).map(|i| scene(&format!("f{i}"))).collect();
+        let answer = service.generate_all_images(requests.clone()).await;
+
+        assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
+        for result in &answer.results {
+            assert_eq!(result.generation_params.model, FALLBACK);
+            assert_eq!(
+                result.generation_params.requested_model.as_deref(),
+                Some(RETIRED)
+            );
+        }
+        let models: Vec<String> = server
+            .requests()
+            .iter()
+            .map(|r| r.body["model"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(models, [RETIRED, FALLBACK, FALLBACK, FALLBACK]);
+
+        // The cache key is the request's: the same request finds the fallback's result.
+        let again = service.generate_all_images(requests).await;
+        assert_eq!(again.summary.from_cache, 3);
+        assert_eq!(server.total_calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_model_the_catalogue_no_longer_lists_goes_straight_to_the_fallback() {
+        let server =
+            ScriptedOpenRouter::start(|_, _| Reply::image(&square_png(), "image/png")).await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(
+            &server,
+            out.path(),
+            &[
+                ("STAGE3_MODEL", RETIRED),
+                ("STAGE3_MODEL_FALLBACKS", FALLBACK),
+            ],
+        )
+        .await;
+        let answer = service.generate_all_images(vec![scene("gone")]).await;
+        assert_eq!(answer.results.len(), 1, "{:?}", answer.failures);
+        assert_eq!(answer.results[0].generation_params.model, FALLBACK);
+        assert_eq!(server.total_calls(), 1, "no call to the retired model");
+        assert_eq!(server.requests()[0].body["model"], FALLBACK);
+    }
+
+    #[tokio::test]
+    async fn spent_transient_retries_fall_back_but_a_refusal_does_not() {
+        let server = ScriptedOpenRouter::start(|request, _| {
+            match (
+                request.body["model"].as_str(),
+                request.prompt().contains("[refused]"),
+            ) {
+                (_, true) => Reply::typed_error(400, "refusal", "declined"),
+                (Some(DEFAULT), false) => Reply::typed_error(503, "provider_overloaded", "busy"),
+                _ => Reply::image(&square_png(), "image/png"),
+            }
+        })
+        .await;
+        let out = tempfile::tempdir().unwrap();
+        let service = service(&server, out.path(), &[("STAGE3_MODEL_FALLBACKS", FALLBACK)]).await;
+        let answer = service
+            .generate_all_images(vec![scene("busy"), scene("refused")])
+            .await;
+        assert_eq!(answer.results.len(), 1);
+        assert_eq!(answer.results[0].generation_params.model, FALLBACK);
+        assert_eq!(
+            answer.results[0].generation_params.attempts, 3,
+            "2 tries + the fallback"
+        );
+        assert_eq!(answer.failures[0].error_type, ErrorType::ContentPolicy);
+        assert_eq!(
+            server.calls_for("[refused]"),
+            1,
+            "a refusal costs exactly one call"
+        );
+    }
+
+    /// Log lines captured from a `tracing` subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+        }
+    }
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
 }

@@ -12,13 +12,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::config::{Config, ProviderKind};
+use std::sync::Arc;
+
+use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::events::EventPublisher;
-use stage3::provider::PlaceholderProvider;
+use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
 use stage3::schema::{
     parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize, Submission,
 };
 use stage3::service::{prepare_all, PreparedScene, RunOptions, Stage3Service};
+use stage3::storage::FsStore;
 use stage3::{telemetry, Stage3Error};
 
 #[derive(Parser)]
@@ -36,10 +39,20 @@ struct Cli {
 enum Command {
     /// Generate one image per scene and print the batch answer as JSON.
     Generate(GenerateArgs),
-    /// Check an input file without generating anything (exit 0 valid, 2 invalid).
+    /// Check an input file without generating anything (exit 0 valid, 2 invalid) and print
+    /// the batch's estimated cost.
     Validate {
         /// The input JSON file, or `-` for stdin.
         input: PathBuf,
+        /// Check the estimate against this budget in USD (STAGE3_MAX_COST_USD).
+        #[arg(long, value_name = "USD")]
+        max_cost: Option<String>,
+    },
+    /// List OpenRouter's image models: resolutions, aspect ratios, price per image.
+    Models {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Rebuild a story's storyboard page (index.html) from its manifest.json.
     Gallery {
@@ -73,6 +86,14 @@ struct GenerateArgs {
     /// Regenerate even when a stored result matches (STAGE3_FORCE=1).
     #[arg(long)]
     force: bool,
+    /// A model to try when the asked-for one is unavailable; repeat for more, in order
+    /// (replaces STAGE3_MODEL_FALLBACKS).
+    #[arg(long = "fallback-model", value_name = "MODEL")]
+    fallback_models: Vec<String>,
+    /// Refuse the batch if its estimate passes this many USD, and stop starting calls when
+    /// spending would (STAGE3_MAX_COST_USD).
+    #[arg(long, value_name = "USD")]
+    max_cost: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<ImageSize, String> {
@@ -96,7 +117,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args).await,
-        Command::Validate { input } => validate(&input),
+        Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
+        Command::Models { json } => models(json).await,
         Command::Gallery { story } => gallery(&story),
     };
     match result {
@@ -122,6 +144,13 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     if args.force {
         config.force = true;
     }
+    if !args.fallback_models.is_empty() {
+        config.model_fallbacks =
+            parse_fallbacks("--fallback-model", &args.fallback_models.join(","))?;
+    }
+    if let Some(max_cost) = &args.max_cost {
+        config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
+    }
 
     let submission = read_submission(&args.input, config.max_batch)?;
     let story_id = submission.story_id().map(str::to_string);
@@ -137,6 +166,8 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let events = EventPublisher::from_config(&config).await?;
     let service = Stage3Service::from_config(config).await?;
     let scenes = service.prepare_all(requests)?;
+    // Refused whole, before any call: a scene its model cannot serve, or a batch over budget.
+    service.check_batch(&scenes).await?;
     let story_scenes = stage3::story::story_scenes(&scenes);
     let progress = Progress::new(&scenes);
     let mut answer = service
@@ -181,12 +212,72 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     })
 }
 
-fn validate(input: &PathBuf) -> Result<ExitCode, Stage3Error> {
-    let config = Config::from_env()?;
+async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, Stage3Error> {
+    let mut config = Config::from_env()?;
+    if let Some(max_cost) = max_cost {
+        config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
+    }
     let requests = read_requests(input, config.max_batch)?;
-    // Validation composes prompts but calls nobody: any provider will do for that.
-    let scenes = prepare_all(requests, &config, &PlaceholderProvider::new())?;
+    // Validation calls nobody who bills: the catalogue needs no key, and the placeholder
+    // stands in when the provider is the placeholder.
+    let provider: Arc<dyn ImageProvider> = match config.provider {
+        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::for_catalogue(&config)?),
+        ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
+    };
+    let scenes = prepare_all(requests, &config, provider.as_ref())?;
+    // The service needs a store; validation never writes to it.
+    let store = Arc::new(FsStore::new(&std::env::temp_dir())?);
+    let service = Stage3Service::new(config, provider, store);
+    let plan = service.check_batch(&scenes).await?;
     eprintln!("valid: {} scene(s)", scenes.len());
+    match plan.estimated_cost_usd {
+        Some(cost) => eprintln!("estimated cost: ${cost:.4}"),
+        None => eprintln!(
+            "estimated cost: unknown for {} scene(s) (no price in the catalogue, or the \
+             catalogue cannot be read)",
+            plan.unpriced
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
+    let config = Config::from_env()?;
+    let provider = OpenRouterProvider::for_catalogue(&config)?;
+    let models = provider.image_models().await?;
+    if json {
+        let text = serde_json::to_string_pretty(&models).expect("model listings serialize");
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let price = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("${p:.4}"));
+    let list = |values: &[String]| {
+        if values.is_empty() {
+            "-".to_string()
+        } else {
+            values.join(",")
+        }
+    };
+    println!(
+        "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
+        "MODEL", "RESOLUTIONS", "ASPECT RATIOS", "QUALITY", "STANDARD", "HD"
+    );
+    for model in &models {
+        println!(
+            "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
+            model.id,
+            list(&model.resolutions),
+            list(&model.aspect_ratios),
+            list(&model.qualities),
+            price(model.price_per_image_usd),
+            price(model.hd_price_per_image_usd),
+        );
+    }
+    eprintln!(
+        "{} image model(s); prices are per image at 1024x1024 (standard) and for hd, from \
+         the dearest provider",
+        models.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

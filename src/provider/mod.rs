@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use openrouter::OpenRouterProvider;
+pub use openrouter::{ModelListing, OpenRouterProvider};
 pub use placeholder::PlaceholderProvider;
 
 use crate::config::{Config, ProviderKind};
@@ -34,6 +34,57 @@ pub struct ImageRequest<'a> {
     /// The whole budget for this call, connect to last byte; the service shortens it when
     /// a deadline is near.
     pub timeout: Duration,
+}
+
+/// What one scene asks of the provider, known before any call: enough to check it against
+/// what the model can do and to estimate its price.
+#[derive(Debug, Clone, Copy)]
+pub struct SceneSpec<'a> {
+    pub scene_id: &'a str,
+    /// The model asked for.
+    pub model: &'a str,
+    /// Models to try, in order, when the asked-for one cannot serve (`STAGE3_MODEL_FALLBACKS`).
+    pub fallbacks: &'a [String],
+    pub size: ImageSize,
+    pub quality: ImageQuality,
+    pub seed: Option<i64>,
+    pub references: &'a [String],
+}
+
+/// How a scene will be generated, decided before any call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The models to try, in order: the asked-for one unless it is known to be gone, then
+    /// the fallbacks that can serve the request. Never empty.
+    pub models: Vec<PlannedModel>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedModel {
+    pub model: String,
+    /// The expected price of one image in USD, when the provider knows it.
+    pub estimate_usd: Option<f64>,
+}
+
+impl Plan {
+    /// Every model in order, unchecked and unpriced.
+    pub fn unchecked(spec: &SceneSpec<'_>, estimate_usd: Option<f64>) -> Plan {
+        let mut models: Vec<PlannedModel> = Vec::new();
+        for model in std::iter::once(spec.model).chain(spec.fallbacks.iter().map(String::as_str)) {
+            if !models.iter().any(|m| m.model == model) {
+                models.push(PlannedModel {
+                    model: model.to_string(),
+                    estimate_usd,
+                });
+            }
+        }
+        Plan { models }
+    }
+
+    /// The estimate of the first model, the one expected to serve.
+    pub fn estimate_usd(&self) -> Option<f64> {
+        self.models.first().and_then(|m| m.estimate_usd)
+    }
 }
 
 /// The provider's answer: image bytes whose format is not yet trusted.
@@ -57,6 +108,14 @@ pub trait ImageProvider: Send + Sync {
     /// Generates one image. Errors carry the provider's status and message, classified into
     /// the stable error types; the caller decides whether to retry.
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage>;
+
+    /// Checks a scene before any call and says which models to try and what it should
+    /// cost. An `invalid_request` means the asked-for model cannot serve it; a
+    /// `model_unavailable` that no model of the chain can. Costs nothing (a provider may
+    /// read and cache its catalogue). The default checks nothing and knows no price.
+    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
+        Ok(Plan::unchecked(spec, None))
+    }
 }
 
 /// Builds the configured provider. Called once at start-up: the HTTP client and its

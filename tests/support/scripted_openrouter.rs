@@ -4,6 +4,12 @@
 //!
 //! wiremock covers the happy paths; faults such as a connection dropped mid-request need
 //! a server that can misbehave on purpose, so this one speaks HTTP by hand.
+//!
+//! It also serves OpenRouter's image catalogue (`GET /images/models` and
+//! `GET /images/models/{id}/endpoints`), shaped exactly like the documented answers
+//! (docs/design.md §3), from a [`Catalogue`] the test chooses — by default a few current
+//! models with their real parameter sets. Catalogue requests are counted apart from
+//! generation calls, which are what `total_calls` and `calls_for` count.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,6 +64,60 @@ impl Reply {
                     "media_type": media_type,
                 }],
                 "usage": {"cost": 0.04},
+            }),
+        )
+    }
+
+    /// OpenRouter's typed error body (`error.metadata.error_type`), as the error reference
+    /// documents it.
+    pub fn typed_error(status: u16, error_type: &str, message: &str) -> Reply {
+        Reply::json(
+            status,
+            json!({"error": {"code": status, "message": message,
+                "metadata": {"error_type": error_type, "provider_name": "Google"}}}),
+        )
+    }
+
+    /// A model-availability error, in the documented shape: `error_type` and `http_status`
+    /// directly in `error`, plus the `availability` object.
+    pub fn availability(
+        status: u16,
+        error_type: &str,
+        code: &str,
+        retryable: bool,
+        model: &str,
+        fallback_models: &[&str],
+    ) -> Reply {
+        let mut availability = json!({
+            "code": code,
+            "retryable": retryable,
+            "requested_models": [model],
+            "docs_url": format!("https://openrouter.ai/docs/errors#{code}"),
+        });
+        if !fallback_models.is_empty() {
+            availability["fallback_models"] = json!(fallback_models);
+        }
+        Reply::json(
+            status,
+            json!({"error": {"message": format!("{model} cannot be served ({code})"),
+                "error_type": error_type, "http_status": status,
+                "availability": availability}}),
+        )
+    }
+
+    /// A chat answer that refused: HTTP 200, no image, a safety `finish_reason`, the prompt
+    /// billed (docs/design.md §3, "Chat-path refusals").
+    pub fn chat_refusal(finish_reason: &str, native_finish_reason: &str) -> Reply {
+        Reply::json(
+            200,
+            json!({
+                "id": "gen-refused",
+                "choices": [{
+                    "finish_reason": finish_reason,
+                    "native_finish_reason": native_finish_reason,
+                    "message": {"role": "assistant", "content": "I can't create that image."}
+                }],
+                "usage": {"prompt_tokens": 20, "completion_tokens": 0, "cost": 0.0002}
             }),
         )
     }
@@ -133,9 +193,153 @@ impl Received {
 
 type Script = dyn Fn(&Received, usize) -> Reply + Send + Sync;
 
+/// One model of the stand-in's catalogue.
+#[derive(Debug, Clone)]
+pub struct CatalogueModel {
+    pub id: String,
+    /// `supported_parameters`, exactly as the catalogue gives them.
+    pub supported_parameters: Value,
+    pub input_modalities: Vec<String>,
+    /// The endpoints' `pricing` lines (one endpoint).
+    pub pricing: Value,
+}
+
+impl CatalogueModel {
+    pub fn new(id: &str, supported_parameters: Value, pricing: Value) -> Self {
+        CatalogueModel {
+            id: id.to_string(),
+            supported_parameters,
+            input_modalities: vec!["text".into(), "image".into()],
+            pricing,
+        }
+    }
+
+    fn listing(&self) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.id.split('/').nth(1).unwrap_or(&self.id),
+            "description": "",
+            "created": 1_760_000_000,
+            "architecture": {"input_modalities": self.input_modalities, "output_modalities": ["image"]},
+            "supported_parameters": self.supported_parameters,
+            "supports_streaming": false,
+            "endpoints": format!("/api/v1/images/models/{}/endpoints", self.id),
+        })
+    }
+
+    fn endpoints(&self) -> Value {
+        json!({"id": self.id, "endpoints": [{
+            "provider_name": "Stand-in",
+            "provider_slug": "stand-in",
+            "provider_tag": "stand-in",
+            "supported_parameters": self.supported_parameters,
+            "allowed_passthrough_parameters": [],
+            "supports_streaming": false,
+            "pricing": self.pricing,
+        }]})
+    }
+}
+
+const ASPECT_RATIOS: [&str; 8] = ["1:1", "2:3", "3:2", "3:4", "4:3", "9:16", "16:9", "21:9"];
+
+/// What the stand-in answers on the catalogue routes.
+#[derive(Debug, Clone)]
+pub enum Catalogue {
+    Models(Vec<CatalogueModel>),
+    /// Every catalogue request gets this status: the catalogue cannot be read.
+    Status(u16),
+}
+
+impl Catalogue {
+    /// Current models with their documented parameter sets and plausible prices:
+    /// Gemini 3.1 Flash Image (1K/2K/4K, priced per image with `2k`/`4k` variants),
+    /// gpt-image-1 (`quality` and `size`, no resolution), FLUX.2 Pro (1K only, per
+    /// megapixel) and Seedream 4.5.
+    pub fn standard() -> Catalogue {
+        Catalogue::Models(vec![
+            CatalogueModel::new(
+                "google/gemini-3.1-flash-image",
+                json!({
+                    "resolution": {"type": "enum", "values": ["1K", "2K", "4K"]},
+                    "aspect_ratio": {"type": "enum", "values": ASPECT_RATIOS},
+                    "seed": {"type": "range", "min": 0, "max": 2147483647},
+                    "n": {"type": "range", "min": 1, "max": 4},
+                }),
+                json!([
+                    {"billable": "output_image", "unit": "image", "cost_usd": 0.04},
+                    {"billable": "output_image", "unit": "image", "cost_usd": 0.08, "variant": "2k"},
+                    {"billable": "output_image", "unit": "image", "cost_usd": 0.16, "variant": "4k"},
+                    {"billable": "input_reference", "unit": "image", "cost_usd": 0.001},
+                ]),
+            ),
+            CatalogueModel::new(
+                "openai/gpt-image-1",
+                json!({
+                    "quality": {"type": "enum", "values": ["auto", "low", "medium", "high"]},
+                    "size": {"type": "enum", "values": ["1024x1024", "1536x1024", "1024x1536", "auto"]},
+                    "n": {"type": "range", "min": 1, "max": 4},
+                }),
+                json!([{"billable": "output_image", "unit": "image", "cost_usd": 0.167}]),
+            ),
+            CatalogueModel::new(
+                "black-forest-labs/flux.2-pro",
+                json!({
+                    "resolution": {"type": "enum", "values": ["1K"]},
+                    "aspect_ratio": {"type": "enum", "values": ASPECT_RATIOS},
+                    "seed": {"type": "range", "min": 0, "max": 4294967295u64},
+                }),
+                json!([{"billable": "output_image", "unit": "megapixel", "cost_usd": 0.03}]),
+            ),
+            CatalogueModel::new(
+                "bytedance-seed/seedream-4.5",
+                json!({
+                    "resolution": {"type": "enum", "values": ["1K", "2K", "4K"]},
+                    "aspect_ratio": {"type": "enum", "values": ASPECT_RATIOS},
+                    "seed": {"type": "range", "min": 0, "max": 2147483647},
+                }),
+                json!([{"billable": "output_image", "unit": "image", "cost_usd": 0.03}]),
+            ),
+        ])
+    }
+
+    /// The standard catalogue plus `model`.
+    pub fn with(model: CatalogueModel) -> Catalogue {
+        match Catalogue::standard() {
+            Catalogue::Models(mut models) => {
+                models.push(model);
+                Catalogue::Models(models)
+            }
+            other => other,
+        }
+    }
+
+    /// Answers a catalogue path, or `None` when `path` is not one.
+    fn answer(&self, path: &str) -> Option<Reply> {
+        let rest = path.strip_prefix("/api/v1/images/models")?;
+        let models = match self {
+            Catalogue::Status(status) => {
+                return Some(Reply::error(*status, "catalogue unavailable"))
+            }
+            Catalogue::Models(models) => models,
+        };
+        if rest.is_empty() || rest == "/" {
+            let data: Vec<Value> = models.iter().map(CatalogueModel::listing).collect();
+            return Some(Reply::json(200, json!({ "data": data })));
+        }
+        let id = rest.strip_prefix('/')?.strip_suffix("/endpoints")?;
+        Some(match models.iter().find(|m| m.id == id) {
+            Some(model) => Reply::json(200, model.endpoints()),
+            None => Reply::typed_error(404, "not_found", "no such model"),
+        })
+    }
+}
+
 /// What the stand-in's connections share.
 struct State {
     script: Box<Script>,
+    catalogue: Mutex<Catalogue>,
+    /// Catalogue requests, apart from the generation calls in `received`.
+    catalogue_received: Mutex<Vec<Received>>,
     received: Mutex<Vec<Received>>,
     /// How many requests each prompt has had, for the script's `n`.
     per_prompt: Mutex<HashMap<String, usize>>,
@@ -178,6 +382,8 @@ impl ScriptedOpenRouter {
         let base_url = format!("{scheme}://{}/api/v1", listener.local_addr().unwrap());
         let state = Arc::new(State {
             script: Box::new(script),
+            catalogue: Mutex::new(Catalogue::standard()),
+            catalogue_received: Mutex::default(),
             received: Mutex::default(),
             per_prompt: Mutex::default(),
             in_flight: AtomicUsize::new(0),
@@ -209,6 +415,17 @@ impl ScriptedOpenRouter {
         }
     }
 
+    /// Replaces the catalogue the stand-in serves.
+    pub fn set_catalogue(&self, catalogue: Catalogue) {
+        *self.state.catalogue.lock().unwrap() = catalogue;
+    }
+
+    /// The catalogue requests received (`GET /images/models…`).
+    pub fn catalogue_requests(&self) -> Vec<Received> {
+        self.state.catalogue_received.lock().unwrap().clone()
+    }
+
+    /// Generation calls (everything but the catalogue), in arrival order.
     pub fn requests(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }
@@ -261,6 +478,11 @@ async fn serve(
     let Some(request) = read_request(&mut stream).await? else {
         return Ok(());
     };
+    let catalogue_reply = state.catalogue.lock().unwrap().answer(&request.path);
+    if let Some(reply) = catalogue_reply {
+        state.catalogue_received.lock().unwrap().push(request);
+        return write_reply(&mut stream, reply).await;
+    }
     let _in_flight = InFlight::begin(state);
     let nth = {
         let mut counts = state.per_prompt.lock().unwrap();
@@ -269,7 +491,14 @@ async fn serve(
         *count - 1
     };
     state.received.lock().unwrap().push(request.clone());
-    let mut reply = (state.script)(&request, nth);
+    let reply = (state.script)(&request, nth);
+    write_reply(&mut stream, reply).await
+}
+
+async fn write_reply(
+    stream: &mut (impl AsyncWrite + Unpin),
+    mut reply: Reply,
+) -> std::io::Result<()> {
     while let Reply::After(latency, inner) = reply {
         tokio::time::sleep(latency).await;
         reply = *inner;
@@ -352,6 +581,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         402 => "Payment Required",
         403 => "Forbidden",
+        404 => "Not Found",
         408 => "Request Timeout",
         413 => "Payload Too Large",
         429 => "Too Many Requests",

@@ -11,7 +11,7 @@ mod sketch;
 
 use async_trait::async_trait;
 
-use super::{ImageProvider, ImageRequest, ProviderImage};
+use super::{ImageProvider, ImageRequest, Plan, ProviderImage, SceneSpec};
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use sketch::Sketch;
 
@@ -32,6 +32,11 @@ impl ImageProvider for PlaceholderProvider {
 
     fn api(&self) -> Option<&'static str> {
         None
+    }
+
+    /// Offline and free: every model "serves", at no cost.
+    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
+        Ok(Plan::unchecked(spec, Some(0.0)))
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {

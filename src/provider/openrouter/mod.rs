@@ -1,16 +1,26 @@
 //! The OpenRouter client: the Image API (`POST /images`) and the chat path
-//! (`POST /chat/completions` with image modalities).
+//! (`POST /chat/completions` with image modalities), checked against OpenRouter's image
+//! catalogue before any paid call.
 //!
-//! One `reqwest::Client` per provider, so every scene reuses the same connection pool. Each
-//! call gets the whole `ImageRequest::timeout` as its total budget, connect to last byte.
-//! Answers are read chunk by chunk against `max_response_bytes`, so an oversized body is
-//! refused as soon as it crosses the line rather than after it has filled memory. Image
-//! data stays borrowed from the body buffer until it is decoded, once, into `Bytes`.
+//! - [`errors`]: OpenRouter's typed error answers, classified into [`Stage3Error`]s.
+//! - [`catalogue`]: the image-model catalogue and endpoint prices, read lazily and cached;
+//!   which parameters to send a model and what an image costs.
+//! - [`fetch`]: fetching image URLs without reaching private networks.
 //!
-//! Every failure is classified into a [`Stage3Error`] by HTTP status (docs/design.md §3), keeping
-//! the status, OpenRouter's own error type and a short message. The API key is sent only in
-//! the `Authorization` header, which is marked sensitive, and is scrubbed from any text the
-//! provider sends back.
+//! One `reqwest::Client` per purpose (the API, image URLs), so every scene reuses the same
+//! connection pools. Each call gets the whole `ImageRequest::timeout` as its total budget,
+//! connect to last byte. Answers are read chunk by chunk against `max_response_bytes`, so an
+//! oversized body is refused as soon as it crosses the line rather than after it has filled
+//! memory. Image data stays borrowed from the body buffer until it is decoded, once, into
+//! `Bytes`.
+//!
+//! The API key is sent only in the `Authorization` header of generation calls, which is
+//! marked sensitive, and is scrubbed from any text the provider sends back. The catalogue
+//! needs no key (OpenRouter's OpenAPI description puts no security on it) and gets none.
+
+mod catalogue;
+mod errors;
+mod fetch;
 
 use std::borrow::Cow;
 use std::error::Error as _;
@@ -22,19 +32,40 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use reqwest::{redirect, Client, Response};
+use reqwest::{Client, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ImageProvider, ImageRequest, ProviderImage};
+use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage, SceneSpec};
 use crate::config::{ChatModalities, Config, OpenRouterApi, Secret};
 use crate::error::{ProviderFailure, Result, Stage3Error};
+use crate::schema::{ImageQuality, ImageSize};
+use catalogue::{Catalogue, CatalogueModel, Models, Wanted, WireParams};
+use errors::{classify, parse_error_body, parse_error_object, shorten, shorten_slug, ErrorDetails};
+use fetch::AddressPolicy;
 
-/// Provider messages are for people and logs; a page of HTML or a model's essay is not.
-const MAX_MESSAGE_CHARS: usize = 300;
 /// An error answer is only read for its message; more than this is not worth holding.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
-/// Redirects are not part of the API; a few are tolerated for image URLs behind a CDN.
-const MAX_REDIRECTS: usize = 5;
+/// The catalogue is a few hundred models; more than this is not a catalogue.
+const MAX_CATALOGUE_BYTES: usize = 4 * 1024 * 1024;
+/// A catalogue read may not hold up the first scene for long.
+const CATALOGUE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `native_finish_reason`s with which a model says it will not draw this (Gemini's and
+/// others' safety stops). Any of these, or `finish_reason: content_filter`, with no image
+/// is a refusal: retrying pays for the same refusal again.
+const REFUSAL_REASONS: &[&str] = &[
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "IMAGE_OTHER",
+    "NO_IMAGE",
+    "SAFETY",
+    "RECITATION",
+    "PROHIBITED_CONTENT",
+    "BLOCKLIST",
+    "SPII",
+    "CONTENT_FILTER",
+];
 
 /// Providers pad inconsistently, so padding is optional; the alphabet is the standard one.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -50,18 +81,24 @@ const BASE64_URL_SAFE: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
-/// Generates images through OpenRouter. Build it once; it holds the connection pool.
+/// Generates images through OpenRouter. Build it once; it holds the connection pools and
+/// the catalogue cache.
 pub struct OpenRouterProvider {
     client: Client,
+    /// For image URLs only: filtered addresses, no `Referer`, never the key.
+    image_client: Client,
+    address_policy: AddressPolicy,
     base_url: String,
     api: OpenRouterApi,
     chat_modalities: ChatModalities,
-    /// `Authorization` (marked sensitive) and the optional attribution headers, sent on API
-    /// calls only — never on fetches of image URLs, which may be on someone else's host.
+    /// `Authorization` (marked sensitive) and the optional attribution headers, sent on
+    /// generation calls only — never on fetches of image URLs, which may be on someone
+    /// else's host, nor on the catalogue, which needs no key.
     api_headers: HeaderMap,
     /// Kept only to scrub it from anything the provider echoes back.
-    api_key: Secret,
+    api_key: Option<Secret>,
     max_response_bytes: usize,
+    catalogue: Catalogue,
 }
 
 impl fmt::Debug for OpenRouterProvider {
@@ -75,26 +112,62 @@ impl fmt::Debug for OpenRouterProvider {
     }
 }
 
+/// One image model as `stage3 models` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelListing {
+    pub id: String,
+    pub name: String,
+    /// `resolution` values (`1K`, `2K`, …); empty when the model takes none.
+    pub resolutions: Vec<String>,
+    /// `aspect_ratio` values; empty when the model takes none.
+    pub aspect_ratios: Vec<String>,
+    /// `quality` values (gpt-image models); empty when the model takes none.
+    pub qualities: Vec<String>,
+    pub takes_seed: bool,
+    /// The price of one standard 1024x1024 image, in USD, when the endpoints say.
+    pub price_per_image_usd: Option<f64>,
+    /// The price of one hd image, when the model makes them and the endpoints say.
+    pub hd_price_per_image_usd: Option<f64>,
+}
+
 impl OpenRouterProvider {
+    /// The generating client: needs `OPENROUTER_API_KEY`.
     pub fn new(config: &Config) -> Result<Self> {
-        let settings = &config.openrouter;
-        let api_key = settings
+        let api_key = config
+            .openrouter
             .api_key
             .clone()
             .filter(|key| !key.expose().trim().is_empty())
             .ok_or_else(|| Stage3Error::config("OPENROUTER_API_KEY is not set"))?;
+        Self::build(config, Some(api_key))
+    }
 
+    /// A client for the catalogue alone (`stage3 models`, `stage3 validate`): no key needed.
+    /// [`ImageProvider::generate`] on it fails with a configuration error.
+    pub fn for_catalogue(config: &Config) -> Result<Self> {
+        let key = config
+            .openrouter
+            .api_key
+            .clone()
+            .filter(|key| !key.expose().trim().is_empty());
+        Self::build(config, key)
+    }
+
+    fn build(config: &Config, api_key: Option<Secret>) -> Result<Self> {
+        let settings = &config.openrouter;
         let mut api_headers = HeaderMap::new();
-        let mut authorization =
-            HeaderValue::from_str(&format!("Bearer {}", api_key.expose().trim())).map_err(
-                |_| {
-                    Stage3Error::config(
-                        "OPENROUTER_API_KEY contains characters not allowed in an HTTP header",
-                    )
-                },
-            )?;
-        authorization.set_sensitive(true);
-        api_headers.insert(AUTHORIZATION, authorization);
+        if let Some(key) = &api_key {
+            let mut authorization =
+                HeaderValue::from_str(&format!("Bearer {}", key.expose().trim())).map_err(
+                    |_| {
+                        Stage3Error::config(
+                            "OPENROUTER_API_KEY contains characters not allowed in an HTTP header",
+                        )
+                    },
+                )?;
+            authorization.set_sensitive(true);
+            api_headers.insert(AUTHORIZATION, authorization);
+        }
         api_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (name, variable, value) in [
             ("http-referer", "STAGE3_HTTP_REFERER", &settings.referer),
@@ -110,25 +183,123 @@ impl OpenRouterProvider {
             }
         }
 
+        let build_error = |e: reqwest::Error| {
+            Stage3Error::config(format!("cannot build the HTTP client: {}", error_chain(&e)))
+        };
         let client = Client::builder()
             .tls_backend_rustls()
             .connect_timeout(config.connect_timeout)
             .user_agent(concat!("stage3/", env!("CARGO_PKG_VERSION")))
-            .redirect(redirect::Policy::custom(refuse_downgrades))
+            .redirect(fetch::api_redirects())
+            .referer(false)
             .build()
-            .map_err(|e| {
-                Stage3Error::config(format!("cannot build the HTTP client: {}", error_chain(&e)))
-            })?;
+            .map_err(build_error)?;
+        let address_policy = AddressPolicy {
+            allow_loopback: settings.allow_loopback_image_urls,
+        };
+        let image_client =
+            fetch::image_client(address_policy, config.connect_timeout).map_err(build_error)?;
 
         Ok(OpenRouterProvider {
             client,
+            image_client,
+            address_policy,
             base_url: settings.base_url.trim_end_matches('/').to_string(),
             api: settings.api,
             chat_modalities: settings.chat_modalities,
             api_headers,
             api_key,
             max_response_bytes: config.max_response_bytes,
+            catalogue: Catalogue::default(),
         })
+    }
+
+    /// The image models of the catalogue with what `--model` users need to choose: sizes,
+    /// qualities and the price of one image. Fails when the catalogue cannot be read.
+    pub async fn image_models(&self) -> Result<Vec<ModelListing>> {
+        let models = self.fetch_models().await.map_err(|why| {
+            Stage3Error::ProviderUnavailable(ProviderFailure::new(
+                None,
+                format!("cannot read OpenRouter's image catalogue: {why}"),
+            ))
+        })?;
+        let mut listings = Vec::with_capacity(models.len());
+        let mut ids: Vec<&String> = models.keys().collect();
+        ids.sort();
+        for id in ids {
+            let model = &models[id];
+            let pricing = self.catalogue.pricing(id, || self.fetch_pricing(id)).await;
+            let price = |quality| {
+                let wanted = Wanted {
+                    size: ImageSize::Square,
+                    quality,
+                    seed: None,
+                    references: &[],
+                };
+                let params = catalogue::wire_params(Some(model), wanted).ok()?;
+                catalogue::estimate(pricing.as_deref()?, &params, wanted)
+            };
+            listings.push(ModelListing {
+                id: model.id.clone(),
+                name: model.name.clone(),
+                resolutions: model.listed("resolution"),
+                aspect_ratios: model.listed("aspect_ratio"),
+                qualities: model.listed("quality"),
+                takes_seed: model.params.contains_key("seed"),
+                price_per_image_usd: price(ImageQuality::Standard),
+                hd_price_per_image_usd: price(ImageQuality::Hd),
+            });
+        }
+        Ok(listings)
+    }
+
+    /// The catalogue's models: cached, read when first needed; `None` when unreadable.
+    async fn models(&self) -> Option<std::sync::Arc<Models>> {
+        self.catalogue.models(|| self.fetch_models()).await
+    }
+
+    async fn fetch_models(&self) -> std::result::Result<Models, String> {
+        let body = self.get_catalogue("/images/models").await?;
+        catalogue::parse_models(&body)
+    }
+
+    async fn fetch_pricing(&self, model: &str) -> std::result::Result<catalogue::Pricing, String> {
+        let body = self
+            .get_catalogue(&format!("/images/models/{model}/endpoints"))
+            .await?;
+        catalogue::parse_pricing(&body)
+    }
+
+    /// GETs a discovery path: no key, a short budget, a small cap.
+    async fn get_catalogue(&self, path: &str) -> std::result::Result<Bytes, String> {
+        let mut response = self
+            .client
+            .get(format!("{}{path}", self.base_url))
+            .timeout(CATALOGUE_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e.without_url()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!(
+                "GET {} answered HTTP {}",
+                shorten(path),
+                status.as_u16()
+            ));
+        }
+        match read_body(&mut response, MAX_CATALOGUE_BYTES).await {
+            Ok(body) => Ok(body),
+            Err(BodyError::TooLarge) => Err(format!("GET {} answered too much", shorten(path))),
+            Err(BodyError::Transport(e)) => Err(error_chain(&e.without_url())),
+        }
+    }
+
+    /// The parameters to send for `request`: checked against the catalogue when it has been
+    /// read (never read here: no I/O on the call path), the default mapping otherwise.
+    fn wire_params(&self, request: &ImageRequest<'_>) -> Result<WireParams> {
+        let model = self.catalogue.cached_model(request.model);
+        catalogue::wire_params(model.as_ref(), wanted(request))
+            .map_err(Stage3Error::invalid_request)
     }
 
     async fn generate_with_images_api(
@@ -136,26 +307,31 @@ impl OpenRouterProvider {
         request: &ImageRequest<'_>,
         deadline: Instant,
     ) -> Result<ProviderImage> {
+        let params = self.wire_params(request)?;
         let body = ImagesRequestBody {
             model: request.model,
             prompt: request.prompt,
             n: 1,
-            aspect_ratio: request.size.aspect_ratio(),
-            resolution: request.quality.resolution(),
+            aspect_ratio: params.aspect_ratio,
+            resolution: params.resolution,
+            quality: params.quality,
+            size: params.size.as_deref(),
             output_format: "png",
-            seed: request.seed,
+            seed: params.seed,
             input_references: request
                 .references
                 .iter()
                 .map(|url| ImageUrlPart::new(url))
                 .collect(),
         };
-        let answer = self.post_json("/images", &body, deadline).await?;
+        let answer = self
+            .post_json("/images", &body, request.model, deadline)
+            .await?;
         let parsed: ImagesAnswer<'_> = self.parse_answer(&answer)?;
-        if let Some(error) = &parsed.error {
-            return Err(self.error_in_success(error));
-        }
         let cost = parsed.usage.as_ref().and_then(cost_of);
+        if let Some(error) = &parsed.error {
+            return Err(with_cost(self.error_in_success(error, request.model), cost));
+        }
         let data = parsed
             .data
             .ok_or_else(|| malformed("the answer has no `data` list"))?;
@@ -167,7 +343,7 @@ impl OpenRouterProvider {
                 "the provider returned no image (`data` is empty)",
             ));
         };
-        let claimed = datum.media_type.map(|t| t.0.into_owned());
+        let claimed = datum.media_type.map(|t| shorten(&t.0));
         let mut image = match (datum.b64_json, datum.url) {
             (Some(b64), _) => decode_inline_image(&b64.0)?,
             (None, Some(url)) => self.fetch_image_url(&url.0, deadline).await?,
@@ -183,6 +359,7 @@ impl OpenRouterProvider {
         request: &ImageRequest<'_>,
         deadline: Instant,
     ) -> Result<ProviderImage> {
+        let params = self.wire_params(request)?;
         let body = ChatRequestBody {
             model: request.model,
             messages: [ChatMessageIn {
@@ -191,39 +368,34 @@ impl OpenRouterProvider {
             }],
             modalities: self.chat_modalities.as_slice(),
             image_config: ImageConfig {
-                aspect_ratio: request.size.aspect_ratio(),
-                image_size: request.quality.resolution(),
+                aspect_ratio: params.aspect_ratio,
+                image_size: params.resolution,
             },
-            seed: request.seed,
+            seed: params.seed,
         };
-        let answer = self.post_json("/chat/completions", &body, deadline).await?;
+        let answer = self
+            .post_json("/chat/completions", &body, request.model, deadline)
+            .await?;
         let parsed: ChatAnswer<'_> = self.parse_answer(&answer)?;
-        if let Some(error) = &parsed.error {
-            return Err(self.error_in_success(error));
-        }
         let cost = parsed.usage.as_ref().and_then(cost_of);
+        if let Some(error) = &parsed.error {
+            return Err(with_cost(self.error_in_success(error, request.model), cost));
+        }
         let choice = parsed
             .choices
             .and_then(|choices| choices.into_iter().next())
             .ok_or_else(|| malformed("the answer has no `choices`"))?;
-        let Some(message) = choice.message else {
-            return Err(malformed("the first choice has no `message`"));
-        };
-        let Some(image) = message.images.into_iter().next() else {
-            // Models sometimes answer in words instead (a refusal, a question); say what.
-            let text = match &message.content {
-                Some(serde_json::Value::String(text)) if !text.trim().is_empty() => {
-                    format!("; it said: {}", self.provider_text(text))
-                }
-                _ => String::new(),
-            };
-            let finish = choice
-                .finish_reason
-                .map(|reason| format!(" (finish_reason {reason:?})"))
-                .unwrap_or_default();
-            return Err(malformed(format!(
-                "the model returned no image{finish}{text}"
-            )));
+        // "Skin-specific error formats": a provider error inside the choice.
+        if let Some(error) = &choice.error {
+            return Err(with_cost(self.error_in_success(error, request.model), cost));
+        }
+        let images = choice
+            .message
+            .as_ref()
+            .map(|m| m.images.as_slice())
+            .unwrap_or_default();
+        let Some(image) = images.first() else {
+            return Err(self.no_image(request.model, &choice, cost));
         };
         let mut image = self
             .fetch_image_url(&image.image_url.url.0, deadline)
@@ -232,13 +404,65 @@ impl OpenRouterProvider {
         Ok(image)
     }
 
+    /// A chat answer without an image: a refusal when a safety filter says so (never
+    /// retried, the prompt may be billed), otherwise a malformed answer worth one more try.
+    fn no_image(&self, model: &str, choice: &ChatChoice<'_>, cost: Option<f64>) -> Stage3Error {
+        let finish = choice
+            .finish_reason
+            .as_deref()
+            .map(|r| self.provider_text(r));
+        let native = choice
+            .native_finish_reason
+            .as_deref()
+            .map(|r| self.provider_text(r));
+        let said = match choice.message.as_ref().and_then(|m| m.content.as_ref()) {
+            Some(serde_json::Value::String(text)) if !text.trim().is_empty() => {
+                format!("; it said: {}", self.provider_text(text))
+            }
+            _ => String::new(),
+        };
+        let reasons = [
+            ("finish_reason", &finish),
+            ("native_finish_reason", &native),
+        ]
+        .iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name} {v:?}")))
+        .collect::<Vec<_>>()
+        .join(", ");
+        let reasons = if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({reasons})")
+        };
+        let refused = finish.as_deref() == Some("content_filter")
+            || native
+                .as_deref()
+                .is_some_and(|n| REFUSAL_REASONS.iter().any(|r| n.eq_ignore_ascii_case(r)));
+        let model = shorten_slug(model);
+        if refused {
+            let mut failure = ProviderFailure::new(
+                Some(200),
+                format!("{model} refused to draw this prompt{reasons}{said}"),
+            );
+            failure.provider_error_type = Some("refusal".into());
+            failure.cost = cost;
+            Stage3Error::ContentPolicy(failure)
+        } else {
+            malformed(format!("{model} returned no image{reasons}{said}"))
+        }
+    }
+
     /// POSTs `body` to `{base}{path}` and returns the 2xx answer's body, read within the cap.
     async fn post_json(
         &self,
         path: &str,
         body: &impl Serialize,
+        model: &str,
         deadline: Instant,
     ) -> Result<Bytes> {
+        if self.api_key.is_none() {
+            return Err(Stage3Error::config("OPENROUTER_API_KEY is not set"));
+        }
         let endpoint = format!("POST {path}");
         let budget = remaining(deadline, &endpoint)?;
         let started = Instant::now();
@@ -259,7 +483,7 @@ impl OpenRouterProvider {
             "openrouter answered"
         );
         if !status.is_success() {
-            return Err(self.error_answer(&mut response).await);
+            return Err(self.error_answer(&mut response, model).await);
         }
         match read_body(&mut response, self.max_response_bytes).await {
             Ok(bytes) => Ok(bytes),
@@ -268,8 +492,8 @@ impl OpenRouterProvider {
         }
     }
 
-    /// Turns a non-2xx answer into an error classified by its status.
-    async fn error_answer(&self, response: &mut Response) -> Stage3Error {
+    /// Turns a non-2xx answer into a classified error (see [`errors::classify`]).
+    async fn error_answer(&self, response: &mut Response, model: &str) -> Stage3Error {
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -285,20 +509,26 @@ impl OpenRouterProvider {
                 ErrorDetails::described(format!("(error body unreadable: {})", error_chain(&e)))
             }
         };
+        let availability = details.availability.clone();
         let mut failure = self.failure(Some(status), details);
         failure.retry_after = retry_after;
-        classify(status, failure)
+        classify(status, failure, availability.as_ref(), model)
     }
 
     /// OpenRouter sometimes reports a failure inside a 200 answer; its `code` is the status
     /// it would have had.
-    fn error_in_success(&self, error: &serde_json::Value) -> Stage3Error {
+    fn error_in_success(&self, error: &serde_json::Value, model: &str) -> Stage3Error {
         let details = parse_error_object(error);
+        let availability = details.availability.clone();
         match details.code {
             Some(code) if code >= 400 => {
                 let mut failure = self.failure(Some(code), details);
                 failure.message = format!("{} (reported inside a 200 answer)", failure.message);
-                classify(code, failure)
+                classify(code, failure, availability.as_ref(), model)
+            }
+            _ if details.error_type.is_some() || availability.is_some() => {
+                let failure = self.failure(Some(200), details);
+                classify(200, failure, availability.as_ref(), model)
             }
             _ => Stage3Error::ProviderError(self.failure(Some(200), details)),
         }
@@ -318,13 +548,18 @@ impl OpenRouterProvider {
             provider_error_type: details.error_type.map(|t| self.provider_text(&t)),
             message,
             retry_after: None,
+            cost: None,
         }
     }
 
     /// Provider text made safe to show: the key scrubbed, one line, at most a few hundred
     /// characters.
     fn provider_text(&self, text: &str) -> String {
-        let key = self.api_key.expose().trim();
+        let key = self
+            .api_key
+            .as_ref()
+            .map(|k| k.expose().trim())
+            .unwrap_or("");
         let scrubbed = if !key.is_empty() && text.contains(key) {
             Cow::Owned(text.replace(key, "[redacted]"))
         } else {
@@ -336,7 +571,7 @@ impl OpenRouterProvider {
     fn parse_answer<'a, T: Deserialize<'a>>(&self, body: &'a [u8]) -> Result<T> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
+            let path = shorten(&e.path().to_string());
             // serde_json quotes the offending value, which could be a multi-MB string.
             let cause = self.provider_text(&e.into_inner().to_string());
             malformed(format!(
@@ -346,8 +581,8 @@ impl OpenRouterProvider {
     }
 
     /// An image given by URL: a `data:` URL is decoded; an `https` URL is fetched with the
-    /// same client, cap and remaining budget; plain `http` is refused (anyone on the path
-    /// could swap the picture).
+    /// image client (public addresses only), the same cap and the remaining budget; plain
+    /// `http` is refused (anyone on the path could swap the picture).
     async fn fetch_image_url(&self, url: &str, deadline: Instant) -> Result<ProviderImage> {
         let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
         if scheme.eq_ignore_ascii_case("data") {
@@ -363,16 +598,25 @@ impl OpenRouterProvider {
                 ),
             )));
         }
+        let parsed = reqwest::Url::parse(url).map_err(|_| {
+            Stage3Error::ProviderError(ProviderFailure::new(
+                None,
+                "the provider returned an image URL that does not parse",
+            ))
+        })?;
         // The URL itself may be signed; name only its host in messages.
-        let host = reqwest::Url::parse(url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_else(|| "an unparseable host".into());
+        let host = shorten(parsed.host_str().unwrap_or("no host"));
         let what = format!("GET image from {host}");
+        if let Err(why) = self.address_policy.check_url(&parsed) {
+            return Err(Stage3Error::ProviderError(ProviderFailure::new(
+                None,
+                format!("{what}: {why}"),
+            )));
+        }
         let budget = remaining(deadline, &what)?;
         let mut response = self
-            .client
-            .get(url)
+            .image_client
+            .get(parsed)
             .timeout(budget)
             .send()
             .await
@@ -392,7 +636,7 @@ impl OpenRouterProvider {
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .map(shorten);
         let bytes = match read_body(&mut response, self.max_response_bytes).await {
             Ok(bytes) => bytes,
             Err(BodyError::TooLarge) => return Err(too_large(200, self.max_response_bytes)),
@@ -407,6 +651,63 @@ impl OpenRouterProvider {
             cost: None,
         })
     }
+
+    /// The plan for one model of the chain: its parameters checked and its price estimated,
+    /// or why it cannot serve (`Err`), or `None` when the catalogue says it does not exist.
+    async fn plan_model(
+        &self,
+        models: Option<&Models>,
+        model: &str,
+        wanted: Wanted<'_>,
+    ) -> Option<std::result::Result<PlannedModel, String>> {
+        let Some(models) = models else {
+            // Unchecked: no catalogue, no prices.
+            return Some(Ok(PlannedModel {
+                model: model.to_string(),
+                estimate_usd: None,
+            }));
+        };
+        let entry: &CatalogueModel = models.get(model)?;
+        let params = match catalogue::wire_params(Some(entry), wanted) {
+            Ok(params) => params,
+            Err(why) => return Some(Err(why)),
+        };
+        let pricing = self
+            .catalogue
+            .pricing(model, || self.fetch_pricing(model))
+            .await;
+        let estimate_usd = pricing
+            .as_deref()
+            .and_then(|p| catalogue::estimate(p, &params, wanted));
+        Some(Ok(PlannedModel {
+            model: model.to_string(),
+            estimate_usd,
+        }))
+    }
+}
+
+fn wanted<'a>(request: &ImageRequest<'a>) -> Wanted<'a> {
+    Wanted {
+        size: request.size,
+        quality: request.quality,
+        seed: request.seed,
+        references: request.references,
+    }
+}
+
+/// Records what a failed call was billed, when the answer said.
+fn with_cost(mut error: Stage3Error, cost: Option<f64>) -> Stage3Error {
+    if let Stage3Error::Auth(f)
+    | Stage3Error::InsufficientCredits(f)
+    | Stage3Error::ContentPolicy(f)
+    | Stage3Error::RateLimited(f)
+    | Stage3Error::ProviderUnavailable(f)
+    | Stage3Error::ProviderError(f)
+    | Stage3Error::PermissionDenied(f) = &mut error
+    {
+        f.cost = f.cost.or(cost);
+    }
+    error
 }
 
 #[async_trait]
@@ -434,6 +735,103 @@ impl ImageProvider for OpenRouterProvider {
         );
         Ok(image)
     }
+
+    /// Checks the scene against the catalogue: the asked-for model must exist (else the
+    /// fallbacks serve, or a `model_unavailable` names close alternatives) and be able to
+    /// serve the request (else `invalid_request` naming what it supports); fallbacks that
+    /// cannot serve it are left out. Without a catalogue, everything passes unchecked.
+    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
+        let models = self.models().await;
+        let wanted = Wanted {
+            size: spec.size,
+            quality: spec.quality,
+            seed: spec.seed,
+            references: spec.references,
+        };
+        let Some(primary) = self.plan_model(models.as_deref(), spec.model, wanted).await else {
+            return self
+                .plan_without_primary(spec, models.as_deref(), wanted)
+                .await;
+        };
+        let primary = primary.map_err(Stage3Error::invalid_request)?;
+        let mut plan = Plan {
+            models: vec![primary],
+        };
+        self.add_fallbacks(&mut plan, spec, models.as_deref(), wanted)
+            .await;
+        Ok(plan)
+    }
+}
+
+impl OpenRouterProvider {
+    async fn add_fallbacks(
+        &self,
+        plan: &mut Plan,
+        spec: &SceneSpec<'_>,
+        models: Option<&Models>,
+        wanted: Wanted<'_>,
+    ) -> Vec<String> {
+        let mut skipped = Vec::new();
+        for fallback in spec.fallbacks {
+            if plan.models.iter().any(|m| &m.model == fallback) || fallback == spec.model {
+                continue;
+            }
+            match self.plan_model(models, fallback, wanted).await {
+                Some(Ok(planned)) => plan.models.push(planned),
+                Some(Err(why)) => skipped.push(why),
+                None => skipped.push(format!(
+                    "{} is not in the catalogue",
+                    shorten_slug(fallback)
+                )),
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(
+                scene_id = spec.scene_id,
+                skipped = %skipped.join("; "),
+                "fallback models left out of the chain"
+            );
+        }
+        skipped
+    }
+
+    /// The asked-for model is not in the catalogue: fallbacks serve, with a warning, or the
+    /// scene fails naming close alternatives.
+    async fn plan_without_primary(
+        &self,
+        spec: &SceneSpec<'_>,
+        models: Option<&Models>,
+        wanted: Wanted<'_>,
+    ) -> Result<Plan> {
+        let mut plan = Plan { models: Vec::new() };
+        let skipped = self.add_fallbacks(&mut plan, spec, models, wanted).await;
+        let model = shorten_slug(spec.model);
+        if let Some(first) = plan.models.first() {
+            tracing::warn!(
+                scene_id = spec.scene_id,
+                requested_model = %model,
+                model = %first.model,
+                "the requested model is not in OpenRouter's image catalogue; using the fallback"
+            );
+            return Ok(plan);
+        }
+        let alternatives = models
+            .map(|m| catalogue::alternatives(m, spec.model))
+            .unwrap_or_default();
+        let mut message = format!(
+            "{model} is not in OpenRouter's image catalogue (retired, renamed or misspelt)"
+        );
+        if !skipped.is_empty() {
+            message.push_str(&format!("; fallbacks: {}", skipped.join("; ")));
+        }
+        if !alternatives.is_empty() {
+            message.push_str(&format!(
+                "; close alternatives: {} (see `stage3 models`)",
+                alternatives.join(", ")
+            ));
+        }
+        Err(Stage3Error::ModelUnavailable(message))
+    }
 }
 
 // ---- Wire shapes ----------------------------------------------------------------------
@@ -443,8 +841,14 @@ struct ImagesRequestBody<'a> {
     model: &'a str,
     prompt: &'a str,
     n: u32,
-    aspect_ratio: &'a str,
-    resolution: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aspect_ratio: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resolution: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quality: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<&'a str>,
     output_format: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
@@ -528,8 +932,10 @@ struct ChatMessageIn<'a> {
 
 #[derive(Serialize)]
 struct ImageConfig<'a> {
-    aspect_ratio: &'a str,
-    image_size: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aspect_ratio: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image_size: Option<&'a str>,
 }
 
 /// A JSON string borrowed from the body when it has no escapes (base64 never needs any,
@@ -575,8 +981,13 @@ struct ChatAnswer<'a> {
 struct ChatChoice<'a> {
     #[serde(borrow, default)]
     message: Option<ChatMessageOut<'a>>,
+    /// Read whole but only ever shown shortened: a provider once sent 8 MB here.
     #[serde(default)]
     finish_reason: Option<String>,
+    #[serde(default)]
+    native_finish_reason: Option<String>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -608,95 +1019,6 @@ fn cost_of(usage: &serde_json::Value) -> Option<f64> {
         _ => None,
     }
     .filter(|cost: &f64| cost.is_finite())
-}
-
-// ---- Errors ---------------------------------------------------------------------------
-
-/// What an error body said, before scrubbing and shortening.
-#[derive(Debug, Default, PartialEq)]
-struct ErrorDetails {
-    /// `error.code` when it is an HTTP-like status.
-    code: Option<u16>,
-    /// `error.metadata.error_type`, else `error.code`'s text.
-    error_type: Option<String>,
-    message: Option<String>,
-}
-
-impl ErrorDetails {
-    fn described(message: impl Into<String>) -> Self {
-        ErrorDetails {
-            message: Some(message.into()),
-            ..ErrorDetails::default()
-        }
-    }
-}
-
-/// Reads `{"error":{"code","message","metadata":{"error_type"}}}`, or whatever else came.
-fn parse_error_body(body: &[u8]) -> ErrorDetails {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(value) => match value.get("error") {
-            Some(error) => parse_error_object(error),
-            None => match value.get("message").and_then(|m| m.as_str()) {
-                Some(message) => ErrorDetails::described(message),
-                None => ErrorDetails::described(format!("unexpected error body: {value}")),
-            },
-        },
-        Err(_) => {
-            let text = String::from_utf8_lossy(body);
-            let text = text.trim();
-            if text.is_empty() {
-                ErrorDetails::default()
-            } else {
-                ErrorDetails::described(format!("non-JSON error body: {text}"))
-            }
-        }
-    }
-}
-
-/// The `error` member, which is normally an object but is a bare string in some proxies.
-fn parse_error_object(error: &serde_json::Value) -> ErrorDetails {
-    if let Some(message) = error.as_str() {
-        return ErrorDetails::described(message);
-    }
-    let code_text = match error.get("code") {
-        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        _ => None,
-    };
-    let code = code_text
-        .as_deref()
-        .and_then(|c| c.trim().parse::<u16>().ok())
-        .filter(|c| (100..=599).contains(c));
-    let error_type = error
-        .get("metadata")
-        .and_then(|m| m.get("error_type"))
-        .and_then(|t| t.as_str())
-        .map(str::to_string)
-        .or(code_text);
-    let message = error
-        .get("message")
-        .and_then(|m| m.as_str())
-        .map(str::to_string);
-    ErrorDetails {
-        code,
-        error_type,
-        message,
-    }
-}
-
-/// The docs/design.md §3 classification of an HTTP status.
-fn classify(status: u16, failure: ProviderFailure) -> Stage3Error {
-    match status {
-        401 => Stage3Error::Auth(failure),
-        402 => Stage3Error::InsufficientCredits(failure),
-        403 => Stage3Error::ContentPolicy(failure),
-        // `Timeout` carries text only, so the status travels in it.
-        408 => Stage3Error::Timeout(format!("the provider gave up on the request: {failure}")),
-        429 => Stage3Error::RateLimited(failure),
-        500..=599 => Stage3Error::ProviderUnavailable(failure),
-        // 400, 413, 404 (a wrong base URL or model), anything else: our request is wrong.
-        _ => Stage3Error::ProviderError(failure),
-    }
 }
 
 /// A success status with a body we cannot use; the 200 makes it retryable.
@@ -759,19 +1081,6 @@ fn error_chain(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     shorten(&text)
-}
-
-/// One line of at most [`MAX_MESSAGE_CHARS`] characters.
-fn shorten(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE_CHARS + 3));
-    for (count, c) in text.trim().chars().enumerate() {
-        if count == MAX_MESSAGE_CHARS {
-            out.push('…');
-            break;
-        }
-        out.push(if c.is_control() { ' ' } else { c });
-    }
-    out
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3); a date in the past
@@ -885,84 +1194,9 @@ fn decode_base64(payload: &str) -> Result<Bytes, base64::DecodeError> {
     }
 }
 
-/// Follows a few redirects, but never from `https` down to `http`.
-fn refuse_downgrades(attempt: redirect::Attempt<'_>) -> redirect::Action {
-    let downgrade = attempt.url().scheme() == "http"
-        && attempt
-            .previous()
-            .iter()
-            .any(|previous| previous.scheme() == "https");
-    if downgrade {
-        attempt.error("refusing a redirect from https to http")
-    } else if attempt.previous().len() > MAX_REDIRECTS {
-        attempt.error("too many redirects")
-    } else {
-        attempt.follow()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn openrouter_error_bodies_give_code_type_and_message() {
-        let body = br#"{"error":{"code":403,"message":"Input was flagged","metadata":{"error_type":"content_policy_violation","reasons":["violence"]}}}"#;
-        assert_eq!(
-            parse_error_body(body),
-            ErrorDetails {
-                code: Some(403),
-                error_type: Some("content_policy_violation".into()),
-                message: Some("Input was flagged".into()),
-            }
-        );
-    }
-
-    #[test]
-    fn the_code_stands_in_for_a_missing_error_type() {
-        let details = parse_error_body(br#"{"error":{"code":"429","message":"slow down"}}"#);
-        assert_eq!(details.code, Some(429));
-        assert_eq!(details.error_type.as_deref(), Some("429"));
-
-        let details = parse_error_body(br#"{"error":{"code":"server_error","message":"x"}}"#);
-        assert_eq!(details.code, None);
-        assert_eq!(details.error_type.as_deref(), Some("server_error"));
-    }
-
-    #[test]
-    fn odd_error_bodies_still_give_a_message() {
-        assert_eq!(
-            parse_error_body(br#"{"error":"plain text"}"#)
-                .message
-                .as_deref(),
-            Some("plain text")
-        );
-        let html = parse_error_body(b"<html><body>502 Bad Gateway</body></html>");
-        assert!(html.message.unwrap().contains("502 Bad Gateway"));
-        assert_eq!(parse_error_body(b""), ErrorDetails::default());
-    }
-
-    #[test]
-    fn statuses_are_classified_as_designed() {
-        let kind = |status| classify(status, ProviderFailure::new(Some(status), "m")).error_type();
-        use crate::error::ErrorType::*;
-        for (status, expected) in [
-            (400, ProviderError),
-            (401, Auth),
-            (402, InsufficientCredits),
-            (403, ContentPolicy),
-            (404, ProviderError),
-            (408, Timeout),
-            (413, ProviderError),
-            (429, RateLimited),
-            (500, ProviderUnavailable),
-            (502, ProviderUnavailable),
-            (524, ProviderUnavailable),
-            (529, ProviderUnavailable),
-        ] {
-            assert_eq!(kind(status), expected, "{status}");
-        }
-    }
 
     #[test]
     fn retry_after_accepts_seconds_and_http_dates() {
@@ -1051,16 +1285,6 @@ mod tests {
         let answer: ImagesAnswer<'_> = serde_json::from_slice(body).unwrap();
         let datum = &answer.data.unwrap()[0];
         assert_eq!(datum.b64_json.as_ref().unwrap().0, "QU/D");
-    }
-
-    #[test]
-    fn messages_are_one_short_line() {
-        let long = "x".repeat(1000);
-        let short = shorten(&long);
-        assert_eq!(short.chars().count(), MAX_MESSAGE_CHARS + 1);
-        assert!(short.ends_with('…'));
-        assert_eq!(shorten("two\nlines"), "two lines");
-        assert_eq!(shorten("ünïcödé"), "ünïcödé");
     }
 
     #[test]
