@@ -820,3 +820,98 @@ async fn image_redirects_send_no_referer_and_never_reach_private_addresses() {
         String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
     assert!(!everything.contains(URL_SIGNATURE), "{everything}");
 }
+
+/// The first Ctrl-C lets the call in flight finish and be stored, starts nothing new,
+/// prints the answer so far with the unstarted scenes `cancelled`, and exits 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_finishes_the_calls_in_flight_and_prints_the_answer_so_far() {
+    let (arrived, mut first_call) = tokio::sync::mpsc::unbounded_channel();
+    let server = ScriptedOpenRouter::start(move |request, _| {
+        let _ = arrived.send(());
+        let (w, h) = if request.body["aspect_ratio"] == "9:16" {
+            (288, 512)
+        } else {
+            (384, 384)
+        };
+        Reply::image(&noisy_image(w, h, ImageFormat::Png), "image/png")
+            .after(std::time::Duration::from_millis(1500))
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(
+        work.path(),
+        &json!([
+            {"scene_id": "first", "image_prompt": "A fox in a snowy forest"},
+            {"scene_id": "second", "image_prompt": "The fox meets an owl"},
+            {"scene_id": "third", "image_prompt": "The owl flies home"}
+        ]),
+    );
+    let out = work.path().join("images");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stage3"))
+        .current_dir(work.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OPENROUTER_API_KEY", KEY)
+        .env("OPENROUTER_BASE_URL", &server.base_url)
+        .args(["generate", input.to_str().unwrap(), "--concurrency", "1"])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(60), first_call.recv())
+        .await
+        .expect("the first scene reached the provider");
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let output = tokio::task::spawn_blocking(move || {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (child.wait().unwrap(), stdout, stderr)
+    })
+    .await
+    .unwrap();
+    let (status, stdout, stderr) = output;
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    // Which scene took the one provider slot first is up to the scheduler.
+    assert_eq!(answer["results"].as_array().unwrap().len(), 1, "{answer}");
+    let stored = answer["results"][0]["image_path"].as_str().unwrap();
+    assert!(
+        std::path::Path::new(stored).is_file(),
+        "the paid image was stored"
+    );
+    let failures = answer["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 2, "{answer}");
+    for failure in failures {
+        assert_eq!(failure["error_type"], "cancelled", "{failure}");
+    }
+    let generations = server
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/images"))
+        .count();
+    assert_eq!(generations, 1, "nothing new started after Ctrl-C");
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with('.') || name.ends_with(".claim"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

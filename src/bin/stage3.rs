@@ -20,7 +20,7 @@ use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
 use stage3::schema::{
     parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize, Submission,
 };
-use stage3::service::{prepare_all, PreparedScene, RunOptions, Stage3Service};
+use stage3::service::{prepare_all, BatchStop, PreparedScene, RunOptions, Stage3Service};
 use stage3::storage::FsStore;
 use stage3::{telemetry, Stage3Error};
 
@@ -110,6 +110,8 @@ fn parse_provider(s: &str) -> Result<ProviderKind, String> {
 
 const EXIT_SOME_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
+/// 128 + SIGINT, as shells report a run stopped by Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -170,12 +172,20 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     service.check_batch(&scenes).await?;
     let story_scenes = stage3::story::story_scenes(&scenes);
     let progress = Progress::new(&scenes);
+    // Ctrl-C stops the batch from starting calls; the calls in flight finish and are stored.
+    let stop = BatchStop::new();
+    let interrupts = tokio::spawn(stop_on_ctrl_c(stop.clone()));
+    let options = RunOptions {
+        stop: Some(stop.clone()),
+        ..RunOptions::default()
+    };
     let mut answer = service
-        .run_batch(scenes, &RunOptions::default(), &|scene_id, outcome| {
+        .run_batch(scenes, &options, &|scene_id, outcome| {
             progress.scene_done(scene_id, outcome)
         })
         .await;
     progress.finish(answer.results.len(), answer.failures.len());
+    let interrupted = matches!(stop.reason(), Some(Stage3Error::Cancelled(_)));
     if let Some(story_id) = &story_id {
         stage3::story::publish_into_answer(&service, story_id, &story_scenes, &mut answer, None)
             .await;
@@ -205,11 +215,35 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         .story
         .as_ref()
         .is_some_and(|s| s.story_error.is_some());
-    Ok(if answer.failures.is_empty() && !story_failed {
+    interrupts.abort();
+    Ok(if interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if answer.failures.is_empty() && !story_failed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_SOME_FAILED)
     })
+}
+
+/// The first Ctrl-C stops the batch from starting provider calls: calls in flight finish and
+/// are stored, the answer so far is printed, and scenes that never started fail
+/// `cancelled`. A second Ctrl-C aborts at once (stale temporary files are removed by the
+/// next run).
+async fn stop_on_ctrl_c(stop: BatchStop) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    eprintln!(
+        "interrupted: no new calls start; calls in flight finish and are stored \
+         (Ctrl-C again to abort at once)"
+    );
+    stop.stop(Stage3Error::Cancelled(
+        "the run was interrupted (Ctrl-C)".into(),
+    ));
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!("aborted");
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
+    }
 }
 
 async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, Stage3Error> {
