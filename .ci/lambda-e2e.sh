@@ -195,6 +195,9 @@ with zipfile.ZipFile(sys.argv[1]) as z:
     info = z.getinfo("bootstrap")
     mode = info.external_attr >> 16
     assert info.file_size > 0 and mode & stat.S_IXUSR, "bootstrap is empty or not executable"
+    # Lambda's documented ceiling for the function binary the project aims under.
+    print(f"lambda-e2e: bootstrap is {info.file_size:,} bytes")
+    assert info.file_size < 20_000_000, f"bootstrap is {info.file_size:,} bytes, over 20 MB"
 PY
 echo "lambda-e2e: ok   $zip"
 echo "lambda-e2e: all checks passed"

@@ -650,9 +650,10 @@ impl Vars<'_> {
     {
         match self.get(name) {
             None => Ok(default),
-            Some(raw) => raw
-                .parse()
-                .map_err(|e| Stage3Error::config(format!("{name}: {e}"))),
+            Some(raw) => raw.parse().map_err(|e| {
+                // "invalid digit found in string" alone does not say what was read.
+                Stage3Error::config(format!("{name}: cannot use {raw:?}: {e}"))
+            }),
         }
     }
 
@@ -661,7 +662,16 @@ impl Vars<'_> {
         T: FromStr + PartialOrd + fmt::Display + Copy,
         T::Err: fmt::Display,
     {
-        let value: T = self.parse(name, default)?;
+        let value: T = match self.get(name) {
+            None => default,
+            Some(raw) => raw.parse().map_err(|_| {
+                Stage3Error::config(format!(
+                    "{name}: expected a number from {} to {}, got {raw:?}",
+                    range.start(),
+                    range.end()
+                ))
+            })?,
+        };
         if range.contains(&value) {
             Ok(value)
         } else {
@@ -972,5 +982,14 @@ mod tests {
         assert!(defaults.model_fallbacks.is_empty());
         assert_eq!(defaults.max_cost_usd, None);
         assert!(!defaults.fallback_on_refusal);
+    }
+
+    #[test]
+    fn a_bad_number_says_what_was_read_and_what_is_expected() {
+        let err = config(&[("STAGE3_CONCURRENCY", "four")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration error: STAGE3_CONCURRENCY: expected a number from 1 to 256, got \"four\""
+        );
     }
 }
