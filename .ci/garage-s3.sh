@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The S3 suites (tests/s3_storage.rs, tests/s3_service.rs) against a real Garage server.
+# The S3 suites (tests/suite/s3_storage.rs, s3_service.rs, story.rs) against a real Garage server.
 #
 # `cargo test` runs them against an in-process s3s-fs; this runs them again against Garage
 # (docs/design.md §3), a production S3 server that, like Qiniu, ignores conditional writes and
@@ -13,7 +13,7 @@
 # --root` (default $CARGO_HOME or ~/.cargo, so CI caches can keep the binary);
 # STAGE3_GARAGE_PORT is the S3 port, the RPC port is the next one (default 39000);
 # STAGE3_GARAGE_WAIT_SECS bounds each wait for the server (default 60).
-# Arguments are passed on to `cargo test`, e.g. `bash .ci/garage-s3.sh -- --nocapture`.
+# Arguments are passed on to the test harness, e.g. `bash .ci/garage-s3.sh --nocapture`.
 # The key's secret is never printed.
 set -euo pipefail
 
@@ -184,7 +184,7 @@ say "bucket $bucket ready for key $key_id"
 
 # --- the suites --------------------------------------------------------------------------
 
-say "cargo test --test s3_storage --test s3_service --test story against http://$address:$s3_port"
+say "cargo test --test suite (s3_storage, s3_service, story) against http://$address:$s3_port"
 started=$SECONDS
 STAGE3_TEST_S3_ENDPOINT="http://$address:$s3_port" \
     STAGE3_TEST_S3_BUCKET="$bucket" \
@@ -192,6 +192,6 @@ STAGE3_TEST_S3_ENDPOINT="http://$address:$s3_port" \
     STAGE3_TEST_S3_SECRET_KEY="$secret_key" \
     STAGE3_TEST_S3_REGION="$region" \
     STAGE3_TEST_S3_PATH_STYLE=1 \
-    cargo test --test s3_storage --test s3_service --test story "$@" ||
+    cargo test --test suite -- s3_storage:: s3_service:: story:: "$@" ||
     fail "the S3 suites failed against Garage"
 say "the S3 suites passed against Garage in $((SECONDS - started))s"

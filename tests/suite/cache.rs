@@ -2,21 +2,19 @@
 //! regenerations, two workers given the same scene, a store that hangs past the deadline.
 //! Everything runs the real service over the real filesystem store or a real S3 server.
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::counting_provider::CountingProvider;
+use crate::support::gated_store::GatedStore;
+use crate::support::s3_server::S3Target;
 use serde_json::Value;
 use stage3::deadline::Deadline;
 use stage3::error::ErrorType;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::{FsStore, ObjectStore};
 use stage3::{Config, RunOptions, Stage3Service};
-use support::counting_provider::CountingProvider;
-use support::gated_store::GatedStore;
-use support::s3_server::S3Target;
 
 fn config(out: &Path, extra: &[(&str, &str)]) -> Config {
     let mut vars: Vec<(String, String)> = vec![

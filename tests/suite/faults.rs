@@ -5,20 +5,18 @@
 //! that the other scenes of the same batch still succeed, and that the output directory
 //! holds nothing partial and no record without its image.
 
-mod support;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::gated_store::GatedStore;
+use crate::support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
 use sha2::Digest;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::FsStore;
 use stage3::{Config, Stage3Service};
-use support::gated_store::GatedStore;
-use support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
 
 const KEY: &str = "sk-or-v1-fault-suite-secret";
 

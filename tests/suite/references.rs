@@ -1,13 +1,11 @@
 //! Character consistency: reference images reach the provider and shape the cache key.
 
-mod support;
-
 use std::collections::HashMap;
 
+use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::{Config, Stage3Service};
-use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 
 const FOX: &str = "https://cdn.example.com/characters/fox.png";
 

@@ -6,20 +6,18 @@
 //! By default the bucket is an in-process `s3s-fs`; see `support/s3_server.rs` for running
 //! against a real MinIO, Qiniu or Garage.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::support::gated_store::GatedStore;
+use crate::support::noisy_png;
+use crate::support::s3_server::S3Target;
 use async_trait::async_trait;
 use stage3::error::{ErrorType, Result};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
 use stage3::storage::ObjectStore;
 use stage3::{Config, GenerationRequest, RunOptions, Stage3Service};
-use support::gated_store::GatedStore;
-use support::noisy_png;
-use support::s3_server::S3Target;
 use tokio::sync::{watch, Mutex};
 
 const PUBLIC_BASE: &str = "https://img.example.com";

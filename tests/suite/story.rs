@@ -5,13 +5,13 @@
 //! The browser is Debian's `chromium`, run headless. Without it these tests say so and
 //! pass only outside CI: with `CI` set, a missing browser is a failure.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::s3_server::S3Target;
+use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
 use assert_cmd::Command;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,8 +22,6 @@ use stage3::schema::{ImageQuality, ImageSize};
 use stage3::storage::{Created, Fetched, FsStore, ObjectInfo, ObjectMeta, ObjectStore};
 use stage3::story::{self, Manifest, ManifestEntry, SceneStatus, StoryScene};
 use stage3::urls::UrlPolicy;
-use support::s3_server::S3Target;
-use support::scripted_openrouter::{Reply, ScriptedOpenRouter};
 use tokio::sync::{oneshot, watch};
 
 const KEY: &str = "sk-or-v1-story-test-secret-0123456789";

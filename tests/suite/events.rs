@@ -1,13 +1,11 @@
 //! Completion events and the dead-letter queue against real parts:
 //!
-//! - EventBridge → rule → SQS on a moto server (see `support::moto`): the events a batch
+//! - EventBridge → rule → SQS on a moto server (see `crate::support::moto`): the events a batch
 //!   publishes are received from the queue a `source: ["stage3"]` rule routes them to;
 //! - the dead-letter path of the Lambda adapter against moto's SQS, with the real
 //!   OpenRouter client talking to a scripted stand-in that refuses or fails chosen prompts;
 //! - the webhook against a loopback HTTP server (wiremock) that records every POST, so
 //!   signatures, retries and timeouts are checked on the wire.
-
-mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +15,8 @@ use serde_json::{json, Value};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
+use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use stage3::config::{Secret, WebhookConfig};
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
@@ -25,8 +25,6 @@ use stage3::events::{Backoff, EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
 use stage3::schema::BatchAnswer;
 use stage3::{Config, GenerationRequest, Stage3Service};
-use support::moto::{self, create_queue, receive_all, unique_name, Moto};
-use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 
 /// Prompts containing this are refused by the stand-in as OpenRouter's moderation does.
 const REFUSED: &str = "forbidden";

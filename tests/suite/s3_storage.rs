@@ -5,18 +5,16 @@
 //! healthy server gives on demand (503 SlowDown, 500) come from a loopback HTTP server
 //! that speaks S3's error documents.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::noisy_png;
+use crate::support::s3_server::S3Target;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials};
 use bytes::Bytes;
 use stage3::config::S3Config;
 use stage3::error::ErrorType;
 use stage3::storage::{ObjectMeta, ObjectStore, S3Store};
 use stage3::Stage3Error;
-use support::noisy_png;
-use support::s3_server::S3Target;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-mod support;
-
+use crate::support::scripted_openrouter::chat_answer;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
@@ -18,7 +17,6 @@ use stage3::error::ProviderFailure;
 use stage3::provider::{ImageProvider, ImageRequest, OpenRouterProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::{Config, ErrorType, Stage3Error};
-use support::scripted_openrouter::chat_answer;
 use wiremock::matchers::{bearer_token, body_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -960,10 +958,10 @@ fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
 // OpenRouter's error reference documents: how many calls each costs, and what it says.
 
 mod real {
-    use super::support::scripted_openrouter::{
+    use super::*;
+    use crate::support::scripted_openrouter::{
         noisy_image, Catalogue, CatalogueModel, Reply, ScriptedOpenRouter,
     };
-    use super::*;
     use stage3::schema::{GenerationRequest, Stage2Output};
     use stage3::Stage3Service;
 
