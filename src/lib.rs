@@ -21,7 +21,7 @@
 //! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
-//! - [`lambda`]: the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
+//! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
 //! - [`error`]: the error type and its stable `error_type` identifiers.
@@ -34,6 +34,7 @@ pub mod deadline;
 pub mod error;
 pub mod events;
 pub mod labels;
+#[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod normalize;
 pub mod prompt;

@@ -20,6 +20,7 @@
 //! [`dead_letter`] is the other outlet: SQS messages that failed for good go straight to
 //! the dead-letter queue instead of calling the provider again on every redelivery.
 
+#[cfg(feature = "lambda")]
 pub mod dead_letter;
 pub mod eventbridge;
 pub mod webhook;
@@ -292,6 +293,7 @@ impl Backoff {
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with `…`.
+#[cfg(feature = "lambda")]
 pub(crate) fn shorten(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
