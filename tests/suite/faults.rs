@@ -546,11 +546,13 @@ async fn a_402_stops_the_batch_at_concurrency_1() {
             failure.message
         );
     }
-    assert!(
-        answer.failures[1].message.contains("not started"),
-        "{}",
-        answer.failures[1].message
-    );
+    // Whichever scene took the one slot first was refused; the other five never started.
+    let unstarted = answer
+        .failures
+        .iter()
+        .filter(|f| f.message.contains("not started"))
+        .count();
+    assert_eq!(unstarted, 5, "{:?}", answer.failures);
     assert_store_consistent(out.path(), &[]);
 }
 
