@@ -21,6 +21,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
@@ -255,6 +256,34 @@ pub async fn save_record(
 struct ClaimBody {
     owner: String,
     expires_at_ms: u64,
+    /// The machine (its boot id) and process that hold the claim, so a run on the same
+    /// machine can see that the holder died (an aborted CLI run) instead of waiting out
+    /// the whole lifetime.
+    #[serde(default)]
+    boot_id: Option<String>,
+    #[serde(default)]
+    pid: Option<u32>,
+}
+
+impl ClaimBody {
+    /// Whether the holder is known to be gone: it ran on this machine, and its process
+    /// no longer exists. Unknown holders (another machine, another sandbox) are alive.
+    fn holder_is_gone(&self) -> bool {
+        match (&self.boot_id, self.pid, this_boot_id()) {
+            (Some(theirs), Some(pid), Some(ours)) if *theirs == ours => {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// This machine's boot id (Linux), which tells one running system from every other.
+fn this_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
 }
 
 /// The answer to [`claim`].
@@ -274,6 +303,8 @@ pub async fn claim(store: &dyn ObjectStore, keys: &ResultKeys, ttl: Duration) ->
     let body = ClaimBody {
         owner: owner.clone(),
         expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+        boot_id: this_boot_id(),
+        pid: Some(std::process::id()),
     };
     let json = Bytes::from(serde_json::to_vec(&body).expect("claims serialize"));
     if let Created::Created(_) = store
@@ -287,11 +318,14 @@ pub async fn claim(store: &dyn ObjectStore, keys: &ResultKeys, ttl: Duration) ->
         Fetched::Missing | Fetched::TooLarge { .. } => None,
     };
     match held {
-        Some(other) if other.expires_at_ms > now => Ok(Claim::HeldElsewhere {
-            expires_in: Duration::from_millis(other.expires_at_ms - now),
-        }),
+        Some(other) if other.expires_at_ms > now && !other.holder_is_gone() => {
+            Ok(Claim::HeldElsewhere {
+                expires_in: Duration::from_millis(other.expires_at_ms - now),
+            })
+        }
         _ => {
-            // Lapsed, released in between, or garbage: take it. Two workers doing this at
+            // Lapsed, its holder died, released in between, or garbage: take it. Two
+            // workers doing this at
             // once both generate, which costs money, never correctness.
             store.put(&keys.claim, json, ObjectMeta::CLAIM).await?;
             Ok(Claim::Owned { owner })
@@ -384,11 +418,37 @@ mod tests {
         let lapsed = ClaimBody {
             owner: "dead".into(),
             expires_at_ms: now_ms() - 1,
+            boot_id: None,
+            pid: None,
         };
         store
             .put(
                 &keys.claim,
                 Bytes::from(serde_json::to_vec(&lapsed).unwrap()),
+                ObjectMeta::CLAIM,
+            )
+            .await
+            .unwrap();
+        let taken = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(taken, Claim::Owned { .. }));
+
+        // So does one whose process on this machine is gone (an aborted run), at once.
+        let Some(boot_id) = this_boot_id() else {
+            return; // not Linux: holders are never known to be gone
+        };
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let orphaned = ClaimBody {
+            owner: "aborted".into(),
+            expires_at_ms: now_ms() + 600_000,
+            boot_id: Some(boot_id),
+            pid: Some(dead_pid),
+        };
+        store
+            .put(
+                &keys.claim,
+                Bytes::from(serde_json::to_vec(&orphaned).unwrap()),
                 ObjectMeta::CLAIM,
             )
             .await
