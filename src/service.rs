@@ -637,6 +637,10 @@ impl Stage3Service {
             match claim {
                 Claim::Owned { .. } => break,
                 Claim::HeldElsewhere { expires_in } => {
+                    // A stopped batch (Ctrl-C, spent budget) does not wait either.
+                    if let Some(stop) = &options.stop {
+                        stop.check()?;
+                    }
                     let wait = CLAIM_POLL.min(expires_in);
                     if !options
                         .deadline
@@ -659,8 +663,14 @@ impl Stage3Service {
             }
         }
         let outcome = self.generate_and_store(scene, options).await;
-        // Waiting workers look for the record; on failure they may try themselves.
-        if let Err(e) = cache::release(self.store.as_ref(), &scene.keys).await {
+        // Waiting workers look for the record; on failure they may try themselves. Not past
+        // the deadline, though: an unreleased claim lapses by itself.
+        let release = cache::release(self.store.as_ref(), &scene.keys);
+        if let Err(e) = options
+            .deadline
+            .run(STORAGE_CALL_TIMEOUT, "releasing the claim", release)
+            .await
+        {
             tracing::warn!(error = %e, "could not release the claim; it lapses by itself");
         }
         outcome
