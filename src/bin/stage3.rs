@@ -2,17 +2,17 @@
 //!
 //! Prints the batch answer as JSON on stdout and progress on stderr. Exit codes are a
 //! contract: 0 every scene done, 1 some failed (or the story's manifest and page could not
-//! be published), 2 invalid input or configuration (nothing generated, nothing spent).
+//! be published), 2 invalid input or configuration (nothing generated, nothing spent), 130
+//! interrupted by Ctrl-C (the answer so far is still printed).
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-
-use std::sync::Arc;
 
 use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::events::EventPublisher;
