@@ -25,6 +25,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Result;
+use crate::image_spec::ImageSpec;
 use crate::normalize::{MAX_ASPECT_DEVIATION, MIN_SIDE};
 use crate::schema::{ImageQuality, ImageSize, Stage3Output};
 use crate::storage::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
@@ -36,29 +37,38 @@ const KEY_HASH_CHARS: usize = 16;
 /// Records are a few kilobytes; anything bigger was not written by us.
 pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
 
-/// Everything that determines the generated image.
-#[derive(Debug, Clone, Serialize)]
-pub struct RequestIdentity<'a> {
-    pub provider: &'a str,
-    pub api: Option<&'a str>,
-    pub model: &'a str,
-    pub prompt: &'a str,
-    pub size: ImageSize,
-    pub quality: ImageQuality,
-    pub seed: Option<i64>,
-    pub references: &'a [String],
-}
-
-impl RequestIdentity<'_> {
-    /// Lowercase hex SHA-256 over a canonical JSON encoding of the identity.
-    pub fn hash(&self) -> String {
-        let mut hasher = Sha256::new();
-        hasher.update(KEY_SCHEME.as_bytes());
-        hasher.update([0]);
-        // Field order is fixed by the struct, so the encoding is canonical.
-        hasher.update(serde_json::to_vec(self).expect("identity serializes"));
-        hex::encode(hasher.finalize())
+/// The request hash: everything that determines the generated image — who draws it
+/// (`provider`, its endpoint flavour `api`) and what is drawn (`spec`) — hashed with SHA-256,
+/// in lowercase hex.
+pub fn request_hash(provider: &str, api: Option<&str>, spec: &ImageSpec) -> String {
+    /// The hashed encoding. Its field order and spelling are the key scheme: changing them
+    /// re-keys every stored result, so do it only with a new `KEY_SCHEME`.
+    #[derive(Serialize)]
+    struct Identity<'a> {
+        provider: &'a str,
+        api: Option<&'a str>,
+        model: &'a str,
+        prompt: &'a str,
+        size: ImageSize,
+        quality: ImageQuality,
+        seed: Option<i64>,
+        references: &'a [String],
     }
+    let identity = Identity {
+        provider,
+        api,
+        model: &spec.model,
+        prompt: &spec.prompt,
+        size: spec.size,
+        quality: spec.quality,
+        seed: spec.seed,
+        references: &spec.references,
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(KEY_SCHEME.as_bytes());
+    hasher.update([0]);
+    hasher.update(serde_json::to_vec(&identity).expect("identity serializes"));
+    hex::encode(hasher.finalize())
 }
 
 /// The mutable objects of one request: its record, and the claim of a worker generating it.
@@ -349,47 +359,73 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    fn identity(prompt: &str) -> RequestIdentity<'_> {
-        RequestIdentity {
-            provider: "openrouter",
-            api: Some("images"),
-            model: "google/gemini-2.5-flash-image",
-            prompt,
+    fn spec(prompt: &str) -> ImageSpec {
+        ImageSpec {
+            model: "google/gemini-2.5-flash-image".into(),
+            prompt: prompt.into(),
             size: ImageSize::Square,
             quality: ImageQuality::Standard,
             seed: None,
-            references: &[],
+            references: Vec::new(),
         }
+    }
+
+    fn hash(spec: &ImageSpec) -> String {
+        request_hash("openrouter", Some("images"), spec)
     }
 
     #[test]
     fn the_same_request_always_has_the_same_hash() {
-        assert_eq!(identity("a").hash(), identity("a").hash());
-        assert_eq!(identity("a").hash().len(), 64);
+        assert_eq!(hash(&spec("a")), hash(&spec("a")));
+        assert_eq!(hash(&spec("a")).len(), 64);
     }
 
     #[test]
     fn any_change_changes_the_hash() {
-        let base = identity("a").hash();
-        assert_ne!(base, identity("b").hash());
-        let mut other = identity("a");
+        let base = hash(&spec("a"));
+        assert_ne!(base, hash(&spec("b")));
+        let mut other = spec("a");
         other.seed = Some(7);
-        assert_ne!(base, other.hash());
-        let mut other = identity("a");
+        assert_ne!(base, hash(&other));
+        let mut other = spec("a");
         other.size = ImageSize::Portrait;
-        assert_ne!(base, other.hash());
-        let mut other = identity("a");
-        other.provider = "placeholder";
-        assert_ne!(base, other.hash());
-        let references = ["https://cdn.example.com/fox.png".to_string()];
-        let mut other = identity("a");
-        other.references = &references;
-        assert_ne!(base, other.hash());
+        assert_ne!(base, hash(&other));
+        assert_ne!(
+            base,
+            request_hash("placeholder", Some("images"), &spec("a"))
+        );
+        assert_ne!(base, request_hash("openrouter", Some("chat"), &spec("a")));
+        let mut other = spec("a");
+        other.references = vec!["https://cdn.example.com/fox.png".to_string()];
+        assert_ne!(base, hash(&other));
+    }
+
+    /// Stored results are found by these hashes: a change here orphans every cached image
+    /// (and pays for it again). The expected values were computed outside Rust, from the
+    /// documented encoding: SHA-256 of `stage3/v1`, a NUL, then the compact JSON identity.
+    #[test]
+    fn the_key_scheme_is_stable() {
+        assert_eq!(
+            hash(&spec("a fox, watercolor. Avoid: text")),
+            "268a217c72ed7900c8066c46d28beb94fb6ac115bf497192255c5d9b7570f615"
+        );
+        let spec = ImageSpec {
+            model: "m/x".into(),
+            prompt: "雪中的狐狸".into(),
+            size: ImageSize::Landscape,
+            quality: ImageQuality::Hd,
+            seed: Some(42),
+            references: vec!["https://cdn.example.com/fox.png".into()],
+        };
+        assert_eq!(
+            request_hash("placeholder", None, &spec),
+            "6f9c3305ace3c5a92946dd2f07986b5473ef85e3bddcf59c8139620af8c67a54"
+        );
     }
 
     #[test]
     fn keys_carry_the_scene_and_the_hash() {
-        let hash = identity("a").hash();
+        let hash = hash(&spec("a"));
         let keys = ResultKeys::new("scene_001", &hash);
         assert_eq!(keys.record, format!("scene_001-{}.json", &hash[..16]));
         assert_eq!(keys.claim, keys.record.replace(".json", ".claim"));
@@ -403,7 +439,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_claim_waits_and_a_lapsed_one_is_taken_over() {
         let store = crate::storage::MemoryStore::new();
-        let keys = ResultKeys::new("s", &identity("a").hash());
+        let keys = ResultKeys::new("s", &hash(&spec("a")));
         let first = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();
         assert!(matches!(first, Claim::Owned { .. }));
         let second = claim(&store, &keys, Duration::from_secs(60)).await.unwrap();

@@ -17,12 +17,63 @@ use crate::error::{Result, Stage3Error};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deadline(Option<Instant>);
 
-/// How long one call may take, and why it ends when it does.
+/// How long one call may take, and why it ends when it does: its own timeout, or the
+/// deadline. Made once per call and handed down, so every step of the call (a POST, then an
+/// image download) spends the same budget and reports running out of it the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallBudget {
-    pub timeout: Duration,
+    ends_at: Instant,
+    timeout: Duration,
     /// True when the deadline, not the call's own timeout, set `timeout`.
-    pub cut_by_deadline: bool,
+    cut_by_deadline: bool,
+}
+
+impl CallBudget {
+    /// A budget of `timeout` from now, with no deadline to cut it.
+    pub fn new(timeout: Duration) -> Self {
+        CallBudget {
+            ends_at: Instant::now() + timeout,
+            timeout,
+            cut_by_deadline: false,
+        }
+    }
+
+    /// The whole budget, as it was when the call started.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether the deadline, not the call's own timeout, set the budget.
+    pub fn cut_by_deadline(&self) -> bool {
+        self.cut_by_deadline
+    }
+
+    /// The time left for the next step of the call, or the error for having none.
+    pub fn remaining(&self, what: &str) -> Result<Duration> {
+        let left = self.ends_at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(self.expired(what))
+        } else {
+            Ok(left)
+        }
+    }
+
+    /// The error for a call that ran out of this budget: `deadline_exceeded` when the
+    /// deadline set it (the run is out of time, not the provider or store slow), else
+    /// `timeout`.
+    pub fn expired(&self, what: &str) -> Stage3Error {
+        if self.cut_by_deadline {
+            Stage3Error::DeadlineExceeded(format!(
+                "{what} was cut short by the deadline after {} ms",
+                self.timeout.as_millis()
+            ))
+        } else {
+            Stage3Error::Timeout(format!(
+                "{what} did not finish within {}",
+                humantime::format_duration(self.timeout)
+            ))
+        }
+    }
 }
 
 impl Deadline {
@@ -57,13 +108,11 @@ impl Deadline {
     pub fn budget(&self, timeout: Duration, reserve: Duration) -> CallBudget {
         match self.remaining() {
             Some(left) if left.saturating_sub(reserve) < timeout => CallBudget {
+                ends_at: Instant::now() + left.saturating_sub(reserve),
                 timeout: left.saturating_sub(reserve),
                 cut_by_deadline: true,
             },
-            _ => CallBudget {
-                timeout,
-                cut_by_deadline: false,
-            },
+            _ => CallBudget::new(timeout),
         }
     }
 
@@ -76,21 +125,12 @@ impl Deadline {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let budget = self.budget(timeout, Duration::ZERO);
-        if budget.timeout.is_zero() {
-            return Err(Stage3Error::DeadlineExceeded(format!(
-                "no time left before the deadline for {what}"
-            )));
-        }
-        match tokio::time::timeout(budget.timeout, call).await {
+        let left = budget.remaining(what).map_err(|_| {
+            Stage3Error::DeadlineExceeded(format!("no time left before the deadline for {what}"))
+        })?;
+        match tokio::time::timeout(left, call).await {
             Ok(result) => result,
-            Err(_) if budget.cut_by_deadline => Err(Stage3Error::DeadlineExceeded(format!(
-                "{what} was cut short by the deadline after {} ms",
-                budget.timeout.as_millis()
-            ))),
-            Err(_) => Err(Stage3Error::Timeout(format!(
-                "{what} did not finish within {}",
-                humantime::format_duration(timeout)
-            ))),
+            Err(_) => Err(budget.expired(what)),
         }
     }
 }
@@ -104,11 +144,17 @@ mod tests {
     async fn a_call_gets_the_smaller_of_its_timeout_and_the_time_left() {
         let deadline = Deadline::after(Duration::from_secs(15));
         let budget = deadline.budget(Duration::from_secs(60), Duration::from_secs(2));
-        assert_eq!(budget.timeout, Duration::from_secs(13));
-        assert!(budget.cut_by_deadline);
+        assert_eq!(budget.timeout(), Duration::from_secs(13));
+        assert!(budget.cut_by_deadline());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(budget.remaining("x").unwrap(), Duration::from_secs(9));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let spent = budget.remaining("POST /images").unwrap_err();
+        assert_eq!(spent.error_type(), ErrorType::DeadlineExceeded);
         let budget = Deadline::NONE.budget(Duration::from_secs(60), Duration::from_secs(2));
-        assert_eq!(budget.timeout, Duration::from_secs(60));
-        assert!(!budget.cut_by_deadline);
+        assert_eq!(budget.timeout(), Duration::from_secs(60));
+        assert!(!budget.cut_by_deadline());
+        assert_eq!(budget.expired("x").error_type(), ErrorType::Timeout);
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,9 @@
 //!
 //! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, batch answer)
 //!   and the parsing of every accepted input shape.
+//! - [`image_spec`]: what one image is — model, full prompt, size, quality, seed,
+//!   references — resolved and validated once per scene, then borrowed by planning, the
+//!   provider call, the cache key and the output.
 //! - [`prompt`]: composes the text sent to the provider (style tags, "Avoid:" negatives).
 //! - [`config`]: the environment variables, read and checked once at start-up.
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
@@ -33,6 +36,7 @@ pub mod config;
 pub mod deadline;
 pub mod error;
 pub mod events;
+pub mod image_spec;
 pub mod labels;
 #[cfg(feature = "lambda")]
 pub mod lambda;

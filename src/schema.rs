@@ -499,8 +499,10 @@ struct BatchEnvelope {
 }
 
 /// Parses any accepted input shape — one request, an array of requests, or
-/// `{"scenes": [...], "size"?, "quality"?, "model"?, "story_id"?}` — and validates every
-/// request (and the `story_id`, by the `scene_id` rules).
+/// `{"scenes": [...], "size"?, "quality"?, "model"?, "story_id"?}` — and checks the batch
+/// as a whole (its size, conflicting duplicates, the `story_id` by the `scene_id` rules).
+/// Each request's own fields are validated once, when it is prepared
+/// (`image_spec::ImageSpec::new`), after any command-line override.
 ///
 /// `max_batch` caps the number of scenes. Duplicate `scene_id`s are accepted only when the
 /// requests are identical (they are then generated once); two different requests for the
@@ -529,7 +531,6 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
         }
         Value::Object(_) => {
             let request: GenerationRequest = deserialize_named(value, "request")?;
-            request.validate()?;
             Submission::Single(request)
         }
         other => {
@@ -569,9 +570,6 @@ struct BatchDefaults {
 }
 
 fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<GenerationRequest>> {
-    if let Some(model) = &defaults.model {
-        validate_model(model).map_err(|e| Stage3Error::invalid_request(format!("model: {e}")))?;
-    }
     items
         .into_iter()
         .enumerate()
@@ -594,7 +592,6 @@ fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<Genera
             if request.model.is_none() {
                 request.model = defaults.model.clone();
             }
-            request.validate().map_err(located)?;
             Ok(request)
         })
         .collect()
@@ -663,8 +660,20 @@ mod tests {
         json!({"scene_id": id, "image_prompt": "a lighthouse at dawn"})
     }
 
+    /// Why `value` is refused: by its shape, or by a request's own validation, located in
+    /// the batch as `service::prepare_all` locates it.
     fn rejection(value: Value) -> String {
-        match parse_submission(value, 100) {
+        let outcome = parse_submission(value, 100).and_then(|submission| {
+            let single = matches!(submission, Submission::Single(_));
+            for (index, request) in submission.into_requests().iter().enumerate() {
+                request.validate().map_err(|e| match single {
+                    true => e,
+                    false => locate_in_batch(e, index, Some(&request.scene_id)),
+                })?;
+            }
+            Ok(())
+        });
+        match outcome {
             Err(Stage3Error::InvalidRequest(message)) => message,
             other => panic!("expected invalid_request, got {other:?}"),
         }

@@ -14,18 +14,18 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cache::{self, Claim, RequestIdentity, ResultKeys};
+use crate::cache::{self, Claim, ResultKeys};
 use crate::config::Config;
-use crate::deadline::Deadline;
+use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
+use crate::image_spec::{ImageSpec, SpecSettings};
 use crate::labels::{self, AppliedLabels};
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
-use crate::prompt::compose_prompt;
-use crate::provider::{self, ImageProvider, ImageRequest, Plan, PlannedModel, SceneSpec};
+use crate::provider::{self, ImageProvider, ImageRequest, Plan, PlannedModel};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageQuality, ImageSize,
-    SceneFailure, Stage3Output, MAX_REFERENCE_IMAGES,
+    locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageSize, SceneFailure,
+    Stage3Output,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
 use crate::urls::{QiniuSigner, UrlPolicy};
@@ -211,16 +211,13 @@ impl BatchPlan {
     }
 }
 
-/// A request that passed validation, with everything derived from it.
+/// A request that passed validation, with everything derived from it: its image spec, the
+/// hash that identifies it, and the keys its result lives under.
 #[derive(Debug, Clone)]
 pub struct PreparedScene {
     pub request: GenerationRequest,
-    pub prompt: String,
-    pub model: String,
-    pub size: ImageSize,
-    pub quality: ImageQuality,
-    /// The request's reference images, then those of its characters, without repeats.
-    pub references: Vec<String>,
+    /// What to draw, resolved once; every later step borrows it.
+    pub spec: ImageSpec,
     pub request_hash: String,
     pub keys: ResultKeys,
 }
@@ -232,47 +229,19 @@ impl PreparedScene {
         config: &Config,
         provider: &dyn ImageProvider,
     ) -> Result<Self> {
-        request.validate()?;
-        let prompt = compose_prompt(&request, config.max_prompt_chars)?;
-        let model = request
-            .model
-            .clone()
-            .unwrap_or_else(|| config.model.clone());
-        let size = request.size.unwrap_or_default();
-        let quality = request.quality.unwrap_or_default();
-        let mut references = request.reference_images.clone();
-        for character in &request.characters_in_scene {
-            if let Some(url) = config.character_references.get(character) {
-                if !references.contains(url) {
-                    references.push(url.clone());
-                }
-            }
-        }
-        if references.len() > MAX_REFERENCE_IMAGES {
-            return Err(Stage3Error::invalid_request(format!(
-                "reference_images: {} with the characters' references; at most {MAX_REFERENCE_IMAGES}",
-                references.len()
-            )));
-        }
-        let request_hash = RequestIdentity {
-            provider: provider.name(),
-            api: provider.api(),
-            model: &model,
-            prompt: &prompt,
-            size,
-            quality,
-            seed: request.seed,
-            references: &references,
-        }
-        .hash();
+        let spec = ImageSpec::new(
+            &request,
+            &SpecSettings {
+                default_model: &config.model,
+                max_prompt_chars: config.max_prompt_chars,
+                character_references: &config.character_references,
+            },
+        )?;
+        let request_hash = cache::request_hash(provider.name(), provider.api(), &spec);
         let keys = ResultKeys::new(&request.scene_id, &request_hash);
         Ok(PreparedScene {
             request,
-            prompt,
-            model,
-            size,
-            quality,
-            references,
+            spec,
             request_hash,
             keys,
         })
@@ -280,19 +249,6 @@ impl PreparedScene {
 
     pub fn scene_id(&self) -> &str {
         &self.request.scene_id
-    }
-
-    /// What the provider needs to check and price this scene.
-    pub fn spec<'a>(&'a self, fallbacks: &'a [String]) -> SceneSpec<'a> {
-        SceneSpec {
-            scene_id: self.scene_id(),
-            model: &self.model,
-            fallbacks,
-            size: self.size,
-            quality: self.quality,
-            seed: self.request.seed,
-            references: &self.references,
-        }
     }
 }
 
@@ -403,7 +359,8 @@ impl Stage3Service {
     /// Checks one scene against what its model can do and prices it. Costs nothing.
     pub async fn plan_scene(&self, scene: &PreparedScene) -> Result<Plan> {
         self.provider
-            .plan(&scene.spec(&self.config.model_fallbacks))
+            .plan(&scene.spec, &self.config.model_fallbacks)
+            .instrument(tracing::info_span!("plan", scene_id = %scene.scene_id()))
             .await
     }
 
@@ -687,7 +644,7 @@ impl Stage3Service {
         let expected = cache::Expected {
             scene_id: scene.scene_id(),
             request_hash: &scene.request_hash,
-            size: scene.size,
+            size: scene.spec.size,
             max_pixels: self.limits.max_pixels,
             max_image_bytes: self.config.max_response_bytes as u64,
         };
@@ -903,8 +860,8 @@ impl Stage3Service {
             .await?;
 
         let mut params = self.params_for(scene);
-        if generated.model != scene.model {
-            params.requested_model = Some(scene.model.clone());
+        if generated.model != scene.spec.model {
+            params.requested_model = Some(scene.spec.model.clone());
             params.model = generated.model.clone();
         }
         params.cost = generated.cost;
@@ -997,22 +954,19 @@ impl Stage3Service {
     /// The generation parameters that follow from the request alone; what the generation
     /// measured (hash, size, cost, timings) is filled in by the caller.
     fn params_for(&self, scene: &PreparedScene) -> GenerationParams {
+        let spec = &scene.spec;
         GenerationParams {
-            model: scene.model.clone(),
+            model: spec.model.clone(),
             requested_model: None,
-            size: scene.size,
-            quality: scene.quality,
-            prompt: scene.prompt.clone(),
+            size: spec.size,
+            quality: spec.quality,
+            prompt: spec.prompt.clone(),
             provider: self.provider.name().to_string(),
             api: self.provider.api().map(str::to_string),
-            aspect_ratio: scene.size.aspect_ratio().to_string(),
-            resolution: scene.quality.resolution().to_string(),
-            seed: scene.request.seed,
-            reference_images: scene
-                .references
-                .iter()
-                .map(|url| recorded_reference(url))
-                .collect(),
+            aspect_ratio: spec.size.aspect_ratio().to_string(),
+            resolution: spec.quality.resolution().to_string(),
+            seed: spec.seed,
+            reference_images: spec.recorded_references(),
             cost: None,
             request_hash: scene.request_hash.clone(),
             content_sha256: String::new(),
@@ -1057,7 +1011,7 @@ impl Stage3Service {
         for (index, planned) in plan.models.iter().enumerate() {
             if index > 0 {
                 tracing::warn!(
-                    requested_model = %scene.model,
+                    requested_model = %scene.spec.model,
                     model = %planned.model,
                     after = %earlier.join("; "),
                     "falling back to the next model"
@@ -1089,7 +1043,7 @@ impl Stage3Service {
         }
         Err(Stage3Error::ModelUnavailable(format!(
             "no model to try for {}",
-            scene.model
+            scene.spec.model
         )))
     }
 
@@ -1133,19 +1087,15 @@ impl Stage3Service {
             // Checked again: the pause may have been long, and the batch stopped meanwhile.
             stop.check()?;
             // Measured after the wait for a slot, which spends the same deadline.
-            let (timeout, cut_by_deadline) = self.call_budget(options)?;
+            let budget = self.call_budget(options)?;
             let reserved = stop.reserve(planned.estimate_usd)?;
             attempts += 1;
             tally.attempts += 1;
             let request = ImageRequest {
                 scene_id: scene.scene_id(),
-                prompt: &scene.prompt,
+                spec: &scene.spec,
                 model: &planned.model,
-                size: scene.size,
-                quality: scene.quality,
-                seed: scene.request.seed,
-                references: &scene.references,
-                timeout,
+                budget,
             };
             let answer = self.provider.generate(&request).await;
             let billed = match &answer {
@@ -1181,16 +1131,11 @@ impl Stage3Service {
             }
             drop(provider_slot);
             let outcome = match answer {
-                Ok(image) => self.normalize(image.bytes, scene.size).await,
+                Ok(image) => self.normalize(image.bytes, scene.spec.size).await,
                 Err(e) => Err(e),
             };
             let error = match outcome {
                 Ok(image) => return Ok(image),
-                Err(Stage3Error::Timeout(message)) if cut_by_deadline => {
-                    return Err(Stage3Error::DeadlineExceeded(format!(
-                        "the provider call was cut short by the invocation deadline ({message})"
-                    )))
-                }
                 Err(e) => e,
             };
 
@@ -1226,18 +1171,20 @@ impl Stage3Service {
             .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?
     }
 
-    /// The timeout for the next provider call, and whether the deadline shortened it.
-    fn call_budget(&self, options: &RunOptions) -> Result<(Duration, bool)> {
+    /// The budget of the next provider call: its own timeout, or what the deadline leaves
+    /// after the storage reserve. Refused when the deadline leaves too little to be worth
+    /// paying for.
+    fn call_budget(&self, options: &RunOptions) -> Result<CallBudget> {
         let budget = options
             .deadline
             .budget(self.config.request_timeout, STORAGE_RESERVE);
-        if budget.cut_by_deadline && budget.timeout < MIN_CALL_BUDGET {
+        if budget.cut_by_deadline() && budget.timeout() < MIN_CALL_BUDGET {
             return Err(Stage3Error::DeadlineExceeded(format!(
                 "{} ms left before the deadline; not starting a provider call",
-                budget.timeout.as_millis()
+                budget.timeout().as_millis()
             )));
         }
-        Ok((budget.timeout, budget.cut_by_deadline))
+        Ok(budget)
     }
 
     fn fits_before_deadline(&self, options: &RunOptions, delay: Duration) -> bool {
@@ -1302,20 +1249,6 @@ struct Generated {
 struct CallTally {
     attempts: u32,
     cost: Option<f64>,
-}
-
-/// How a reference is recorded: an https URL as is, an inline image by its hash, so a record
-/// never carries megabytes of base64.
-fn recorded_reference(url: &str) -> String {
-    match url.split_once(";base64,") {
-        Some((media, payload)) if url.starts_with("data:") => {
-            format!(
-                "{media};sha256,{}",
-                hex::encode(Sha256::digest(payload.as_bytes()))
-            )
-        }
-        _ => url.to_string(),
-    }
 }
 
 fn rfc3339(time: SystemTime) -> String {

@@ -8,7 +8,6 @@ mod openrouter;
 mod placeholder;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,38 +16,29 @@ pub use openrouter::{ModelListing, OpenRouterProvider};
 pub use placeholder::PlaceholderProvider;
 
 use crate::config::{Config, ProviderKind};
+use crate::deadline::CallBudget;
 use crate::error::Result;
-use crate::schema::{ImageQuality, ImageSize};
+use crate::image_spec::ImageSpec;
 
-/// One image to generate, fully resolved: the composed prompt and every option.
-#[derive(Debug, Clone)]
+/// One call to make: a scene's image spec, with the model of its plan to ask and the time
+/// the call may take.
+#[derive(Debug, Clone, Copy)]
 pub struct ImageRequest<'a> {
     pub scene_id: &'a str,
-    pub prompt: &'a str,
+    /// What to draw.
+    pub spec: &'a ImageSpec,
+    /// The model to call: the spec's, or a fallback its plan moved on to.
     pub model: &'a str,
-    pub size: ImageSize,
-    pub quality: ImageQuality,
-    pub seed: Option<i64>,
-    /// Reference images (`https://` or `data:image/…` URLs) for character consistency.
-    pub references: &'a [String],
-    /// The whole budget for this call, connect to last byte; the service shortens it when
-    /// a deadline is near.
-    pub timeout: Duration,
+    /// The whole budget for this call, connect to last byte of every step; the service
+    /// shortens it when a deadline is near, and running out of it says which ended it.
+    pub budget: CallBudget,
 }
 
-/// What one scene asks of the provider, known before any call: enough to check it against
-/// what the model can do and to estimate its price.
-#[derive(Debug, Clone, Copy)]
-pub struct SceneSpec<'a> {
-    pub scene_id: &'a str,
-    /// The model asked for.
-    pub model: &'a str,
-    /// Models to try, in order, when the asked-for one cannot serve (`STAGE3_MODEL_FALLBACKS`).
-    pub fallbacks: &'a [String],
-    pub size: ImageSize,
-    pub quality: ImageQuality,
-    pub seed: Option<i64>,
-    pub references: &'a [String],
+impl ImageRequest<'_> {
+    /// The full prompt to send.
+    pub fn prompt(&self) -> &str {
+        &self.spec.prompt
+    }
 }
 
 /// How a scene will be generated, decided before any call.
@@ -67,11 +57,11 @@ pub struct PlannedModel {
 }
 
 impl Plan {
-    /// Every model in order, unchecked and unpriced.
-    pub fn unchecked(spec: &SceneSpec<'_>, estimate_usd: Option<f64>) -> Plan {
+    /// The spec's model then `fallbacks`, in order, unchecked.
+    pub fn unchecked(spec: &ImageSpec, fallbacks: &[String], estimate_usd: Option<f64>) -> Plan {
         let mut models: Vec<PlannedModel> = Vec::new();
-        for model in std::iter::once(spec.model).chain(spec.fallbacks.iter().map(String::as_str)) {
-            if !models.iter().any(|m| m.model == model) {
+        for model in std::iter::once(&spec.model).chain(fallbacks) {
+            if !models.iter().any(|m| m.model == *model) {
                 models.push(PlannedModel {
                     model: model.to_string(),
                     estimate_usd,
@@ -109,12 +99,13 @@ pub trait ImageProvider: Send + Sync {
     /// the stable error types; the caller decides whether to retry.
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage>;
 
-    /// Checks a scene before any call and says which models to try and what it should
-    /// cost. An `invalid_request` means the asked-for model cannot serve it; a
+    /// Checks a scene's spec before any call and says which models to try — the spec's,
+    /// then the `fallbacks` (`STAGE3_MODEL_FALLBACKS`) that can serve it — and what it
+    /// should cost. An `invalid_request` means the asked-for model cannot serve it; a
     /// `model_unavailable` that no model of the chain can. Costs nothing (a provider may
     /// read and cache its catalogue). The default checks nothing and knows no price.
-    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
-        Ok(Plan::unchecked(spec, None))
+    async fn plan(&self, spec: &ImageSpec, fallbacks: &[String]) -> Result<Plan> {
+        Ok(Plan::unchecked(spec, fallbacks, None))
     }
 }
 

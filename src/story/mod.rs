@@ -124,8 +124,8 @@ impl From<&PreparedScene> for StoryScene {
         StoryScene {
             scene_id: scene.scene_id().to_string(),
             prompt: scene.request.image_prompt.clone(),
-            size: scene.size.as_str().to_string(),
-            model: scene.model.clone(),
+            size: scene.spec.size.as_str().to_string(),
+            model: scene.spec.model.clone(),
         }
     }
 }

@@ -54,14 +54,14 @@ impl ImageProvider for FixedPngProvider {
         self.prompts
             .lock()
             .unwrap()
-            .push(request.prompt.to_string());
-        if request.prompt.contains(REFUSED_WORD) {
+            .push(request.prompt().to_string());
+        if request.prompt().contains(REFUSED_WORD) {
             let mut failure = ProviderFailure::new(Some(403), "the prompt was flagged");
             failure.provider_error_type = Some("content_policy_violation".into());
             return Err(Stage3Error::ContentPolicy(failure));
         }
         Ok(ProviderImage {
-            bytes: png_of(request.size),
+            bytes: png_of(request.spec.size),
             claimed_media_type: Some("image/png".into()),
             cost: Some(0.039),
         })

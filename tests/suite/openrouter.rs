@@ -13,7 +13,9 @@ use crate::support::scripted_openrouter::chat_answer;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
+use stage3::deadline::CallBudget;
 use stage3::error::ProviderFailure;
+use stage3::image_spec::ImageSpec;
 use stage3::provider::{ImageProvider, ImageRequest, OpenRouterProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::{Config, ErrorType, Stage3Error};
@@ -45,21 +47,39 @@ fn chat_provider(base_url: &str) -> OpenRouterProvider {
     provider(base_url, &[("STAGE3_OPENROUTER_API", "chat")])
 }
 
-fn request(timeout: Duration) -> ImageRequest<'static> {
-    ImageRequest {
-        scene_id: "scene-1",
-        prompt: PROMPT,
-        model: MODEL,
-        size: ImageSize::Landscape,
-        quality: ImageQuality::Hd,
-        seed: Some(42),
-        references: &[],
+/// One provider call, owned: the image spec and the call's time budget.
+struct Call {
+    spec: ImageSpec,
+    timeout: Duration,
+}
+
+impl Call {
+    fn request(&self) -> ImageRequest<'_> {
+        ImageRequest {
+            scene_id: "scene-1",
+            spec: &self.spec,
+            model: &self.spec.model,
+            budget: CallBudget::new(self.timeout),
+        }
+    }
+}
+
+fn call(timeout: Duration) -> Call {
+    Call {
+        spec: ImageSpec {
+            model: MODEL.into(),
+            prompt: PROMPT.into(),
+            size: ImageSize::Landscape,
+            quality: ImageQuality::Hd,
+            seed: Some(42),
+            references: Vec::new(),
+        },
         timeout,
     }
 }
 
-fn normal_request() -> ImageRequest<'static> {
-    request(Duration::from_secs(20))
+fn normal_request() -> Call {
+    call(Duration::from_secs(20))
 }
 
 fn encoded_image(format: ImageFormat) -> Vec<u8> {
@@ -112,7 +132,10 @@ async fn mount_images(server: &MockServer, answer: ResponseTemplate) {
 }
 
 async fn generate_error(provider: &OpenRouterProvider) -> Stage3Error {
-    provider.generate(&normal_request()).await.unwrap_err()
+    provider
+        .generate(&normal_request().request())
+        .await
+        .unwrap_err()
 }
 
 // ---- Image API ------------------------------------------------------------------------
@@ -148,7 +171,10 @@ async fn images_api_sends_the_documented_request_and_returns_the_png_unchanged()
         ],
     );
 
-    let image = provider.generate(&normal_request()).await.unwrap();
+    let image = provider
+        .generate(&normal_request().request())
+        .await
+        .unwrap();
 
     assert_eq!(image.bytes.as_ref(), png.as_slice());
     assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
@@ -178,14 +204,16 @@ async fn images_api_omits_an_unset_seed_and_maps_square_standard() {
         .mount(&server)
         .await;
     let provider = provider(&server.uri(), &[]);
-    let request = ImageRequest {
-        prompt: "p",
-        model: "openai/gpt-image-1",
+    let mut call = normal_request();
+    call.spec = ImageSpec {
+        model: "openai/gpt-image-1".into(),
+        prompt: "p".into(),
         size: ImageSize::Square,
         quality: ImageQuality::Standard,
         seed: None,
-        ..normal_request()
+        references: Vec::new(),
     };
+    let request = call.request();
 
     let image = provider.generate(&request).await.unwrap();
 
@@ -208,7 +236,7 @@ async fn a_jpeg_labelled_png_comes_back_as_the_jpeg_bytes() {
     .await;
 
     let image = provider(&server.uri(), &[])
-        .generate(&normal_request())
+        .generate(&normal_request().request())
         .await
         .unwrap();
 
@@ -235,7 +263,7 @@ async fn a_data_url_where_raw_base64_was_promised_is_tolerated() {
     .await;
 
     let image = provider(&server.uri(), &[])
-        .generate(&normal_request())
+        .generate(&normal_request().request())
         .await
         .unwrap();
 
@@ -260,7 +288,7 @@ async fn an_escaped_slash_in_the_base64_still_decodes() {
     .await;
 
     let image = provider(&server.uri(), &[])
-        .generate(&normal_request())
+        .generate(&normal_request().request())
         .await
         .unwrap();
 
@@ -312,10 +340,9 @@ async fn images_api_sends_reference_images_as_input_references() {
         "https://cdn.example.com/fox.png".to_string(),
         "data:image/png;base64,iVBORw0KGgo=".to_string(),
     ];
-    let request = ImageRequest {
-        references: &references,
-        ..normal_request()
-    };
+    let mut call = normal_request();
+    call.spec.references = references.to_vec();
+    let request = call.request();
     let image = provider(&server.uri(), &[])
         .generate(&request)
         .await
@@ -356,10 +383,9 @@ async fn chat_path_sends_references_as_content_parts_and_honours_image_only_mode
         ],
     );
     let references = ["https://cdn.example.com/fox.png".to_string()];
-    let request = ImageRequest {
-        references: &references,
-        ..normal_request()
-    };
+    let mut call = normal_request();
+    call.spec.references = references.to_vec();
+    let request = call.request();
     let image = provider.generate(&request).await.unwrap();
     assert_eq!(image.bytes.as_ref(), png.as_slice());
 }
@@ -388,7 +414,10 @@ async fn chat_path_sends_the_documented_request_and_decodes_the_data_url() {
         .await;
     let provider = chat_provider(&server.uri());
 
-    let image = provider.generate(&normal_request()).await.unwrap();
+    let image = provider
+        .generate(&normal_request().request())
+        .await
+        .unwrap();
 
     assert_eq!(image.bytes.as_ref(), png.as_slice());
     assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
@@ -412,7 +441,7 @@ async fn chat_path_returns_a_jpeg_data_url_as_jpeg_bytes() {
         .await;
 
     let image = chat_provider(&server.uri())
-        .generate(&normal_request())
+        .generate(&normal_request().request())
         .await
         .unwrap();
 
@@ -738,7 +767,7 @@ async fn the_cap_is_enforced_while_reading_a_body_that_never_ends() {
     let provider = provider(&server.url(), &[("STAGE3_MAX_RESPONSE_BYTES", "2048")]);
 
     let err = provider
-        .generate(&request(Duration::from_secs(30)))
+        .generate(&call(Duration::from_secs(30)).request())
         .await
         .unwrap_err();
 
@@ -762,7 +791,7 @@ async fn a_provider_that_hangs_past_the_timeout_is_a_timeout() {
     .await;
 
     let err = provider(&server.uri(), &[])
-        .generate(&request(Duration::from_millis(300)))
+        .generate(&call(Duration::from_millis(300)).request())
         .await
         .unwrap_err();
 
@@ -799,7 +828,10 @@ async fn one_connection_serves_consecutive_requests() {
     let provider = provider(&server.url(), &[]);
 
     for _ in 0..3 {
-        let image = provider.generate(&normal_request()).await.unwrap();
+        let image = provider
+            .generate(&normal_request().request())
+            .await
+            .unwrap();
         assert_eq!(image.bytes.as_ref(), png.as_slice());
     }
 
@@ -848,7 +880,7 @@ async fn the_key_never_appears_in_errors_or_debug_output() {
     .await;
     errors.push(
         provider
-            .generate(&request(Duration::from_millis(200)))
+            .generate(&call(Duration::from_millis(200)).request())
             .await
             .unwrap_err(),
     );

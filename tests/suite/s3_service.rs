@@ -51,7 +51,7 @@ impl ImageProvider for CountingProvider {
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let (width, height) = request.size.dimensions();
+        let (width, height) = request.spec.size.dimensions();
         Ok(ProviderImage {
             bytes: noisy_png(width, height, call as u64),
             claimed_media_type: Some("image/png".into()),

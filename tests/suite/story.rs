@@ -16,7 +16,9 @@ use assert_cmd::Command;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{json, Value};
+use stage3::deadline::CallBudget;
 use stage3::error::Result;
+use stage3::image_spec::ImageSpec;
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::storage::{Created, Fetched, FsStore, ObjectInfo, ObjectMeta, ObjectStore};
@@ -82,16 +84,20 @@ async fn drawings(scenes: &[&Scene]) -> Vec<(&'static str, Vec<u8>)> {
     let provider = PlaceholderProvider::new();
     let mut out = Vec::new();
     for scene in scenes {
+        let spec = ImageSpec {
+            model: "google/gemini-3.1-flash-image".into(),
+            prompt: scene.prompt.into(),
+            size: scene.size,
+            quality: ImageQuality::Standard,
+            seed: None,
+            references: Vec::new(),
+        };
         let image = provider
             .generate(&ImageRequest {
                 scene_id: scene.id,
-                prompt: scene.prompt,
-                model: "google/gemini-3.1-flash-image",
-                size: scene.size,
-                quality: ImageQuality::Standard,
-                seed: None,
-                references: &[],
-                timeout: Duration::from_secs(30),
+                spec: &spec,
+                model: &spec.model,
+                budget: CallBudget::new(Duration::from_secs(30)),
             })
             .await
             .unwrap();

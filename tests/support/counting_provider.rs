@@ -53,8 +53,12 @@ impl ImageProvider for CountingProvider {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.latency).await;
         if self.varying {
-            let mut varied = request.clone();
-            varied.seed = Some(request.seed.unwrap_or(0).wrapping_add(1000 + call as i64));
+            let mut spec = request.spec.clone();
+            spec.seed = Some(spec.seed.unwrap_or(0).wrapping_add(1000 + call as i64));
+            let varied = ImageRequest {
+                spec: &spec,
+                ..*request
+            };
             return self.inner.generate(&varied).await;
         }
         self.inner.generate(request).await

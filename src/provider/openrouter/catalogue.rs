@@ -23,6 +23,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::errors::{shorten, shorten_slug};
+use crate::image_spec::ImageSpec;
 use crate::schema::{ImageQuality, ImageSize};
 
 /// How long a catalogue read is trusted.
@@ -319,20 +320,11 @@ pub(super) struct WireParams {
     pub seed: Option<i64>,
 }
 
-/// What a scene asks of a model.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Wanted<'a> {
-    pub size: ImageSize,
-    pub quality: ImageQuality,
-    pub seed: Option<i64>,
-    pub references: &'a [String],
-}
-
 /// The parameters to send `model` for `wanted`, or why the model cannot serve it. Without
 /// a catalogue entry, the design's default mapping is sent unchecked (docs/design.md §3).
 pub(super) fn wire_params(
     model: Option<&CatalogueModel>,
-    wanted: Wanted<'_>,
+    wanted: &ImageSpec,
 ) -> Result<WireParams, String> {
     let ratio = wanted.size.aspect_ratio();
     let resolution = wanted.quality.resolution();
@@ -421,7 +413,7 @@ fn closest_size(model: &CatalogueModel, wanted: ImageSize) -> Option<String> {
 /// per megapixel of the nominal pixel size), with the `2k`/`4k` variant matching the
 /// resolution sent, plus its price per reference image. `None` when no endpoint prices
 /// output images in a unit we can count.
-pub(super) fn estimate(pricing: &Pricing, params: &WireParams, wanted: Wanted<'_>) -> Option<f64> {
+pub(super) fn estimate(pricing: &Pricing, params: &WireParams, wanted: &ImageSpec) -> Option<f64> {
     let (scale, variant) = match params.resolution {
         Some("2K") => (2.0, Some("2k")),
         Some("4K") => (4.0, Some("4k")),
@@ -496,12 +488,14 @@ mod tests {
         parse_models(body.to_string().as_bytes()).unwrap()["acme/img"].clone()
     }
 
-    fn wanted(size: ImageSize, quality: ImageQuality) -> Wanted<'static> {
-        Wanted {
+    fn wanted(size: ImageSize, quality: ImageQuality) -> ImageSpec {
+        ImageSpec {
+            model: "acme/img".into(),
+            prompt: "a fox".into(),
             size,
             quality,
             seed: None,
-            references: &[],
+            references: Vec::new(),
         }
     }
 
@@ -509,11 +503,11 @@ mod tests {
     fn hd_on_a_1k_only_model_is_refused_and_names_what_it_supports() {
         let m = model(json!({"resolution": {"type": "enum", "values": ["1K"]},
             "aspect_ratio": {"type": "enum", "values": ["1:1", "16:9"]}}));
-        let why = wire_params(Some(&m), wanted(ImageSize::Square, ImageQuality::Hd)).unwrap_err();
+        let why = wire_params(Some(&m), &wanted(ImageSize::Square, ImageQuality::Hd)).unwrap_err();
         assert!(why.contains("1K") && why.contains("acme/img"), "{why}");
         let standard = wire_params(
             Some(&m),
-            wanted(ImageSize::Landscape, ImageQuality::Standard),
+            &wanted(ImageSize::Landscape, ImageQuality::Standard),
         );
         assert_eq!(
             standard.unwrap(),
@@ -525,7 +519,7 @@ mod tests {
         );
         let portrait = wire_params(
             Some(&m),
-            wanted(ImageSize::Portrait, ImageQuality::Standard),
+            &wanted(ImageSize::Portrait, ImageQuality::Standard),
         );
         assert!(portrait.unwrap_err().contains("9:16"));
     }
@@ -536,7 +530,8 @@ mod tests {
             json!({"quality": {"type": "enum", "values": ["auto", "low", "medium", "high"]},
             "size": {"type": "enum", "values": ["1024x1024", "1536x1024", "1024x1536"]}}),
         );
-        let params = wire_params(Some(&m), wanted(ImageSize::Landscape, ImageQuality::Hd)).unwrap();
+        let params =
+            wire_params(Some(&m), &wanted(ImageSize::Landscape, ImageQuality::Hd)).unwrap();
         assert_eq!(params.quality, Some("high"));
         assert_eq!(params.resolution, None);
         assert_eq!(params.aspect_ratio, None);
@@ -548,9 +543,9 @@ mod tests {
         let m = model(json!({"resolution": {"type": "enum", "values": ["1K"]}}));
         let mut w = wanted(ImageSize::Square, ImageQuality::Standard);
         w.seed = Some(7);
-        assert!(wire_params(Some(&m), w).unwrap_err().contains("seed"));
+        assert!(wire_params(Some(&m), &w).unwrap_err().contains("seed"));
         let m = model(json!({"seed": {"type": "range", "min": 0, "max": 4294967295u64}}));
-        assert_eq!(wire_params(Some(&m), w).unwrap().seed, Some(7));
+        assert_eq!(wire_params(Some(&m), &w).unwrap().seed, Some(7));
     }
 
     #[test]
@@ -572,17 +567,17 @@ mod tests {
         };
         let square = wanted(ImageSize::Square, ImageQuality::Standard);
         // 0.04 per image vs 0.03 × 1.048576 MP: the dearer is the per-image endpoint.
-        assert_eq!(estimate(&pricing, &standard, square), Some(0.04));
+        assert_eq!(estimate(&pricing, &standard, &square), Some(0.04));
         let hd = WireParams {
             resolution: Some("2K"),
             ..WireParams::default()
         };
         // At 2K the per-megapixel endpoint (0.03 × 2048² px) outprices the `2k` variant.
-        let hd_cost = estimate(&pricing, &hd, square).unwrap();
+        let hd_cost = estimate(&pricing, &hd, &square).unwrap();
         assert!((hd_cost - 0.03 * 4.194304).abs() < 1e-12, "{hd_cost}");
         let one_endpoint = vec![pricing[0].clone()];
-        assert_eq!(estimate(&one_endpoint, &hd, square), Some(0.12));
-        assert_eq!(estimate(&Vec::new(), &hd, square), None);
+        assert_eq!(estimate(&one_endpoint, &hd, &square), Some(0.12));
+        assert_eq!(estimate(&Vec::new(), &hd, &square), None);
     }
 
     #[test]

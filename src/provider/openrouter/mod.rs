@@ -8,8 +8,8 @@
 //! - [`fetch`]: fetching image URLs without reaching private networks.
 //!
 //! One `reqwest::Client` per purpose (the API, image URLs), so every scene reuses the same
-//! connection pools. Each call gets the whole `ImageRequest::timeout` as its total budget,
-//! connect to last byte. Answers are read chunk by chunk against `max_response_bytes`, so an
+//! connection pools. Each call spends one `ImageRequest::budget`, connect to last byte
+//! of every step (the POST, then any image download). Answers are read chunk by chunk against `max_response_bytes`, so an
 //! oversized body is refused as soon as it crosses the line rather than after it has filled
 //! memory. Image data stays borrowed from the body buffer until it is decoded, once, into
 //! `Bytes`.
@@ -35,11 +35,13 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT
 use reqwest::{Client, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage, SceneSpec};
+use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage};
 use crate::config::{ChatModalities, Config, OpenRouterApi, Secret};
+use crate::deadline::CallBudget;
 use crate::error::{ProviderFailure, Result, Stage3Error};
+use crate::image_spec::ImageSpec;
 use crate::schema::{ImageQuality, ImageSize};
-use catalogue::{Catalogue, CatalogueModel, Models, Wanted, WireParams};
+use catalogue::{Catalogue, CatalogueModel, Models, WireParams};
 use errors::{classify, parse_error_body, parse_error_object, shorten, shorten_slug, ErrorDetails};
 use fetch::AddressPolicy;
 
@@ -229,15 +231,18 @@ impl OpenRouterProvider {
         for id in ids {
             let model = &models[id];
             let pricing = self.catalogue.pricing(id, || self.fetch_pricing(id)).await;
+            // The listed prices are for a plain 1024x1024 image.
             let price = |quality| {
-                let wanted = Wanted {
+                let plain = ImageSpec {
+                    model: model.id.clone(),
+                    prompt: String::new(),
                     size: ImageSize::Square,
                     quality,
                     seed: None,
-                    references: &[],
+                    references: Vec::new(),
                 };
-                let params = catalogue::wire_params(Some(model), wanted).ok()?;
-                catalogue::estimate(pricing.as_deref()?, &params, wanted)
+                let params = catalogue::wire_params(Some(model), &plain).ok()?;
+                catalogue::estimate(pricing.as_deref()?, &params, &plain)
             };
             listings.push(ModelListing {
                 id: model.id.clone(),
@@ -298,19 +303,14 @@ impl OpenRouterProvider {
     /// read (never read here: no I/O on the call path), the default mapping otherwise.
     fn wire_params(&self, request: &ImageRequest<'_>) -> Result<WireParams> {
         let model = self.catalogue.cached_model(request.model);
-        catalogue::wire_params(model.as_ref(), wanted(request))
-            .map_err(Stage3Error::invalid_request)
+        catalogue::wire_params(model.as_ref(), request.spec).map_err(Stage3Error::invalid_request)
     }
 
-    async fn generate_with_images_api(
-        &self,
-        request: &ImageRequest<'_>,
-        deadline: Instant,
-    ) -> Result<ProviderImage> {
+    async fn generate_with_images_api(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
         let params = self.wire_params(request)?;
         let body = ImagesRequestBody {
             model: request.model,
-            prompt: request.prompt,
+            prompt: request.prompt(),
             n: 1,
             aspect_ratio: params.aspect_ratio,
             resolution: params.resolution,
@@ -319,14 +319,13 @@ impl OpenRouterProvider {
             output_format: "png",
             seed: params.seed,
             input_references: request
+                .spec
                 .references
                 .iter()
                 .map(|url| ImageUrlPart::new(url))
                 .collect(),
         };
-        let answer = self
-            .post_json("/images", &body, request.model, deadline)
-            .await?;
+        let answer = self.post_json("/images", &body, request).await?;
         let parsed: ImagesAnswer<'_> = self.parse_answer(&answer)?;
         let cost = parsed.usage.as_ref().and_then(cost_of);
         if let Some(error) = &parsed.error {
@@ -346,7 +345,7 @@ impl OpenRouterProvider {
         let claimed = datum.media_type.map(|t| shorten(&t.0));
         let mut image = match (datum.b64_json, datum.url) {
             (Some(b64), _) => decode_inline_image(&b64.0)?,
-            (None, Some(url)) => self.fetch_image_url(&url.0, deadline).await?,
+            (None, Some(url)) => self.fetch_image_url(&url.0, request).await?,
             (None, None) => return Err(malformed("the image entry has no `b64_json`")),
         };
         image.claimed_media_type = claimed.or(image.claimed_media_type);
@@ -354,11 +353,7 @@ impl OpenRouterProvider {
         Ok(image)
     }
 
-    async fn generate_with_chat(
-        &self,
-        request: &ImageRequest<'_>,
-        deadline: Instant,
-    ) -> Result<ProviderImage> {
+    async fn generate_with_chat(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
         let params = self.wire_params(request)?;
         let body = ChatRequestBody {
             model: request.model,
@@ -373,9 +368,7 @@ impl OpenRouterProvider {
             },
             seed: params.seed,
         };
-        let answer = self
-            .post_json("/chat/completions", &body, request.model, deadline)
-            .await?;
+        let answer = self.post_json("/chat/completions", &body, request).await?;
         let parsed: ChatAnswer<'_> = self.parse_answer(&answer)?;
         let cost = parsed.usage.as_ref().and_then(cost_of);
         if let Some(error) = &parsed.error {
@@ -398,7 +391,7 @@ impl OpenRouterProvider {
             return Err(self.no_image(request.model, &choice, cost));
         };
         let mut image = self
-            .fetch_image_url(&image.image_url.url.0, deadline)
+            .fetch_image_url(&image.image_url.url.0, request)
             .await?;
         image.cost = cost;
         Ok(image)
@@ -457,24 +450,25 @@ impl OpenRouterProvider {
         &self,
         path: &str,
         body: &impl Serialize,
-        model: &str,
-        deadline: Instant,
+        request: &ImageRequest<'_>,
     ) -> Result<Bytes> {
         if self.api_key.is_none() {
             return Err(Stage3Error::config("OPENROUTER_API_KEY is not set"));
         }
+        let model = request.model;
         let endpoint = format!("POST {path}");
-        let budget = remaining(deadline, &endpoint)?;
+        let budget = request.budget;
+        let left = budget.remaining(&endpoint)?;
         let started = Instant::now();
         let mut response = self
             .client
             .post(format!("{}{path}", self.base_url))
             .headers(self.api_headers.clone())
             .json(body)
-            .timeout(budget)
+            .timeout(left)
             .send()
             .await
-            .map_err(|e| transport_error(e, &endpoint, budget))?;
+            .map_err(|e| transport_error(e, &endpoint, &budget))?;
         let status = response.status();
         tracing::debug!(
             endpoint = %endpoint,
@@ -488,7 +482,7 @@ impl OpenRouterProvider {
         match read_body(&mut response, self.max_response_bytes).await {
             Ok(bytes) => Ok(bytes),
             Err(BodyError::TooLarge) => Err(too_large(status.as_u16(), self.max_response_bytes)),
-            Err(BodyError::Transport(e)) => Err(transport_error(e, &endpoint, budget)),
+            Err(BodyError::Transport(e)) => Err(transport_error(e, &endpoint, &budget)),
         }
     }
 
@@ -583,7 +577,11 @@ impl OpenRouterProvider {
     /// An image given by URL: a `data:` URL is decoded; an `https` URL is fetched with the
     /// image client (public addresses only), the same cap and the remaining budget; plain
     /// `http` is refused (anyone on the path could swap the picture).
-    async fn fetch_image_url(&self, url: &str, deadline: Instant) -> Result<ProviderImage> {
+    async fn fetch_image_url(
+        &self,
+        url: &str,
+        request: &ImageRequest<'_>,
+    ) -> Result<ProviderImage> {
         let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
         if scheme.eq_ignore_ascii_case("data") {
             return decode_inline_image(url);
@@ -613,14 +611,15 @@ impl OpenRouterProvider {
                 format!("{what}: {why}"),
             )));
         }
-        let budget = remaining(deadline, &what)?;
+        let budget = request.budget;
+        let left = budget.remaining(&what)?;
         let mut response = self
             .image_client
             .get(parsed)
-            .timeout(budget)
+            .timeout(left)
             .send()
             .await
-            .map_err(|e| transport_error(e, &what, budget))?;
+            .map_err(|e| transport_error(e, &what, &budget))?;
         let status = response.status();
         if !status.is_success() {
             let message = format!("{what} answered HTTP {}", status.as_u16());
@@ -640,7 +639,7 @@ impl OpenRouterProvider {
         let bytes = match read_body(&mut response, self.max_response_bytes).await {
             Ok(bytes) => bytes,
             Err(BodyError::TooLarge) => return Err(too_large(200, self.max_response_bytes)),
-            Err(BodyError::Transport(e)) => return Err(transport_error(e, &what, budget)),
+            Err(BodyError::Transport(e)) => return Err(transport_error(e, &what, &budget)),
         };
         if bytes.is_empty() {
             return Err(malformed(format!("{what} returned an empty body")));
@@ -658,7 +657,7 @@ impl OpenRouterProvider {
         &self,
         models: Option<&Models>,
         model: &str,
-        wanted: Wanted<'_>,
+        spec: &ImageSpec,
     ) -> Option<std::result::Result<PlannedModel, String>> {
         let Some(models) = models else {
             // Unchecked: no catalogue, no prices.
@@ -668,7 +667,7 @@ impl OpenRouterProvider {
             }));
         };
         let entry: &CatalogueModel = models.get(model)?;
-        let params = match catalogue::wire_params(Some(entry), wanted) {
+        let params = match catalogue::wire_params(Some(entry), spec) {
             Ok(params) => params,
             Err(why) => return Some(Err(why)),
         };
@@ -678,20 +677,11 @@ impl OpenRouterProvider {
             .await;
         let estimate_usd = pricing
             .as_deref()
-            .and_then(|p| catalogue::estimate(p, &params, wanted));
+            .and_then(|p| catalogue::estimate(p, &params, spec));
         Some(Ok(PlannedModel {
             model: model.to_string(),
             estimate_usd,
         }))
-    }
-}
-
-fn wanted<'a>(request: &ImageRequest<'a>) -> Wanted<'a> {
-    Wanted {
-        size: request.size,
-        quality: request.quality,
-        seed: request.seed,
-        references: request.references,
     }
 }
 
@@ -721,10 +711,9 @@ impl ImageProvider for OpenRouterProvider {
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
-        let deadline = Instant::now() + request.timeout;
         let image = match self.api {
-            OpenRouterApi::Images => self.generate_with_images_api(request, deadline).await,
-            OpenRouterApi::Chat => self.generate_with_chat(request, deadline).await,
+            OpenRouterApi::Images => self.generate_with_images_api(request).await,
+            OpenRouterApi::Chat => self.generate_with_chat(request).await,
         }?;
         tracing::debug!(
             scene_id = request.scene_id,
@@ -740,24 +729,18 @@ impl ImageProvider for OpenRouterProvider {
     /// fallbacks serve, or a `model_unavailable` names close alternatives) and be able to
     /// serve the request (else `invalid_request` naming what it supports); fallbacks that
     /// cannot serve it are left out. Without a catalogue, everything passes unchecked.
-    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
+    async fn plan(&self, spec: &ImageSpec, fallbacks: &[String]) -> Result<Plan> {
         let models = self.models().await;
-        let wanted = Wanted {
-            size: spec.size,
-            quality: spec.quality,
-            seed: spec.seed,
-            references: spec.references,
-        };
-        let Some(primary) = self.plan_model(models.as_deref(), spec.model, wanted).await else {
+        let Some(primary) = self.plan_model(models.as_deref(), &spec.model, spec).await else {
             return self
-                .plan_without_primary(spec, models.as_deref(), wanted)
+                .plan_without_primary(spec, fallbacks, models.as_deref())
                 .await;
         };
         let primary = primary.map_err(Stage3Error::invalid_request)?;
         let mut plan = Plan {
             models: vec![primary],
         };
-        self.add_fallbacks(&mut plan, spec, models.as_deref(), wanted)
+        self.add_fallbacks(&mut plan, spec, fallbacks, models.as_deref())
             .await;
         Ok(plan)
     }
@@ -767,16 +750,16 @@ impl OpenRouterProvider {
     async fn add_fallbacks(
         &self,
         plan: &mut Plan,
-        spec: &SceneSpec<'_>,
+        spec: &ImageSpec,
+        fallbacks: &[String],
         models: Option<&Models>,
-        wanted: Wanted<'_>,
     ) -> Vec<String> {
         let mut skipped = Vec::new();
-        for fallback in spec.fallbacks {
-            if plan.models.iter().any(|m| &m.model == fallback) || fallback == spec.model {
+        for fallback in fallbacks {
+            if plan.models.iter().any(|m| &m.model == fallback) || *fallback == spec.model {
                 continue;
             }
-            match self.plan_model(models, fallback, wanted).await {
+            match self.plan_model(models, fallback, spec).await {
                 Some(Ok(planned)) => plan.models.push(planned),
                 Some(Err(why)) => skipped.push(why),
                 None => skipped.push(format!(
@@ -787,7 +770,6 @@ impl OpenRouterProvider {
         }
         if !skipped.is_empty() {
             tracing::warn!(
-                scene_id = spec.scene_id,
                 skipped = %skipped.join("; "),
                 "fallback models left out of the chain"
             );
@@ -799,16 +781,15 @@ impl OpenRouterProvider {
     /// scene fails naming close alternatives.
     async fn plan_without_primary(
         &self,
-        spec: &SceneSpec<'_>,
+        spec: &ImageSpec,
+        fallbacks: &[String],
         models: Option<&Models>,
-        wanted: Wanted<'_>,
     ) -> Result<Plan> {
         let mut plan = Plan { models: Vec::new() };
-        let skipped = self.add_fallbacks(&mut plan, spec, models, wanted).await;
-        let model = shorten_slug(spec.model);
+        let skipped = self.add_fallbacks(&mut plan, spec, fallbacks, models).await;
+        let model = shorten_slug(&spec.model);
         if let Some(first) = plan.models.first() {
             tracing::warn!(
-                scene_id = spec.scene_id,
                 requested_model = %model,
                 model = %first.model,
                 "the requested model is not in OpenRouter's image catalogue; using the fallback"
@@ -816,7 +797,7 @@ impl OpenRouterProvider {
             return Ok(plan);
         }
         let alternatives = models
-            .map(|m| catalogue::alternatives(m, spec.model))
+            .map(|m| catalogue::alternatives(m, &spec.model))
             .unwrap_or_default();
         let mut message = format!(
             "{model} is not in OpenRouter's image catalogue (retired, renamed or misspelt)"
@@ -898,16 +879,16 @@ enum ChatPart<'a> {
 }
 
 fn chat_content<'a>(request: &ImageRequest<'a>) -> ChatContent<'a> {
-    if request.references.is_empty() {
-        return ChatContent::Text(request.prompt);
+    let spec = request.spec;
+    if spec.references.is_empty() {
+        return ChatContent::Text(&spec.prompt);
     }
     let mut parts = vec![ChatPart::Text {
         kind: "text",
-        text: request.prompt,
+        text: &spec.prompt,
     }];
     parts.extend(
-        request
-            .references
+        spec.references
             .iter()
             .map(|url| ChatPart::Image(ImageUrlPart::new(url))),
     );
@@ -1033,7 +1014,7 @@ fn too_large(status: u16, limit: usize) -> Stage3Error {
     ))
 }
 
-fn transport_error(error: reqwest::Error, what: &str, budget: Duration) -> Stage3Error {
+fn transport_error(error: reqwest::Error, what: &str, budget: &CallBudget) -> Stage3Error {
     // Without the URL: an image URL may carry a signature.
     let error = error.without_url();
     // Connect first: a connect timeout (STAGE3_CONNECT_TIMEOUT_SECS) means the provider is
@@ -1044,27 +1025,12 @@ fn transport_error(error: reqwest::Error, what: &str, budget: Duration) -> Stage
             format!("cannot connect for {what}: {}", error_chain(&error)),
         ))
     } else if error.is_timeout() {
-        Stage3Error::Timeout(format!(
-            "{what} did not finish within {}",
-            humantime::format_duration(budget)
-        ))
+        budget.expired(what)
     } else {
         Stage3Error::ProviderUnavailable(ProviderFailure::new(
             None,
             format!("{what} failed: {}", error_chain(&error)),
         ))
-    }
-}
-
-/// The time left before `deadline`, or a timeout if there is none.
-fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        Err(Stage3Error::Timeout(format!(
-            "no time left to start {what}"
-        )))
-    } else {
-        Ok(left)
     }
 }
 

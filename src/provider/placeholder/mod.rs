@@ -11,8 +11,9 @@ mod sketch;
 
 use async_trait::async_trait;
 
-use super::{ImageProvider, ImageRequest, Plan, ProviderImage, SceneSpec};
+use super::{ImageProvider, ImageRequest, Plan, ProviderImage};
 use crate::error::{ProviderFailure, Result, Stage3Error};
+use crate::image_spec::ImageSpec;
 use sketch::Sketch;
 
 #[derive(Debug, Default)]
@@ -35,8 +36,8 @@ impl ImageProvider for PlaceholderProvider {
     }
 
     /// Offline and free: every model "serves", at no cost.
-    async fn plan(&self, spec: &SceneSpec<'_>) -> Result<Plan> {
-        Ok(Plan::unchecked(spec, Some(0.0)))
+    async fn plan(&self, spec: &ImageSpec, fallbacks: &[String]) -> Result<Plan> {
+        Ok(Plan::unchecked(spec, fallbacks, Some(0.0)))
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
@@ -62,6 +63,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::deadline::CallBudget;
     use crate::schema::{ImageQuality, ImageSize};
 
     #[tokio::test]
@@ -69,15 +71,19 @@ mod tests {
         let provider = PlaceholderProvider::new();
         assert_eq!(provider.name(), "placeholder");
         assert_eq!(provider.api(), None);
-        let ask = ImageRequest {
-            scene_id: "scene_009",
-            prompt: "A quiet harbour",
-            model: "google/gemini-2.5-flash-image",
+        let spec = ImageSpec {
+            model: "google/gemini-2.5-flash-image".into(),
+            prompt: "A quiet harbour".into(),
             size: ImageSize::Landscape,
             quality: ImageQuality::Standard,
             seed: None,
-            references: &[],
-            timeout: Duration::from_secs(180),
+            references: Vec::new(),
+        };
+        let ask = ImageRequest {
+            scene_id: "scene_009",
+            spec: &spec,
+            model: &spec.model,
+            budget: CallBudget::new(Duration::from_secs(180)),
         };
         let image = provider.generate(&ask).await.unwrap();
         assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));

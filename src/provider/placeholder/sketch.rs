@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::failure;
 use crate::error::Result;
+use crate::image_spec::ImageSpec;
 use crate::provider::ImageRequest;
 use crate::text::{self, Surface};
 
@@ -38,24 +39,29 @@ const PALE: [u8; 3] = [228, 228, 228];
 
 impl Sketch {
     pub(super) fn for_request(request: &ImageRequest<'_>) -> Self {
-        let (width, height) = request.size.dimensions();
-        let seed = request
+        Sketch::new(request.scene_id, request.spec, request.model)
+    }
+
+    /// The picture of `spec` for `scene_id`, as if `model` had been asked to draw it.
+    fn new(scene_id: &str, spec: &ImageSpec, model: &str) -> Self {
+        let (width, height) = spec.size.dimensions();
+        let seed = spec
             .seed
             .map_or_else(|| "none".to_owned(), |s| s.to_string());
         let mut hasher = Sha256::new();
         // Length-prefixed, so no two different requests can hash the same bytes.
         for field in [
-            request.scene_id,
-            request.prompt,
-            request.model,
-            request.size.as_str(),
-            request.quality.as_str(),
+            scene_id,
+            &spec.prompt,
+            model,
+            spec.size.as_str(),
+            spec.quality.as_str(),
             &seed,
         ] {
             hasher.update((field.len() as u64).to_le_bytes());
             hasher.update(field.as_bytes());
         }
-        let seed_note = request
+        let seed_note = spec
             .seed
             .map(|s| format!(" · seed {s}"))
             .unwrap_or_default();
@@ -63,14 +69,14 @@ impl Sketch {
             width,
             height,
             digest: hasher.finalize().into(),
-            title: request.scene_id.to_owned(),
+            title: scene_id.to_owned(),
             caption: format!(
                 "offline placeholder · {} · {}{seed_note}",
-                request.size, request.quality
+                spec.size, spec.quality
             ),
-            prompt: request.prompt.to_owned(),
+            prompt: spec.prompt.clone(),
             // No model drew this picture: say so, and keep the one asked for visible.
-            footer: format!("requested model (not called): {}", request.model),
+            footer: format!("requested model (not called): {model}"),
         }
     }
 
@@ -378,8 +384,6 @@ impl SplitMix64 {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::normalize::{normalize_image, ImageLimits, SourceFormat};
     use crate::schema::{ImageQuality, ImageSize};
@@ -388,21 +392,37 @@ mod tests {
         max_pixels: 40_000_000,
     };
 
-    fn request<'a>(scene_id: &'a str, prompt: &'a str, size: ImageSize) -> ImageRequest<'a> {
-        ImageRequest {
-            scene_id,
-            prompt,
-            model: "google/gemini-2.5-flash-image",
-            size,
-            quality: ImageQuality::Standard,
-            seed: None,
-            references: &[],
-            timeout: Duration::from_secs(180),
+    /// What a provider call hands the sketch, owned.
+    #[derive(Debug, Clone)]
+    struct Ask {
+        scene_id: String,
+        spec: ImageSpec,
+        model: String,
+    }
+
+    impl Ask {
+        fn sketch(&self) -> Sketch {
+            Sketch::new(&self.scene_id, &self.spec, &self.model)
         }
     }
 
-    fn draw(request: &ImageRequest<'_>) -> Bytes {
-        Sketch::for_request(request).render().unwrap()
+    fn request(scene_id: &str, prompt: &str, size: ImageSize) -> Ask {
+        Ask {
+            scene_id: scene_id.into(),
+            spec: ImageSpec {
+                model: "google/gemini-2.5-flash-image".into(),
+                prompt: prompt.into(),
+                size,
+                quality: ImageQuality::Standard,
+                seed: None,
+                references: Vec::new(),
+            },
+            model: "google/gemini-2.5-flash-image".into(),
+        }
+    }
+
+    fn draw(ask: &Ask) -> Bytes {
+        ask.sketch().render().unwrap()
     }
 
     fn pixels(png: &[u8]) -> image::RgbImage {
@@ -427,27 +447,17 @@ mod tests {
     fn every_input_of_the_request_changes_the_picture() {
         let base = request("scene_001", "A lighthouse at dusk", ImageSize::Square);
         let reference = draw(&base);
+        let variant = |change: &dyn Fn(&mut Ask)| {
+            let mut ask = base.clone();
+            change(&mut ask);
+            ask
+        };
         let variants = [
-            ImageRequest {
-                scene_id: "scene_002",
-                ..base.clone()
-            },
-            ImageRequest {
-                prompt: "A lighthouse at dawn",
-                ..base.clone()
-            },
-            ImageRequest {
-                model: "openai/gpt-5-image",
-                ..base.clone()
-            },
-            ImageRequest {
-                quality: ImageQuality::Hd,
-                ..base.clone()
-            },
-            ImageRequest {
-                seed: Some(42),
-                ..base.clone()
-            },
+            variant(&|a| a.scene_id = "scene_002".into()),
+            variant(&|a| a.spec.prompt = "A lighthouse at dawn".into()),
+            variant(&|a| a.model = "openai/gpt-5-image".into()),
+            variant(&|a| a.spec.quality = ImageQuality::Hd),
+            variant(&|a| a.spec.seed = Some(42)),
         ];
         for variant in &variants {
             assert_ne!(draw(variant), reference, "{variant:?}");
@@ -516,7 +526,7 @@ mod tests {
                 ("s", "googling gypsy jQuery"),
             ] {
                 let ask = request(id, prompt, size);
-                let sketch = Sketch::for_request(&ask);
+                let sketch = ask.sketch();
                 let layout = sketch.layout();
                 let (width, height) = size.dimensions();
                 let usable = width * 88 / 100;
@@ -541,7 +551,7 @@ mod tests {
             }
         }
         // The mixed prompt needs more than one line and keeps its words whole.
-        let layout = Sketch::for_request(&request("s", mixed, ImageSize::Square)).layout();
+        let layout = request("s", mixed, ImageSize::Square).sketch().layout();
         assert!(layout.prompt.len() > 1, "{:?}", layout.prompt);
         assert!(layout.prompt.iter().any(|line| line.contains("Huangpu")));
     }
@@ -549,8 +559,8 @@ mod tests {
     #[test]
     fn the_small_print_says_no_model_drew_the_picture() {
         let mut ask = request("scene_001", "A fox", ImageSize::Square);
-        ask.seed = Some(42);
-        let sketch = Sketch::for_request(&ask);
+        ask.spec.seed = Some(42);
+        let sketch = ask.sketch();
         assert_eq!(
             sketch.caption,
             "offline placeholder · 1024x1024 · standard · seed 42"
