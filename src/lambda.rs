@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::EventSettings;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
@@ -57,14 +57,14 @@ pub struct Outlets {
 }
 
 impl Outlets {
-    /// Builds what `config` names (clients only, no network call): once, at start-up.
-    pub async fn from_config(config: &Config) -> Result<Self> {
-        let dead_letter = match &config.events.dead_letter_queue_url {
-            Some(url) => Some(DeadLetterQueue::from_config(url, &config.events).await),
+    /// Builds what `settings` names (clients only, no network call): once, at start-up.
+    pub async fn from_settings(settings: &EventSettings) -> Result<Self> {
+        let dead_letter = match &settings.dead_letter_queue_url {
+            Some(url) => Some(DeadLetterQueue::from_settings(url, settings).await),
             None => None,
         };
         Ok(Outlets {
-            events: EventPublisher::from_config(config).await?,
+            events: EventPublisher::from_settings(settings).await?,
             dead_letter,
         })
     }

@@ -5,7 +5,8 @@
 //! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, batch answer)
 //!   and the parsing of every accepted input shape.
 //! - [`prompt`]: composes the text sent to the provider (style tags, "Avoid:" negatives).
-//! - [`config`]: the environment variables, read and checked once at start-up.
+//! - [`config`]: the environment variables, read and checked once at start-up, grouped
+//!   into each component's settings (a component is built from its own settings alone).
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG; keeps

@@ -337,8 +337,8 @@ impl Stage3Service {
     /// client): do this once, at start-up.
     pub async fn from_config(config: Config) -> Result<Self> {
         config.validate()?;
-        let provider = provider::from_config(&config)?;
-        let store = storage::from_config(&config).await?;
+        let provider = provider::from_settings(config.provider, &config.openrouter)?;
+        let store = storage::from_settings(&config.storage).await?;
         Ok(Stage3Service::new(config, provider, store))
     }
 
@@ -360,7 +360,7 @@ impl Stage3Service {
         };
         Stage3Service {
             urls,
-            retry: RetryPolicy::from_config(&config),
+            retry: config.retry_policy(),
             limits: ImageLimits {
                 max_pixels: config.max_image_pixels,
             },

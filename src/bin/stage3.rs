@@ -135,7 +135,7 @@ async fn main() -> ExitCode {
 async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let mut config = Config::from_env()?;
     if let Some(out) = args.out {
-        config.output_dir = out;
+        config.storage.output_dir = out;
     }
     if let Some(concurrency) = args.concurrency {
         config.concurrency = usize::from(concurrency);
@@ -165,7 +165,7 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         }
     }
 
-    let events = EventPublisher::from_config(&config).await?;
+    let events = EventPublisher::from_settings(&config.events).await?;
     let service = Stage3Service::from_config(config).await?;
     let scenes = service.prepare_all(requests)?;
     // Refused whole, before any call: a scene its model cannot serve, or a batch over budget.
@@ -255,7 +255,9 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
     // Validation calls nobody who bills: the catalogue needs no key, and the placeholder
     // stands in when the provider is the placeholder.
     let provider: Arc<dyn ImageProvider> = match config.provider {
-        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::for_catalogue(&config)?),
+        ProviderKind::OpenRouter => {
+            Arc::new(OpenRouterProvider::for_catalogue(&config.openrouter)?)
+        }
         ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
     };
     let scenes = prepare_all(requests, &config, provider.as_ref())?;
@@ -277,7 +279,7 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
 
 async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
     let config = Config::from_env()?;
-    let provider = OpenRouterProvider::for_catalogue(&config)?;
+    let provider = OpenRouterProvider::for_catalogue(&config.openrouter)?;
     let models = provider.image_models().await?;
     if json {
         let text = serde_json::to_string_pretty(&models).expect("model listings serialize");

@@ -25,7 +25,7 @@ use aws_sdk_sqs::types::MessageAttributeValue;
 use aws_sdk_sqs::Client;
 
 use super::shorten;
-use crate::config::EventsConfig;
+use crate::config::EventSettings;
 use crate::error::ErrorType;
 
 /// Longest an `error_message` attribute gets: the whole story is in the logs.
@@ -62,7 +62,7 @@ impl fmt::Debug for DeadLetterQueue {
 
 impl DeadLetterQueue {
     /// Builds the SQS client for `queue_url`. Call once, at start-up.
-    pub async fn from_config(queue_url: &str, events: &EventsConfig) -> Self {
+    pub async fn from_settings(queue_url: &str, events: &EventSettings) -> Self {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(events.region_for(Some(queue_url))))
             .load()

@@ -28,7 +28,7 @@ use aws_sdk_eventbridge::Client;
 use tokio::time::Instant;
 
 use super::{Backoff, Event, EventSink, EVENT_SOURCE};
-use crate::config::EventsConfig;
+use crate::config::EventSettings;
 
 /// Entries per `PutEvents` call (EventBridge's limit).
 pub const MAX_ENTRIES_PER_CALL: usize = 10;
@@ -59,8 +59,8 @@ impl fmt::Debug for EventBridgeSink {
 
 impl EventBridgeSink {
     /// Builds the client for `bus` from the standard AWS configuration, in the region
-    /// [`EventsConfig::region_for`] chooses. Call once, at start-up.
-    pub async fn from_config(bus: &str, events: &EventsConfig) -> Self {
+    /// [`EventSettings::region_for`] chooses. Call once, at start-up.
+    pub async fn from_settings(bus: &str, events: &EventSettings) -> Self {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(events.region_for(Some(bus))))
             .load()

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::EventSettings;
 use crate::error::Result;
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
 
@@ -184,15 +184,15 @@ impl EventPublisher {
         EventPublisher::default()
     }
 
-    /// The sinks `config` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their clients
-    /// are built here, once, without any network call.
-    pub async fn from_config(config: &Config) -> Result<Self> {
+    /// The sinks `settings` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their
+    /// clients are built here, once, without any network call.
+    pub async fn from_settings(settings: &EventSettings) -> Result<Self> {
         let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
-        if let Some(bus) = &config.events.event_bus {
-            let sink = eventbridge::EventBridgeSink::from_config(bus, &config.events).await;
+        if let Some(bus) = &settings.event_bus {
+            let sink = eventbridge::EventBridgeSink::from_settings(bus, settings).await;
             sinks.push(Arc::new(sink));
         }
-        if let Some(webhook) = &config.events.webhook {
+        if let Some(webhook) = &settings.webhook {
             sinks.push(Arc::new(webhook::WebhookSink::new(webhook)?));
         }
         Ok(EventPublisher::new(sinks))

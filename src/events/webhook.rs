@@ -23,7 +23,7 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 use tokio::time::Instant;
 
 use super::{Backoff, Event, EventKind, EventSink};
-use crate::config::{Secret, WebhookConfig};
+use crate::config::{Secret, WebhookSettings};
 use crate::error::{Result, Stage3Error};
 
 /// The header carrying the body's signature.
@@ -76,17 +76,17 @@ impl fmt::Debug for WebhookSink {
 
 impl WebhookSink {
     /// Builds the HTTP client. Makes no network call.
-    pub fn new(config: &WebhookConfig) -> Result<Self> {
-        Self::with_timeouts(config, REQUEST_TIMEOUT, CONNECT_TIMEOUT)
+    pub fn new(settings: &WebhookSettings) -> Result<Self> {
+        Self::with_timeouts(settings, REQUEST_TIMEOUT, CONNECT_TIMEOUT)
     }
 
     /// The same with other timeouts (tests).
     pub fn with_timeouts(
-        config: &WebhookConfig,
+        settings: &WebhookSettings,
         request_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<Self> {
-        let url = reqwest::Url::parse(&config.url).map_err(|e| {
+        let url = reqwest::Url::parse(&settings.url).map_err(|e| {
             Stage3Error::config(format!("STAGE3_WEBHOOK_URL: not a valid URL: {e}"))
         })?;
         let client = reqwest::Client::builder()
@@ -99,7 +99,7 @@ impl WebhookSink {
         Ok(WebhookSink {
             client,
             url,
-            secret: config.secret.clone(),
+            secret: settings.secret.clone(),
             backoff: Backoff::DEFAULT,
         })
     }
@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn debug_shows_only_the_origin() {
-        let sink = WebhookSink::new(&WebhookConfig {
+        let sink = WebhookSink::new(&WebhookSettings {
             url: "https://hooks.example.com/t/very-private-token".into(),
             secret: Secret::new("whsec-very-secret"),
         })

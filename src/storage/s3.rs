@@ -23,7 +23,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
-use crate::config::{Config, S3Config};
+use crate::config::S3Settings;
 use crate::error::{Result, Stage3Error};
 
 /// Longest wait for a TCP (and TLS) connection to the endpoint.
@@ -64,14 +64,10 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
-    /// Builds the client from `config.s3`, signing with its own keys when given, else with
-    /// the standard AWS credential chain (environment variables, profile, the Lambda
-    /// role). Call once, at start-up.
-    pub async fn from_config(config: &Config) -> Result<Self> {
-        let s3 = config
-            .s3
-            .as_ref()
-            .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
+    /// Builds the client from `s3`, signing with its own keys when given, else with the
+    /// standard AWS credential chain (environment variables, profile, the Lambda role).
+    /// Call once, at start-up.
+    pub async fn from_settings(s3: &S3Settings) -> Self {
         let mut loader =
             aws_config::defaults(BehaviorVersion::latest()).region(Region::new(s3.region.clone()));
         if let Some(keys) = &s3.credentials {
@@ -85,12 +81,12 @@ impl S3Store {
         }
         let shared = loader.load().await;
         let client_config = Self::configure(aws_sdk_s3::config::Builder::from(&shared), s3);
-        Ok(S3Store::new(
+        S3Store::new(
             Client::from_conf(client_config.build()),
             &s3.bucket,
             &s3.prefix,
             s3.presign_expiry,
-        ))
+        )
     }
 
     /// Applies the Stage 3 client settings to `builder`: region, endpoint, addressing,
@@ -98,7 +94,7 @@ impl S3Store {
     /// credentials get exactly the production behaviour.
     pub fn configure(
         builder: aws_sdk_s3::config::Builder,
-        s3: &S3Config,
+        s3: &S3Settings,
     ) -> aws_sdk_s3::config::Builder {
         let mut builder = builder
             .region(Region::new(s3.region.clone()))
@@ -124,7 +120,7 @@ impl S3Store {
     }
 
     /// A store over an existing client (tests, embedding). `prefix` should be empty or end
-    /// in `/`, as [`S3Config::prefix`] does.
+    /// in `/`, as [`S3Settings::prefix`] does.
     pub fn new(client: Client, bucket: &str, prefix: &str, presign_expiry: Duration) -> Self {
         S3Store {
             client,
@@ -435,27 +431,18 @@ impl ObjectStore for S3Store {
 mod tests {
     use super::*;
 
-    fn config(pairs: &[(&str, &str)]) -> Config {
-        let lookup = |name: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| *key == name)
-                .map(|(_, value)| value.to_string())
-        };
-        Config::from_lookup(lookup).unwrap()
-    }
-
     #[tokio::test]
-    async fn from_config_keys_objects_under_the_bucket_and_prefix() {
-        let store = S3Store::from_config(&config(&[
-            ("STAGE3_STORAGE", "s3"),
-            ("STAGE3_S3_BUCKET", "pictures"),
-            ("STAGE3_S3_PREFIX", "stories"),
-            ("STAGE3_S3_ENDPOINT", "https://s3.cn-east-1.qiniucs.com"),
-            ("STAGE3_S3_REGION", "cn-east-1"),
-        ]))
-        .await
-        .unwrap();
+    async fn from_settings_keys_objects_under_the_bucket_and_prefix() {
+        let store = S3Store::from_settings(&S3Settings {
+            bucket: "pictures".into(),
+            endpoint: Some("https://s3.cn-east-1.qiniucs.com".into()),
+            region: "cn-east-1".into(),
+            prefix: "stories/".into(),
+            force_path_style: true,
+            presign_expiry: Duration::from_secs(3600),
+            credentials: None,
+        })
+        .await;
 
         assert_eq!(store.location("a.png"), "s3://pictures/stories/a.png");
         assert_eq!(store.public_key("a.png"), "stories/a.png");
@@ -472,12 +459,6 @@ mod tests {
             client_config.response_checksum_validation(),
             Some(&ResponseChecksumValidation::WhenRequired)
         );
-    }
-
-    #[tokio::test]
-    async fn from_config_without_s3_settings_is_a_config_error() {
-        let err = S3Store::from_config(&config(&[])).await.unwrap_err();
-        assert_eq!(err.error_type(), crate::error::ErrorType::Config);
     }
 
     #[derive(Debug)]

@@ -17,7 +17,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
-use stage3::config::{Secret, WebhookConfig};
+use stage3::config::{Secret, WebhookSettings};
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
 use stage3::events::webhook::{WebhookSink, SIGNATURE_HEADER};
@@ -560,7 +560,7 @@ async fn without_a_dead_letter_queue_permanent_failures_are_redelivered_as_befor
 const WEBHOOK_SECRET: &str = "whsec-events-test-very-secret-0123";
 
 fn webhook(server: &MockServer, path: &str) -> WebhookSink {
-    WebhookSink::new(&WebhookConfig {
+    WebhookSink::new(&WebhookSettings {
         url: format!("{}{path}", server.uri()),
         secret: Secret::new(WEBHOOK_SECRET),
     })
@@ -761,7 +761,7 @@ async fn a_429_is_retried_and_a_silent_webhook_times_out() {
         .mount(&slow)
         .await;
     let sink = WebhookSink::with_timeouts(
-        &WebhookConfig {
+        &WebhookSettings {
             url: slow.uri(),
             secret: Secret::new(WEBHOOK_SECRET),
         },
