@@ -7,7 +7,8 @@
 //! [`Config`] is composed of one settings struct per component — [`OpenRouterSettings`],
 //! [`StorageSettings`] (with [`S3Settings`]), [`EventSettings`], and the retry policy from
 //! [`Config::retry_policy`] — and each component is built from its own settings alone, so
-//! it can be built, tested and read without knowing the rest. The orchestrator
+//! it can be built, tested and read without knowing the rest. The AWS clients among them
+//! also share [`AwsConfig`], the SDK's own configuration, loaded once. The orchestrator
 //! ([`crate::service`]) keeps the whole `Config`.
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
@@ -261,6 +263,9 @@ pub struct Config {
     /// Where outcomes are announced besides the answer: EventBridge, a webhook, and the
     /// dead-letter queue for SQS messages that failed for good (see `crate::events`).
     pub events: EventSettings,
+    /// The AWS SDK's own configuration, shared by the S3, EventBridge and SQS clients and
+    /// loaded when the first of them is built.
+    pub aws: AwsConfig,
 }
 
 /// `STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL` + `STAGE3_WEBHOOK_SECRET` and
@@ -273,34 +278,6 @@ pub struct EventSettings {
     pub webhook: Option<WebhookSettings>,
     /// Where SQS messages that failed for good are sent at once.
     pub dead_letter_queue_url: Option<String>,
-    /// `AWS_REGION` (or `AWS_DEFAULT_REGION`), when set.
-    pub aws_region: Option<String>,
-}
-
-impl EventSettings {
-    /// The region the EventBridge and SQS clients sign for: `AWS_REGION`, else the one in
-    /// the bus ARN or queue URL (`arn:aws:events:REGION:…`, `https://sqs.REGION.amazonaws.com/…`),
-    /// else `us-east-1`. Giving the client a region up front also keeps its start-up free
-    /// of the instance-metadata lookup the default region chain would make.
-    pub fn region_for(&self, bus_or_queue: Option<&str>) -> String {
-        if let Some(region) = &self.aws_region {
-            return region.clone();
-        }
-        let from_target = bus_or_queue.and_then(|target| {
-            if let Some(arn) = target.strip_prefix("arn:") {
-                arn.split(':').nth(2).map(str::to_string)
-            } else {
-                let host = target.split("://").nth(1)?.split(['/', ':']).next()?;
-                let mut labels = host.split('.');
-                (labels.next() == Some("sqs"))
-                    .then(|| labels.next())?
-                    .map(str::to_string)
-            }
-        });
-        from_target
-            .filter(|region| !region.is_empty())
-            .unwrap_or_else(|| "us-east-1".to_string())
-    }
 }
 
 /// Where webhook events go and the key that signs them.
@@ -384,6 +361,10 @@ impl Config {
                 None => HashMap::new(),
             },
             events: event_settings(&vars)?,
+            aws: AwsConfig::new(
+                vars.get("AWS_REGION")
+                    .or_else(|| vars.get("AWS_DEFAULT_REGION")),
+            ),
             model_fallbacks: parse_fallbacks(
                 "STAGE3_MODEL_FALLBACKS",
                 &vars.get("STAGE3_MODEL_FALLBACKS").unwrap_or_default(),
@@ -578,9 +559,6 @@ fn event_settings(vars: &Vars<'_>) -> Result<EventSettings> {
         event_bus,
         webhook,
         dead_letter_queue_url,
-        aws_region: vars
-            .get("AWS_REGION")
-            .or_else(|| vars.get("AWS_DEFAULT_REGION")),
     })
 }
 
@@ -931,33 +909,16 @@ mod tests {
     }
 
     #[test]
-    fn the_events_region_comes_from_the_environment_or_the_target() {
-        let c = config(&[]).unwrap();
-        assert_eq!(
-            c.events.region_for(Some(
-                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
-            )),
-            "eu-west-1"
-        );
-        assert_eq!(
-            c.events.region_for(Some(
-                "https://sqs.ap-southeast-1.amazonaws.com/123456789012/dlq"
-            )),
-            "ap-southeast-1"
-        );
-        assert_eq!(c.events.region_for(Some("stage3-bus")), "us-east-1");
-        assert_eq!(
-            c.events
-                .region_for(Some("http://127.0.0.1:5000/123456789012/dlq")),
-            "us-east-1"
-        );
-        let c = config(&[("AWS_REGION", "cn-north-1")]).unwrap();
-        assert_eq!(
-            c.events.region_for(Some(
-                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
-            )),
-            "cn-north-1"
-        );
+    fn the_aws_region_comes_from_either_variable() {
+        assert_eq!(config(&[]).unwrap().aws.region(), None);
+        let c = config(&[("AWS_DEFAULT_REGION", "eu-west-1")]).unwrap();
+        assert_eq!(c.aws.region(), Some("eu-west-1"));
+        let c = config(&[
+            ("AWS_REGION", "cn-north-1"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ])
+        .unwrap();
+        assert_eq!(c.aws.region(), Some("cn-north-1"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::aws::AwsConfig;
 use crate::config::EventSettings;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
@@ -58,13 +59,14 @@ pub struct Outlets {
 
 impl Outlets {
     /// Builds what `settings` names (clients only, no network call): once, at start-up.
-    pub async fn from_settings(settings: &EventSettings) -> Result<Self> {
+    /// The AWS clients start from `aws`, loaded once for all of them.
+    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
         let dead_letter = match &settings.dead_letter_queue_url {
-            Some(url) => Some(DeadLetterQueue::from_settings(url, settings).await),
+            Some(url) => Some(DeadLetterQueue::from_aws(url, aws).await),
             None => None,
         };
         Ok(Outlets {
-            events: EventPublisher::from_settings(settings).await?,
+            events: EventPublisher::from_settings(settings, aws).await?,
             dead_letter,
         })
     }

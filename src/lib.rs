@@ -22,6 +22,7 @@
 //! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
+//! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share, loaded once.
 //! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
@@ -29,6 +30,7 @@
 //!
 //! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
 
+pub mod aws;
 pub mod cache;
 pub mod config;
 pub mod deadline;

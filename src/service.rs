@@ -338,7 +338,7 @@ impl Stage3Service {
     pub async fn from_config(config: Config) -> Result<Self> {
         config.validate()?;
         let provider = provider::from_settings(config.provider, &config.openrouter)?;
-        let store = storage::from_settings(&config.storage).await?;
+        let store = storage::from_settings(&config.storage, &config.aws).await?;
         Ok(Stage3Service::new(config, provider, store))
     }
 

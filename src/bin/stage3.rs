@@ -165,7 +165,7 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         }
     }
 
-    let events = EventPublisher::from_settings(&config.events).await?;
+    let events = EventPublisher::from_settings(&config.events, &config.aws).await?;
     let service = Stage3Service::from_config(config).await?;
     let scenes = service.prepare_all(requests)?;
     // Refused whole, before any call: a scene its model cannot serve, or a batch over budget.

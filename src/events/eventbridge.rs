@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_eventbridge::config::retry::RetryConfig;
 use aws_sdk_eventbridge::config::timeout::TimeoutConfig;
-use aws_sdk_eventbridge::config::{BehaviorVersion, Region};
+use aws_sdk_eventbridge::config::Region;
 use aws_sdk_eventbridge::error::DisplayErrorContext;
 use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_eventbridge::operation::put_events::PutEventsError;
@@ -28,7 +28,7 @@ use aws_sdk_eventbridge::Client;
 use tokio::time::Instant;
 
 use super::{Backoff, Event, EventSink, EVENT_SOURCE};
-use crate::config::EventSettings;
+use crate::aws::AwsConfig;
 
 /// Entries per `PutEvents` call (EventBridge's limit).
 pub const MAX_ENTRIES_PER_CALL: usize = 10;
@@ -58,14 +58,13 @@ impl fmt::Debug for EventBridgeSink {
 }
 
 impl EventBridgeSink {
-    /// Builds the client for `bus` from the standard AWS configuration, in the region
-    /// [`EventSettings::region_for`] chooses. Call once, at start-up.
-    pub async fn from_settings(bus: &str, events: &EventSettings) -> Self {
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(events.region_for(Some(bus))))
-            .load()
-            .await;
-        let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(&shared));
+    /// Builds the client for `bus` on the shared AWS configuration, in the region
+    /// [`AwsConfig::region_for`] chooses. Call once, at start-up.
+    pub async fn from_aws(bus: &str, aws: &AwsConfig) -> Self {
+        let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(
+            aws.sdk_config().await,
+        ))
+        .region(Region::new(aws.region_for(Some(bus))));
         EventBridgeSink::new(Client::from_conf(config.build()), bus)
     }
 

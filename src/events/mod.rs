@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::aws::AwsConfig;
 use crate::config::EventSettings;
 use crate::error::Result;
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
@@ -185,11 +186,12 @@ impl EventPublisher {
     }
 
     /// The sinks `settings` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their
-    /// clients are built here, once, without any network call.
-    pub async fn from_settings(settings: &EventSettings) -> Result<Self> {
+    /// clients are built here, once, without any network call. The EventBridge client
+    /// starts from `aws`, which is loaded only if a bus is named.
+    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
         let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
         if let Some(bus) = &settings.event_bus {
-            let sink = eventbridge::EventBridgeSink::from_settings(bus, settings).await;
+            let sink = eventbridge::EventBridgeSink::from_aws(bus, aws).await;
             sinks.push(Arc::new(sink));
         }
         if let Some(webhook) = &settings.webhook {

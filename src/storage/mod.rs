@@ -17,6 +17,7 @@ pub use fs::FsStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
 
+use crate::aws::AwsConfig;
 use crate::config::{StorageKind, StorageSettings};
 use crate::error::{Result, Stage3Error};
 
@@ -144,8 +145,11 @@ fn too_large(location: &str, size: u64, limit: u64) -> Stage3Error {
 }
 
 /// Builds the store `settings.kind` names. Called once at start-up (the S3 client is built
-/// here).
-pub async fn from_settings(settings: &StorageSettings) -> Result<Arc<dyn ObjectStore>> {
+/// here, on the shared AWS configuration).
+pub async fn from_settings(
+    settings: &StorageSettings,
+    aws: &AwsConfig,
+) -> Result<Arc<dyn ObjectStore>> {
     Ok(match settings.kind {
         StorageKind::Fs => Arc::new(FsStore::new(&settings.output_dir)?),
         StorageKind::S3 => {
@@ -153,7 +157,7 @@ pub async fn from_settings(settings: &StorageSettings) -> Result<Arc<dyn ObjectS
                 .s3
                 .as_ref()
                 .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
-            Arc::new(S3Store::from_settings(s3).await)
+            Arc::new(S3Store::from_settings(s3, aws).await)
         }
     })
 }
@@ -170,7 +174,10 @@ mod tests {
             output_dir: "unused".into(),
             s3: None,
         };
-        let err = from_settings(&settings).await.err().unwrap();
+        let err = from_settings(&settings, &AwsConfig::default())
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.error_type(), ErrorType::Config);
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -23,6 +23,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
+use crate::aws::AwsConfig;
 use crate::config::S3Settings;
 use crate::error::{Result, Stage3Error};
 
@@ -64,14 +65,16 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
-    /// Builds the client from `s3`, signing with its own keys when given, else with the
-    /// standard AWS credential chain (environment variables, profile, the Lambda role).
-    /// Call once, at start-up.
-    pub async fn from_settings(s3: &S3Settings) -> Self {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(s3.region.clone()));
+    /// Builds the client from `s3` on the shared AWS configuration, signing with the
+    /// bucket's own keys when given, else with the standard AWS credential chain
+    /// (environment variables, profile, the Lambda role). Call once, at start-up.
+    pub async fn from_settings(s3: &S3Settings, aws: &AwsConfig) -> Self {
+        let mut client_config = Self::configure(
+            aws_sdk_s3::config::Builder::from(aws.sdk_config().await),
+            s3,
+        );
         if let Some(keys) = &s3.credentials {
-            loader = loader.credentials_provider(Credentials::new(
+            client_config = client_config.credentials_provider(Credentials::new(
                 &keys.access_key_id,
                 keys.secret_access_key.expose(),
                 None,
@@ -79,8 +82,6 @@ impl S3Store {
                 "stage3-s3-keys",
             ));
         }
-        let shared = loader.load().await;
-        let client_config = Self::configure(aws_sdk_s3::config::Builder::from(&shared), s3);
         S3Store::new(
             Client::from_conf(client_config.build()),
             &s3.bucket,
@@ -433,15 +434,18 @@ mod tests {
 
     #[tokio::test]
     async fn from_settings_keys_objects_under_the_bucket_and_prefix() {
-        let store = S3Store::from_settings(&S3Settings {
-            bucket: "pictures".into(),
-            endpoint: Some("https://s3.cn-east-1.qiniucs.com".into()),
-            region: "cn-east-1".into(),
-            prefix: "stories/".into(),
-            force_path_style: true,
-            presign_expiry: Duration::from_secs(3600),
-            credentials: None,
-        })
+        let store = S3Store::from_settings(
+            &S3Settings {
+                bucket: "pictures".into(),
+                endpoint: Some("https://s3.cn-east-1.qiniucs.com".into()),
+                region: "cn-east-1".into(),
+                prefix: "stories/".into(),
+                force_path_style: true,
+                presign_expiry: Duration::from_secs(3600),
+                credentials: None,
+            },
+            &AwsConfig::default(),
+        )
         .await;
 
         assert_eq!(store.location("a.png"), "s3://pictures/stories/a.png");

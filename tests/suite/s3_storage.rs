@@ -209,7 +209,7 @@ async fn from_settings_signs_with_the_configured_bucket_keys() {
         target.secret_key().to_string(),
     );
     let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    let store = S3Store::from_settings(config.storage.s3.as_ref().unwrap()).await;
+    let store = S3Store::from_settings(config.storage.s3.as_ref().unwrap(), &config.aws).await;
     let png = noisy_png(16, 9, 13);
 
     store
