@@ -67,6 +67,15 @@ impl Deadline {
         }
     }
 
+    /// Runs `call` until the deadline: `None` when the deadline came first. Without a
+    /// deadline the call runs to its end (bounded only by its own timeouts).
+    pub async fn within<T>(&self, call: impl Future<Output = T>) -> Option<T> {
+        match self.0 {
+            Some(deadline) => tokio::time::timeout_at(deadline, call).await.ok(),
+            None => Some(call.await),
+        }
+    }
+
     /// Runs `call` for at most `min(timeout, time left)`. Running out of the call's own
     /// timeout is `Timeout`; running out of the deadline is `DeadlineExceeded`.
     pub async fn run<T>(
@@ -122,6 +131,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.error_type(), ErrorType::DeadlineExceeded);
         assert_eq!(started.elapsed(), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_gives_up_at_the_deadline_and_waits_without_one() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let started = Instant::now();
+        assert_eq!(deadline.within(std::future::pending::<()>()).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let slow = tokio::time::sleep(Duration::from_secs(3600));
+        assert_eq!(Deadline::NONE.within(slow).await, Some(()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -251,10 +251,7 @@ async fn handle_direct(
                     Ok(output) => Event::scene_ready(output),
                     Err(error) => Event::scene_failed(&SceneFailure::new(scene.scene_id(), error)),
                 };
-                outlets
-                    .events
-                    .publish(&[event], options.deadline.instant())
-                    .await;
+                outlets.events.publish(&[event], options.deadline).await;
             }
             Ok(to_json(&outcome?))
         }
@@ -266,7 +263,7 @@ async fn handle_direct(
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
             outlets
                 .events
-                .publish_batch(&answer, None, options.deadline.instant())
+                .publish_batch(&answer, None, options.deadline)
                 .await;
             Ok(to_json(&answer))
         }
@@ -285,7 +282,7 @@ async fn handle_direct(
             let story = answer.story.as_ref().map(events::StoryRef::from);
             outlets
                 .events
-                .publish_batch(&answer, story.as_ref(), options.deadline.instant())
+                .publish_batch(&answer, story.as_ref(), options.deadline)
                 .await;
             Ok(to_json(&answer))
         }
@@ -409,7 +406,7 @@ async fn handle_sqs(
             futures::future::join_all(
                 records
                     .iter()
-                    .map(|record| record.dead_letter(queue, options.deadline.instant())),
+                    .map(|record| record.dead_letter(queue, options.deadline)),
             )
             .await
         }
@@ -439,7 +436,7 @@ async fn handle_sqs(
     }
     outlets
         .events
-        .publish(&announcements, options.deadline.instant())
+        .publish(&announcements, options.deadline)
         .await;
     total.summarize();
     total.summary.estimated_cost_usd = plan.estimated_cost_usd;
@@ -476,7 +473,7 @@ impl SqsRecord {
     /// it is now there (and so must not be redelivered). A send the invocation's deadline
     /// cuts short counts as failed: the message is redelivered rather than risk the
     /// whole answer missing the deadline.
-    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Option<Instant>) -> bool {
+    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Deadline) -> bool {
         let Some(error) = self.first_error.as_ref().filter(|_| !self.retry) else {
             return false;
         };
@@ -492,12 +489,10 @@ impl SqsRecord {
                 .collect(),
         };
         let send = queue.send(&self.message_id, &self.body, &letter);
-        let sent = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, send)
-                .await
-                .unwrap_or_else(|_| Err("the invocation's deadline came first".to_string())),
-            None => send.await,
-        };
+        let sent = deadline
+            .within(send)
+            .await
+            .unwrap_or_else(|| Err("the invocation's deadline came first".to_string()));
         match sent {
             Ok(()) => {
                 tracing::warn!(

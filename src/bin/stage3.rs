@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
+use stage3::deadline::Deadline;
 use stage3::events::EventPublisher;
 use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
 use stage3::schema::{
@@ -202,7 +203,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     }
     if events.is_enabled() {
         let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
-        let report = events.publish_batch(&answer, story.as_ref(), None).await;
+        let report = events
+            .publish_batch(&answer, story.as_ref(), Deadline::NONE)
+            .await;
         eprintln!(
             "events: {} delivered, {} lost",
             report.delivered, report.lost

@@ -31,10 +31,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tokio::time::Instant;
 
 use crate::aws::AwsConfig;
 use crate::config::EventSettings;
+use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
 
@@ -149,7 +149,7 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
 
     /// Delivers `events`, giving up on what is not delivered by `deadline`. Answers the
     /// number of events lost.
-    async fn deliver(&self, events: &[Event], deadline: Option<Instant>) -> usize;
+    async fn deliver(&self, events: &[Event], deadline: Deadline) -> usize;
 }
 
 /// What one publication did, summed over the sinks.
@@ -215,7 +215,7 @@ impl EventPublisher {
         &self,
         answer: &BatchAnswer,
         story: Option<&StoryRef>,
-        deadline: Option<Instant>,
+        deadline: Deadline,
     ) -> EventReport {
         if !self.is_enabled() {
             return EventReport::default();
@@ -225,7 +225,7 @@ impl EventPublisher {
 
     /// Hands `events` to every sink at once and waits for all of them (each bounded by
     /// its own timeouts and by `deadline`).
-    pub async fn publish(&self, events: &[Event], deadline: Option<Instant>) -> EventReport {
+    pub async fn publish(&self, events: &[Event], deadline: Deadline) -> EventReport {
         if events.is_empty() || !self.is_enabled() {
             return EventReport::default();
         }
@@ -284,9 +284,9 @@ impl Backoff {
 
     /// Sleeps before retry number `retry`, or answers false when `deadline` would pass
     /// first (then there is no time for another attempt).
-    pub async fn wait(&self, retry: u32, deadline: Option<Instant>) -> bool {
+    pub async fn wait(&self, retry: u32, deadline: Deadline) -> bool {
         let delay = self.delay(retry);
-        if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+        if !deadline.allows(delay) {
             return false;
         }
         tokio::time::sleep(delay).await;
