@@ -1005,7 +1005,7 @@ mod tests {
         let err = config(&[("STAGE3_CONCURRENCY", "four")]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "configuration error: STAGE3_CONCURRENCY: expected a number from 1 to 256, got \"four\""
+            "STAGE3_CONCURRENCY: expected a number from 1 to 256, got \"four\""
         );
     }
 }

@@ -437,7 +437,7 @@ async fn permanent_failures_go_to_the_dead_letter_queue_at_once() {
     assert!(attribute(&letters[0], "error_message").contains("flagged"));
     assert_eq!(attribute(&letters[1], "error_type"), "invalid_request");
     assert_eq!(letters[1].body(), Some(malformed_body), "body unchanged");
-    assert!(attribute(&letters[1], "error_message").contains("malformed JSON"));
+    assert!(attribute(&letters[1], "error_message").starts_with("malformed JSON"));
 
     // Reported: a Scene Failed per dead letter, a Scene Ready, a Batch Done per record.
     let events = received_events(moto, &events_queue, 6).await;

@@ -431,7 +431,10 @@ async fn an_invocation_fails_with_the_stable_error_type() {
     let storage = Stage3Error::storage("disk full", false);
     let diagnostic = lambda::diagnostic(&storage);
     assert_eq!(diagnostic.error_type, "storage");
-    assert_eq!(diagnostic.error_message, storage.to_string());
+    assert_eq!(
+        diagnostic.error_message, "disk full",
+        "the type is not repeated"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
