@@ -231,7 +231,8 @@ fn service(base_url: &str, store: Arc<dyn ObjectStore>, extra: &[(&str, &str)]) 
         vars.insert(k.to_string(), v.to_string());
     }
     let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
-    let provider = stage3::provider::from_config(&config).expect("provider");
+    let provider =
+        stage3::provider::from_settings(config.provider, &config.openrouter).expect("provider");
     Stage3Service::new(config, provider, store)
 }
 

@@ -3,6 +3,13 @@
 //! Every value is parsed and checked here, so a typo fails the CLI or the Lambda's init with
 //! a message that names the variable, instead of failing the first scene. Secrets are kept
 //! in [`Secret`], whose `Debug` never shows them.
+//!
+//! [`Config`] is composed of one settings struct per component — [`OpenRouterSettings`],
+//! [`StorageSettings`] (with [`S3Settings`]), [`EventSettings`], and the retry policy from
+//! [`Config::retry_policy`] — and each component is built from its own settings alone, so
+//! it can be built, tested and read without knowing the rest. The AWS clients among them
+//! also share [`AwsConfig`], the SDK's own configuration, loaded once. The orchestrator
+//! ([`crate::service`]) keeps the whole `Config`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,9 +17,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
+use crate::retry::RetryPolicy;
 use crate::schema::{validate_model, validate_reference_url};
 
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
@@ -115,8 +124,9 @@ impl FromStr for StorageKind {
     }
 }
 
+/// What the OpenRouter client is built from.
 #[derive(Debug, Clone)]
-pub struct OpenRouterConfig {
+pub struct OpenRouterSettings {
     pub api_key: Option<Secret>,
     pub base_url: String,
     pub api: OpenRouterApi,
@@ -129,6 +139,12 @@ pub struct OpenRouterConfig {
     /// `STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS=1`: image URLs on loopback may be fetched (test
     /// stand-ins). Private and link-local addresses are refused regardless.
     pub allow_loopback_image_urls: bool,
+    /// `STAGE3_CONNECT_TIMEOUT_SECS`: the longest wait for a connection, to the API and to
+    /// image URLs alike.
+    pub connect_timeout: Duration,
+    /// `STAGE3_MAX_RESPONSE_BYTES`: the largest answer or image download read, enforced
+    /// while reading.
+    pub max_response_bytes: usize,
 }
 
 /// What the chat path asks the model to answer with (`STAGE3_CHAT_MODALITIES`).
@@ -161,8 +177,19 @@ impl FromStr for ChatModalities {
     }
 }
 
+/// Where images go: the backend, and what it is built from.
 #[derive(Debug, Clone)]
-pub struct S3Config {
+pub struct StorageSettings {
+    pub kind: StorageKind,
+    /// The filesystem backend's root (`STAGE3_OUTPUT_DIR`, `--out`).
+    pub output_dir: PathBuf,
+    /// The S3 backend's settings; present when `kind` is [`StorageKind::S3`].
+    pub s3: Option<S3Settings>,
+}
+
+/// What the S3 client is built from (`STAGE3_S3_*`).
+#[derive(Debug, Clone)]
+pub struct S3Settings {
     pub bucket: String,
     pub endpoint: Option<String>,
     pub region: String,
@@ -194,10 +221,8 @@ pub struct S3Credentials {
 pub struct Config {
     pub provider: ProviderKind,
     pub model: String,
-    pub openrouter: OpenRouterConfig,
-    pub storage: StorageKind,
-    pub output_dir: PathBuf,
-    pub s3: Option<S3Config>,
+    pub openrouter: OpenRouterSettings,
+    pub storage: StorageSettings,
     /// CDN origin without a trailing `/`; `image_url` = base + `/` + key.
     pub public_base_url: Option<String>,
     /// Signing of CDN URLs (`STAGE3_CDN_SIGN=qiniu`), when the domain has anti-leech on.
@@ -207,7 +232,7 @@ pub struct Config {
     pub concurrency: usize,
     /// Per provider request, connect to last byte.
     pub request_timeout: Duration,
-    pub connect_timeout: Duration,
+    /// Retries of a transient failure; with the two delays, see [`Config::retry_policy`].
     pub max_retries: u32,
     /// The first backoff step; later ones double, with full jitter.
     pub retry_base_delay: Duration,
@@ -215,7 +240,9 @@ pub struct Config {
     pub force: bool,
     pub max_prompt_chars: usize,
     pub max_batch: usize,
-    /// Largest provider response body we read, enforced while reading.
+    /// Largest image the service reads back from the store (`STAGE3_MAX_RESPONSE_BYTES`,
+    /// the same limit as `openrouter.max_response_bytes`: nothing stored came from a bigger
+    /// answer).
     pub max_response_bytes: usize,
     /// Largest image (width × height) we decode; a bigger one is a decompression bomb.
     pub max_image_pixels: u64,
@@ -235,52 +262,27 @@ pub struct Config {
     pub max_cost_usd: Option<f64>,
     /// Where outcomes are announced besides the answer: EventBridge, a webhook, and the
     /// dead-letter queue for SQS messages that failed for good (see `crate::events`).
-    pub events: EventsConfig,
+    pub events: EventSettings,
+    /// The AWS SDK's own configuration, shared by the S3, EventBridge and SQS clients and
+    /// loaded when the first of them is built.
+    pub aws: AwsConfig,
 }
 
 /// `STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL` + `STAGE3_WEBHOOK_SECRET` and
 /// `STAGE3_DEAD_LETTER_QUEUE_URL` (docs/design.md §2). All unset: nothing is published and
 /// SQS failures are redelivered as before.
 #[derive(Debug, Clone, Default)]
-pub struct EventsConfig {
+pub struct EventSettings {
     /// An EventBridge bus name or ARN.
     pub event_bus: Option<String>,
-    pub webhook: Option<WebhookConfig>,
+    pub webhook: Option<WebhookSettings>,
     /// Where SQS messages that failed for good are sent at once.
     pub dead_letter_queue_url: Option<String>,
-    /// `AWS_REGION` (or `AWS_DEFAULT_REGION`), when set.
-    pub aws_region: Option<String>,
-}
-
-impl EventsConfig {
-    /// The region the EventBridge and SQS clients sign for: `AWS_REGION`, else the one in
-    /// the bus ARN or queue URL (`arn:aws:events:REGION:…`, `https://sqs.REGION.amazonaws.com/…`),
-    /// else `us-east-1`. Giving the client a region up front also keeps its start-up free
-    /// of the instance-metadata lookup the default region chain would make.
-    pub fn region_for(&self, bus_or_queue: Option<&str>) -> String {
-        if let Some(region) = &self.aws_region {
-            return region.clone();
-        }
-        let from_target = bus_or_queue.and_then(|target| {
-            if let Some(arn) = target.strip_prefix("arn:") {
-                arn.split(':').nth(2).map(str::to_string)
-            } else {
-                let host = target.split("://").nth(1)?.split(['/', ':']).next()?;
-                let mut labels = host.split('.');
-                (labels.next() == Some("sqs"))
-                    .then(|| labels.next())?
-                    .map(str::to_string)
-            }
-        });
-        from_target
-            .filter(|region| !region.is_empty())
-            .unwrap_or_else(|| "us-east-1".to_string())
-    }
 }
 
 /// Where webhook events go and the key that signs them.
 #[derive(Debug, Clone)]
-pub struct WebhookConfig {
+pub struct WebhookSettings {
     pub url: String,
     pub secret: Secret,
 }
@@ -300,55 +302,19 @@ impl Config {
     /// Builds a configuration from any variable source (the environment, a test's map).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let vars = Vars(&lookup);
-        let storage = vars.parse("STAGE3_STORAGE", StorageKind::Fs)?;
-        let s3 = match storage {
-            StorageKind::S3 => Some(S3Config {
-                bucket: vars.required("STAGE3_S3_BUCKET")?,
-                endpoint: vars.get("STAGE3_S3_ENDPOINT"),
-                region: vars
-                    .get("STAGE3_S3_REGION")
-                    .or_else(|| vars.get("AWS_REGION"))
-                    .unwrap_or_else(|| "us-east-1".to_string()),
-                prefix: normalize_prefix(&vars.get("STAGE3_S3_PREFIX").unwrap_or_default()),
-                force_path_style: vars.flag("STAGE3_S3_FORCE_PATH_STYLE", true)?,
-                presign_expiry: Duration::from_secs(vars.parse_in(
-                    "STAGE3_S3_PRESIGN_SECS",
-                    3600,
-                    1..=MAX_PRESIGN_SECS,
-                )?),
-                credentials: s3_credentials(&vars)?,
-            }),
-            StorageKind::Fs => None,
-        };
+        let storage = storage_settings(&vars)?;
         let model = vars
             .get("STAGE3_MODEL")
             .unwrap_or_else(|| DEFAULT_MODEL.into());
         validate_model(&model).map_err(|e| Stage3Error::config(format!("STAGE3_MODEL: {e}")))?;
+        let openrouter = openrouter_settings(&vars)?;
 
         let config = Config {
             provider: vars.parse("STAGE3_PROVIDER", ProviderKind::OpenRouter)?,
             model,
-            openrouter: OpenRouterConfig {
-                api_key: vars.get("OPENROUTER_API_KEY").map(Secret::new),
-                base_url: vars
-                    .get("OPENROUTER_BASE_URL")
-                    .unwrap_or_else(|| DEFAULT_BASE_URL.into())
-                    .trim_end_matches('/')
-                    .to_string(),
-                api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
-                referer: vars.get("STAGE3_HTTP_REFERER"),
-                title: vars.get("STAGE3_APP_TITLE"),
-                chat_modalities: vars
-                    .parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
-                allow_loopback_image_urls: vars
-                    .flag("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", false)?,
-            },
+            max_response_bytes: openrouter.max_response_bytes,
+            openrouter,
             storage,
-            output_dir: PathBuf::from(
-                vars.get("STAGE3_OUTPUT_DIR")
-                    .unwrap_or_else(|| "./output/images".into()),
-            ),
-            s3,
             public_base_url: vars
                 .get("STAGE3_PUBLIC_BASE_URL")
                 .map(|url| url.trim_end_matches('/').to_string()),
@@ -366,11 +332,6 @@ impl Config {
                 "STAGE3_TIMEOUT_SECS",
                 180,
                 1..=3600,
-            )?),
-            connect_timeout: Duration::from_secs(vars.parse_in(
-                "STAGE3_CONNECT_TIMEOUT_SECS",
-                10,
-                1..=600,
             )?),
             max_retries: vars.parse_in("STAGE3_MAX_RETRIES", 3, 0..=20)?,
             retry_base_delay: Duration::from_millis(vars.parse_in(
@@ -390,11 +351,6 @@ impl Config {
                 1..=1_000_000,
             )?,
             max_batch: vars.parse_in("STAGE3_MAX_BATCH", 500, 1..=100_000)?,
-            max_response_bytes: vars.parse_in(
-                "STAGE3_MAX_RESPONSE_BYTES",
-                64 * 1024 * 1024,
-                1024..=1024 * 1024 * 1024,
-            )?,
             max_image_pixels: vars.parse_in(
                 "STAGE3_MAX_IMAGE_PIXELS",
                 crate::normalize::DEFAULT_MAX_IMAGE_PIXELS,
@@ -404,7 +360,11 @@ impl Config {
                 Some(path) => load_character_references(&path)?,
                 None => HashMap::new(),
             },
-            events: events_config(&vars)?,
+            events: event_settings(&vars)?,
+            aws: AwsConfig::new(
+                vars.get("AWS_REGION")
+                    .or_else(|| vars.get("AWS_DEFAULT_REGION")),
+            ),
             model_fallbacks: parse_fallbacks(
                 "STAGE3_MODEL_FALLBACKS",
                 &vars.get("STAGE3_MODEL_FALLBACKS").unwrap_or_default(),
@@ -428,6 +388,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The retry policy for provider calls (`STAGE3_MAX_RETRIES`, `STAGE3_RETRY_BASE_MS`,
+    /// `STAGE3_RETRY_MAX_MS`). Derived rather than stored: the service also reads
+    /// `max_retries` to size a scene's time budget.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: self.max_retries,
+            base_delay: self.retry_base_delay,
+            max_delay: self.retry_max_delay,
+        }
+    }
+
     /// Cross-field checks, run after command-line overrides: what the chosen provider and
     /// storage need must be present.
     pub fn validate(&self) -> Result<()> {
@@ -443,11 +414,70 @@ impl Config {
                  STAGE3_PROVIDER=placeholder (--provider placeholder)",
             ));
         }
-        if self.storage == StorageKind::S3 && self.s3.is_none() {
+        if self.storage.kind == StorageKind::S3 && self.storage.s3.is_none() {
             return Err(Stage3Error::config("STAGE3_S3_BUCKET is not set"));
         }
         Ok(())
     }
+}
+
+/// The OpenRouter client's variables.
+fn openrouter_settings(vars: &Vars<'_>) -> Result<OpenRouterSettings> {
+    Ok(OpenRouterSettings {
+        api_key: vars.get("OPENROUTER_API_KEY").map(Secret::new),
+        base_url: vars
+            .get("OPENROUTER_BASE_URL")
+            .unwrap_or_else(|| DEFAULT_BASE_URL.into())
+            .trim_end_matches('/')
+            .to_string(),
+        api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
+        referer: vars.get("STAGE3_HTTP_REFERER"),
+        title: vars.get("STAGE3_APP_TITLE"),
+        chat_modalities: vars.parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
+        allow_loopback_image_urls: vars.flag("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", false)?,
+        connect_timeout: Duration::from_secs(vars.parse_in(
+            "STAGE3_CONNECT_TIMEOUT_SECS",
+            10,
+            1..=600,
+        )?),
+        max_response_bytes: vars.parse_in(
+            "STAGE3_MAX_RESPONSE_BYTES",
+            64 * 1024 * 1024,
+            1024..=1024 * 1024 * 1024,
+        )?,
+    })
+}
+
+/// The storage backend and its variables; the S3 ones only when S3 is chosen.
+fn storage_settings(vars: &Vars<'_>) -> Result<StorageSettings> {
+    let kind = vars.parse("STAGE3_STORAGE", StorageKind::Fs)?;
+    let s3 = match kind {
+        StorageKind::S3 => Some(S3Settings {
+            bucket: vars.required("STAGE3_S3_BUCKET")?,
+            endpoint: vars.get("STAGE3_S3_ENDPOINT"),
+            region: vars
+                .get("STAGE3_S3_REGION")
+                .or_else(|| vars.get("AWS_REGION"))
+                .unwrap_or_else(|| "us-east-1".to_string()),
+            prefix: normalize_prefix(&vars.get("STAGE3_S3_PREFIX").unwrap_or_default()),
+            force_path_style: vars.flag("STAGE3_S3_FORCE_PATH_STYLE", true)?,
+            presign_expiry: Duration::from_secs(vars.parse_in(
+                "STAGE3_S3_PRESIGN_SECS",
+                3600,
+                1..=MAX_PRESIGN_SECS,
+            )?),
+            credentials: s3_credentials(vars)?,
+        }),
+        StorageKind::Fs => None,
+    };
+    Ok(StorageSettings {
+        kind,
+        output_dir: PathBuf::from(
+            vars.get("STAGE3_OUTPUT_DIR")
+                .unwrap_or_else(|| "./output/images".into()),
+        ),
+        s3,
+    })
 }
 
 /// `STAGE3_CDN_SIGN=qiniu` with its key and lifetime, or no signing.
@@ -488,7 +518,7 @@ fn s3_credentials(vars: &Vars<'_>) -> Result<Option<S3Credentials>> {
 }
 
 /// The event outlets; the webhook's URL and secret come both or neither.
-fn events_config(vars: &Vars<'_>) -> Result<EventsConfig> {
+fn event_settings(vars: &Vars<'_>) -> Result<EventSettings> {
     const URL: &str = "STAGE3_WEBHOOK_URL";
     const SECRET: &str = "STAGE3_WEBHOOK_SECRET";
     let event_bus = vars.get("STAGE3_EVENT_BUS");
@@ -504,7 +534,7 @@ fn events_config(vars: &Vars<'_>) -> Result<EventsConfig> {
     let webhook = match (vars.get(URL), vars.get(SECRET)) {
         (Some(url), Some(secret)) => {
             check_url(URL, &url)?;
-            Some(WebhookConfig {
+            Some(WebhookSettings {
                 url,
                 secret: Secret::new(secret),
             })
@@ -525,13 +555,10 @@ fn events_config(vars: &Vars<'_>) -> Result<EventsConfig> {
     if let Some(url) = &dead_letter_queue_url {
         check_url("STAGE3_DEAD_LETTER_QUEUE_URL", url)?;
     }
-    Ok(EventsConfig {
+    Ok(EventSettings {
         event_bus,
         webhook,
         dead_letter_queue_url,
-        aws_region: vars
-            .get("AWS_REGION")
-            .or_else(|| vars.get("AWS_DEFAULT_REGION")),
     })
 }
 
@@ -715,8 +742,8 @@ mod tests {
         assert_eq!(c.model, DEFAULT_MODEL);
         assert_eq!(c.openrouter.base_url, DEFAULT_BASE_URL);
         assert_eq!(c.openrouter.api, OpenRouterApi::Images);
-        assert_eq!(c.storage, StorageKind::Fs);
-        assert_eq!(c.output_dir, PathBuf::from("./output/images"));
+        assert_eq!(c.storage.kind, StorageKind::Fs);
+        assert_eq!(c.storage.output_dir, PathBuf::from("./output/images"));
         assert_eq!(c.concurrency, 4);
         assert_eq!(c.request_timeout, Duration::from_secs(180));
         assert_eq!(c.max_retries, 3);
@@ -761,7 +788,7 @@ mod tests {
             ("STAGE3_PUBLIC_BASE_URL", "https://img.example.com/"),
         ])
         .unwrap();
-        let s3 = c.s3.unwrap();
+        let s3 = c.storage.s3.unwrap();
         assert_eq!(s3.prefix, "stories/");
         assert!(s3.force_path_style);
         assert_eq!(
@@ -773,13 +800,19 @@ mod tests {
     #[test]
     fn s3_keys_come_in_pairs_and_stay_secret() {
         let base = [("STAGE3_STORAGE", "s3"), ("STAGE3_S3_BUCKET", "pictures")];
-        assert!(config(&base).unwrap().s3.unwrap().credentials.is_none());
+        assert!(config(&base)
+            .unwrap()
+            .storage
+            .s3
+            .unwrap()
+            .credentials
+            .is_none());
 
         let mut with_keys = base.to_vec();
         with_keys.push(("STAGE3_S3_ACCESS_KEY_ID", "AKQINIU"));
         with_keys.push(("STAGE3_S3_SECRET_ACCESS_KEY", "qiniu-very-secret"));
         let c = config(&with_keys).unwrap();
-        let keys = c.s3.as_ref().unwrap().credentials.as_ref().unwrap();
+        let keys = c.storage.s3.as_ref().unwrap().credentials.as_ref().unwrap();
         assert_eq!(keys.access_key_id, "AKQINIU");
         assert_eq!(keys.secret_access_key.expose(), "qiniu-very-secret");
         assert!(!format!("{c:?}").contains("very-secret"));
@@ -876,33 +909,16 @@ mod tests {
     }
 
     #[test]
-    fn the_events_region_comes_from_the_environment_or_the_target() {
-        let c = config(&[]).unwrap();
-        assert_eq!(
-            c.events.region_for(Some(
-                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
-            )),
-            "eu-west-1"
-        );
-        assert_eq!(
-            c.events.region_for(Some(
-                "https://sqs.ap-southeast-1.amazonaws.com/123456789012/dlq"
-            )),
-            "ap-southeast-1"
-        );
-        assert_eq!(c.events.region_for(Some("stage3-bus")), "us-east-1");
-        assert_eq!(
-            c.events
-                .region_for(Some("http://127.0.0.1:5000/123456789012/dlq")),
-            "us-east-1"
-        );
-        let c = config(&[("AWS_REGION", "cn-north-1")]).unwrap();
-        assert_eq!(
-            c.events.region_for(Some(
-                "arn:aws:events:eu-west-1:123456789012:event-bus/stage3"
-            )),
-            "cn-north-1"
-        );
+    fn the_aws_region_comes_from_either_variable() {
+        assert_eq!(config(&[]).unwrap().aws.region(), None);
+        let c = config(&[("AWS_DEFAULT_REGION", "eu-west-1")]).unwrap();
+        assert_eq!(c.aws.region(), Some("eu-west-1"));
+        let c = config(&[
+            ("AWS_REGION", "cn-north-1"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ])
+        .unwrap();
+        assert_eq!(c.aws.region(), Some("cn-north-1"));
     }
 
     #[test]
@@ -989,7 +1005,7 @@ mod tests {
         let err = config(&[("STAGE3_CONCURRENCY", "four")]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "configuration error: STAGE3_CONCURRENCY: expected a number from 1 to 256, got \"four\""
+            "STAGE3_CONCURRENCY: expected a number from 1 to 256, got \"four\""
         );
     }
 }

@@ -92,6 +92,12 @@ impl Deadline {
         self.0
     }
 
+    /// This deadline moved `margin` later: for work allowed to spend part of a safety
+    /// margin kept back before the real one.
+    pub fn later_by(&self, margin: Duration) -> Deadline {
+        Deadline(self.0.map(|deadline| deadline + margin))
+    }
+
     /// The time left, or `None` when there is no deadline.
     pub fn remaining(&self) -> Option<Duration> {
         self.0
@@ -113,6 +119,15 @@ impl Deadline {
                 cut_by_deadline: true,
             },
             _ => CallBudget::new(timeout),
+        }
+    }
+
+    /// Runs `call` until the deadline: `None` when the deadline came first. Without a
+    /// deadline the call runs to its end (bounded only by its own timeouts).
+    pub async fn within<T>(&self, call: impl Future<Output = T>) -> Option<T> {
+        match self.0 {
+            Some(deadline) => tokio::time::timeout_at(deadline, call).await.ok(),
+            None => Some(call.await),
         }
     }
 
@@ -168,6 +183,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.error_type(), ErrorType::DeadlineExceeded);
         assert_eq!(started.elapsed(), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_gives_up_at_the_deadline_and_waits_without_one() {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let started = Instant::now();
+        assert_eq!(deadline.within(std::future::pending::<()>()).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let slow = tokio::time::sleep(Duration::from_secs(3600));
+        assert_eq!(Deadline::NONE.within(slow).await, Some(()));
     }
 
     #[tokio::test(start_paused = true)]

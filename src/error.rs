@@ -4,6 +4,13 @@
 //! logs — is a [`Stage3Error`]. Its [`ErrorType`] is a contract (docs/design.md §2): scripts and
 //! downstream stages branch on it, so the strings never change once published. Messages are
 //! for people and never contain secrets: nothing here formats a key, a token or a signed URL.
+//!
+//! A message is the detail alone (`image_prompt: must not be empty or only whitespace`),
+//! never prefixed by its category: everywhere a failure is shown its `error_type` travels
+//! beside it — the CLI's `error[invalid_request]: …`, a batch answer's `failures[]`, the
+//! Lambda error, the dead-letter attributes, the `error_type` field of log lines — and a
+//! prefix would say it twice. So every message must read well on its own: say what and
+//! where, not a fragment.
 
 use std::fmt;
 use std::time::Duration;
@@ -141,44 +148,45 @@ impl fmt::Display for ProviderFailure {
     }
 }
 
-/// A Stage 3 failure. [`Stage3Error::error_type`] is the stable cause.
+/// A Stage 3 failure. [`Stage3Error::error_type`] is the stable cause; `Display` is the
+/// detail alone (see the module documentation).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Stage3Error {
-    #[error("invalid request: {0}")]
+    #[error("{0}")]
     InvalidRequest(String),
-    #[error("configuration error: {0}")]
+    #[error("{0}")]
     Config(String),
-    #[error("the provider rejected the API key: {0}")]
+    #[error("{0}")]
     Auth(ProviderFailure),
-    #[error("the provider account has insufficient credits: {0}")]
+    #[error("{0}")]
     InsufficientCredits(ProviderFailure),
-    #[error("the provider refused the content: {0}")]
+    #[error("{0}")]
     ContentPolicy(ProviderFailure),
-    #[error("the provider is rate limiting requests: {0}")]
+    #[error("{0}")]
     RateLimited(ProviderFailure),
-    #[error("the provider is unavailable: {0}")]
+    #[error("{0}")]
     ProviderUnavailable(ProviderFailure),
-    #[error("the provider returned an error: {0}")]
+    #[error("{0}")]
     ProviderError(ProviderFailure),
-    #[error("timed out: {0}")]
+    #[error("{0}")]
     Timeout(String),
-    #[error("invalid image: {0}")]
+    #[error("{0}")]
     InvalidImage(String),
-    #[error("storage error: {message}")]
+    #[error("{message}")]
     Storage {
         message: String,
         /// Whether trying again may succeed (a 5xx, throttling, a dropped connection).
         transient: bool,
     },
-    #[error("deadline exceeded: {0}")]
+    #[error("{0}")]
     DeadlineExceeded(String),
-    #[error("permission denied: {0}")]
+    #[error("{0}")]
     PermissionDenied(ProviderFailure),
-    #[error("model unavailable: {0}")]
+    #[error("{0}")]
     ModelUnavailable(String),
-    #[error("over budget: {0}")]
+    #[error("{0}")]
     BudgetExceeded(String),
-    #[error("cancelled: {0}")]
+    #[error("{0}")]
     Cancelled(String),
 }
 
@@ -303,6 +311,30 @@ mod tests {
         for kind in ErrorType::ALL {
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(json, format!("\"{}\"", kind.as_str()));
+        }
+    }
+
+    #[test]
+    fn the_message_is_the_detail_without_its_category() {
+        let refused = ProviderFailure {
+            provider_error_type: Some("content_policy_violation".into()),
+            ..ProviderFailure::new(Some(400), "Input was flagged")
+        };
+        for (error, message) in [
+            (
+                Stage3Error::invalid_request("image_prompt: must not be empty"),
+                "image_prompt: must not be empty",
+            ),
+            (
+                Stage3Error::ContentPolicy(refused),
+                "HTTP 400 (content_policy_violation): Input was flagged",
+            ),
+            (
+                Stage3Error::storage("cannot write out/a.png: disk full", false),
+                "cannot write out/a.png: disk full",
+            ),
+        ] {
+            assert_eq!(error.to_string(), message, "{:?}", error.error_type());
         }
     }
 

@@ -26,9 +26,9 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use lambda_runtime::{Diagnostic, LambdaEvent};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::aws::AwsConfig;
+use crate::config::EventSettings;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
@@ -57,14 +57,15 @@ pub struct Outlets {
 }
 
 impl Outlets {
-    /// Builds what `config` names (clients only, no network call): once, at start-up.
-    pub async fn from_config(config: &Config) -> Result<Self> {
-        let dead_letter = match &config.events.dead_letter_queue_url {
-            Some(url) => Some(DeadLetterQueue::from_config(url, &config.events).await),
+    /// Builds what `settings` names (clients only, no network call): once, at start-up.
+    /// The AWS clients start from `aws`, loaded once for all of them.
+    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
+        let dead_letter = match &settings.dead_letter_queue_url {
+            Some(url) => Some(DeadLetterQueue::from_aws(url, aws).await),
             None => None,
         };
         Ok(Outlets {
-            events: EventPublisher::from_config(config).await?,
+            events: EventPublisher::from_settings(settings, aws).await?,
             dead_letter,
         })
     }
@@ -132,15 +133,15 @@ const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
 /// The service's deadline for an invocation whose runtime deadline is `deadline_ms`
 /// (`Lambda-Runtime-Deadline-Ms`: epoch milliseconds on AWS, a duration from some local
 /// emulators), less [`DEADLINE_SAFETY_MARGIN`]. Zero means the runtime gave none.
-pub fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Option<Instant> {
+pub fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Deadline {
     let left = match deadline_ms {
-        0 => return None,
+        0 => return Deadline::NONE,
         relative if relative < EARLIEST_EPOCH_DEADLINE_MS => Duration::from_millis(relative),
         epoch => (UNIX_EPOCH + Duration::from_millis(epoch))
             .duration_since(now)
             .unwrap_or(Duration::ZERO),
     };
-    Some(Instant::now() + left.saturating_sub(DEADLINE_SAFETY_MARGIN))
+    Deadline::after(left.saturating_sub(DEADLINE_SAFETY_MARGIN))
 }
 
 /// The Lambda error for a failure: its type is the stable `error_type`.
@@ -183,11 +184,7 @@ pub async fn handle_invocation_with(
 /// Answers one event. `deadline` is when the answer must be ready (see
 /// [`invocation_deadline`]); scenes that cannot start before it are reported as
 /// `deadline_exceeded`.
-pub async fn handle(
-    service: &Stage3Service,
-    payload: Value,
-    deadline: Option<Instant>,
-) -> Result<Value> {
+pub async fn handle(service: &Stage3Service, payload: Value, deadline: Deadline) -> Result<Value> {
     handle_with(service, &Outlets::default(), payload, deadline).await
 }
 
@@ -196,17 +193,16 @@ pub async fn handle_with(
     service: &Stage3Service,
     outlets: &Outlets,
     payload: Value,
-    deadline: Option<Instant>,
+    deadline: Deadline,
 ) -> Result<Value> {
     let options = RunOptions {
-        deadline: deadline.map_or(Deadline::NONE, Deadline::at),
+        deadline,
         ..RunOptions::default()
     };
     let kind = classify(&payload)?;
     tracing::info!(
         event = kind.as_str(),
-        time_left_ms =
-            deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+        time_left_ms = deadline.remaining().map(|left| left.as_millis() as u64),
         "event received"
     );
     match kind {
@@ -249,10 +245,7 @@ async fn handle_direct(
                     Ok(output) => Event::scene_ready(output),
                     Err(error) => Event::scene_failed(&SceneFailure::new(scene.scene_id(), error)),
                 };
-                outlets
-                    .events
-                    .publish(&[event], options.deadline.instant())
-                    .await;
+                outlets.events.publish(&[event], options.deadline).await;
             }
             Ok(to_json(&outcome?))
         }
@@ -264,7 +257,7 @@ async fn handle_direct(
             let answer = service.run_batch(scenes, options, &|_, _| {}).await;
             outlets
                 .events
-                .publish_batch(&answer, None, options.deadline.instant())
+                .publish_batch(&answer, None, options.deadline)
                 .await;
             Ok(to_json(&answer))
         }
@@ -274,16 +267,13 @@ async fn handle_direct(
             let story_scenes = story::story_scenes(&scenes);
             let mut answer = service.run_batch(scenes, options, &|_, _| {}).await;
             // Publishing may use half the safety margin; the answer still needs the rest.
-            let deadline = options
-                .deadline
-                .instant()
-                .map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+            let deadline = options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2);
             story::publish_into_answer(service, &story_id, &story_scenes, &mut answer, deadline)
                 .await;
             let story = answer.story.as_ref().map(events::StoryRef::from);
             outlets
                 .events
-                .publish_batch(&answer, story.as_ref(), options.deadline.instant())
+                .publish_batch(&answer, story.as_ref(), options.deadline)
                 .await;
             Ok(to_json(&answer))
         }
@@ -337,7 +327,7 @@ async fn handle_sqs(
         let prepared = parse_submission_bytes(body.as_bytes(), service.config().max_batch)
             .and_then(|submission| {
                 stories[index] = submission.story_id().map(str::to_string);
-                service.prepare_all(submission.into_requests())
+                service.prepare_submission(submission)
             });
         let mut state = SqsRecord {
             message_id,
@@ -407,7 +397,7 @@ async fn handle_sqs(
             futures::future::join_all(
                 records
                     .iter()
-                    .map(|record| record.dead_letter(queue, options.deadline.instant())),
+                    .map(|record| record.dead_letter(queue, options.deadline)),
             )
             .await
         }
@@ -437,7 +427,7 @@ async fn handle_sqs(
     }
     outlets
         .events
-        .publish(&announcements, options.deadline.instant())
+        .publish(&announcements, options.deadline)
         .await;
     total.summarize();
     total.summary.estimated_cost_usd = plan.estimated_cost_usd;
@@ -474,7 +464,7 @@ impl SqsRecord {
     /// it is now there (and so must not be redelivered). A send the invocation's deadline
     /// cuts short counts as failed: the message is redelivered rather than risk the
     /// whole answer missing the deadline.
-    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Option<Instant>) -> bool {
+    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Deadline) -> bool {
         let Some(error) = self.first_error.as_ref().filter(|_| !self.retry) else {
             return false;
         };
@@ -490,12 +480,10 @@ impl SqsRecord {
                 .collect(),
         };
         let send = queue.send(&self.message_id, &self.body, &letter);
-        let sent = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, send)
-                .await
-                .unwrap_or_else(|_| Err("the invocation's deadline came first".to_string())),
-            None => send.await,
-        };
+        let sent = deadline
+            .within(send)
+            .await
+            .unwrap_or_else(|| Err("the invocation's deadline came first".to_string()));
         match sent {
             Ok(()) => {
                 tracing::warn!(
@@ -549,10 +537,7 @@ async fn publish_queued_stories(
             story_outcomes.push(outcome.clone());
         }
     }
-    let deadline = options
-        .deadline
-        .instant()
-        .map(|d| d + DEADLINE_SAFETY_MARGIN / 2);
+    let deadline = options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2);
     for (story_id, (story_scenes, story_outcomes)) in by_story {
         let entries = story::entries_from_outcomes(&story_scenes, &story_outcomes);
         story::publish_or_report(service, story_id, entries, deadline).await;

@@ -8,7 +8,8 @@
 //!   references — resolved and validated once per scene, then borrowed by planning, the
 //!   provider call, the cache key and the output.
 //! - [`prompt`]: composes the text sent to the provider (style tags, "Avoid:" negatives).
-//! - [`config`]: the environment variables, read and checked once at start-up.
+//! - [`config`]: the environment variables, read and checked once at start-up, grouped
+//!   into each component's settings (a component is built from its own settings alone).
 //! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
 //! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG; keeps
@@ -24,6 +25,7 @@
 //! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
+//! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share, loaded once.
 //! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
@@ -31,6 +33,7 @@
 //!
 //! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
 
+pub mod aws;
 pub mod cache;
 pub mod config;
 pub mod deadline;

@@ -11,10 +11,10 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::Config;
 use crate::error::Stage3Error;
 
-/// How many times to try, and how long to wait in between.
+/// How many times to try, and how long to wait in between (`Config::retry_policy` reads it
+/// from `STAGE3_MAX_RETRIES`, `STAGE3_RETRY_BASE_MS` and `STAGE3_RETRY_MAX_MS`).
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Retries after the first attempt.
@@ -24,14 +24,6 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn from_config(config: &Config) -> Self {
-        RetryPolicy {
-            max_retries: config.max_retries,
-            base_delay: config.retry_base_delay,
-            max_delay: config.retry_max_delay,
-        }
-    }
-
     /// The wait before retry number `retry` (1-based) after `error`: the provider's
     /// `Retry-After` if it gave one (capped at `max_delay`), otherwise a uniformly random
     /// delay in `[0, min(max_delay, base × 2^(retry-1))]` ("full jitter").

@@ -467,6 +467,14 @@ pub enum Submission {
 }
 
 impl Submission {
+    /// The requests, to override a field of each (the CLI's `--size`, `--model`…).
+    pub fn requests_mut(&mut self) -> &mut [GenerationRequest] {
+        match self {
+            Submission::Single(request) => std::slice::from_mut(request),
+            Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
+        }
+    }
+
     pub fn into_requests(self) -> Vec<GenerationRequest> {
         match self {
             Submission::Single(request) => vec![request],

@@ -25,7 +25,7 @@ use crate::provider::{self, ImageProvider, ImageRequest, Plan, PlannedModel};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
     locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageSize, SceneFailure,
-    Stage3Output,
+    Stage3Output, Submission,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
 use crate::urls::{QiniuSigner, UrlPolicy};
@@ -269,6 +269,19 @@ pub fn prepare_all(
         .collect()
 }
 
+/// Prepares a submission's requests: a single request's error as it is, a batch's naming
+/// the first invalid request by its place.
+pub fn prepare_submission(
+    submission: Submission,
+    config: &Config,
+    provider: &dyn ImageProvider,
+) -> Result<Vec<PreparedScene>> {
+    match submission {
+        Submission::Single(request) => Ok(vec![PreparedScene::new(request, config, provider)?]),
+        batch => prepare_all(batch.into_requests(), config, provider),
+    }
+}
+
 /// Called as each scene finishes, for progress reporting.
 pub type SceneCallback<'a> =
     &'a (dyn Fn(&str, std::result::Result<&Stage3Output, &Stage3Error>) + Sync);
@@ -293,8 +306,8 @@ impl Stage3Service {
     /// client): do this once, at start-up.
     pub async fn from_config(config: Config) -> Result<Self> {
         config.validate()?;
-        let provider = provider::from_config(&config)?;
-        let store = storage::from_config(&config).await?;
+        let provider = provider::from_settings(config.provider, &config.openrouter)?;
+        let store = storage::from_settings(&config.storage, &config.aws).await?;
         Ok(Stage3Service::new(config, provider, store))
     }
 
@@ -316,7 +329,7 @@ impl Stage3Service {
         };
         Stage3Service {
             urls,
-            retry: RetryPolicy::from_config(&config),
+            retry: config.retry_policy(),
             limits: ImageLimits {
                 max_pixels: config.max_image_pixels,
             },
@@ -354,6 +367,11 @@ impl Stage3Service {
     /// rejected whole, before anything is spent.
     pub fn prepare_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<PreparedScene>> {
         prepare_all(requests, &self.config, self.provider.as_ref())
+    }
+
+    /// [`Stage3Service::prepare_all`] for a parsed submission: see [`prepare_submission`].
+    pub fn prepare_submission(&self, submission: Submission) -> Result<Vec<PreparedScene>> {
+        prepare_submission(submission, &self.config, self.provider.as_ref())
     }
 
     /// Checks one scene against what its model can do and prices it. Costs nothing.

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
     // fails the init phase, where Lambda reports it as `Runtime.ExitError` with our message.
     // The event and dead-letter clients too: built here, without any network call.
     let built = match Config::from_env() {
-        Ok(config) => match lambda::Outlets::from_config(&config).await {
+        Ok(config) => match lambda::Outlets::from_settings(&config.events, &config.aws).await {
             Ok(outlets) => Stage3Service::from_config(config)
                 .await
                 .map(|service| (service, outlets)),

@@ -15,12 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
+use stage3::deadline::Deadline;
 use stage3::events::EventPublisher;
 use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
-use stage3::schema::{
-    parse_submission_bytes, GenerationRequest, ImageQuality, ImageSize, Submission,
-};
-use stage3::service::{prepare_all, BatchStop, PreparedScene, RunOptions, Stage3Service};
+use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, Submission};
+use stage3::service::{prepare_submission, BatchStop, PreparedScene, RunOptions, Stage3Service};
 use stage3::storage::FsStore;
 use stage3::{telemetry, Stage3Error};
 
@@ -135,7 +134,7 @@ async fn main() -> ExitCode {
 async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let mut config = Config::from_env()?;
     if let Some(out) = args.out {
-        config.output_dir = out;
+        config.storage.output_dir = out;
     }
     if let Some(concurrency) = args.concurrency {
         config.concurrency = usize::from(concurrency);
@@ -154,10 +153,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
     }
 
-    let submission = read_submission(&args.input, config.max_batch)?;
+    let mut submission = read_submission(&args.input, config.max_batch)?;
     let story_id = submission.story_id().map(str::to_string);
-    let mut requests = submission.into_requests();
-    for request in &mut requests {
+    for request in submission.requests_mut() {
         request.size = args.size.or(request.size);
         request.quality = args.quality.or(request.quality);
         if args.model.is_some() {
@@ -165,9 +163,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         }
     }
 
-    let events = EventPublisher::from_config(&config).await?;
+    let events = EventPublisher::from_settings(&config.events, &config.aws).await?;
     let service = Stage3Service::from_config(config).await?;
-    let scenes = service.prepare_all(requests)?;
+    let scenes = service.prepare_submission(submission)?;
     // Refused whole, before any call: a scene its model cannot serve, or a batch over budget.
     service.check_batch(&scenes).await?;
     let story_scenes = stage3::story::story_scenes(&scenes);
@@ -187,8 +185,14 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     progress.finish(answer.results.len(), answer.failures.len());
     let interrupted = matches!(stop.reason(), Some(Stage3Error::Cancelled(_)));
     if let Some(story_id) = &story_id {
-        stage3::story::publish_into_answer(&service, story_id, &story_scenes, &mut answer, None)
-            .await;
+        stage3::story::publish_into_answer(
+            &service,
+            story_id,
+            &story_scenes,
+            &mut answer,
+            Deadline::NONE,
+        )
+        .await;
         if let Some(story) = &answer.story {
             match (&story.story_error, &story.gallery_path) {
                 (Some(e), _) => eprintln!(
@@ -202,7 +206,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     }
     if events.is_enabled() {
         let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
-        let report = events.publish_batch(&answer, story.as_ref(), None).await;
+        let report = events
+            .publish_batch(&answer, story.as_ref(), Deadline::NONE)
+            .await;
         eprintln!(
             "events: {} delivered, {} lost",
             report.delivered, report.lost
@@ -251,14 +257,16 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
     if let Some(max_cost) = max_cost {
         config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
     }
-    let requests = read_requests(input, config.max_batch)?;
+    let submission = read_submission(input, config.max_batch)?;
     // Validation calls nobody who bills: the catalogue needs no key, and the placeholder
     // stands in when the provider is the placeholder.
     let provider: Arc<dyn ImageProvider> = match config.provider {
-        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::for_catalogue(&config)?),
+        ProviderKind::OpenRouter => {
+            Arc::new(OpenRouterProvider::for_catalogue(&config.openrouter)?)
+        }
         ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
     };
-    let scenes = prepare_all(requests, &config, provider.as_ref())?;
+    let scenes = prepare_submission(submission, &config, provider.as_ref())?;
     // The service needs a store; validation never writes to it.
     let store = Arc::new(FsStore::new(&std::env::temp_dir())?);
     let service = Stage3Service::new(config, provider, store);
@@ -277,7 +285,7 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
 
 async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
     let config = Config::from_env()?;
-    let provider = OpenRouterProvider::for_catalogue(&config)?;
+    let provider = OpenRouterProvider::for_catalogue(&config.openrouter)?;
     let models = provider.image_models().await?;
     if json {
         let text = serde_json::to_string_pretty(&models).expect("model listings serialize");
@@ -319,10 +327,6 @@ fn gallery(story: &std::path::Path) -> Result<ExitCode, Stage3Error> {
     let page = stage3::story::rebuild_gallery(story)?;
     println!("{}", page.display());
     Ok(ExitCode::SUCCESS)
-}
-
-fn read_requests(input: &PathBuf, max_batch: usize) -> Result<Vec<GenerationRequest>, Stage3Error> {
-    Ok(read_submission(input, max_batch)?.into_requests())
 }
 
 fn read_submission(input: &PathBuf, max_batch: usize) -> Result<Submission, Stage3Error> {

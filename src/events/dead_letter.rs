@@ -19,13 +19,13 @@ use std::time::Duration;
 
 use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::config::timeout::TimeoutConfig;
-use aws_sdk_sqs::config::{BehaviorVersion, Region};
+use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use aws_sdk_sqs::Client;
 
 use super::shorten;
-use crate::config::EventsConfig;
+use crate::aws::AwsConfig;
 use crate::error::ErrorType;
 
 /// Longest an `error_message` attribute gets: the whole story is in the logs.
@@ -61,13 +61,11 @@ impl fmt::Debug for DeadLetterQueue {
 }
 
 impl DeadLetterQueue {
-    /// Builds the SQS client for `queue_url`. Call once, at start-up.
-    pub async fn from_config(queue_url: &str, events: &EventsConfig) -> Self {
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(events.region_for(Some(queue_url))))
-            .load()
-            .await;
-        let config = Self::configure(aws_sdk_sqs::config::Builder::from(&shared));
+    /// Builds the SQS client for `queue_url` on the shared AWS configuration, in the
+    /// region [`AwsConfig::region_for`] chooses. Call once, at start-up.
+    pub async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Self {
+        let config = Self::configure(aws_sdk_sqs::config::Builder::from(aws.sdk_config().await))
+            .region(Region::new(aws.region_for(Some(queue_url))));
         DeadLetterQueue::new(Client::from_conf(config.build()), queue_url)
     }
 

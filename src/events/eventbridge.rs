@@ -19,16 +19,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_eventbridge::config::retry::RetryConfig;
 use aws_sdk_eventbridge::config::timeout::TimeoutConfig;
-use aws_sdk_eventbridge::config::{BehaviorVersion, Region};
+use aws_sdk_eventbridge::config::Region;
 use aws_sdk_eventbridge::error::DisplayErrorContext;
 use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_eventbridge::operation::put_events::PutEventsError;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
-use tokio::time::Instant;
 
 use super::{Backoff, Event, EventSink, EVENT_SOURCE};
-use crate::config::EventsConfig;
+use crate::aws::AwsConfig;
+use crate::deadline::Deadline;
 
 /// Entries per `PutEvents` call (EventBridge's limit).
 pub const MAX_ENTRIES_PER_CALL: usize = 10;
@@ -58,14 +58,13 @@ impl fmt::Debug for EventBridgeSink {
 }
 
 impl EventBridgeSink {
-    /// Builds the client for `bus` from the standard AWS configuration, in the region
-    /// [`EventsConfig::region_for`] chooses. Call once, at start-up.
-    pub async fn from_config(bus: &str, events: &EventsConfig) -> Self {
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(events.region_for(Some(bus))))
-            .load()
-            .await;
-        let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(&shared));
+    /// Builds the client for `bus` on the shared AWS configuration, in the region
+    /// [`AwsConfig::region_for`] chooses. Call once, at start-up.
+    pub async fn from_aws(bus: &str, aws: &AwsConfig) -> Self {
+        let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(
+            aws.sdk_config().await,
+        ))
+        .region(Region::new(aws.region_for(Some(bus))));
         EventBridgeSink::new(Client::from_conf(config.build()), bus)
     }
 
@@ -109,25 +108,19 @@ impl EventBridgeSink {
     }
 
     /// Sends one chunk, retrying what may succeed later; answers how many were lost.
-    async fn put_chunk(&self, chunk: &[Event], deadline: Option<Instant>) -> usize {
+    async fn put_chunk(&self, chunk: &[Event], deadline: Deadline) -> usize {
         let mut pending: Vec<&Event> = chunk.iter().collect();
         let mut retry = 0;
         loop {
             let entries = pending.iter().map(|event| self.entry(event)).collect();
             let call = self.client.put_events().set_entries(Some(entries)).send();
-            let outcome = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        tracing::warn!(
-                            bus = %self.bus,
-                            lost = pending.len(),
-                            "PutEvents: the invocation's deadline came first"
-                        );
-                        return pending.len();
-                    }
-                },
-                None => call.await,
+            let Some(outcome) = deadline.within(call).await else {
+                tracing::warn!(
+                    bus = %self.bus,
+                    lost = pending.len(),
+                    "PutEvents: the invocation's deadline came first"
+                );
+                return pending.len();
             };
             let mut lost = 0;
             match outcome {
@@ -199,7 +192,7 @@ impl EventSink for EventBridgeSink {
         "eventbridge"
     }
 
-    async fn deliver(&self, events: &[Event], deadline: Option<Instant>) -> usize {
+    async fn deliver(&self, events: &[Event], deadline: Deadline) -> usize {
         let sizes: Vec<usize> = events.iter().map(entry_size).collect();
         let mut lost = 0;
         for (event, size) in events.iter().zip(&sizes) {

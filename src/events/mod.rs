@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::aws::AwsConfig;
+use crate::config::EventSettings;
+use crate::deadline::Deadline;
 use crate::error::Result;
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
 
@@ -148,7 +149,7 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
 
     /// Delivers `events`, giving up on what is not delivered by `deadline`. Answers the
     /// number of events lost.
-    async fn deliver(&self, events: &[Event], deadline: Option<Instant>) -> usize;
+    async fn deliver(&self, events: &[Event], deadline: Deadline) -> usize;
 }
 
 /// What one publication did, summed over the sinks.
@@ -184,15 +185,16 @@ impl EventPublisher {
         EventPublisher::default()
     }
 
-    /// The sinks `config` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their clients
-    /// are built here, once, without any network call.
-    pub async fn from_config(config: &Config) -> Result<Self> {
+    /// The sinks `settings` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their
+    /// clients are built here, once, without any network call. The EventBridge client
+    /// starts from `aws`, which is loaded only if a bus is named.
+    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
         let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
-        if let Some(bus) = &config.events.event_bus {
-            let sink = eventbridge::EventBridgeSink::from_config(bus, &config.events).await;
+        if let Some(bus) = &settings.event_bus {
+            let sink = eventbridge::EventBridgeSink::from_aws(bus, aws).await;
             sinks.push(Arc::new(sink));
         }
-        if let Some(webhook) = &config.events.webhook {
+        if let Some(webhook) = &settings.webhook {
             sinks.push(Arc::new(webhook::WebhookSink::new(webhook)?));
         }
         Ok(EventPublisher::new(sinks))
@@ -213,7 +215,7 @@ impl EventPublisher {
         &self,
         answer: &BatchAnswer,
         story: Option<&StoryRef>,
-        deadline: Option<Instant>,
+        deadline: Deadline,
     ) -> EventReport {
         if !self.is_enabled() {
             return EventReport::default();
@@ -223,7 +225,7 @@ impl EventPublisher {
 
     /// Hands `events` to every sink at once and waits for all of them (each bounded by
     /// its own timeouts and by `deadline`).
-    pub async fn publish(&self, events: &[Event], deadline: Option<Instant>) -> EventReport {
+    pub async fn publish(&self, events: &[Event], deadline: Deadline) -> EventReport {
         if events.is_empty() || !self.is_enabled() {
             return EventReport::default();
         }
@@ -282,9 +284,9 @@ impl Backoff {
 
     /// Sleeps before retry number `retry`, or answers false when `deadline` would pass
     /// first (then there is no time for another attempt).
-    pub async fn wait(&self, retry: u32, deadline: Option<Instant>) -> bool {
+    pub async fn wait(&self, retry: u32, deadline: Deadline) -> bool {
         let delay = self.delay(retry);
-        if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+        if !deadline.allows(delay) {
             return false;
         }
         tokio::time::sleep(delay).await;

@@ -20,10 +20,10 @@ use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use hmac::{KeyInit, Mac};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
-use tokio::time::Instant;
 
 use super::{Backoff, Event, EventKind, EventSink};
-use crate::config::{Secret, WebhookConfig};
+use crate::config::{Secret, WebhookSettings};
+use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 
 /// The header carrying the body's signature.
@@ -76,17 +76,17 @@ impl fmt::Debug for WebhookSink {
 
 impl WebhookSink {
     /// Builds the HTTP client. Makes no network call.
-    pub fn new(config: &WebhookConfig) -> Result<Self> {
-        Self::with_timeouts(config, REQUEST_TIMEOUT, CONNECT_TIMEOUT)
+    pub fn new(settings: &WebhookSettings) -> Result<Self> {
+        Self::with_timeouts(settings, REQUEST_TIMEOUT, CONNECT_TIMEOUT)
     }
 
     /// The same with other timeouts (tests).
     pub fn with_timeouts(
-        config: &WebhookConfig,
+        settings: &WebhookSettings,
         request_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<Self> {
-        let url = reqwest::Url::parse(&config.url).map_err(|e| {
+        let url = reqwest::Url::parse(&settings.url).map_err(|e| {
             Stage3Error::config(format!("STAGE3_WEBHOOK_URL: not a valid URL: {e}"))
         })?;
         let client = reqwest::Client::builder()
@@ -99,7 +99,7 @@ impl WebhookSink {
         Ok(WebhookSink {
             client,
             url,
-            secret: config.secret.clone(),
+            secret: settings.secret.clone(),
             backoff: Backoff::DEFAULT,
         })
     }
@@ -115,7 +115,7 @@ impl WebhookSink {
     }
 
     /// POSTs one event with retries; answers whether it was delivered.
-    async fn post(&self, event: &Event, deadline: Option<Instant>) -> bool {
+    async fn post(&self, event: &Event, deadline: Deadline) -> bool {
         let body = body(event);
         let signature = signature(&self.secret, body.as_bytes());
         let mut retry = 0;
@@ -129,15 +129,9 @@ impl WebhookSink {
                 .header(SIGNATURE_HEADER, &signature)
                 .body(body.clone())
                 .send();
-            let outcome = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, request).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        self.lost(event, "the invocation's deadline came first");
-                        return false;
-                    }
-                },
-                None => request.await,
+            let Some(outcome) = deadline.within(request).await else {
+                self.lost(event, "the invocation's deadline came first");
+                return false;
             };
             let why = match outcome {
                 Ok(response) if response.status().is_success() => return true,
@@ -178,7 +172,7 @@ impl EventSink for WebhookSink {
         "webhook"
     }
 
-    async fn deliver(&self, events: &[Event], deadline: Option<Instant>) -> usize {
+    async fn deliver(&self, events: &[Event], deadline: Deadline) -> usize {
         let (last, scenes): (Vec<&Event>, Vec<&Event>) = events
             .iter()
             .partition(|event| event.kind == EventKind::BatchDone);
@@ -231,7 +225,7 @@ mod tests {
 
     #[test]
     fn debug_shows_only_the_origin() {
-        let sink = WebhookSink::new(&WebhookConfig {
+        let sink = WebhookSink::new(&WebhookSettings {
             url: "https://hooks.example.com/t/very-private-token".into(),
             secret: Secret::new("whsec-very-secret"),
         })

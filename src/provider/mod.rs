@@ -15,7 +15,7 @@ use bytes::Bytes;
 pub use openrouter::{ModelListing, OpenRouterProvider};
 pub use placeholder::PlaceholderProvider;
 
-use crate::config::{Config, ProviderKind};
+use crate::config::{OpenRouterSettings, ProviderKind};
 use crate::deadline::CallBudget;
 use crate::error::Result;
 use crate::image_spec::ImageSpec;
@@ -109,11 +109,14 @@ pub trait ImageProvider: Send + Sync {
     }
 }
 
-/// Builds the configured provider. Called once at start-up: the HTTP client and its
-/// connection pool live as long as the provider.
-pub fn from_config(config: &Config) -> Result<Arc<dyn ImageProvider>> {
-    Ok(match config.provider {
-        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::new(config)?),
+/// Builds the provider `kind` names (`STAGE3_PROVIDER`). Called once at start-up: the HTTP
+/// client and its connection pool live as long as the provider.
+pub fn from_settings(
+    kind: ProviderKind,
+    openrouter: &OpenRouterSettings,
+) -> Result<Arc<dyn ImageProvider>> {
+    Ok(match kind {
+        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::new(openrouter)?),
         ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
     })
 }

@@ -17,8 +17,9 @@ pub use fs::FsStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
 
-use crate::config::{Config, StorageKind};
-use crate::error::Result;
+use crate::aws::AwsConfig;
+use crate::config::{StorageKind, StorageSettings};
+use crate::error::{Result, Stage3Error};
 
 /// What to send along with an object's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +129,7 @@ pub trait ObjectStore: Send + Sync {
     /// prefix), in byte order. Objects being written are never listed half-done. Stores
     /// that cannot list keep this default, which says so.
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        Err(crate::error::Stage3Error::storage(
+        Err(Stage3Error::storage(
             format!("this store cannot list keys (prefix {prefix:?})"),
             false,
         ))
@@ -136,17 +137,47 @@ pub trait ObjectStore: Send + Sync {
 }
 
 /// The error for an object over a read limit: not transient, it will not shrink.
-fn too_large(location: &str, size: u64, limit: u64) -> crate::error::Stage3Error {
-    crate::error::Stage3Error::storage(
+fn too_large(location: &str, size: u64, limit: u64) -> Stage3Error {
+    Stage3Error::storage(
         format!("{location} is {size} bytes, more than the {limit} this read allows"),
         false,
     )
 }
 
-/// Builds the configured store. Called once at start-up (the S3 client is built here).
-pub async fn from_config(config: &Config) -> Result<Arc<dyn ObjectStore>> {
-    Ok(match config.storage {
-        StorageKind::Fs => Arc::new(FsStore::new(&config.output_dir)?),
-        StorageKind::S3 => Arc::new(S3Store::from_config(config).await?),
+/// Builds the store `settings.kind` names. Called once at start-up (the S3 client is built
+/// here, on the shared AWS configuration).
+pub async fn from_settings(
+    settings: &StorageSettings,
+    aws: &AwsConfig,
+) -> Result<Arc<dyn ObjectStore>> {
+    Ok(match settings.kind {
+        StorageKind::Fs => Arc::new(FsStore::new(&settings.output_dir)?),
+        StorageKind::S3 => {
+            let s3 = settings
+                .s3
+                .as_ref()
+                .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
+            Arc::new(S3Store::from_settings(s3, aws).await)
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorType;
+
+    #[tokio::test]
+    async fn s3_storage_without_its_settings_is_a_config_error() {
+        let settings = StorageSettings {
+            kind: StorageKind::S3,
+            output_dir: "unused".into(),
+            s3: None,
+        };
+        let err = from_settings(&settings, &AwsConfig::default())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.error_type(), ErrorType::Config);
+    }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
@@ -23,7 +23,8 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
-use crate::config::{Config, S3Config};
+use crate::aws::AwsConfig;
+use crate::config::S3Settings;
 use crate::error::{Result, Stage3Error};
 
 /// Longest wait for a TCP (and TLS) connection to the endpoint.
@@ -64,18 +65,16 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
-    /// Builds the client from `config.s3`, signing with its own keys when given, else with
-    /// the standard AWS credential chain (environment variables, profile, the Lambda
-    /// role). Call once, at start-up.
-    pub async fn from_config(config: &Config) -> Result<Self> {
-        let s3 = config
-            .s3
-            .as_ref()
-            .ok_or_else(|| Stage3Error::config("STAGE3_S3_BUCKET is not set"))?;
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(s3.region.clone()));
+    /// Builds the client from `s3` on the shared AWS configuration, signing with the
+    /// bucket's own keys when given, else with the standard AWS credential chain
+    /// (environment variables, profile, the Lambda role). Call once, at start-up.
+    pub async fn from_settings(s3: &S3Settings, aws: &AwsConfig) -> Self {
+        let mut client_config = Self::configure(
+            aws_sdk_s3::config::Builder::from(aws.sdk_config().await),
+            s3,
+        );
         if let Some(keys) = &s3.credentials {
-            loader = loader.credentials_provider(Credentials::new(
+            client_config = client_config.credentials_provider(Credentials::new(
                 &keys.access_key_id,
                 keys.secret_access_key.expose(),
                 None,
@@ -83,14 +82,12 @@ impl S3Store {
                 "stage3-s3-keys",
             ));
         }
-        let shared = loader.load().await;
-        let client_config = Self::configure(aws_sdk_s3::config::Builder::from(&shared), s3);
-        Ok(S3Store::new(
+        S3Store::new(
             Client::from_conf(client_config.build()),
             &s3.bucket,
             &s3.prefix,
             s3.presign_expiry,
-        ))
+        )
     }
 
     /// Applies the Stage 3 client settings to `builder`: region, endpoint, addressing,
@@ -98,7 +95,7 @@ impl S3Store {
     /// credentials get exactly the production behaviour.
     pub fn configure(
         builder: aws_sdk_s3::config::Builder,
-        s3: &S3Config,
+        s3: &S3Settings,
     ) -> aws_sdk_s3::config::Builder {
         let mut builder = builder
             .region(Region::new(s3.region.clone()))
@@ -124,7 +121,7 @@ impl S3Store {
     }
 
     /// A store over an existing client (tests, embedding). `prefix` should be empty or end
-    /// in `/`, as [`S3Config::prefix`] does.
+    /// in `/`, as [`S3Settings::prefix`] does.
     pub fn new(client: Client, bucket: &str, prefix: &str, presign_expiry: Duration) -> Self {
         S3Store {
             client,
@@ -435,27 +432,21 @@ impl ObjectStore for S3Store {
 mod tests {
     use super::*;
 
-    fn config(pairs: &[(&str, &str)]) -> Config {
-        let lookup = |name: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| *key == name)
-                .map(|(_, value)| value.to_string())
-        };
-        Config::from_lookup(lookup).unwrap()
-    }
-
     #[tokio::test]
-    async fn from_config_keys_objects_under_the_bucket_and_prefix() {
-        let store = S3Store::from_config(&config(&[
-            ("STAGE3_STORAGE", "s3"),
-            ("STAGE3_S3_BUCKET", "pictures"),
-            ("STAGE3_S3_PREFIX", "stories"),
-            ("STAGE3_S3_ENDPOINT", "https://s3.cn-east-1.qiniucs.com"),
-            ("STAGE3_S3_REGION", "cn-east-1"),
-        ]))
-        .await
-        .unwrap();
+    async fn from_settings_keys_objects_under_the_bucket_and_prefix() {
+        let store = S3Store::from_settings(
+            &S3Settings {
+                bucket: "pictures".into(),
+                endpoint: Some("https://s3.cn-east-1.qiniucs.com".into()),
+                region: "cn-east-1".into(),
+                prefix: "stories/".into(),
+                force_path_style: true,
+                presign_expiry: Duration::from_secs(3600),
+                credentials: None,
+            },
+            &AwsConfig::default(),
+        )
+        .await;
 
         assert_eq!(store.location("a.png"), "s3://pictures/stories/a.png");
         assert_eq!(store.public_key("a.png"), "stories/a.png");
@@ -472,12 +463,6 @@ mod tests {
             client_config.response_checksum_validation(),
             Some(&ResponseChecksumValidation::WhenRequired)
         );
-    }
-
-    #[tokio::test]
-    async fn from_config_without_s3_settings_is_a_config_error() {
-        let err = S3Store::from_config(&config(&[])).await.unwrap_err();
-        assert_eq!(err.error_type(), crate::error::ErrorType::Config);
     }
 
     #[derive(Debug)]

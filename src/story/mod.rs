@@ -37,11 +37,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 pub use manifest::{Fragment, Manifest, ManifestEntry, SceneStatus, StoryScene, StoryTotals};
 pub use thumbnail::{make_thumbnail, store_thumbnail, thumbnail_key, THUMBNAIL_MAX_SIDE};
 
+use crate::deadline::Deadline;
 use crate::error::{ErrorType, Result, Stage3Error};
 use crate::schema::{validate_scene_id, BatchAnswer, Stage3Output};
 use crate::service::{PreparedScene, Stage3Service};
@@ -183,7 +183,7 @@ pub async fn publish_into_answer(
     story_id: &str,
     scenes: &[StoryScene],
     answer: &mut BatchAnswer,
-    deadline: Option<Instant>,
+    deadline: Deadline,
 ) {
     let entries = entries_from_answer(scenes, answer);
     answer.story = Some(publish_or_report(service, story_id, entries, deadline).await);
@@ -195,21 +195,16 @@ pub async fn publish_or_report(
     service: &Stage3Service,
     story_id: &str,
     entries: Vec<ManifestEntry>,
-    deadline: Option<Instant>,
+    deadline: Deadline,
 ) -> StoryLinks {
     let publishing = publish_story(service.store(), service.urls(), story_id, entries);
-    let outcome = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, publishing)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Stage3Error::DeadlineExceeded(
-                    "the invocation deadline came before the story was published; the \
-                     next batch of the story merges this one"
-                        .into(),
-                ))
-            }),
-        None => publishing.await,
-    };
+    let outcome = deadline.within(publishing).await.unwrap_or_else(|| {
+        Err(Stage3Error::DeadlineExceeded(
+            "the invocation deadline came before the story was published; the next batch \
+             of the story merges this one"
+                .into(),
+        ))
+    });
     match outcome {
         Ok(links) => links,
         Err(error) => {

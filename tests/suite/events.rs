@@ -17,7 +17,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
-use stage3::config::{Secret, WebhookConfig};
+use stage3::config::{Secret, WebhookSettings};
+use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
 use stage3::events::webhook::{WebhookSink, SIGNATURE_HEADER};
@@ -169,7 +170,9 @@ async fn a_batch_publishes_ready_failed_and_done_through_an_eventbridge_rule() {
         manifest_url: Some("stories/fox_tale/manifest.json".into()),
         gallery_url: None,
     };
-    let report = publisher.publish_batch(&answer, Some(&story), None).await;
+    let report = publisher
+        .publish_batch(&answer, Some(&story), Deadline::NONE)
+        .await;
     assert_eq!((report.delivered, report.lost), (15, 0), "{report:?}");
 
     let events = received_events(moto, &queue_url, 15).await;
@@ -223,7 +226,7 @@ async fn events_for_a_missing_bus_are_counted_lost_and_nothing_fails() {
     let mut answer = BatchAnswer::default();
     answer.summarize();
     let publisher = EventPublisher::new(vec![Arc::new(sink)]);
-    let report = publisher.publish_batch(&answer, None, None).await;
+    let report = publisher.publish_batch(&answer, None, Deadline::NONE).await;
     assert_eq!((report.delivered, report.lost), (0, 1), "{report:?}");
     assert_eq!(publisher.lost_total(), 1);
 }
@@ -252,7 +255,7 @@ async fn an_unreachable_eventbridge_is_retried_then_counted_lost() {
     .with_backoff(FAST);
     let events = stage3::events::batch_events(&BatchAnswer::default(), None);
     let started = Instant::now();
-    assert_eq!(sink.deliver(&events, None).await, 1);
+    assert_eq!(sink.deliver(&events, Deadline::NONE).await, 1);
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
@@ -374,7 +377,7 @@ impl SqsHarness {
     }
 
     async fn handle(&self, outlets: &Outlets, records: Vec<Value>) -> Value {
-        let deadline = Some(tokio::time::Instant::now() + Duration::from_secs(600));
+        let deadline = Deadline::after(Duration::from_secs(600));
         lambda::handle_with(
             &self.service,
             outlets,
@@ -434,7 +437,7 @@ async fn permanent_failures_go_to_the_dead_letter_queue_at_once() {
     assert!(attribute(&letters[0], "error_message").contains("flagged"));
     assert_eq!(attribute(&letters[1], "error_type"), "invalid_request");
     assert_eq!(letters[1].body(), Some(malformed_body), "body unchanged");
-    assert!(attribute(&letters[1], "error_message").contains("malformed JSON"));
+    assert!(attribute(&letters[1], "error_message").starts_with("malformed JSON"));
 
     // Reported: a Scene Failed per dead letter, a Scene Ready, a Batch Done per record.
     let events = received_events(moto, &events_queue, 6).await;
@@ -560,7 +563,7 @@ async fn without_a_dead_letter_queue_permanent_failures_are_redelivered_as_befor
 const WEBHOOK_SECRET: &str = "whsec-events-test-very-secret-0123";
 
 fn webhook(server: &MockServer, path: &str) -> WebhookSink {
-    WebhookSink::new(&WebhookConfig {
+    WebhookSink::new(&WebhookSettings {
         url: format!("{}{path}", server.uri()),
         secret: Secret::new(WEBHOOK_SECRET),
     })
@@ -607,7 +610,7 @@ async fn webhook_posts_are_signed_over_the_raw_body() {
         .await;
     let (answer, _work) = answer_with_two_scenes().await;
     let publisher = EventPublisher::new(vec![Arc::new(webhook(&server, "/hooks/stage3"))]);
-    let report = publisher.publish_batch(&answer, None, None).await;
+    let report = publisher.publish_batch(&answer, None, Deadline::NONE).await;
     assert_eq!((report.delivered, report.lost), (3, 0));
 
     let received = server.received_requests().await.unwrap();
@@ -671,7 +674,10 @@ async fn a_webhook_answering_5xx_is_retried_until_it_succeeds() {
         .mount(&server)
         .await;
     let events = stage3::events::batch_events(&BatchAnswer::default(), None);
-    assert_eq!(webhook(&server, "/").deliver(&events, None).await, 0);
+    assert_eq!(
+        webhook(&server, "/").deliver(&events, Deadline::NONE).await,
+        0
+    );
     let received = server.received_requests().await.unwrap();
     assert_eq!(received.len(), 3, "two 503s, then delivered");
     assert!(received.windows(2).all(|pair| pair[0].body == pair[1].body));
@@ -685,7 +691,10 @@ async fn a_webhook_refusing_with_4xx_is_not_retried() {
         .mount(&server)
         .await;
     let events = stage3::events::batch_events(&BatchAnswer::default(), None);
-    assert_eq!(webhook(&server, "/").deliver(&events, None).await, 1);
+    assert_eq!(
+        webhook(&server, "/").deliver(&events, Deadline::NONE).await,
+        1
+    );
     assert_eq!(server.received_requests().await.unwrap().len(), 1);
 }
 
@@ -709,7 +718,7 @@ async fn the_lambda_function_publishes_direct_and_eventbridge_invocations() {
         events: EventPublisher::new(vec![Arc::new(webhook(&server, "/"))]),
         dead_letter: None,
     };
-    let deadline = Some(tokio::time::Instant::now() + Duration::from_secs(600));
+    let deadline = Deadline::after(Duration::from_secs(600));
     let types = |requests: &[wiremock::Request]| -> Vec<String> {
         requests
             .iter()
@@ -752,7 +761,10 @@ async fn a_429_is_retried_and_a_silent_webhook_times_out() {
         .mount(&server)
         .await;
     let events = stage3::events::batch_events(&BatchAnswer::default(), None);
-    assert_eq!(webhook(&server, "/").deliver(&events, None).await, 1);
+    assert_eq!(
+        webhook(&server, "/").deliver(&events, Deadline::NONE).await,
+        1
+    );
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
 
     let slow = MockServer::start().await;
@@ -761,7 +773,7 @@ async fn a_429_is_retried_and_a_silent_webhook_times_out() {
         .mount(&slow)
         .await;
     let sink = WebhookSink::with_timeouts(
-        &WebhookConfig {
+        &WebhookSettings {
             url: slow.uri(),
             secret: Secret::new(WEBHOOK_SECRET),
         },
@@ -771,7 +783,7 @@ async fn a_429_is_retried_and_a_silent_webhook_times_out() {
     .unwrap()
     .with_backoff(FAST);
     let started = Instant::now();
-    assert_eq!(sink.deliver(&events, None).await, 1);
+    assert_eq!(sink.deliver(&events, Deadline::NONE).await, 1);
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",

@@ -428,7 +428,7 @@ async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
     .await;
     let out = tempfile::tempdir().unwrap();
     let config = config(&server.base_url, out.path(), &[("STAGE3_CONCURRENCY", "1")]);
-    let provider = stage3::provider::from_config(&config).unwrap();
+    let provider = stage3::provider::from_settings(config.provider, &config.openrouter).unwrap();
     let store = Arc::new(GatedStore::new(
         Arc::new(FsStore::new(out.path()).unwrap()),
         gate,

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
+use stage3::deadline::Deadline;
 use stage3::error::{ErrorType, ProviderFailure, Result};
 use stage3::lambda::{self, EventKind};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
@@ -112,7 +112,7 @@ impl Harness {
 
     /// A generous deadline, as a fresh 15-minute invocation would have.
     async fn handle(&self, payload: Value) -> std::result::Result<Value, Stage3Error> {
-        let deadline = Some(Instant::now() + Duration::from_secs(600));
+        let deadline = Deadline::after(Duration::from_secs(600));
         lambda::handle(&self.service, payload, deadline).await
     }
 
@@ -342,7 +342,7 @@ async fn an_sqs_record_without_a_message_id_fails_the_whole_invocation() {
 #[tokio::test]
 async fn no_provider_call_starts_when_the_deadline_leaves_no_time() {
     let harness = Harness::new();
-    let almost_over = Some(Instant::now() + Duration::from_secs(1));
+    let almost_over = Deadline::after(Duration::from_secs(1));
 
     let single = lambda::handle(&harness.service, sample("single.json"), almost_over).await;
     expect_error(single, ErrorType::DeadlineExceeded);
@@ -381,20 +381,23 @@ async fn the_deadline_is_the_runtimes_less_the_safety_margin() {
     let epoch_ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
 
     let in_a_minute = epoch_ms(now + Duration::from_secs(60));
-    let deadline = lambda::invocation_deadline(in_a_minute, now).unwrap();
+    let deadline = lambda::invocation_deadline(in_a_minute, now);
     let expected =
         Duration::from_millis(in_a_minute) - since_epoch - lambda::DEADLINE_SAFETY_MARGIN;
-    assert_eq!(deadline - Instant::now(), expected);
+    assert_eq!(deadline.remaining(), Some(expected));
 
     let past = epoch_ms(now - Duration::from_secs(5));
-    assert_eq!(lambda::invocation_deadline(past, now), Some(Instant::now()));
-    assert_eq!(lambda::invocation_deadline(0, now), None);
+    assert_eq!(
+        lambda::invocation_deadline(past, now).remaining(),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(lambda::invocation_deadline(0, now), Deadline::NONE);
 
     // `cargo lambda watch` sends a duration (600000 ms), not an epoch time.
-    let emulated = lambda::invocation_deadline(600_000, now).unwrap();
+    let emulated = lambda::invocation_deadline(600_000, now);
     assert_eq!(
-        emulated - Instant::now(),
-        Duration::from_secs(600) - lambda::DEADLINE_SAFETY_MARGIN
+        emulated.remaining(),
+        Some(Duration::from_secs(600) - lambda::DEADLINE_SAFETY_MARGIN)
     );
 }
 
@@ -431,7 +434,10 @@ async fn an_invocation_fails_with_the_stable_error_type() {
     let storage = Stage3Error::storage("disk full", false);
     let diagnostic = lambda::diagnostic(&storage);
     assert_eq!(diagnostic.error_type, "storage");
-    assert_eq!(diagnostic.error_message, storage.to_string());
+    assert_eq!(
+        diagnostic.error_message, "disk full",
+        "the type is not repeated"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

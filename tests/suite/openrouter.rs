@@ -40,7 +40,7 @@ fn config(base_url: &str, extra: &[(&str, &str)]) -> Config {
 }
 
 fn provider(base_url: &str, extra: &[(&str, &str)]) -> OpenRouterProvider {
-    OpenRouterProvider::new(&config(base_url, extra)).unwrap()
+    OpenRouterProvider::new(&config(base_url, extra).openrouter).unwrap()
 }
 
 fn chat_provider(base_url: &str) -> OpenRouterProvider {
@@ -903,7 +903,7 @@ async fn the_key_never_appears_in_errors_or_debug_output() {
 fn a_missing_key_is_a_config_error() {
     let map: HashMap<String, String> = HashMap::new();
     let config = Config::from_lookup(|k| map.get(k).cloned()).unwrap();
-    let err = OpenRouterProvider::new(&config).unwrap_err();
+    let err = OpenRouterProvider::new(&config.openrouter).unwrap_err();
     assert_eq!(err.error_type(), ErrorType::Config);
     assert!(err.to_string().contains("OPENROUTER_API_KEY"), "{err}");
 }

@@ -17,7 +17,7 @@ fn service(base_url: &str, out: &std::path::Path, refs: &std::path::Path) -> Sta
         ("STAGE3_CHARACTER_REFERENCES", refs.display().to_string()),
     ]);
     let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    let provider = stage3::provider::from_config(&config).unwrap();
+    let provider = stage3::provider::from_settings(config.provider, &config.openrouter).unwrap();
     let store = std::sync::Arc::new(stage3::storage::FsStore::new(out).unwrap());
     Stage3Service::new(config, provider, store)
 }

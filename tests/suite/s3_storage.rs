@@ -11,7 +11,7 @@ use crate::support::noisy_png;
 use crate::support::s3_server::S3Target;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials};
 use bytes::Bytes;
-use stage3::config::S3Config;
+use stage3::config::S3Settings;
 use stage3::error::ErrorType;
 use stage3::storage::{ObjectMeta, ObjectStore, S3Store};
 use stage3::Stage3Error;
@@ -199,7 +199,7 @@ async fn an_empty_prefix_leaves_keys_alone() {
 }
 
 #[tokio::test]
-async fn from_config_signs_with_the_configured_bucket_keys() {
+async fn from_settings_signs_with_the_configured_bucket_keys() {
     let target = S3Target::start().await;
     let mut vars: std::collections::HashMap<String, String> =
         target.env_vars().into_iter().collect();
@@ -209,7 +209,7 @@ async fn from_config_signs_with_the_configured_bucket_keys() {
         target.secret_key().to_string(),
     );
     let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    let store = S3Store::from_config(&config).await.unwrap();
+    let store = S3Store::from_settings(config.storage.s3.as_ref().unwrap(), &config.aws).await;
     let png = noisy_png(16, 9, 13);
 
     store
@@ -354,8 +354,8 @@ async fn an_endpoint_that_never_answers_is_a_transient_timeout() {
     held.abort();
 }
 
-fn test_config(endpoint: String) -> S3Config {
-    S3Config {
+fn test_config(endpoint: String) -> S3Settings {
+    S3Settings {
         bucket: "pictures".into(),
         endpoint: Some(endpoint),
         region: "us-east-1".into(),

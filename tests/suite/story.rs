@@ -16,7 +16,7 @@ use assert_cmd::Command;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{json, Value};
-use stage3::deadline::CallBudget;
+use stage3::deadline::{CallBudget, Deadline};
 use stage3::error::Result;
 use stage3::image_spec::ImageSpec;
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
@@ -889,8 +889,8 @@ async fn two_lambda_invocations_of_one_story_finishing_together_lose_nothing() {
         sqs_record("m3", &json!({"scenes": [lambda_scene("loose")]})),
     ]});
     let (direct_answer, queue_answer) = tokio::join!(
-        stage3::lambda::handle(&first, direct, None),
-        stage3::lambda::handle(&second, queued, None)
+        stage3::lambda::handle(&first, direct, Deadline::NONE),
+        stage3::lambda::handle(&second, queued, Deadline::NONE)
     );
     let direct_answer = direct_answer.unwrap();
     assert_eq!(queue_answer.unwrap()["batchItemFailures"], json!([]));

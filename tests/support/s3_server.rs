@@ -25,7 +25,7 @@ use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::SimpleAuth;
 use s3s::dto::{GetObjectInput, PutObjectInput};
 use s3s::service::S3ServiceBuilder;
-use stage3::config::S3Config;
+use stage3::config::S3Settings;
 use stage3::storage::S3Store;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -148,8 +148,8 @@ impl S3Target {
     }
 
     /// The configuration the service would read from `STAGE3_S3_*` for this target.
-    pub fn s3_config(&self) -> S3Config {
-        S3Config {
+    pub fn s3_config(&self) -> S3Settings {
+        S3Settings {
             bucket: self.bucket.clone(),
             endpoint: Some(self.endpoint.clone()),
             region: self.region.clone(),

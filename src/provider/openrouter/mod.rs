@@ -36,7 +36,7 @@ use reqwest::{Client, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage};
-use crate::config::{ChatModalities, Config, OpenRouterApi, Secret};
+use crate::config::{ChatModalities, OpenRouterApi, OpenRouterSettings, Secret};
 use crate::deadline::CallBudget;
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::image_spec::ImageSpec;
@@ -134,29 +134,26 @@ pub struct ModelListing {
 
 impl OpenRouterProvider {
     /// The generating client: needs `OPENROUTER_API_KEY`.
-    pub fn new(config: &Config) -> Result<Self> {
-        let api_key = config
-            .openrouter
+    pub fn new(settings: &OpenRouterSettings) -> Result<Self> {
+        let api_key = settings
             .api_key
             .clone()
             .filter(|key| !key.expose().trim().is_empty())
             .ok_or_else(|| Stage3Error::config("OPENROUTER_API_KEY is not set"))?;
-        Self::build(config, Some(api_key))
+        Self::build(settings, Some(api_key))
     }
 
     /// A client for the catalogue alone (`stage3 models`, `stage3 validate`): no key needed.
     /// [`ImageProvider::generate`] on it fails with a configuration error.
-    pub fn for_catalogue(config: &Config) -> Result<Self> {
-        let key = config
-            .openrouter
+    pub fn for_catalogue(settings: &OpenRouterSettings) -> Result<Self> {
+        let key = settings
             .api_key
             .clone()
             .filter(|key| !key.expose().trim().is_empty());
-        Self::build(config, key)
+        Self::build(settings, key)
     }
 
-    fn build(config: &Config, api_key: Option<Secret>) -> Result<Self> {
-        let settings = &config.openrouter;
+    fn build(settings: &OpenRouterSettings, api_key: Option<Secret>) -> Result<Self> {
         let mut api_headers = HeaderMap::new();
         if let Some(key) = &api_key {
             let mut authorization =
@@ -190,7 +187,7 @@ impl OpenRouterProvider {
         };
         let client = Client::builder()
             .tls_backend_rustls()
-            .connect_timeout(config.connect_timeout)
+            .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("stage3/", env!("CARGO_PKG_VERSION")))
             .redirect(fetch::api_redirects())
             .referer(false)
@@ -200,7 +197,7 @@ impl OpenRouterProvider {
             allow_loopback: settings.allow_loopback_image_urls,
         };
         let image_client =
-            fetch::image_client(address_policy, config.connect_timeout).map_err(build_error)?;
+            fetch::image_client(address_policy, settings.connect_timeout).map_err(build_error)?;
 
         Ok(OpenRouterProvider {
             client,
@@ -211,7 +208,7 @@ impl OpenRouterProvider {
             chat_modalities: settings.chat_modalities,
             api_headers,
             api_key,
-            max_response_bytes: config.max_response_bytes,
+            max_response_bytes: settings.max_response_bytes,
             catalogue: Catalogue::default(),
         })
     }
