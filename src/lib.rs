@@ -23,6 +23,8 @@
 //! - [`urls`]: the URLs answers give for stored objects — CDN, Qiniu-signed, presigned.
 //! - [`deadline`]: the time budget every provider, download and storage call runs under.
 //! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
+//! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C stops
+//!   every later provider call; also keeps the batch's spending.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share, loaded once.
@@ -34,6 +36,7 @@
 //! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
 
 pub mod aws;
+pub mod batch_stop;
 pub mod cache;
 pub mod config;
 pub mod deadline;

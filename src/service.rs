@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+pub use crate::batch_stop::BatchStop;
 use crate::cache::{self, Claim, ResultKeys};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
@@ -53,134 +54,6 @@ pub struct RunOptions {
     /// [`Stage3Service::run_scenes`] makes one per batch when none is given; give one to
     /// stop the batch from outside (`stop.stop(Stage3Error::Cancelled(..))`).
     pub stop: Option<BatchStop>,
-}
-
-/// The brake of one batch: once stopped, no provider call starts, and every scene that
-/// would have called fails with the stopping cause (see
-/// [`Stage3Error::for_unstarted_scene`]). Also keeps the batch's spending against
-/// `STAGE3_MAX_COST_USD`. Checked right before each provider call; calls in flight finish.
-/// Cheap to clone: clones share the same state.
-#[derive(Debug, Clone, Default)]
-pub struct BatchStop(Arc<StopState>);
-
-#[derive(Debug, Default)]
-struct StopState {
-    reason: std::sync::Mutex<Option<Stage3Error>>,
-    spending: std::sync::Mutex<Spending>,
-    /// Models that answered "unavailable" in this batch: later scenes go straight to their
-    /// fallbacks instead of paying a round trip to learn it again.
-    unavailable_models: std::sync::Mutex<Vec<String>>,
-}
-
-#[derive(Debug, Default)]
-struct Spending {
-    max_usd: Option<f64>,
-    spent_usd: f64,
-    /// Estimates of the calls in flight, whose price is not known yet.
-    reserved_usd: f64,
-}
-
-fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The data stays consistent under every panic point (plain assignments), so a poisoned
-    // lock is still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl BatchStop {
-    pub fn new() -> Self {
-        BatchStop::default()
-    }
-
-    /// A stop that also refuses calls once spending would pass `max_usd`.
-    pub fn with_budget(max_usd: Option<f64>) -> Self {
-        let stop = BatchStop::new();
-        stop.limit_spending(max_usd);
-        stop
-    }
-
-    /// Stops the batch with `error`. The first cause wins.
-    pub fn stop(&self, error: Stage3Error) {
-        let mut reason = locked(&self.0.reason);
-        if reason.is_none() {
-            tracing::warn!(
-                error_type = %error.error_type(),
-                error = %error,
-                "the batch stops starting provider calls"
-            );
-            *reason = Some(error);
-        }
-    }
-
-    /// `Ok` while calls may start; the stopping cause, retold for a scene that never
-    /// called, once stopped.
-    pub fn check(&self) -> Result<()> {
-        match locked(&self.0.reason).as_ref() {
-            None => Ok(()),
-            Some(error) => Err(error.for_unstarted_scene()),
-        }
-    }
-
-    /// Why the batch stopped, if it has.
-    pub fn reason(&self) -> Option<Stage3Error> {
-        locked(&self.0.reason).clone()
-    }
-
-    fn mark_unavailable(&self, model: &str) {
-        let mut models = locked(&self.0.unavailable_models);
-        if !models.iter().any(|m| m == model) {
-            models.push(model.to_string());
-        }
-    }
-
-    fn is_unavailable(&self, model: &str) -> bool {
-        locked(&self.0.unavailable_models)
-            .iter()
-            .any(|m| m == model)
-    }
-
-    /// What the batch's calls were billed so far, in USD.
-    pub fn spent_usd(&self) -> f64 {
-        locked(&self.0.spending).spent_usd
-    }
-
-    /// Sets the budget unless one is set already.
-    pub fn limit_spending(&self, max_usd: Option<f64>) {
-        let mut spending = locked(&self.0.spending);
-        if spending.max_usd.is_none() {
-            spending.max_usd = max_usd;
-        }
-    }
-
-    /// Reserves a call's estimate, or stops the batch when spent + reserved + estimate would
-    /// pass the budget. Returns the amount reserved.
-    fn reserve(&self, estimate_usd: Option<f64>) -> Result<f64> {
-        let estimate = estimate_usd.unwrap_or(0.0);
-        let mut spending = locked(&self.0.spending);
-        if let Some(max) = spending.max_usd {
-            let committed = spending.spent_usd + spending.reserved_usd;
-            if committed + estimate > max + 1e-9 {
-                drop(spending);
-                let error = Stage3Error::BudgetExceeded(format!(
-                    "the batch has spent or committed ${committed:.4} of its ${max:.2} budget \
-                     (STAGE3_MAX_COST_USD); the next call's estimate of ${estimate:.4} would \
-                     pass it"
-                ));
-                self.stop(error.clone());
-                return Err(error);
-            }
-        }
-        spending.reserved_usd += estimate;
-        Ok(estimate)
-    }
-
-    /// Replaces a call's reservation by what it cost.
-    fn settle(&self, reserved_usd: f64, cost_usd: Option<f64>) {
-        let mut spending = locked(&self.0.spending);
-        spending.reserved_usd = (spending.reserved_usd - reserved_usd).max(0.0);
-        spending.spent_usd += cost_usd.unwrap_or(0.0);
-    }
 }
 
 /// Every scene of a batch checked and priced before any call (see
