@@ -467,11 +467,15 @@ pub enum Submission {
 }
 
 impl Submission {
-    /// The requests, to override a field of each (the CLI's `--size`, `--model`…).
-    pub fn requests_mut(&mut self) -> &mut [GenerationRequest] {
-        match self {
+    /// Sets `overrides` on every request, over their own fields (the CLI's `--size`,
+    /// `--quality`, `--model`).
+    pub fn override_with(&mut self, overrides: &RequestOptions) {
+        let requests = match self {
             Submission::Single(request) => std::slice::from_mut(request),
             Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
+        };
+        for request in requests {
+            overrides.impose(request);
         }
     }
 
@@ -517,13 +521,13 @@ struct BatchEnvelope {
 /// same scene would race for the same file, so they are rejected.
 pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
     let submission = match value {
-        Value::Array(items) => Submission::Batch(parse_items(items, &BatchDefaults::default())?),
+        Value::Array(items) => Submission::Batch(parse_items(items, &RequestOptions::default())?),
         Value::Object(ref map) if map.contains_key("scenes") => {
             let envelope: BatchEnvelope = deserialize_named(value, "batch")?;
             let Value::Array(items) = envelope.scenes else {
                 return Err(Stage3Error::invalid_request("scenes: must be an array"));
             };
-            let defaults = BatchDefaults {
+            let defaults = RequestOptions {
                 size: envelope.size,
                 quality: envelope.quality,
                 model: envelope.model,
@@ -570,14 +574,37 @@ pub fn parse_submission_bytes(bytes: &[u8], max_batch: usize) -> Result<Submissi
     parse_submission(value, max_batch)
 }
 
-#[derive(Default)]
-struct BatchDefaults {
-    size: Option<ImageSize>,
-    quality: Option<ImageQuality>,
-    model: Option<String>,
+/// Image options set for many requests at once: a batch envelope's defaults (which a
+/// request's own fields beat) or the command line's overrides (which beat them). The
+/// settings' defaults come last, when the request is prepared (`image_spec::ImageSpec`).
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    pub size: Option<ImageSize>,
+    pub quality: Option<ImageQuality>,
+    pub model: Option<String>,
 }
 
-fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<GenerationRequest>> {
+impl RequestOptions {
+    /// Fills what `request` leaves unset.
+    fn fill(&self, request: &mut GenerationRequest) {
+        request.size = request.size.or(self.size);
+        request.quality = request.quality.or(self.quality);
+        if request.model.is_none() {
+            request.model.clone_from(&self.model);
+        }
+    }
+
+    /// Replaces what these options set.
+    fn impose(&self, request: &mut GenerationRequest) {
+        request.size = self.size.or(request.size);
+        request.quality = self.quality.or(request.quality);
+        if self.model.is_some() {
+            request.model.clone_from(&self.model);
+        }
+    }
+}
+
+fn parse_items(items: Vec<Value>, defaults: &RequestOptions) -> Result<Vec<GenerationRequest>> {
     items
         .into_iter()
         .enumerate()
@@ -595,11 +622,7 @@ fn parse_items(items: Vec<Value>, defaults: &BatchDefaults) -> Result<Vec<Genera
             }
             let mut request: GenerationRequest =
                 deserialize_named(item, "request").map_err(located)?;
-            request.size = request.size.or(defaults.size);
-            request.quality = request.quality.or(defaults.quality);
-            if request.model.is_none() {
-                request.model = defaults.model.clone();
-            }
+            defaults.fill(&mut request);
             Ok(request)
         })
         .collect()
@@ -723,6 +746,30 @@ mod tests {
             Some(ImageSize::Portrait),
             "the scene's own size wins"
         );
+    }
+
+    #[test]
+    fn overrides_beat_the_request_and_the_envelope() {
+        let mut own = scene("a");
+        own["size"] = json!("1024x1792");
+        let mut submission = parse_submission(
+            json!({"scenes": [own, scene("b")], "model": "acme/envelope"}),
+            100,
+        )
+        .unwrap();
+        submission.override_with(&RequestOptions {
+            size: Some(ImageSize::Landscape),
+            quality: None,
+            model: None,
+        });
+        let requests = submission.into_requests();
+        assert!(requests
+            .iter()
+            .all(|r| r.size == Some(ImageSize::Landscape)));
+        assert!(requests.iter().all(|r| r.quality.is_none()));
+        assert!(requests
+            .iter()
+            .all(|r| r.model.as_deref() == Some("acme/envelope")));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::deadline::Deadline;
 use stage3::events::EventPublisher;
 use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
-use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, Submission};
+use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
 use stage3::service::{prepare_submission, BatchStop, PreparedScene, RunOptions, Stage3Service};
 use stage3::storage::FsStore;
 use stage3::{telemetry, Stage3Error};
@@ -155,13 +155,11 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
 
     let mut submission = read_submission(&args.input, config.max_batch)?;
     let story_id = submission.story_id().map(str::to_string);
-    for request in submission.requests_mut() {
-        request.size = args.size.or(request.size);
-        request.quality = args.quality.or(request.quality);
-        if args.model.is_some() {
-            request.model.clone_from(&args.model);
-        }
-    }
+    submission.override_with(&RequestOptions {
+        size: args.size,
+        quality: args.quality,
+        model: args.model,
+    });
 
     let events = EventPublisher::from_settings(&config.events, &config.aws).await?;
     let service = Stage3Service::from_config(config).await?;
