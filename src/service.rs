@@ -1,9 +1,26 @@
 //! The Stage 3 service: requests in, stored PNGs and `Stage3Output`s out.
 //!
-//! This is the one place that knows the whole path of a scene — validate, compose the
-//! prompt, look in the cache, call the provider within the retry budget and the deadline,
-//! normalise and validate the image, store it, then its record. The CLI and the Lambda
-//! function are thin shells around [`Stage3Service`].
+//! This is the one place that knows the whole path of a scene. The CLI and the Lambda
+//! function are thin shells around [`Stage3Service`]; everything else is a part it drives.
+//! In the order a batch meets them, and where to make a change:
+//!
+//! 1. **Prepare** ([`PreparedScene::new`], [`prepare_submission`]): each request becomes its
+//!    validated [`ImageSpec`], request hash and keys. Costs nothing; a bad request stops
+//!    here. What a request may ask is `schema` and `image_spec`.
+//! 2. **Plan** ([`Stage3Service::check_batch`]): the provider checks every spec against
+//!    its model and prices it; an impossible scene or an estimate over budget refuses the
+//!    batch whole, before any call.
+//! 3. **Run** ([`Stage3Service::run_scenes`]): scenes run concurrently, at most
+//!    `STAGE3_CONCURRENCY` at the provider; identical requests run once.
+//! 4. Per scene ([`Stage3Service::run_scene`]): the **cache** (`cached`: a verified record
+//!    is the answer, relabelled if the label settings changed), then a **claim** so
+//!    concurrent workers pay once, then **generate** (`generate_with_retries` over the
+//!    plan's models, `generate_with_model` for one model's retries, under the batch's
+//!    [`BatchStop`], the back-pressure and the deadline's [`CallBudget`]s), **normalise**
+//!    (`normalize`), **label** (`label`), **store** the image under its content address
+//!    (`store_image`), its thumbnail, and last the record (`generate_and_store`).
+//!
+//! Every storage call runs through `with_storage_retries` under the deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
