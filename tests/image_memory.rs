@@ -3,7 +3,7 @@
 //! nothing else allocates while it measures.
 //!
 //! The old code inflated a colour-profile bomb up to its 320 MB allocation limit, and
-//! decoded a 40 MP JPEG (a 120 MB frame, then a PNG as large); see README "Performance".
+//! decoded a 40 MP JPEG (a 120 MB frame, then a PNG as large); see `docs/performance.md`.
 
 #[allow(dead_code)]
 #[path = "support/hostile_images.rs"]
