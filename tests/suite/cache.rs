@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::config::TestConfig;
 use crate::support::counting_provider::CountingProvider;
 use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
@@ -14,23 +15,7 @@ use stage3::deadline::Deadline;
 use stage3::error::ErrorType;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::{FsStore, ObjectStore};
-use stage3::{Config, RunOptions, Stage3Service};
-
-fn config(out: &Path, extra: &[(&str, &str)]) -> Config {
-    let mut vars: Vec<(String, String)> = vec![
-        ("STAGE3_PROVIDER".into(), "placeholder".into()),
-        ("STAGE3_OUTPUT_DIR".into(), out.to_str().unwrap().into()),
-        ("STAGE3_RETRY_BASE_MS".into(), "1".into()),
-    ];
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Config::from_lookup(|name| {
-        vars.iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    })
-    .unwrap()
-}
+use stage3::{RunOptions, Stage3Service};
 
 fn request(scene_id: &str) -> GenerationRequest {
     Stage2Output {
@@ -44,9 +29,9 @@ fn request(scene_id: &str) -> GenerationRequest {
 }
 
 fn fs_service(out: &Path, provider: Arc<CountingProvider>) -> Stage3Service {
-    let config = config(out, &[]);
-    let store = Arc::new(FsStore::new(out).unwrap());
-    Stage3Service::new(config, provider, store)
+    TestConfig::new()
+        .out(out)
+        .service_with(provider, Arc::new(FsStore::new(out).unwrap()))
 }
 
 fn record_path(out: &Path) -> std::path::PathBuf {
@@ -178,8 +163,9 @@ async fn forced_regeneration_publishes_new_bytes_under_a_new_key() {
 /// (AWS S3 and the filesystem store decide atomically, and get no stagger).
 async fn two_workers_pay_once(store: Arc<dyn ObjectStore>, out: &Path, stagger: Duration) {
     let provider = Arc::new(CountingProvider::placeholder(Duration::from_millis(1500)));
-    let a = Stage3Service::new(config(out, &[]), provider.clone(), store.clone());
-    let b = Stage3Service::new(config(out, &[]), provider.clone(), store.clone());
+    let config = TestConfig::new().out(out);
+    let a = config.service_with(provider.clone(), store.clone());
+    let b = config.service_with(provider.clone(), store.clone());
     let (left, right) = tokio::join!(a.generate_scene_image(request("s1")), async {
         tokio::time::sleep(stagger).await;
         b.generate_scene_image(request("s1")).await
@@ -255,7 +241,9 @@ async fn a_store_that_hangs_is_cut_off_at_the_deadline_and_nothing_is_paid() {
         |key| key.ends_with(".claim"),
     ));
     let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
-    let service = Stage3Service::new(config(out.path(), &[]), provider.clone(), store);
+    let service = TestConfig::new()
+        .out(out.path())
+        .service_with(provider.clone(), store);
     let scene = service.prepare(request("s1")).unwrap();
     let options = RunOptions {
         deadline: Deadline::after(Duration::from_millis(800)),
@@ -282,7 +270,10 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
     let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
     let service = |extra: &[(&str, &str)]| {
-        Stage3Service::new(config(out.path(), extra), provider.clone(), store.clone())
+        TestConfig::new()
+            .out(out.path())
+            .set_all(extra)
+            .service_with(provider.clone(), store.clone())
     };
 
     // The implicit label is on by default, names the unlabelled image, keeps its pixels.

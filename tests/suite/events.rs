@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+use crate::support::config::TestConfig;
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use stage3::config::{Secret, WebhookSettings};
@@ -25,7 +26,7 @@ use stage3::events::webhook::{WebhookSink, SIGNATURE_HEADER};
 use stage3::events::{Backoff, EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
 use stage3::schema::BatchAnswer;
-use stage3::{Config, GenerationRequest, Stage3Service};
+use stage3::{GenerationRequest, Stage3Service};
 
 /// Prompts containing this are refused by the stand-in as OpenRouter's moderation does.
 const REFUSED: &str = "forbidden";
@@ -57,19 +58,16 @@ async fn provider() -> ScriptedOpenRouter {
     .await
 }
 
-fn service_for(provider: &ScriptedOpenRouter, out: &std::path::Path) -> Config {
-    let out = out.to_string_lossy().into_owned();
-    let base_url = provider.base_url.clone();
-    Config::from_lookup(|name| match name {
-        "OPENROUTER_API_KEY" => Some("sk-or-v1-events-test".into()),
-        "OPENROUTER_BASE_URL" => Some(base_url.clone()),
-        "STAGE3_OUTPUT_DIR" => Some(out.clone()),
-        "STAGE3_MAX_RETRIES" => Some("0".into()),
-        "STAGE3_RETRY_BASE_MS" => Some("0".into()),
-        "STAGE3_RETRY_MAX_MS" => Some("0".into()),
-        _ => None,
-    })
-    .unwrap()
+/// The real service and OpenRouter client against `provider`, storing in `out`. No
+/// retries: a refused or overloaded prompt fails on its first call, so the events and
+/// dead letters it causes are counted exactly.
+async fn service_for(provider: &ScriptedOpenRouter, out: &std::path::Path) -> Stage3Service {
+    TestConfig::new()
+        .openrouter(&provider.base_url, "sk-or-v1-events-test")
+        .out(out)
+        .set("STAGE3_MAX_RETRIES", "0")
+        .service()
+        .await
 }
 
 fn request(scene_id: &str, prompt: &str) -> GenerationRequest {
@@ -151,9 +149,7 @@ async fn a_batch_publishes_ready_failed_and_done_through_an_eventbridge_rule() {
     let (bus, queue_url) = routed_bus(moto).await;
     let provider = provider().await;
     let work = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(service_for(&provider, work.path()))
-        .await
-        .unwrap();
+    let service = service_for(&provider, work.path()).await;
 
     // 12 stored scenes, one refused and one invalid: 15 events, two PutEvents calls.
     let mut requests: Vec<GenerationRequest> = (0..12)
@@ -366,9 +362,7 @@ impl SqsHarness {
     async fn new() -> SqsHarness {
         let work = tempfile::tempdir().unwrap();
         let provider = provider().await;
-        let service = Stage3Service::from_config(service_for(&provider, work.path()))
-            .await
-            .unwrap();
+        let service = service_for(&provider, work.path()).await;
         SqsHarness {
             _work: work,
             provider,
@@ -587,14 +581,7 @@ fn signature_is_valid(body: &[u8], header: &str) -> bool {
 
 async fn answer_with_two_scenes() -> (BatchAnswer, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().to_string_lossy().into_owned();
-    let config = Config::from_lookup(|name| match name {
-        "STAGE3_PROVIDER" => Some("placeholder".into()),
-        "STAGE3_OUTPUT_DIR" => Some(out.clone()),
-        _ => None,
-    })
-    .unwrap();
-    let service = Stage3Service::from_config(config).await.unwrap();
+    let service = TestConfig::new().out(work.path()).service().await;
     let answer = service
         .generate_all_images(vec![request("hook_001", "a fox"), request("hook_002", " ")])
         .await;
@@ -706,14 +693,7 @@ async fn the_lambda_function_publishes_direct_and_eventbridge_invocations() {
         .mount(&server)
         .await;
     let work = tempfile::tempdir().unwrap();
-    let out = work.path().to_string_lossy().into_owned();
-    let config = Config::from_lookup(|name| match name {
-        "STAGE3_PROVIDER" => Some("placeholder".into()),
-        "STAGE3_OUTPUT_DIR" => Some(out.clone()),
-        _ => None,
-    })
-    .unwrap();
-    let service = Stage3Service::from_config(config).await.unwrap();
+    let service = TestConfig::new().out(work.path()).service().await;
     let outlets = Outlets {
         events: EventPublisher::new(vec![Arc::new(webhook(&server, "/"))]),
         dead_letter: None,

@@ -5,37 +5,27 @@
 //! that the other scenes of the same batch still succeed, and that the output directory
 //! holds nothing partial and no record without its image.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
 use sha2::Digest;
 use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::FsStore;
-use stage3::{Config, Stage3Service};
 
 const KEY: &str = "sk-or-v1-fault-suite-secret";
 
-fn config(base_url: &str, out: &Path, extra: &[(&str, &str)]) -> Config {
-    let mut vars: HashMap<String, String> = [
-        ("OPENROUTER_API_KEY", KEY),
-        ("OPENROUTER_BASE_URL", base_url),
-        ("STAGE3_OUTPUT_DIR", out.to_str().unwrap()),
-        ("STAGE3_RETRY_BASE_MS", "5"),
-        ("STAGE3_RETRY_MAX_MS", "50"),
-        ("STAGE3_CONCURRENCY", "8"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    for (k, v) in extra {
-        vars.insert(k.to_string(), v.to_string());
-    }
-    Config::from_lookup(|name| vars.get(name).cloned()).unwrap()
+/// The real service and OpenRouter client against `server`, storing in `out`, with eight
+/// calls in flight (the figure the load test below states).
+fn config(server: &ScriptedOpenRouter, out: &Path) -> TestConfig {
+    TestConfig::new()
+        .openrouter(&server.base_url, KEY)
+        .out(out)
+        .set("STAGE3_CONCURRENCY", "8")
 }
 
 fn request(scene_id: &str) -> GenerationRequest {
@@ -153,9 +143,7 @@ async fn every_provider_fault_has_its_outcome_and_spares_the_rest_of_the_batch()
     let server =
         ScriptedOpenRouter::start(|request, nth| script(&scene_of(request.prompt()), nth)).await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
-        .await
-        .unwrap();
+    let service = config(&server, out.path()).service().await;
 
     // (scene, expected provider calls, expected error_type or None for success)
     let cases: &[(&str, usize, Option<&str>)] = &[
@@ -260,13 +248,11 @@ async fn a_hung_provider_is_cut_off_by_the_timeout_and_retried() {
         })
         .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_TIMEOUT_SECS", "1"), ("STAGE3_MAX_RETRIES", "1")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_TIMEOUT_SECS", "1")
+        .set("STAGE3_MAX_RETRIES", "1")
+        .service()
+        .await;
 
     let answer = service
         .generate_all_images(vec![
@@ -302,13 +288,11 @@ async fn a_rate_limit_pauses_the_whole_batch() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "2"), ("STAGE3_RETRY_MAX_MS", "5000")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "2")
+        .set("STAGE3_RETRY_MAX_MS", "5000")
+        .service()
+        .await;
     let answer = service
         .generate_all_images(vec![request("first"), request("second"), request("third")])
         .await;
@@ -353,13 +337,10 @@ async fn a_slow_scene_does_not_hold_up_the_free_slots() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "2")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "2")
+        .service()
+        .await;
     let answer = service
         .generate_all_images(vec![
             request("slow"),
@@ -397,13 +378,10 @@ async fn never_more_provider_calls_than_the_concurrency_allows() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "3")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "3")
+        .service()
+        .await;
     let requests = (0..12).map(|i| request(&format!("limit-{i:02}"))).collect();
     let answer = service.generate_all_images(requests).await;
     assert_eq!(answer.results.len(), 12, "failures: {:?}", answer.failures);
@@ -427,14 +405,14 @@ async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let config = config(&server.base_url, out.path(), &[("STAGE3_CONCURRENCY", "1")]);
-    let provider = stage3::provider::from_settings(config.provider, &config.openrouter).unwrap();
     let store = Arc::new(GatedStore::new(
         Arc::new(FsStore::new(out.path()).unwrap()),
         gate,
         |key| key.ends_with(".png"),
     ));
-    let service = Stage3Service::new(config, provider, store);
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "1")
+        .service_with_store(store);
 
     let batch = service.generate_all_images(vec![request("first"), request("second")]);
     let answer = tokio::time::timeout(Duration::from_secs(30), batch)
@@ -448,9 +426,7 @@ async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
 async fn invalid_requests_reach_no_provider() {
     let server = ScriptedOpenRouter::start(|_, _| Reply::image(&good_png(), "image/png")).await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
-        .await
-        .unwrap();
+    let service = config(&server, out.path()).service().await;
     let mut blank = request("blank-prompt");
     blank.image_prompt = "   ".into();
     let mut long = request("long-prompt");
@@ -490,9 +466,7 @@ async fn load_200_scenes_with_ten_percent_transient_faults() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(&server.base_url, out.path(), &[]))
-        .await
-        .unwrap();
+    let service = config(&server, out.path()).service().await;
     let requests: Vec<GenerationRequest> =
         (0..200).map(|i| request(&format!("load-{i:03}"))).collect();
     let answer = service.generate_all_images(requests).await;
@@ -526,13 +500,10 @@ async fn a_402_stops_the_batch_at_concurrency_1() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "1")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "1")
+        .service()
+        .await;
     let requests = (0..6).map(|i| request(&format!("credit-{i}"))).collect();
     let answer = service.generate_all_images(requests).await;
 
@@ -573,13 +544,10 @@ async fn a_402_stops_the_batch_at_concurrency_3() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "3")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "3")
+        .service()
+        .await;
     let requests = (0..10).map(|i| request(&format!("credit-{i}"))).collect();
     let answer = service.generate_all_images(requests).await;
 
@@ -602,13 +570,10 @@ async fn a_401_stops_the_batch_too() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_CONCURRENCY", "1")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_CONCURRENCY", "1")
+        .service()
+        .await;
     let requests = (0..4).map(|i| request(&format!("key-{i}"))).collect();
     let answer = service.generate_all_images(requests).await;
     assert_eq!(server.total_calls(), 1);
@@ -626,13 +591,10 @@ async fn a_401_stops_the_batch_too() {
 async fn an_over_budget_batch_spends_nothing() {
     let server = ScriptedOpenRouter::start(|_, _| Reply::image(&good_png(), "image/png")).await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_MAX_COST_USD", "0.10")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_MAX_COST_USD", "0.10")
+        .service()
+        .await;
     let requests: Vec<GenerationRequest> =
         (0..3).map(|i| request(&format!("budget-{i}"))).collect();
 
@@ -667,13 +629,11 @@ async fn spending_stops_when_the_next_call_would_pass_the_budget() {
     })
     .await;
     let out = tempfile::tempdir().unwrap();
-    let service = Stage3Service::from_config(config(
-        &server.base_url,
-        out.path(),
-        &[("STAGE3_MAX_COST_USD", "0.10"), ("STAGE3_CONCURRENCY", "1")],
-    ))
-    .await
-    .unwrap();
+    let service = config(&server, out.path())
+        .set("STAGE3_MAX_COST_USD", "0.10")
+        .set("STAGE3_CONCURRENCY", "1")
+        .service()
+        .await;
     let answer = service
         .generate_all_images(vec![request("spend-0"), request("spend-1")])
         .await;

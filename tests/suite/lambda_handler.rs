@@ -15,13 +15,14 @@ use bytes::Bytes;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
 
+use crate::support::config::TestConfig;
 use stage3::deadline::Deadline;
 use stage3::error::{ErrorType, ProviderFailure, Result};
 use stage3::lambda::{self, EventKind};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
 use stage3::schema::{BatchAnswer, ImageSize, Stage3Output};
 use stage3::storage::FsStore;
-use stage3::{Config, Stage3Error, Stage3Service};
+use stage3::{Stage3Error, Stage3Service};
 
 /// Prompts containing this word are refused as a provider's moderation would (403).
 const REFUSED_WORD: &str = "forbidden";
@@ -91,18 +92,11 @@ struct Harness {
 impl Harness {
     fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let output_dir = dir.path().to_string_lossy().into_owned();
-        let config = Config::from_lookup(|name| match name {
-            "STAGE3_PROVIDER" => Some("placeholder".into()),
-            "STAGE3_OUTPUT_DIR" => Some(output_dir.clone()),
-            "STAGE3_RETRY_BASE_MS" => Some("0".into()),
-            "STAGE3_RETRY_MAX_MS" => Some("0".into()),
-            _ => None,
-        })
-        .unwrap();
         let provider = Arc::new(FixedPngProvider::default());
         let store = Arc::new(FsStore::new(dir.path()).unwrap());
-        let service = Stage3Service::new(config, provider.clone(), store);
+        let service = TestConfig::new()
+            .out(dir.path())
+            .service_with(provider.clone(), store);
         Harness {
             dir,
             provider,

@@ -2,13 +2,13 @@
 //! OpenRouter, plus a hand-written HTTP/1.1 server where wiremock cannot misbehave enough
 //! (a body that never ends, counting connections).
 
-use std::collections::HashMap;
 use std::io::{Cursor, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::support::config::TestConfig;
 use crate::support::scripted_openrouter::chat_answer;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
@@ -27,16 +27,11 @@ const MODEL: &str = "google/gemini-2.5-flash-image";
 const PROMPT: &str = "A lighthouse at dawn, watercolour. Avoid: text, watermark";
 
 fn config(base_url: &str, extra: &[(&str, &str)]) -> Config {
-    let mut map: HashMap<String, String> = [
-        ("OPENROUTER_API_KEY", KEY),
-        ("OPENROUTER_BASE_URL", base_url),
-    ]
-    .iter()
-    .chain(extra)
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    map.entry("STAGE3_MODEL".into()).or_insert(MODEL.into());
-    Config::from_lookup(|k| map.get(k).cloned()).unwrap()
+    TestConfig::new()
+        .openrouter(base_url, KEY)
+        .set("STAGE3_MODEL", MODEL)
+        .set_all(extra)
+        .build()
 }
 
 fn provider(base_url: &str, extra: &[(&str, &str)]) -> OpenRouterProvider {
@@ -901,8 +896,7 @@ async fn the_key_never_appears_in_errors_or_debug_output() {
 
 #[test]
 fn a_missing_key_is_a_config_error() {
-    let map: HashMap<String, String> = HashMap::new();
-    let config = Config::from_lookup(|k| map.get(k).cloned()).unwrap();
+    let config = Config::from_lookup(|_| None).unwrap();
     let err = OpenRouterProvider::new(&config.openrouter).unwrap_err();
     assert_eq!(err.error_type(), ErrorType::Config);
     assert!(err.to_string().contains("OPENROUTER_API_KEY"), "{err}");
@@ -1004,23 +998,14 @@ mod real {
         out: &std::path::Path,
         extra: &[(&str, &str)],
     ) -> Stage3Service {
-        let mut vars: HashMap<String, String> = [
-            ("OPENROUTER_API_KEY", KEY),
-            ("OPENROUTER_BASE_URL", server.base_url.as_str()),
-            ("STAGE3_OUTPUT_DIR", out.to_str().unwrap()),
-            ("STAGE3_RETRY_BASE_MS", "5"),
-            ("STAGE3_RETRY_MAX_MS", "50"),
-            ("STAGE3_MAX_RETRIES", "1"),
-            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            vars.insert(k.to_string(), v.to_string());
-        }
-        let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-        Stage3Service::from_config(config).await.unwrap()
+        TestConfig::new()
+            .openrouter(&server.base_url, KEY)
+            .out(out)
+            .loopback_image_urls()
+            .set("STAGE3_MAX_RETRIES", "1")
+            .set_all(extra)
+            .service()
+            .await
     }
 
     pub fn scene(id: &str) -> GenerationRequest {

@@ -1,26 +1,11 @@
 //! Character consistency: reference images reach the provider and shape the cache key.
 
-use std::collections::HashMap;
-
+use crate::support::config::TestConfig;
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
 use stage3::schema::{GenerationRequest, Stage2Output};
-use stage3::{Config, Stage3Service};
 
 const FOX: &str = "https://cdn.example.com/characters/fox.png";
-
-fn service(base_url: &str, out: &std::path::Path, refs: &std::path::Path) -> Stage3Service {
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("OPENROUTER_API_KEY", "sk-or-v1-test".to_string()),
-        ("OPENROUTER_BASE_URL", base_url.to_string()),
-        ("STAGE3_OUTPUT_DIR", out.display().to_string()),
-        ("STAGE3_CHARACTER_REFERENCES", refs.display().to_string()),
-    ]);
-    let config = Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    let provider = stage3::provider::from_settings(config.provider, &config.openrouter).unwrap();
-    let store = std::sync::Arc::new(stage3::storage::FsStore::new(out).unwrap());
-    Stage3Service::new(config, provider, store)
-}
 
 fn scene(characters: &[&str], extra_references: &[&str]) -> GenerationRequest {
     let mut request: GenerationRequest = Stage2Output {
@@ -44,7 +29,12 @@ async fn characters_in_scene_pull_in_their_reference_images() {
     let dir = tempfile::tempdir().unwrap();
     let refs = dir.path().join("characters.json");
     std::fs::write(&refs, format!(r#"{{"char_fox": "{FOX}"}}"#)).unwrap();
-    let service = service(&server.base_url, &dir.path().join("images"), &refs);
+    let service = TestConfig::new()
+        .openrouter(&server.base_url, "sk-or-v1-test")
+        .out(&dir.path().join("images"))
+        .set("STAGE3_CHARACTER_REFERENCES", refs.to_str().unwrap())
+        .service()
+        .await;
 
     let inline = "data:image/png;base64,iVBORw0KGgo=";
     let with_fox = service

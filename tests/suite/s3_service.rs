@@ -6,10 +6,10 @@
 //! By default the bucket is an in-process `s3s-fs`; see `support/s3_server.rs` for running
 //! against a real MinIO, Qiniu or Garage.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::noisy_png;
 use crate::support::s3_server::S3Target;
@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use stage3::error::{ErrorType, Result};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
 use stage3::storage::ObjectStore;
-use stage3::{Config, GenerationRequest, RunOptions, Stage3Service};
+use stage3::{GenerationRequest, RunOptions};
 use tokio::sync::{watch, Mutex};
 
 const PUBLIC_BASE: &str = "https://img.example.com";
@@ -60,22 +60,17 @@ impl ImageProvider for CountingProvider {
     }
 }
 
-/// The service's configuration for `target`, with quick retries so failures end fast.
-fn config_for(target: &S3Target, public_base: Option<&str>) -> Config {
-    let mut vars: HashMap<String, String> = target.env_vars().into_iter().collect();
-    for (name, value) in [
-        ("STAGE3_PROVIDER", "placeholder"),
-        ("STAGE3_CONCURRENCY", "1"),
-        ("STAGE3_MAX_RETRIES", "2"),
-        ("STAGE3_RETRY_BASE_MS", "10"),
-        ("STAGE3_RETRY_MAX_MS", "50"),
-    ] {
-        vars.insert(name.into(), value.into());
+/// The service's configuration for `target`: one scene at a time, and quick storage
+/// retries so failures end fast.
+fn config_for(target: &S3Target, public_base: Option<&str>) -> TestConfig {
+    let config = TestConfig::new()
+        .s3(target)
+        .set("STAGE3_CONCURRENCY", "1")
+        .set("STAGE3_MAX_RETRIES", "2");
+    match public_base {
+        Some(base) => config.set("STAGE3_PUBLIC_BASE_URL", base),
+        None => config,
     }
-    if let Some(base) = public_base {
-        vars.insert("STAGE3_PUBLIC_BASE_URL".into(), base.into());
-    }
-    Config::from_lookup(|name| vars.get(name).cloned()).unwrap()
 }
 
 fn request(scene_id: &str, prompt: &str) -> GenerationRequest {
@@ -99,11 +94,8 @@ fn object_key_of(target: &S3Target, image_path: &str) -> String {
 async fn image_url_is_the_public_base_and_the_prefixed_key() {
     let target = S3Target::start().await;
     let provider = Arc::new(CountingProvider::new());
-    let service = Stage3Service::new(
-        config_for(&target, Some(PUBLIC_BASE)),
-        provider.clone(),
-        Arc::new(target.store()),
-    );
+    let service = config_for(&target, Some(PUBLIC_BASE))
+        .service_with(provider.clone(), Arc::new(target.store()));
 
     let output = service
         .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
@@ -156,11 +148,8 @@ async fn image_url_is_the_public_base_and_the_prefixed_key() {
 async fn without_a_public_base_image_url_is_a_working_presigned_url() {
     let target = S3Target::start().await;
     let store = Arc::new(target.store());
-    let service = Stage3Service::new(
-        config_for(&target, None),
-        Arc::new(CountingProvider::new()),
-        store.clone(),
-    );
+    let service =
+        config_for(&target, None).service_with(Arc::new(CountingProvider::new()), store.clone());
 
     let output = service
         .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
@@ -192,11 +181,8 @@ async fn without_a_public_base_image_url_is_a_working_presigned_url() {
 async fn a_second_identical_run_is_a_cache_hit_without_provider_calls() {
     let target = S3Target::start().await;
     let provider = Arc::new(CountingProvider::new());
-    let service = Stage3Service::new(
-        config_for(&target, Some(PUBLIC_BASE)),
-        provider.clone(),
-        Arc::new(target.store()),
-    );
+    let service = config_for(&target, Some(PUBLIC_BASE))
+        .service_with(provider.clone(), Arc::new(target.store()));
     let batch = vec![
         request("scene_001", "a lighthouse at dusk"),
         request("scene_002", "a fox in the snow"),
@@ -207,11 +193,8 @@ async fn a_second_identical_run_is_a_cache_hit_without_provider_calls() {
     assert_eq!(provider.calls(), 2);
 
     // A fresh service, as a new Lambda sandbox would be: only the bucket remembers.
-    let service = Stage3Service::new(
-        config_for(&target, Some(PUBLIC_BASE)),
-        provider.clone(),
-        Arc::new(target.store()),
-    );
+    let service = config_for(&target, Some(PUBLIC_BASE))
+        .service_with(provider.clone(), Arc::new(target.store()));
     let second = service.generate_all_images(batch).await;
 
     assert!(second.failures.is_empty(), "{:?}", second.failures);
@@ -236,11 +219,8 @@ async fn a_changed_prompt_gets_a_new_key_and_keeps_the_old_image() {
     let target = S3Target::start().await;
     let provider = Arc::new(CountingProvider::new());
     let store = Arc::new(target.store());
-    let service = Stage3Service::new(
-        config_for(&target, Some(PUBLIC_BASE)),
-        provider.clone(),
-        store.clone(),
-    );
+    let service =
+        config_for(&target, Some(PUBLIC_BASE)).service_with(provider.clone(), store.clone());
 
     let before = service
         .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
@@ -285,7 +265,7 @@ async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangli
         key.starts_with("scene_002-") && key.ends_with(".png")
     });
     let provider = Arc::new(CountingProvider::new());
-    let service = Stage3Service::new(config, provider.clone(), Arc::new(store));
+    let service = config.service_with(provider.clone(), Arc::new(store));
 
     let stop_after_first = |scene_id: &str, _: std::result::Result<&_, &_>| {
         if scene_id == "scene_001" {

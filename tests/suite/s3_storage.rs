@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::support::config::TestConfig;
 use crate::support::noisy_png;
 use crate::support::s3_server::S3Target;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials};
@@ -201,14 +202,11 @@ async fn an_empty_prefix_leaves_keys_alone() {
 #[tokio::test]
 async fn from_settings_signs_with_the_configured_bucket_keys() {
     let target = S3Target::start().await;
-    let mut vars: std::collections::HashMap<String, String> =
-        target.env_vars().into_iter().collect();
-    vars.insert("STAGE3_S3_ACCESS_KEY_ID".into(), target.access_key.clone());
-    vars.insert(
-        "STAGE3_S3_SECRET_ACCESS_KEY".into(),
-        target.secret_key().to_string(),
-    );
-    let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
+    let config = TestConfig::new()
+        .s3(&target)
+        .set("STAGE3_S3_ACCESS_KEY_ID", &target.access_key)
+        .set("STAGE3_S3_SECRET_ACCESS_KEY", target.secret_key())
+        .build();
     let store = S3Store::from_settings(config.storage.s3.as_ref().unwrap(), &config.aws).await;
     let png = noisy_png(16, 9, 13);
 

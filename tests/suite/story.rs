@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::config::TestConfig;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
 use assert_cmd::Command;
@@ -849,12 +850,7 @@ async fn hostile_prompts_stay_text_in_headless_chromium() {
 // The Lambda function: direct batches and SQS records of one story, at the same time.
 
 fn lambda_service(target: &S3Target) -> stage3::Stage3Service {
-    let mut vars: std::collections::HashMap<String, String> =
-        target.env_vars().into_iter().collect();
-    vars.insert("STAGE3_PROVIDER".into(), "placeholder".into());
-    let config = stage3::Config::from_lookup(|name| vars.get(name).cloned()).unwrap();
-    stage3::Stage3Service::new(
-        config,
+    TestConfig::new().s3(target).service_with(
         Arc::new(PlaceholderProvider::new()),
         Arc::new(target.store()),
     )

@@ -5,6 +5,7 @@
 //! given binary leaves unused are not dead code.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod counting_provider;
 pub mod gated_store;
 pub mod moto;
