@@ -6,26 +6,24 @@
 //! pass only outside CI: with `CI` set, a missing browser is a failure.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::config::TestConfig;
+use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
 use assert_cmd::Command;
-use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use stage3::deadline::{CallBudget, Deadline};
-use stage3::error::Result;
 use stage3::image_spec::ImageSpec;
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
 use stage3::schema::{ImageQuality, ImageSize};
-use stage3::storage::{Created, Fetched, FsStore, ObjectInfo, ObjectMeta, ObjectStore};
+use stage3::storage::{FsStore, ObjectMeta, ObjectStore};
 use stage3::story::{self, Manifest, ManifestEntry, SceneStatus, StoryScene};
 use stage3::urls::UrlPolicy;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const KEY: &str = "sk-or-v1-story-test-secret-0123456789";
 
@@ -369,59 +367,6 @@ fn entry(scene_id: &str) -> ManifestEntry {
     entry
 }
 
-/// A store whose first manifest write stops until the test lets it go, after saying it
-/// got there: one batch is frozen between merging and writing, as a slow network or a
-/// descheduled Lambda freezes it.
-struct PausingStore {
-    inner: Arc<dyn ObjectStore>,
-    arrived: Mutex<Option<oneshot::Sender<()>>>,
-    release: watch::Receiver<bool>,
-    manifest_writes: AtomicUsize,
-}
-
-#[async_trait]
-impl ObjectStore for PausingStore {
-    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
-        if key.ends_with("manifest.json") {
-            self.manifest_writes.fetch_add(1, Ordering::SeqCst);
-            let first = self.arrived.lock().unwrap().take();
-            if let Some(arrived) = first {
-                let _ = arrived.send(());
-                let mut release = self.release.clone();
-                release
-                    .wait_for(|go| *go)
-                    .await
-                    .expect("the test keeps the sender");
-            }
-        }
-        self.inner.put(key, bytes, meta).await
-    }
-    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
-        self.inner.put_new(key, bytes, meta).await
-    }
-    async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
-        self.inner.get(key, limit).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        self.inner.head(key).await
-    }
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.inner.delete(key).await
-    }
-    fn location(&self, key: &str) -> String {
-        self.inner.location(key)
-    }
-    fn public_key(&self, key: &str) -> String {
-        self.inner.public_key(key)
-    }
-    async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
-        self.inner.presigned_url(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        self.inner.list(prefix).await
-    }
-}
-
 async fn stored_manifest(store: &dyn ObjectStore, story_id: &str) -> Manifest {
     let bytes = store
         .get(&story::manifest_key(story_id), 1 << 24)
@@ -436,14 +381,12 @@ async fn stored_manifest(store: &dyn ObjectStore, story_id: &str) -> Manifest {
 /// Batch A merges while alone, then stalls before writing; batch B publishes in full;
 /// A's stale manifest lands over B's. A must notice B's fragment and merge again.
 async fn a_stale_writer_merges_again(store: Arc<dyn ObjectStore>) {
-    let (arrived_tx, arrived_rx) = oneshot::channel();
+    // A's manifest writes wait at the gate: A is frozen between merging and writing, as a
+    // slow network or a descheduled Lambda freezes it.
     let (release_tx, release_rx) = watch::channel(false);
-    let slow = Arc::new(PausingStore {
-        inner: store.clone(),
-        arrived: Mutex::new(Some(arrived_tx)),
-        release: release_rx,
-        manifest_writes: AtomicUsize::new(0),
-    });
+    let slow = Arc::new(GatedStore::new(store.clone(), release_rx, |key| {
+        key.ends_with("manifest.json")
+    }));
     let slow_batch = {
         let slow = slow.clone();
         tokio::spawn(async move {
@@ -456,9 +399,8 @@ async fn a_stale_writer_merges_again(store: Arc<dyn ObjectStore>) {
             .await
         })
     };
-    arrived_rx
-        .await
-        .expect("batch A reaches its manifest write");
+    // Batch A reaches its manifest write.
+    slow.until_arrived(1).await;
 
     story::publish_story(
         store.as_ref(),
@@ -476,7 +418,7 @@ async fn a_stale_writer_merges_again(store: Arc<dyn ObjectStore>) {
     release_tx.send(true).unwrap();
     slow_batch.await.unwrap().unwrap();
     assert_eq!(
-        slow.manifest_writes.load(Ordering::SeqCst),
+        slow.gated_writes(),
         2,
         "A wrote a manifest without B, saw B's fragment, and wrote again"
     );

@@ -1,6 +1,7 @@
 //! A store wrapper whose chosen writes wait until the test opens a gate, as a slow disk or
 //! a far bucket would make them wait: tests use it to fix the order of events in a batch
-//! without timing anything.
+//! without timing anything. It also tells the test when a write has reached the gate, so
+//! the test can act while the writer is frozen there.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub struct GatedStore {
     inner: Arc<dyn ObjectStore>,
     gate: watch::Receiver<bool>,
     gated: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// How many gated writes have reached the gate (waiting or let through).
+    arrived: watch::Sender<usize>,
 }
 
 impl GatedStore {
@@ -28,13 +31,27 @@ impl GatedStore {
             inner,
             gate,
             gated: Box::new(gated),
+            arrived: watch::Sender::new(0),
         }
     }
-}
 
-impl GatedStore {
+    /// How many gated writes have been made so far.
+    pub fn gated_writes(&self) -> usize {
+        *self.arrived.borrow()
+    }
+
+    /// Waits until `count` gated writes have reached the gate.
+    pub async fn until_arrived(&self, count: usize) {
+        self.arrived
+            .subscribe()
+            .wait_for(|arrived| *arrived >= count)
+            .await
+            .expect("the store keeps the sender");
+    }
+
     async fn wait_if_gated(&self, key: &str) {
         if (self.gated)(key) {
+            self.arrived.send_modify(|arrived| *arrived += 1);
             let mut gate = self.gate.clone();
             gate.wait_for(|open| *open)
                 .await
