@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::config::TestConfig;
-use crate::support::counting_provider::CountingProvider;
 use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
+use crate::support::scripted_provider::ScriptedProvider;
 use serde_json::Value;
 use stage3::deadline::Deadline;
 use stage3::error::ErrorType;
@@ -28,7 +28,7 @@ fn request(scene_id: &str) -> GenerationRequest {
     .into()
 }
 
-fn fs_service(out: &Path, provider: Arc<CountingProvider>) -> Stage3Service {
+fn fs_service(out: &Path, provider: Arc<ScriptedProvider>) -> Stage3Service {
     TestConfig::new()
         .out(out)
         .service_with(provider, Arc::new(FsStore::new(out).unwrap()))
@@ -53,7 +53,7 @@ fn edit_record(path: &Path, edit: impl FnOnce(&mut Value)) {
 #[tokio::test]
 async fn an_edited_record_cannot_change_the_answer() {
     let out = tempfile::tempdir().unwrap();
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
     let service = fs_service(out.path(), provider.clone());
     let first = service.generate_scene_image(request("s1")).await.unwrap();
     let record = record_path(out.path());
@@ -84,7 +84,7 @@ async fn an_edited_record_cannot_change_the_answer() {
 #[tokio::test]
 async fn a_swapped_image_is_a_miss_and_is_never_served() {
     let out = tempfile::tempdir().unwrap();
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
     let service = fs_service(out.path(), provider.clone());
     let first = service.generate_scene_image(request("s1")).await.unwrap();
 
@@ -111,7 +111,7 @@ async fn a_swapped_image_is_a_miss_and_is_never_served() {
 async fn a_relative_output_directory_records_absolute_paths() {
     let out = tempfile::tempdir_in(".").unwrap();
     let relative = Path::new(".").join(out.path().file_name().unwrap());
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
     let service = fs_service(&relative, provider);
     let output = service.generate_scene_image(request("s1")).await.unwrap();
     assert!(
@@ -127,7 +127,7 @@ async fn a_relative_output_directory_records_absolute_paths() {
 #[tokio::test]
 async fn forced_regeneration_publishes_new_bytes_under_a_new_key() {
     let out = tempfile::tempdir().unwrap();
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO).varying());
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO).varying());
     let service = fs_service(out.path(), provider.clone());
     let first = service.generate_scene_image(request("s1")).await.unwrap();
     let first_bytes = std::fs::read(&first.image_path).unwrap();
@@ -162,7 +162,7 @@ async fn forced_regeneration_publishes_new_bytes_under_a_new_key() {
 /// writes rather than atomically, so two creates in the same millisecond both pass there
 /// (AWS S3 and the filesystem store decide atomically, and get no stagger).
 async fn two_workers_pay_once(store: Arc<dyn ObjectStore>, out: &Path, stagger: Duration) {
-    let provider = Arc::new(CountingProvider::placeholder(Duration::from_millis(1500)));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::from_millis(1500)));
     let config = TestConfig::new().out(out);
     let a = config.service_with(provider.clone(), store.clone());
     let b = config.service_with(provider.clone(), store.clone());
@@ -240,7 +240,7 @@ async fn a_store_that_hangs_is_cut_off_at_the_deadline_and_nothing_is_paid() {
         gate,
         |key| key.ends_with(".claim"),
     ));
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
     let service = TestConfig::new()
         .out(out.path())
         .service_with(provider.clone(), store);
@@ -267,7 +267,7 @@ fn pixels(path: &str) -> Vec<u8> {
 #[tokio::test]
 async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     let out = tempfile::tempdir().unwrap();
-    let provider = Arc::new(CountingProvider::placeholder(Duration::ZERO));
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
     let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
     let service = |extra: &[(&str, &str)]| {
         TestConfig::new()
