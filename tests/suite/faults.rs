@@ -4,18 +4,28 @@
 //! For each fault: how many provider calls were made, the final outcome and `error_type`,
 //! that the other scenes of the same batch still succeed, and that the output directory
 //! holds nothing partial and no record without its image.
+//!
+//! The scheduling that follows a fault (slots, 429 pauses, a stopped batch) is timed at the
+//! end of the file, on a paused clock, with an in-process provider instead of the socket.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
+use crate::support::scripted_provider::{
+    insufficient_credits, rate_limited, Answer, ScriptedProvider,
+};
+use bytes::Bytes;
 use image::ImageFormat;
 use sha2::Digest;
 use stage3::schema::{GenerationRequest, Stage2Output};
-use stage3::storage::FsStore;
+use stage3::storage::MemoryStore;
+use stage3::Stage3Service;
+use tokio::time::Instant;
 
 const KEY: &str = "sk-or-v1-fault-suite-secret";
 
@@ -272,154 +282,45 @@ async fn a_hung_provider_is_cut_off_by_the_timeout_and_retried() {
     assert_store_consistent(out.path(), &["hang-once", "fine"]);
 }
 
+/// The pause a 429 asks for is read off the wire: `Retry-After: 1` holds back both the
+/// retry and the next scene for at least that second. (What the pause does to a batch is
+/// timed exactly on a paused clock, below.)
 #[tokio::test]
-async fn a_rate_limit_pauses_the_whole_batch() {
-    // Two slots. Whichever call arrives first is told 429 with Retry-After: 1; the others
-    // take 300 ms. The call already in flight beside it may finish, but no call may start
-    // inside the pause: not the next queued scene (which gets the freed slot), not the
-    // retry. Deterministic whatever order the scenes reach their slots in.
-    let throttled = std::sync::atomic::AtomicBool::new(false);
+async fn a_retry_after_from_the_wire_holds_back_every_call() {
+    // One slot, so the next scene is queued behind the throttled call, not beside it.
+    let throttled = AtomicBool::new(false);
     let server = ScriptedOpenRouter::start(move |_, _| {
-        if !throttled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !throttled.swap(true, Ordering::SeqCst) {
             Reply::error(429, "slow down").with_header("Retry-After", "1")
         } else {
-            Reply::image(&good_png(), "image/png").after(Duration::from_millis(300))
+            Reply::image(&good_png(), "image/png")
         }
     })
     .await;
     let out = tempfile::tempdir().unwrap();
     let service = config(&server, out.path())
-        .set("STAGE3_CONCURRENCY", "2")
+        .set("STAGE3_CONCURRENCY", "1")
+        // Above the second asked for, which would otherwise be capped.
         .set("STAGE3_RETRY_MAX_MS", "5000")
         .service()
         .await;
     let answer = service
-        .generate_all_images(vec![request("first"), request("second"), request("third")])
+        .generate_all_images(vec![request("first"), request("second")])
         .await;
-    assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
+    assert_eq!(answer.results.len(), 2, "{:?}", answer.failures);
 
     let mut arrivals: Vec<std::time::Instant> = server.requests().iter().map(|r| r.at).collect();
     arrivals.sort();
-    assert_eq!(arrivals.len(), 4, "3 scenes + 1 retry");
-    let throttled_at = arrivals[0];
+    assert_eq!(arrivals.len(), 3, "2 scenes + 1 retry");
+    // A floor only, which real time cannot undercut: the pause starts after the 429 arrived.
     let after: Vec<Duration> = arrivals[1..]
         .iter()
-        .map(|at| at.duration_since(throttled_at))
+        .map(|at| at.duration_since(arrivals[0]))
         .collect();
-    // In flight already (started with the 429'd call), or after the pause: never between.
-    // The bounds are what the protocol demands, not a measure of our speed.
-    let inside_pause = after
-        .iter()
-        .filter(|d| (Duration::from_millis(100)..Duration::from_millis(950)).contains(*d))
-        .count();
-    assert_eq!(inside_pause, 0, "calls started during the pause: {after:?}");
-    let after_pause = after
-        .iter()
-        .filter(|d| **d >= Duration::from_millis(950))
-        .count();
     assert!(
-        after_pause >= 2,
-        "the queued scene and the retry waited: {after:?}"
+        after.iter().all(|d| *d >= Duration::from_secs(1)),
+        "calls started during the pause: {after:?}"
     );
-}
-
-#[tokio::test]
-async fn a_slow_scene_does_not_hold_up_the_free_slots() {
-    // Two slots: "slow" takes 2 s; "a", "b" and "c" must flow through the other slot
-    // meanwhile, not wait for "slow" to finish.
-    let server = ScriptedOpenRouter::start(|request, _| {
-        let latency = if scene_of(request.prompt()) == "slow" {
-            2000
-        } else {
-            50
-        };
-        Reply::image(&good_png(), "image/png").after(Duration::from_millis(latency))
-    })
-    .await;
-    let out = tempfile::tempdir().unwrap();
-    let service = config(&server, out.path())
-        .set("STAGE3_CONCURRENCY", "2")
-        .service()
-        .await;
-    let answer = service
-        .generate_all_images(vec![
-            request("slow"),
-            request("a"),
-            request("b"),
-            request("c"),
-        ])
-        .await;
-    let ids: Vec<&str> = answer.results.iter().map(|r| r.scene_id.as_str()).collect();
-    assert_eq!(
-        ids,
-        vec!["slow", "a", "b", "c"],
-        "results keep the input order"
-    );
-
-    let requests = server.requests();
-    let arrival = |scene: &str| {
-        requests
-            .iter()
-            .find(|r| scene_of(r.prompt()) == scene)
-            .unwrap()
-            .at
-    };
-    let slow_answered = arrival("slow") + Duration::from_millis(2000);
-    assert!(
-        arrival("c") < slow_answered,
-        "c was requested while slow was still in flight"
-    );
-}
-
-#[tokio::test]
-async fn never_more_provider_calls_than_the_concurrency_allows() {
-    let server = ScriptedOpenRouter::start(|_, _| {
-        Reply::image(&good_png(), "image/png").after(Duration::from_millis(100))
-    })
-    .await;
-    let out = tempfile::tempdir().unwrap();
-    let service = config(&server, out.path())
-        .set("STAGE3_CONCURRENCY", "3")
-        .service()
-        .await;
-    let requests = (0..12).map(|i| request(&format!("limit-{i:02}"))).collect();
-    let answer = service.generate_all_images(requests).await;
-    assert_eq!(answer.results.len(), 12, "failures: {:?}", answer.failures);
-    assert_eq!(
-        server.max_in_flight(),
-        3,
-        "the limit is used, and never exceeded"
-    );
-}
-
-#[tokio::test]
-async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
-    // One slot. "first"'s image cannot be stored until "second"'s request has reached the
-    // provider: if a scene kept its slot until stored, this batch could never finish.
-    let (open_gate, gate) = tokio::sync::watch::channel(false);
-    let server = ScriptedOpenRouter::start(move |request, _| {
-        if scene_of(request.prompt()) == "second" {
-            open_gate.send_replace(true);
-        }
-        Reply::image(&good_png(), "image/png")
-    })
-    .await;
-    let out = tempfile::tempdir().unwrap();
-    let store = Arc::new(GatedStore::new(
-        Arc::new(FsStore::new(out.path()).unwrap()),
-        gate,
-        |key| key.ends_with(".png"),
-    ));
-    let service = config(&server, out.path())
-        .set("STAGE3_CONCURRENCY", "1")
-        .service_with_store(store);
-
-    let batch = service.generate_all_images(vec![request("first"), request("second")]);
-    let answer = tokio::time::timeout(Duration::from_secs(30), batch)
-        .await
-        .expect("the second call waited for the first scene's storage");
-    assert_eq!(answer.results.len(), 2, "failures: {:?}", answer.failures);
-    assert_eq!(server.max_in_flight(), 1);
 }
 
 #[tokio::test]
@@ -493,6 +394,7 @@ async fn load_200_scenes_with_ten_percent_transient_faults() {
 // ---- The batch stops spending ---------------------------------------------------------
 
 /// 402 at concurrency 1: the first scene's call is refused, and no other scene calls.
+/// (At concurrency 3, with calls in flight, on a paused clock below.)
 #[tokio::test]
 async fn a_402_stops_the_batch_at_concurrency_1() {
     let server = ScriptedOpenRouter::start(|_, _| {
@@ -525,42 +427,6 @@ async fn a_402_stops_the_batch_at_concurrency_1() {
         .count();
     assert_eq!(unstarted, 5, "{:?}", answer.failures);
     assert_store_consistent(out.path(), &[]);
-}
-
-/// 402 at concurrency 3: the calls already in flight when it arrives finish, and none
-/// starts after it.
-#[tokio::test]
-async fn a_402_stops_the_batch_at_concurrency_3() {
-    let server = ScriptedOpenRouter::start(|request, _| {
-        let reply = Reply::typed_error(402, "payment_required", "Insufficient credits");
-        // The first wave all starts before the first 402 is answered (300 ms); the 402
-        // frees a slot that the next scene must not use.
-        let latency = if scene_of(request.prompt()) == "credit-0" {
-            300
-        } else {
-            600
-        };
-        reply.after(Duration::from_millis(latency))
-    })
-    .await;
-    let out = tempfile::tempdir().unwrap();
-    let service = config(&server, out.path())
-        .set("STAGE3_CONCURRENCY", "3")
-        .service()
-        .await;
-    let requests = (0..10).map(|i| request(&format!("credit-{i}"))).collect();
-    let answer = service.generate_all_images(requests).await;
-
-    assert_eq!(
-        server.total_calls(),
-        3,
-        "the first wave only: nothing starts after the 402"
-    );
-    assert_eq!(answer.failures.len(), 10);
-    assert!(answer
-        .failures
-        .iter()
-        .all(|f| f.error_type.as_str() == "insufficient_credits"));
 }
 
 #[tokio::test]
@@ -641,4 +507,195 @@ async fn spending_stops_when_the_next_call_would_pass_the_budget() {
     assert_eq!(answer.results.len(), 1);
     assert_eq!(answer.failures[0].error_type.as_str(), "budget_exceeded");
     assert!((answer.summary.cost_usd - 0.09).abs() < 1e-9);
+}
+
+// ---- Scheduling, on a paused clock ----------------------------------------------------
+//
+// Who waits for whom: slots, back-pressure pauses, the batch stopping. The real service runs
+// over the in-process scripted provider and the in-memory store, with no socket, so tokio's
+// paused clock stands still while the service works and jumps only when every task waits
+// for time. Latencies and pauses then cost no real time, and every call starts at an exact
+// instant: the tests compare instants, with no wall-clock tolerance.
+
+/// The offline configuration, `concurrency` calls at once.
+fn scheduled(concurrency: usize) -> TestConfig {
+    TestConfig::new().set("STAGE3_CONCURRENCY", concurrency.to_string())
+}
+
+/// The real service over `provider` and the in-memory store.
+fn over(config: TestConfig, provider: &Arc<ScriptedProvider>) -> Stage3Service {
+    config.service_with(provider.clone(), Arc::new(MemoryStore::new()))
+}
+
+/// Each call's scene and start, counted from `start`, in the order the calls started.
+fn starts(provider: &ScriptedProvider, start: Instant) -> Vec<(String, Duration)> {
+    provider
+        .started()
+        .into_iter()
+        .map(|call| (call.scene_id, call.at - start))
+        .collect()
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// A small PNG that is quick to check: these tests look at when calls happen, not at
+/// what they draw.
+fn small_png() -> Bytes {
+    Bytes::from(good_png())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_pauses_the_whole_batch() {
+    // Two slots. The first call is told 429 with Retry-After: 1 s after 100 ms, when the
+    // second call is in flight beside it; every other call takes 300 ms. The call in flight
+    // may finish, but no call may start inside the pause: not the next queued scene (which
+    // gets the freed slot), not the retry. Both start the moment it ends, at 1.1 s.
+    let throttled = AtomicBool::new(false);
+    let png = small_png();
+    let provider = Arc::new(ScriptedProvider::new(move |_, _| {
+        if !throttled.swap(true, Ordering::SeqCst) {
+            Answer::error(rate_limited(Duration::from_secs(1))).after(ms(100))
+        } else {
+            Answer::png(png.clone()).after(ms(300))
+        }
+    }));
+    // Above the second asked for, which would otherwise be capped.
+    let config = scheduled(2).set("STAGE3_RETRY_MAX_MS", "5000");
+    let service = over(config, &provider);
+    let start = Instant::now();
+    let answer = service
+        .generate_all_images(vec![request("first"), request("second"), request("third")])
+        .await;
+    assert_eq!(answer.results.len(), 3, "{:?}", answer.failures);
+
+    let calls = starts(&provider, start);
+    let at: Vec<Duration> = calls.iter().map(|(_, at)| *at).collect();
+    assert_eq!(at, [ms(0), ms(0), ms(1100), ms(1100)], "{calls:?}");
+    let throttled_scene = &calls[0].0;
+    assert_eq!(
+        provider.calls_for(throttled_scene),
+        2,
+        "{throttled_scene} was retried after the pause: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_scene_does_not_hold_up_the_free_slots() {
+    // Two slots: "slow" takes 2 s; "a", "b" and "c" must flow through the other slot
+    // meanwhile, each the moment the one before it is answered, not wait for "slow".
+    let png = small_png();
+    let provider = Arc::new(ScriptedProvider::new(move |scene, _| {
+        let latency = if scene == "slow" { 2000 } else { 50 };
+        Answer::png(png.clone()).after(ms(latency))
+    }));
+    let service = over(scheduled(2), &provider);
+    let start = Instant::now();
+    let answer = service
+        .generate_all_images(vec![
+            request("slow"),
+            request("a"),
+            request("b"),
+            request("c"),
+        ])
+        .await;
+    let ids: Vec<&str> = answer.results.iter().map(|r| r.scene_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["slow", "a", "b", "c"],
+        "results keep the input order"
+    );
+    assert_eq!(
+        starts(&provider, start),
+        [
+            ("slow".to_string(), ms(0)),
+            ("a".to_string(), ms(0)),
+            ("b".to_string(), ms(50)),
+            ("c".to_string(), ms(100)),
+        ]
+    );
+    assert_eq!(start.elapsed(), ms(2000), "the batch took as long as slow");
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_more_provider_calls_than_the_concurrency_allows() {
+    // Twelve 100 ms calls through three slots: four full waves, back to back.
+    let png = small_png();
+    let provider = Arc::new(ScriptedProvider::new(move |_, _| {
+        Answer::png(png.clone()).after(ms(100))
+    }));
+    let service = over(scheduled(3), &provider);
+    let start = Instant::now();
+    let requests = (0..12).map(|i| request(&format!("limit-{i:02}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+    assert_eq!(answer.results.len(), 12, "failures: {:?}", answer.failures);
+    assert_eq!(
+        provider.max_in_flight(),
+        3,
+        "the limit is used, and never exceeded"
+    );
+    let at: Vec<Duration> = starts(&provider, start)
+        .into_iter()
+        .map(|(_, at)| at)
+        .collect();
+    let waves: Vec<Duration> = (0..12).map(|i| ms(100 * (i / 3))).collect();
+    assert_eq!(at, waves, "a freed slot is taken at once");
+    assert_eq!(start.elapsed(), ms(400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_call_starts_while_an_answered_scene_is_still_being_stored() {
+    // One slot. "first"'s image cannot be stored until "second"'s request has reached the
+    // provider: if a scene kept its slot until stored, this batch could never finish (and
+    // the paused clock would jump straight to the timeout below).
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let png = small_png();
+    let provider = Arc::new(ScriptedProvider::new(move |scene, _| {
+        if scene == "second" {
+            open_gate.send_replace(true);
+        }
+        Answer::png(png.clone())
+    }));
+    let store = Arc::new(GatedStore::new(Arc::new(MemoryStore::new()), gate, |key| {
+        key.ends_with(".png")
+    }));
+    let service = scheduled(1).service_with(provider.clone(), store);
+
+    let batch = service.generate_all_images(vec![request("first"), request("second")]);
+    let answer = tokio::time::timeout(Duration::from_secs(30), batch)
+        .await
+        .expect("the second call waited for the first scene's storage");
+    assert_eq!(answer.results.len(), 2, "failures: {:?}", answer.failures);
+    assert_eq!(provider.max_in_flight(), 1);
+}
+
+/// 402 at concurrency 3: the calls already in flight when it arrives finish, and none
+/// starts after it.
+#[tokio::test(start_paused = true)]
+async fn a_402_stops_the_batch_at_concurrency_3() {
+    // The first wave all starts before the first 402 is answered (300 ms); the 402 frees a
+    // slot that the next scene must not use.
+    let provider = Arc::new(ScriptedProvider::new(|scene, _| {
+        let latency = if scene == "credit-0" { 300 } else { 600 };
+        Answer::error(insufficient_credits()).after(ms(latency))
+    }));
+    let service = over(scheduled(3), &provider);
+    let start = Instant::now();
+    let requests = (0..10).map(|i| request(&format!("credit-{i}"))).collect();
+    let answer = service.generate_all_images(requests).await;
+
+    let calls = starts(&provider, start);
+    let at: Vec<Duration> = calls.iter().map(|(_, at)| *at).collect();
+    assert_eq!(
+        at,
+        [ms(0); 3],
+        "the first wave only: nothing starts after the 402: {calls:?}"
+    );
+    assert_eq!(start.elapsed(), ms(600), "the calls in flight finished");
+    assert_eq!(answer.failures.len(), 10);
+    assert!(answer
+        .failures
+        .iter()
+        .all(|f| f.error_type.as_str() == "insufficient_credits"));
 }
