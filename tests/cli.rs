@@ -2,23 +2,13 @@
 
 mod support;
 
-use assert_cmd::Command;
 use image::ImageFormat;
 use serde_json::{json, Value};
 use support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use support::stage3_command as stage3;
 use support::tls::TestCa;
 
 const KEY: &str = "sk-or-v1-cli-test-secret-0123456789";
-
-/// `stage3` with a clean environment: nothing from the developer's shell or `.env` leaks in.
-fn stage3(workdir: &std::path::Path) -> Command {
-    let mut command = Command::cargo_bin("stage3").unwrap();
-    command
-        .current_dir(workdir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    command
-}
 
 fn write_input(dir: &std::path::Path, value: &Value) -> std::path::PathBuf {
     let path = dir.join("input.json");
@@ -56,24 +46,19 @@ async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
     let work = tempfile::tempdir().unwrap();
     let input = write_input(work.path(), &scenes());
     let out = work.path().join("images");
-    let base_url = server.base_url.clone();
-    let dir = work.path().to_path_buf();
 
-    let output = tokio::task::spawn_blocking(move || {
-        stage3(&dir)
-            .env("OPENROUTER_API_KEY", KEY)
-            .env("OPENROUTER_BASE_URL", base_url)
-            .args([
-                "generate",
-                input.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let output = run_stage3(
+        &server,
+        work.path(),
+        &[
+            "generate",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -154,18 +139,13 @@ async fn invalid_input_exits_2_and_calls_nobody() {
     ];
     for (input, field) in cases {
         let path = write_input(work.path(), &input);
-        let base_url = server.base_url.clone();
-        let dir = work.path().to_path_buf();
-        let output = tokio::task::spawn_blocking(move || {
-            stage3(&dir)
-                .env("OPENROUTER_API_KEY", KEY)
-                .env("OPENROUTER_BASE_URL", base_url)
-                .args(["generate", path.to_str().unwrap(), "--out", "images"])
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let output = run_stage3(
+            &server,
+            work.path(),
+            &["generate", path.to_str().unwrap(), "--out", "images"],
+            &[],
+        )
+        .await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{input}: {stderr}");
         // The detail follows the type at once: the category is not said twice.
@@ -267,19 +247,13 @@ async fn a_trace_level_log_contains_no_secret() {
         ScriptedOpenRouter::start(|_, _| Reply::error(401, "No auth credentials found")).await;
     let work = tempfile::tempdir().unwrap();
     let input = write_input(work.path(), &json!({"scene_id": "s1", "image_prompt": "x"}));
-    let base_url = server.base_url.clone();
-    let dir = work.path().to_path_buf();
-    let output = tokio::task::spawn_blocking(move || {
-        stage3(&dir)
-            .env("OPENROUTER_API_KEY", KEY)
-            .env("OPENROUTER_BASE_URL", base_url)
-            .env("RUST_LOG", "trace")
-            .args(["generate", input.to_str().unwrap()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let output = run_stage3(
+        &server,
+        work.path(),
+        &["generate", input.to_str().unwrap()],
+        &[("RUST_LOG", "trace")],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(server.total_calls(), 1, "401 is permanent: no retry");
     assert_eq!(
@@ -410,29 +384,27 @@ const URL_SIGNATURE: &str = "sig-0f9e8d7c6b5a";
 /// Runs `stage3 generate` for one square scene against the chat API at `api`.
 async fn generate_over_chat(
     api: &ScriptedOpenRouter,
-    extra_env: Vec<(&'static str, String)>,
+    extra_env: &[(&str, &str)],
 ) -> (std::process::Output, tempfile::TempDir) {
     let work = tempfile::tempdir().unwrap();
     let input = write_input(
         work.path(),
         &json!({"scene_id": "scene_001", "image_prompt": "A lighthouse at dusk"}),
     );
-    let (dir, base_url) = (work.path().to_path_buf(), api.base_url.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        stage3(&dir)
-            .env("OPENROUTER_API_KEY", KEY)
-            .env("OPENROUTER_BASE_URL", base_url)
-            .env("STAGE3_OPENROUTER_API", "chat")
-            .env("STAGE3_MAX_RETRIES", "0")
-            // The image host is a loopback stand-in, which image fetches otherwise refuse.
-            .env("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1")
-            .envs(extra_env)
-            .args(["generate", input.to_str().unwrap()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut env = vec![
+        ("STAGE3_OPENROUTER_API", "chat"),
+        ("STAGE3_MAX_RETRIES", "0"),
+        // The image host is a loopback stand-in, which image fetches otherwise refuse.
+        ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1"),
+    ];
+    env.extend_from_slice(extra_env);
+    let output = run_stage3(
+        api,
+        work.path(),
+        &["generate", input.to_str().unwrap()],
+        &env,
+    )
+    .await;
     (output, work)
 }
 
@@ -441,11 +413,8 @@ async fn the_chat_api_over_https_fetches_a_signed_image_url_and_stores_a_png() {
     let ca = TestCa::new();
     let (api, image_host) = https_chat_stand_ins(&ca).await;
 
-    let (output, work) = generate_over_chat(
-        &api,
-        vec![("SSL_CERT_FILE", ca.ca_pem.display().to_string())],
-    )
-    .await;
+    let (output, work) =
+        generate_over_chat(&api, &[("SSL_CERT_FILE", ca.ca_pem.to_str().unwrap())]).await;
     let everything =
         String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
     assert_eq!(output.status.code(), Some(0), "{everything}");
@@ -483,7 +452,7 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
 
     // No SSL_CERT_FILE: only the system's roots, which never issued the stand-in's
     // certificate. The handshake fails, so neither the key nor the prompt leaves.
-    let (output, _work) = generate_over_chat(&api, vec![]).await;
+    let (output, _work) = generate_over_chat(&api, &[]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{stdout}");
     assert_eq!(
@@ -507,28 +476,25 @@ async fn an_untrusted_certificate_is_refused_before_anything_is_sent() {
 async fn run_stage3(
     server: &ScriptedOpenRouter,
     dir: &std::path::Path,
-    args: Vec<String>,
-    extra_env: Vec<(&'static str, String)>,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
 ) -> std::process::Output {
-    let (dir, base_url) = (dir.to_path_buf(), server.base_url.clone());
-    tokio::task::spawn_blocking(move || {
-        stage3(&dir)
-            .env("OPENROUTER_API_KEY", KEY)
-            .env("OPENROUTER_BASE_URL", base_url)
-            .envs(extra_env)
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    let mut command = stage3(dir);
+    command
+        .env("OPENROUTER_API_KEY", KEY)
+        .env("OPENROUTER_BASE_URL", &server.base_url)
+        .envs(extra_env.iter().copied())
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn stage3_models_lists_resolutions_aspect_ratios_and_prices() {
     let server = ScriptedOpenRouter::start(|_, _| Reply::error(500, "must not be called")).await;
     let work = tempfile::tempdir().unwrap();
-    let output = run_stage3(&server, work.path(), vec!["models".into()], vec![]).await;
+    let output = run_stage3(&server, work.path(), &["models"], &[]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -556,13 +522,7 @@ async fn stage3_models_lists_resolutions_aspect_ratios_and_prices() {
     assert!(line("openai/gpt-image-1").contains("auto,low,medium,high"));
     assert_eq!(server.total_calls(), 0, "listing models costs nothing");
 
-    let json = run_stage3(
-        &server,
-        work.path(),
-        vec!["models".into(), "--json".into()],
-        vec![],
-    )
-    .await;
+    let json = run_stage3(&server, work.path(), &["models", "--json"], &[]).await;
     let models: Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(models.as_array().unwrap().len(), 4);
 }
@@ -573,14 +533,8 @@ async fn validate_prints_the_estimate_and_checks_the_budget() {
     let work = tempfile::tempdir().unwrap();
     // Two hd scenes on the default model: 2 × $0.08 (the `2k` variant).
     let input = write_input(work.path(), &scenes());
-    let path = input.to_str().unwrap().to_string();
-    let output = run_stage3(
-        &server,
-        work.path(),
-        vec!["validate".into(), path.clone()],
-        vec![],
-    )
-    .await;
+    let path = input.to_str().unwrap();
+    let output = run_stage3(&server, work.path(), &["validate", path], &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("estimated cost: $0.1600"), "{stderr}");
@@ -588,8 +542,8 @@ async fn validate_prints_the_estimate_and_checks_the_budget() {
     let output = run_stage3(
         &server,
         work.path(),
-        vec!["validate".into(), path, "--max-cost".into(), "0.10".into()],
-        vec![],
+        &["validate", path, "--max-cost", "0.10"],
+        &[],
     )
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -606,13 +560,8 @@ async fn an_over_budget_generate_exits_2_and_calls_nobody() {
     let output = run_stage3(
         &server,
         work.path(),
-        vec![
-            "generate".into(),
-            input.to_str().unwrap().into(),
-            "--out".into(),
-            "images".into(),
-        ],
-        vec![("STAGE3_MAX_COST_USD", "0.10".into())],
+        &["generate", input.to_str().unwrap(), "--out", "images"],
+        &[("STAGE3_MAX_COST_USD", "0.10")],
     )
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -630,13 +579,13 @@ async fn hd_on_a_1k_only_model_exits_2_naming_what_it_supports() {
     let output = run_stage3(
         &server,
         work.path(),
-        vec![
-            "generate".into(),
-            input.to_str().unwrap().into(),
-            "--model".into(),
-            "black-forest-labs/flux.2-pro".into(),
+        &[
+            "generate",
+            input.to_str().unwrap(),
+            "--model",
+            "black-forest-labs/flux.2-pro",
         ],
-        vec![],
+        &[],
     )
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -657,15 +606,15 @@ async fn a_fallback_model_flag_serves_a_retired_model_and_says_so() {
     let output = run_stage3(
         &server,
         work.path(),
-        vec![
-            "generate".into(),
-            input.to_str().unwrap().into(),
-            "--model".into(),
-            retired.into(),
-            "--fallback-model".into(),
-            "bytedance-seed/seedream-4.5".into(),
+        &[
+            "generate",
+            input.to_str().unwrap(),
+            "--model",
+            retired,
+            "--fallback-model",
+            "bytedance-seed/seedream-4.5",
         ],
-        vec![],
+        &[],
     )
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -697,11 +646,11 @@ async fn an_image_url_on_loopback_is_refused_without_the_test_switch() {
     let output = run_stage3(
         &api,
         work.path(),
-        vec!["generate".into(), input.to_str().unwrap().into()],
-        vec![
-            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
-            ("STAGE3_OPENROUTER_API", "chat".into()),
-            ("STAGE3_MAX_RETRIES", "0".into()),
+        &["generate", input.to_str().unwrap()],
+        &[
+            ("SSL_CERT_FILE", ca.ca_pem.to_str().unwrap()),
+            ("STAGE3_OPENROUTER_API", "chat"),
+            ("STAGE3_MAX_RETRIES", "0"),
         ],
     )
     .await;
@@ -789,12 +738,12 @@ async fn image_redirects_send_no_referer_and_never_reach_private_addresses() {
     let output = run_stage3(
         &api,
         work.path(),
-        vec!["generate".into(), input.to_str().unwrap().into()],
-        vec![
-            ("SSL_CERT_FILE", ca.ca_pem.display().to_string()),
-            ("STAGE3_OPENROUTER_API", "chat".into()),
-            ("STAGE3_MAX_RETRIES", "0".into()),
-            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1".into()),
+        &["generate", input.to_str().unwrap()],
+        &[
+            ("SSL_CERT_FILE", ca.ca_pem.to_str().unwrap()),
+            ("STAGE3_OPENROUTER_API", "chat"),
+            ("STAGE3_MAX_RETRIES", "0"),
+            ("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1"),
         ],
     )
     .await;

@@ -18,6 +18,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::support::config::TestConfig;
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use crate::support::stage3_command;
 use stage3::config::{Secret, WebhookSettings};
 use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
@@ -274,11 +275,7 @@ async fn the_cli_publishes_to_the_bus_its_environment_names() {
     let env = moto.child_env();
     let url = moto.url.clone();
     let output = tokio::task::spawn_blocking(move || {
-        assert_cmd::Command::cargo_bin("stage3")
-            .unwrap()
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        stage3_command(&dir)
             .envs(env)
             // Only the EventBridge endpoint: the service-specific variable is honoured.
             .env_remove("AWS_ENDPOINT_URL")
@@ -788,11 +785,7 @@ async fn the_webhook_secret_and_url_token_never_reach_a_trace_log() {
     let dir = work.path().to_path_buf();
     let url = format!("{}/hook/very-private-token", server.uri());
     let output = tokio::task::spawn_blocking(move || {
-        assert_cmd::Command::cargo_bin("stage3")
-            .unwrap()
-            .current_dir(&dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        stage3_command(&dir)
             .env("RUST_LOG", "trace")
             .env("STAGE3_WEBHOOK_URL", url)
             .env("STAGE3_WEBHOOK_SECRET", WEBHOOK_SECRET)

@@ -13,7 +13,7 @@ use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
-use assert_cmd::Command;
+use crate::support::stage3_command;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use stage3::deadline::{CallBudget, Deadline};
@@ -154,11 +154,7 @@ async fn generate(
         out.to_path_buf(),
     );
     let output = tokio::task::spawn_blocking(move || {
-        Command::cargo_bin("stage3")
-            .unwrap()
-            .current_dir(&work)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        stage3_command(&work)
             .env("OPENROUTER_API_KEY", KEY)
             .env("OPENROUTER_BASE_URL", base_url)
             .env("STAGE3_MODEL", "google/gemini-3.1-flash-image")
@@ -300,9 +296,7 @@ async fn the_cli_publishes_the_story_and_later_batches_update_it() {
     let published = std::fs::read(&gallery_path).unwrap();
     std::fs::remove_file(&gallery_path).unwrap();
     let story_dir = out.join("stories/fox");
-    let output = Command::cargo_bin("stage3")
-        .unwrap()
-        .env_clear()
+    let output = stage3_command(work.path())
         .args(["gallery", story_dir.to_str().unwrap()])
         .output()
         .unwrap();
@@ -330,10 +324,7 @@ async fn generate_invalid(work: &Path, input: &Value) -> (i32, String) {
     std::fs::write(&path, serde_json::to_vec(input).unwrap()).unwrap();
     let work = work.to_path_buf();
     let output = tokio::task::spawn_blocking(move || {
-        Command::cargo_bin("stage3")
-            .unwrap()
-            .current_dir(&work)
-            .env_clear()
+        stage3_command(&work)
             .env("STAGE3_PROVIDER", "placeholder")
             .args(["generate", path.to_str().unwrap()])
             .output()

@@ -16,6 +16,7 @@ pub mod scripted_provider;
 pub mod tls;
 
 use std::io::Cursor;
+use std::path::Path;
 
 use bytes::Bytes;
 
@@ -31,4 +32,15 @@ pub fn noisy_png(width: u32, height: u32, seed: u64) -> Bytes {
         .write_to(&mut out, image::ImageFormat::Png)
         .expect("encoding a PNG in memory cannot fail");
     Bytes::from(out.into_inner())
+}
+
+/// The `stage3` binary run in `workdir` with a clean environment: nothing from the
+/// developer's shell or `.env` leaks in. PATH stays, for what the binary may start.
+pub fn stage3_command(workdir: &Path) -> assert_cmd::Command {
+    let mut command = assert_cmd::Command::cargo_bin("stage3").unwrap();
+    command
+        .current_dir(workdir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
 }
