@@ -1,63 +1,33 @@
 //! The whole service over S3: URLs, the result cache and failures, against a real S3 server.
 //!
-//! A counting test provider stands in for OpenRouter, returning a real, noisy PNG of the
-//! requested size, so what is measured is the service's use of the bucket: which keys it
+//! The scripted provider stands in for OpenRouter, counting calls and returning a real,
+//! noisy PNG of the requested size, so what is measured is the service's use of the bucket: which keys it
 //! writes, what `image_url` it returns, and that a stored result is never paid for twice.
 //! By default the bucket is an in-process `s3s-fs`; see `support/s3_server.rs` for running
 //! against a real MinIO, Qiniu or Garage.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::noisy_png;
 use crate::support::s3_server::S3Target;
-use async_trait::async_trait;
-use stage3::error::{ErrorType, Result};
-use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
+use crate::support::scripted_provider::{Answer, ScriptedProvider};
+use stage3::error::ErrorType;
 use stage3::storage::ObjectStore;
 use stage3::{GenerationRequest, RunOptions};
 use tokio::sync::{watch, Mutex};
 
 const PUBLIC_BASE: &str = "https://img.example.com";
 
-/// A provider that draws a valid PNG of the requested size and counts its calls.
-struct CountingProvider {
-    calls: AtomicUsize,
-}
-
-impl CountingProvider {
-    fn new() -> Self {
-        CountingProvider {
-            calls: AtomicUsize::new(0),
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl ImageProvider for CountingProvider {
-    fn name(&self) -> &'static str {
-        "counting-test"
-    }
-
-    fn api(&self) -> Option<&'static str> {
-        None
-    }
-
-    async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let (width, height) = request.spec.size.dimensions();
-        Ok(ProviderImage {
-            bytes: noisy_png(width, height, call as u64),
-            claimed_media_type: Some("image/png".into()),
-            cost: Some(0.0),
-        })
-    }
+/// The stand-in provider: a noisy PNG (as large as a real picture), different at every
+/// call, of the one size every request here asks for, the default 1024×1024.
+fn provider() -> Arc<ScriptedProvider> {
+    let drawn = AtomicU64::new(0);
+    Arc::new(ScriptedProvider::new(move |_, _| {
+        Answer::png(noisy_png(1024, 1024, drawn.fetch_add(1, Ordering::SeqCst)))
+    }))
 }
 
 /// The service's configuration for `target`: one scene at a time, and quick storage
@@ -93,7 +63,7 @@ fn object_key_of(target: &S3Target, image_path: &str) -> String {
 #[tokio::test]
 async fn image_url_is_the_public_base_and_the_prefixed_key() {
     let target = S3Target::start().await;
-    let provider = Arc::new(CountingProvider::new());
+    let provider = provider();
     let service = config_for(&target, Some(PUBLIC_BASE))
         .service_with(provider.clone(), Arc::new(target.store()));
 
@@ -148,8 +118,7 @@ async fn image_url_is_the_public_base_and_the_prefixed_key() {
 async fn without_a_public_base_image_url_is_a_working_presigned_url() {
     let target = S3Target::start().await;
     let store = Arc::new(target.store());
-    let service =
-        config_for(&target, None).service_with(Arc::new(CountingProvider::new()), store.clone());
+    let service = config_for(&target, None).service_with(provider(), store.clone());
 
     let output = service
         .generate_scene_image(request("scene_001", "a lighthouse at dusk"))
@@ -180,7 +149,7 @@ async fn without_a_public_base_image_url_is_a_working_presigned_url() {
 #[tokio::test]
 async fn a_second_identical_run_is_a_cache_hit_without_provider_calls() {
     let target = S3Target::start().await;
-    let provider = Arc::new(CountingProvider::new());
+    let provider = provider();
     let service = config_for(&target, Some(PUBLIC_BASE))
         .service_with(provider.clone(), Arc::new(target.store()));
     let batch = vec![
@@ -217,7 +186,7 @@ async fn a_second_identical_run_is_a_cache_hit_without_provider_calls() {
 #[tokio::test]
 async fn a_changed_prompt_gets_a_new_key_and_keeps_the_old_image() {
     let target = S3Target::start().await;
-    let provider = Arc::new(CountingProvider::new());
+    let provider = provider();
     let store = Arc::new(target.store());
     let service =
         config_for(&target, Some(PUBLIC_BASE)).service_with(provider.clone(), store.clone());
@@ -264,7 +233,7 @@ async fn the_server_going_away_mid_batch_fails_scenes_with_storage_and_no_dangli
     let store = GatedStore::new(Arc::new(store), gone, |key| {
         key.starts_with("scene_002-") && key.ends_with(".png")
     });
-    let provider = Arc::new(CountingProvider::new());
+    let provider = provider();
     let service = config.service_with(provider.clone(), Arc::new(store));
 
     let stop_after_first = |scene_id: &str, _: std::result::Result<&_, &_>| {
