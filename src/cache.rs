@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::Result;
 use crate::image_spec::ImageSpec;
 use crate::normalize::{MAX_ASPECT_DEVIATION, MIN_SIDE};
+use crate::provider::ProviderIdentity;
 use crate::schema::{ImageQuality, ImageSize, Stage3Output};
 use crate::storage::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
 
@@ -38,9 +39,8 @@ const KEY_HASH_CHARS: usize = 16;
 pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
 
 /// The request hash: everything that determines the generated image — who draws it
-/// (`provider`, its endpoint flavour `api`) and what is drawn (`spec`) — hashed with SHA-256,
-/// in lowercase hex.
-pub fn request_hash(provider: &str, api: Option<&str>, spec: &ImageSpec) -> String {
+/// (`provider`) and what is drawn (`spec`) — hashed with SHA-256, in lowercase hex.
+pub fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
     /// The hashed encoding. Its field order and spelling are the key scheme: changing them
     /// re-keys every stored result, so do it only with a new `KEY_SCHEME`.
     #[derive(Serialize)]
@@ -55,8 +55,8 @@ pub fn request_hash(provider: &str, api: Option<&str>, spec: &ImageSpec) -> Stri
         references: &'a [String],
     }
     let identity = Identity {
-        provider,
-        api,
+        provider: provider.name,
+        api: provider.variant,
         model: &spec.model,
         prompt: &spec.prompt,
         size: spec.size,
@@ -370,8 +370,12 @@ mod tests {
         }
     }
 
+    fn by(name: &'static str, variant: Option<&'static str>) -> ProviderIdentity {
+        ProviderIdentity { name, variant }
+    }
+
     fn hash(spec: &ImageSpec) -> String {
-        request_hash("openrouter", Some("images"), spec)
+        request_hash(by("openrouter", Some("images")), spec)
     }
 
     #[test]
@@ -392,9 +396,12 @@ mod tests {
         assert_ne!(base, hash(&other));
         assert_ne!(
             base,
-            request_hash("placeholder", Some("images"), &spec("a"))
+            request_hash(by("placeholder", Some("images")), &spec("a"))
         );
-        assert_ne!(base, request_hash("openrouter", Some("chat"), &spec("a")));
+        assert_ne!(
+            base,
+            request_hash(by("openrouter", Some("chat")), &spec("a"))
+        );
         let mut other = spec("a");
         other.references = vec!["https://cdn.example.com/fox.png".to_string()];
         assert_ne!(base, hash(&other));
@@ -418,7 +425,7 @@ mod tests {
             references: vec!["https://cdn.example.com/fox.png".into()],
         };
         assert_eq!(
-            request_hash("placeholder", None, &spec),
+            request_hash(by("placeholder", None), &spec),
             "6f9c3305ace3c5a92946dd2f07986b5473ef85e3bddcf59c8139620af8c67a54"
         );
     }

@@ -127,7 +127,7 @@ impl PreparedScene {
                 character_references: &config.character_references,
             },
         )?;
-        let request_hash = cache::request_hash(provider.name(), provider.api(), &spec);
+        let request_hash = cache::request_hash(provider.identity(), &spec);
         let keys = ResultKeys::new(&request.scene_id, &request_hash);
         Ok(PreparedScene {
             request,
@@ -869,8 +869,8 @@ impl Stage3Service {
             size: spec.size,
             quality: spec.quality,
             prompt: spec.prompt.clone(),
-            provider: self.provider.name().to_string(),
-            api: self.provider.api().map(str::to_string),
+            provider: self.provider.identity().name.to_string(),
+            api: self.provider.identity().variant.map(str::to_string),
             aspect_ratio: spec.size.aspect_ratio().to_string(),
             resolution: spec.quality.resolution().to_string(),
             seed: spec.seed,

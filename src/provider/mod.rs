@@ -77,6 +77,16 @@ impl Plan {
     }
 }
 
+/// Who draws an image: the provider (`openrouter`, `placeholder`) and, for a provider with
+/// several ways of drawing, which one it uses (OpenRouter: its `images` or `chat` API). Both
+/// shape the image, so both go into the request hash, and both are recorded
+/// (`generation_params.provider`, `generation_params.api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderIdentity {
+    pub name: &'static str,
+    pub variant: Option<&'static str>,
+}
+
 /// The provider's answer: image bytes whose format is not yet trusted.
 #[derive(Debug, Clone)]
 pub struct ProviderImage {
@@ -89,11 +99,8 @@ pub struct ProviderImage {
 
 #[async_trait]
 pub trait ImageProvider: Send + Sync {
-    /// `openrouter`, `placeholder`: recorded as `generation_params.provider`.
-    fn name(&self) -> &'static str;
-
-    /// The endpoint flavour (`images`, `chat`), when the provider has more than one.
-    fn api(&self) -> Option<&'static str>;
+    /// Who draws: see [`ProviderIdentity`].
+    fn identity(&self) -> ProviderIdentity;
 
     /// Generates one image. Errors carry the provider's status and message, classified into
     /// the stable error types; the caller decides whether to retry.

@@ -19,7 +19,7 @@ use crate::support::config::TestConfig;
 use stage3::deadline::Deadline;
 use stage3::error::{ErrorType, ProviderFailure, Result};
 use stage3::lambda::{self, EventKind};
-use stage3::provider::{ImageProvider, ImageRequest, ProviderImage};
+use stage3::provider::{ImageProvider, ImageRequest, ProviderIdentity, ProviderImage};
 use stage3::schema::{BatchAnswer, ImageSize, Stage3Output};
 use stage3::storage::FsStore;
 use stage3::{Stage3Error, Stage3Service};
@@ -42,12 +42,11 @@ impl FixedPngProvider {
 
 #[async_trait]
 impl ImageProvider for FixedPngProvider {
-    fn name(&self) -> &'static str {
-        "fixed-png"
-    }
-
-    fn api(&self) -> Option<&'static str> {
-        None
+    fn identity(&self) -> ProviderIdentity {
+        ProviderIdentity {
+            name: "fixed-png",
+            variant: None,
+        }
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {

@@ -174,8 +174,8 @@ async fn images_api_sends_the_documented_request_and_returns_the_png_unchanged()
     assert_eq!(image.bytes.as_ref(), png.as_slice());
     assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
     assert_eq!(image.cost, Some(0.039));
-    assert_eq!(provider.name(), "openrouter");
-    assert_eq!(provider.api(), Some("images"));
+    assert_eq!(provider.identity().name, "openrouter");
+    assert_eq!(provider.identity().variant, Some("images"));
 }
 
 #[tokio::test]
@@ -417,7 +417,7 @@ async fn chat_path_sends_the_documented_request_and_decodes_the_data_url() {
     assert_eq!(image.bytes.as_ref(), png.as_slice());
     assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
     assert_eq!(image.cost, Some(0.0387));
-    assert_eq!(provider.api(), Some("chat"));
+    assert_eq!(provider.identity().variant, Some("chat"));
 }
 
 #[tokio::test]

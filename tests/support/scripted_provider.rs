@@ -15,7 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use stage3::error::{ProviderFailure, Result};
-use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider, ProviderImage};
+use stage3::provider::{
+    ImageProvider, ImageRequest, PlaceholderProvider, ProviderIdentity, ProviderImage,
+};
 use stage3::Stage3Error;
 use tokio::time::Instant;
 
@@ -155,12 +157,8 @@ impl Drop for InFlight {
 
 #[async_trait]
 impl ImageProvider for ScriptedProvider {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn api(&self) -> Option<&'static str> {
-        self.inner.api()
+    fn identity(&self) -> ProviderIdentity {
+        self.inner.identity()
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {

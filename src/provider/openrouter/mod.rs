@@ -35,7 +35,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT
 use reqwest::{Client, Response};
 use serde::{Deserialize, Serialize};
 
-use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage};
+use super::{ImageProvider, ImageRequest, Plan, PlannedModel, ProviderIdentity, ProviderImage};
 use crate::config::{ChatModalities, OpenRouterApi, OpenRouterSettings, Secret};
 use crate::deadline::CallBudget;
 use crate::error::{ProviderFailure, Result, Stage3Error};
@@ -699,12 +699,11 @@ fn with_cost(mut error: Stage3Error, cost: Option<f64>) -> Stage3Error {
 
 #[async_trait]
 impl ImageProvider for OpenRouterProvider {
-    fn name(&self) -> &'static str {
-        "openrouter"
-    }
-
-    fn api(&self) -> Option<&'static str> {
-        Some(self.api.as_str())
+    fn identity(&self) -> ProviderIdentity {
+        ProviderIdentity {
+            name: "openrouter",
+            variant: Some(self.api.as_str()),
+        }
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {

@@ -11,7 +11,7 @@ mod sketch;
 
 use async_trait::async_trait;
 
-use super::{ImageProvider, ImageRequest, Plan, ProviderImage};
+use super::{ImageProvider, ImageRequest, Plan, ProviderIdentity, ProviderImage};
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::image_spec::ImageSpec;
 use sketch::Sketch;
@@ -27,12 +27,11 @@ impl PlaceholderProvider {
 
 #[async_trait]
 impl ImageProvider for PlaceholderProvider {
-    fn name(&self) -> &'static str {
-        "placeholder"
-    }
-
-    fn api(&self) -> Option<&'static str> {
-        None
+    fn identity(&self) -> ProviderIdentity {
+        ProviderIdentity {
+            name: "placeholder",
+            variant: None,
+        }
     }
 
     /// Offline and free: every model "serves", at no cost.
@@ -69,8 +68,8 @@ mod tests {
     #[tokio::test]
     async fn generate_answers_like_a_free_png_provider() {
         let provider = PlaceholderProvider::new();
-        assert_eq!(provider.name(), "placeholder");
-        assert_eq!(provider.api(), None);
+        assert_eq!(provider.identity().name, "placeholder");
+        assert_eq!(provider.identity().variant, None);
         let spec = ImageSpec {
             model: "google/gemini-2.5-flash-image".into(),
             prompt: "A quiet harbour".into(),
