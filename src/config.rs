@@ -240,10 +240,6 @@ pub struct Config {
     pub force: bool,
     pub max_prompt_chars: usize,
     pub max_batch: usize,
-    /// Largest image the service reads back from the store (`STAGE3_MAX_RESPONSE_BYTES`,
-    /// the same limit as `openrouter.max_response_bytes`: nothing stored came from a bigger
-    /// answer).
-    pub max_response_bytes: usize,
     /// Largest image (width × height) we decode; a bigger one is a decompression bomb.
     pub max_image_pixels: u64,
     /// Reference images by character id (`STAGE3_CHARACTER_REFERENCES`, a JSON file): a
@@ -288,6 +284,12 @@ pub struct WebhookSettings {
 }
 
 impl Config {
+    /// The largest image worth reading back from the store: nothing stored came from an
+    /// answer over `STAGE3_MAX_RESPONSE_BYTES` (`openrouter.max_response_bytes`).
+    pub fn max_stored_image_bytes(&self) -> u64 {
+        self.openrouter.max_response_bytes as u64
+    }
+
     /// Reads `.env` from the working directory (values already in the environment win),
     /// then the environment.
     pub fn from_env() -> Result<Config> {
@@ -312,7 +314,6 @@ impl Config {
         let config = Config {
             provider: vars.parse("STAGE3_PROVIDER", ProviderKind::OpenRouter)?,
             model,
-            max_response_bytes: openrouter.max_response_bytes,
             openrouter,
             storage,
             public_base_url: vars

@@ -554,7 +554,7 @@ impl Stage3Service {
             request_hash: &scene.request_hash,
             size: scene.spec.size,
             max_pixels: self.limits.max_pixels,
-            max_image_bytes: self.config.max_response_bytes as u64,
+            max_image_bytes: self.config.max_stored_image_bytes(),
         };
         let verified = self
             .with_storage_retries(options, "looking up the stored result", || {
@@ -649,7 +649,7 @@ impl Stage3Service {
         let (key, limit) = if applied.visible {
             (
                 labels::source_key(scene.scene_id(), &applied.source_sha256),
-                self.config.max_response_bytes as u64,
+                self.config.max_stored_image_bytes(),
             )
         } else {
             (image_key.to_string(), params.bytes)
