@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::deadline::Deadline;
 use crate::error::Stage3Error;
 
 /// How many times to try, and how long to wait in between (`Config::retry_policy` reads it
@@ -43,6 +44,21 @@ impl RetryPolicy {
     /// Whether `error` on attempt number `attempt` (1-based) should be tried again.
     pub fn should_retry(&self, attempt: u32, error: &Stage3Error) -> bool {
         error.is_transient() && attempt <= self.max_retries
+    }
+
+    /// The one rule of every retry loop (provider calls, storage calls): try again after
+    /// `error` on attempt `attempt` only if it is transient, the retries are not spent, and
+    /// the wait of `delay` plus what the next attempt needs (`then_needed`) fit before the
+    /// deadline — a retry that cannot finish is paid for and thrown away.
+    pub fn allows_retry(
+        &self,
+        attempt: u32,
+        error: &Stage3Error,
+        delay: Duration,
+        deadline: &Deadline,
+        then_needed: Duration,
+    ) -> bool {
+        self.should_retry(attempt, error) && deadline.allows(delay + then_needed)
     }
 }
 
@@ -137,6 +153,12 @@ mod tests {
         assert!(policy().should_retry(3, &transient));
         assert!(!policy().should_retry(4, &transient));
         assert!(!policy().should_retry(1, &permanent));
+        // The deadline leaves room for the wait but not for the next attempt.
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let second = Duration::from_secs(1);
+        assert!(policy().allows_retry(1, &transient, second, &deadline, second));
+        assert!(!policy().allows_retry(1, &transient, second, &deadline, Duration::from_secs(20)));
+        assert!(policy().allows_retry(1, &transient, second, &Deadline::NONE, Duration::MAX / 2));
     }
 
     #[tokio::test(start_paused = true)]

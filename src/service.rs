@@ -1048,8 +1048,10 @@ impl Stage3Service {
             };
 
             let delay = retry_delay.unwrap_or_else(|| self.retry.delay_before(attempts, &error));
-            if !self.retry.should_retry(attempts, &error)
-                || !self.fits_before_deadline(options, delay)
+            let next_call_needs = STORAGE_RESERVE + MIN_CALL_BUDGET;
+            if !self
+                .retry
+                .allows_retry(attempts, &error, delay, &options.deadline, next_call_needs)
             {
                 return Err(error);
             }
@@ -1095,12 +1097,6 @@ impl Stage3Service {
         Ok(budget)
     }
 
-    fn fits_before_deadline(&self, options: &RunOptions, delay: Duration) -> bool {
-        options
-            .deadline
-            .allows(delay + STORAGE_RESERVE + MIN_CALL_BUDGET)
-    }
-
     /// Runs a storage operation, each attempt within `min(its timeout, time left)`, retrying
     /// transient failures while the deadline allows.
     async fn with_storage_retries<T, F, Fut>(
@@ -1121,8 +1117,13 @@ impl Stage3Service {
                 Ok(value) => return Ok(value),
                 Err(error) => {
                     let delay = self.retry.delay_before(attempt, &error);
-                    if !self.retry.should_retry(attempt, &error) || !options.deadline.allows(delay)
-                    {
+                    if !self.retry.allows_retry(
+                        attempt,
+                        &error,
+                        delay,
+                        &options.deadline,
+                        Duration::ZERO,
+                    ) {
                         return Err(error);
                     }
                     tracing::warn!(attempt, error = %error, "storage failure while {what}; retrying");
