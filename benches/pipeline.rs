@@ -231,9 +231,8 @@ fn service(base_url: &str, store: Arc<dyn ObjectStore>, extra: &[(&str, &str)]) 
         vars.insert(k.to_string(), v.to_string());
     }
     let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
-    let provider =
-        stage3::provider::from_settings(config.provider, &config.openrouter).expect("provider");
-    Stage3Service::new(config, provider, store)
+    let providers = stage3::provider::Providers::new(config.provider, config.providers.clone());
+    Stage3Service::with_providers(config, providers, store)
 }
 
 fn request(scene_id: &str, size: ImageSize) -> GenerationRequest {

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use crate::error::{Result, Stage3Error};
+use crate::image_spec::ProviderKind;
 
 /// The brake of one batch: once stopped, no provider call starts, and every scene that
 /// would have called fails with the stopping cause (see
@@ -22,6 +23,8 @@ pub struct BatchStop(Arc<StopState>);
 #[derive(Debug, Default)]
 struct StopState {
     reason: std::sync::Mutex<Option<Stage3Error>>,
+    /// Providers whose account refused a call (a 401 or 402), with the refusal.
+    refused_providers: std::sync::Mutex<Vec<(ProviderKind, Stage3Error)>>,
     spending: std::sync::Mutex<Spending>,
     /// Models that answered "unavailable" in this batch: later scenes go straight to their
     /// fallbacks instead of paying a round trip to learn it again.
@@ -75,6 +78,34 @@ impl BatchStop {
         match locked(&self.0.reason).as_ref() {
             None => Ok(()),
             Some(error) => Err(error.for_unstarted_scene()),
+        }
+    }
+
+    /// Stops every later call to `provider` with `error`: its account refused one (a 401
+    /// or 402), and would refuse the others the same way. The first cause wins.
+    pub fn stop_provider(&self, provider: ProviderKind, error: Stage3Error) {
+        let mut refused = locked(&self.0.refused_providers);
+        if !refused.iter().any(|(kind, _)| *kind == provider) {
+            tracing::warn!(
+                provider = %provider,
+                error_type = %error.error_type(),
+                error = %error,
+                "no further calls to this provider in this batch"
+            );
+            refused.push((provider, error));
+        }
+    }
+
+    /// `Ok` while calls to `provider` may start: the batch is not stopped and the
+    /// provider's account has not refused a call.
+    pub fn check_provider(&self, provider: ProviderKind) -> Result<()> {
+        self.check()?;
+        match locked(&self.0.refused_providers)
+            .iter()
+            .find(|(kind, _)| *kind == provider)
+        {
+            Some((_, error)) => Err(error.for_unstarted_scene()),
+            None => Ok(()),
         }
     }
 
@@ -161,6 +192,27 @@ mod tests {
         stop.settle(first, Some(0.03));
         stop.settle(second, None);
         assert!((stop.spent_usd() - 0.03).abs() < 1e-12);
+    }
+
+    #[test]
+    fn an_account_refusal_stops_only_its_provider() {
+        let stop = BatchStop::new();
+        stop.stop_provider(
+            ProviderKind::DashScope,
+            Stage3Error::Auth(crate::error::ProviderFailure::new(Some(401), "bad key")),
+        );
+        let refused = stop.check_provider(ProviderKind::DashScope).unwrap_err();
+        assert_eq!(refused.error_type(), ErrorType::Auth);
+        assert!(refused.to_string().contains("not started"), "{refused}");
+        stop.check_provider(ProviderKind::Ark).unwrap();
+        stop.check().unwrap();
+        stop.stop(Stage3Error::Cancelled("Ctrl-C".into()));
+        assert_eq!(
+            stop.check_provider(ProviderKind::Ark)
+                .unwrap_err()
+                .error_type(),
+            ErrorType::Cancelled
+        );
     }
 
     #[test]

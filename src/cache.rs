@@ -39,7 +39,8 @@ const KEY_HASH_CHARS: usize = 16;
 pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
 
 /// The request hash: everything that determines the generated image — who draws it
-/// (`provider`) and what is drawn (`spec`) — hashed with SHA-256, in lowercase hex.
+/// (`provider`, the provider of the spec's model) and what is drawn (`spec`, with the
+/// prompt exactly as that provider is sent it) — hashed with SHA-256, in lowercase hex.
 pub fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
     /// The hashed encoding. Its field order and spelling are the key scheme: changing them
     /// re-keys every stored result, so do it only with a new `KEY_SCHEME`.
@@ -49,16 +50,22 @@ pub fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
         api: Option<&'a str>,
         model: &'a str,
         prompt: &'a str,
+        /// Only for a provider that takes it apart (DashScope); absent otherwise, which
+        /// keeps every other provider's keys what they were.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        negative_prompt: Option<&'a str>,
         size: ImageSize,
         quality: ImageQuality,
         seed: Option<i64>,
         references: &'a [String],
     }
+    let sent = spec.prompt_for(provider.kind);
     let identity = Identity {
-        provider: provider.name,
+        provider: provider.name(),
         api: provider.variant,
-        model: &spec.model,
-        prompt: &spec.prompt,
+        model: &spec.model.model,
+        prompt: sent.prompt,
+        negative_prompt: sent.negative_prompt,
         size: spec.size,
         quality: spec.quality,
         seed: spec.seed,
@@ -160,6 +167,13 @@ fn plausible(record: &Stage3Output, expected: &Expected<'_>) -> std::result::Res
     }
     if crate::schema::validate_model(&params.model).is_err() {
         return Err("its model is not a model slug".into());
+    }
+    if params
+        .provider
+        .parse::<crate::image_spec::ProviderKind>()
+        .is_err()
+    {
+        return Err("its provider is not one this service knows".into());
     }
     let sha = &params.content_sha256;
     if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
@@ -359,23 +373,24 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
+    use crate::image_spec::{ModelRef, ProviderKind};
+
     fn spec(prompt: &str) -> ImageSpec {
-        ImageSpec {
-            model: "google/gemini-2.5-flash-image".into(),
-            prompt: prompt.into(),
-            size: ImageSize::Square,
-            quality: ImageQuality::Standard,
-            seed: None,
-            references: Vec::new(),
-        }
+        let mut spec = ImageSpec::plain(
+            ModelRef::resolve("google/gemini-2.5-flash-image", ProviderKind::OpenRouter),
+            ImageSize::Square,
+            ImageQuality::Standard,
+        );
+        spec.prompt = prompt.into();
+        spec
     }
 
-    fn by(name: &'static str, variant: Option<&'static str>) -> ProviderIdentity {
-        ProviderIdentity { name, variant }
+    fn by(kind: ProviderKind, variant: Option<&'static str>) -> ProviderIdentity {
+        ProviderIdentity { kind, variant }
     }
 
     fn hash(spec: &ImageSpec) -> String {
-        request_hash(by("openrouter", Some("images")), spec)
+        request_hash(by(ProviderKind::OpenRouter, Some("images")), spec)
     }
 
     #[test]
@@ -396,11 +411,11 @@ mod tests {
         assert_ne!(base, hash(&other));
         assert_ne!(
             base,
-            request_hash(by("placeholder", Some("images")), &spec("a"))
+            request_hash(by(ProviderKind::Placeholder, Some("images")), &spec("a"))
         );
         assert_ne!(
             base,
-            request_hash(by("openrouter", Some("chat")), &spec("a"))
+            request_hash(by(ProviderKind::OpenRouter, Some("chat")), &spec("a"))
         );
         let mut other = spec("a");
         other.references = vec!["https://cdn.example.com/fox.png".to_string()];
@@ -416,17 +431,44 @@ mod tests {
             hash(&spec("a fox, watercolor. Avoid: text")),
             "268a217c72ed7900c8066c46d28beb94fb6ac115bf497192255c5d9b7570f615"
         );
-        let spec = ImageSpec {
-            model: "m/x".into(),
-            prompt: "雪中的狐狸".into(),
-            size: ImageSize::Landscape,
-            quality: ImageQuality::Hd,
-            seed: Some(42),
-            references: vec!["https://cdn.example.com/fox.png".into()],
-        };
+        let mut spec = ImageSpec::plain(
+            ModelRef::resolve("m/x", ProviderKind::Placeholder),
+            ImageSize::Landscape,
+            ImageQuality::Hd,
+        );
+        spec.prompt = "雪中的狐狸".into();
+        spec.seed = Some(42);
+        spec.references = vec!["https://cdn.example.com/fox.png".into()];
         assert_eq!(
-            request_hash(by("placeholder", None), &spec),
+            request_hash(by(ProviderKind::Placeholder, None), &spec),
             "6f9c3305ace3c5a92946dd2f07986b5473ef85e3bddcf59c8139620af8c67a54"
+        );
+    }
+
+    /// DashScope is sent the negatives apart, and its hash says so; for everyone else the
+    /// folded prompt is what is sent and hashed.
+    #[test]
+    fn the_hash_follows_the_prompt_as_sent() {
+        let mut spec = spec("a fox.\n\nAvoid: text.");
+        spec.positive_prompt = "a fox.".into();
+        spec.negative_prompt = "text".into();
+        spec.model = ModelRef::resolve("qwen-image", ProviderKind::DashScope);
+        let dashscope = request_hash(by(ProviderKind::DashScope, None), &spec);
+        let mut without_negatives = spec.clone();
+        without_negatives.negative_prompt = String::new();
+        assert_ne!(
+            dashscope,
+            request_hash(by(ProviderKind::DashScope, None), &without_negatives)
+        );
+        // Ark folds them in: the negative field is not part of its identity.
+        assert_eq!(
+            request_hash(by(ProviderKind::Ark, None), &spec),
+            request_hash(by(ProviderKind::Ark, None), &{
+                let mut folded = spec.clone();
+                folded.positive_prompt = "changed".into();
+                folded.negative_prompt = "changed".into();
+                folded
+            })
         );
     }
 

@@ -19,16 +19,27 @@ use std::time::Duration;
 
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
+use crate::image_spec::ModelRef;
+pub use crate::image_spec::ProviderKind;
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
 use crate::retry::RetryPolicy;
 use crate::schema::{validate_model, validate_reference_url};
 
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
+/// Volcengine Ark's Beijing region (docs/design.md §3).
+pub const DEFAULT_ARK_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";
+/// DashScope's Beijing region; Singapore is `https://dashscope-intl.aliyuncs.com/api/v1`
+/// (keys are per region).
+pub const DEFAULT_DASHSCOPE_BASE_URL: &str = "https://dashscope.aliyuncs.com/api/v1";
 /// OpenRouter's image guide calls it "a strong default" (docs/design.md §3); the catalogue
 /// is checked before the first call, so a retirement is an error naming alternatives (and
 /// `STAGE3_MODEL_FALLBACKS` serve), never a batch of paid failures.
 pub const DEFAULT_MODEL: &str = "google/gemini-3.1-flash-image";
+/// Ark's default: Seedream 4.5, the current model of its table (`stage3 models --provider ark`).
+pub const DEFAULT_ARK_MODEL: &str = "doubao-seedream-4-5-251128";
+/// DashScope's default: Qwen-Image Plus, the middle of its three models in price.
+pub const DEFAULT_DASHSCOPE_MODEL: &str = "qwen-image-plus";
 /// S3 presigned URLs cannot outlive seven days (SigV4's limit).
 pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 
@@ -50,28 +61,6 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret([redacted])")
-    }
-}
-
-/// Which image provider generates the images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    OpenRouter,
-    /// Offline, free, deterministic images for development and downstream testing.
-    Placeholder,
-}
-
-impl FromStr for ProviderKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "openrouter" => Ok(ProviderKind::OpenRouter),
-            "placeholder" => Ok(ProviderKind::Placeholder),
-            other => Err(format!(
-                "unknown provider {other:?}; expected openrouter or placeholder"
-            )),
-        }
     }
 }
 
@@ -124,6 +113,19 @@ impl FromStr for StorageKind {
     }
 }
 
+/// What every provider's HTTP clients share (`STAGE3_CONNECT_TIMEOUT_SECS`,
+/// `STAGE3_MAX_RESPONSE_BYTES`, `STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS`).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    /// The longest wait for a connection, to the API and to image URLs alike.
+    pub connect_timeout: Duration,
+    /// The largest answer or image download read, enforced while reading.
+    pub max_response_bytes: usize,
+    /// Image URLs on loopback may be fetched (test stand-ins). Private and link-local
+    /// addresses are refused regardless.
+    pub allow_loopback_image_urls: bool,
+}
+
 /// What the OpenRouter client is built from.
 #[derive(Debug, Clone)]
 pub struct OpenRouterSettings {
@@ -136,15 +138,44 @@ pub struct OpenRouterSettings {
     pub title: Option<String>,
     /// The chat path's `modalities`: image-only models refuse `["image", "text"]`.
     pub chat_modalities: ChatModalities,
-    /// `STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS=1`: image URLs on loopback may be fetched (test
-    /// stand-ins). Private and link-local addresses are refused regardless.
-    pub allow_loopback_image_urls: bool,
-    /// `STAGE3_CONNECT_TIMEOUT_SECS`: the longest wait for a connection, to the API and to
-    /// image URLs alike.
-    pub connect_timeout: Duration,
-    /// `STAGE3_MAX_RESPONSE_BYTES`: the largest answer or image download read, enforced
-    /// while reading.
-    pub max_response_bytes: usize,
+    pub http: HttpSettings,
+    /// `STAGE3_PRICES` entries for OpenRouter models: used instead of the catalogue's.
+    pub prices: HashMap<String, f64>,
+}
+
+/// What the Volcengine Ark or DashScope client is built from: a key, a region's base URL,
+/// and the price overrides of its models (`STAGE3_PRICES`).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub api_key: Option<Secret>,
+    pub base_url: String,
+    pub http: HttpSettings,
+    /// Model → USD per image, over the provider's own table.
+    pub prices: HashMap<String, f64>,
+}
+
+/// Every provider's settings: the service builds a provider when a model's chain first
+/// reaches it.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    pub openrouter: OpenRouterSettings,
+    pub ark: ApiSettings,
+    pub dashscope: ApiSettings,
+}
+
+impl ProviderSettings {
+    /// The variable holding `kind`'s key, and whether it is set; `None` for a provider
+    /// that needs none.
+    pub fn key_of(&self, kind: ProviderKind) -> Option<(&'static str, bool)> {
+        let set =
+            |key: &Option<Secret>| key.as_ref().is_some_and(|k| !k.expose().trim().is_empty());
+        match kind {
+            ProviderKind::OpenRouter => Some(("OPENROUTER_API_KEY", set(&self.openrouter.api_key))),
+            ProviderKind::Ark => Some(("ARK_API_KEY", set(&self.ark.api_key))),
+            ProviderKind::DashScope => Some(("DASHSCOPE_API_KEY", set(&self.dashscope.api_key))),
+            ProviderKind::Placeholder => None,
+        }
+    }
 }
 
 /// What the chat path asks the model to answer with (`STAGE3_CHAT_MODALITIES`).
@@ -219,9 +250,11 @@ pub struct S3Credentials {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `STAGE3_PROVIDER`: the provider of every model written without `PROVIDER:`.
     pub provider: ProviderKind,
-    pub model: String,
-    pub openrouter: OpenRouterSettings,
+    /// `STAGE3_MODEL` as written; unset means the provider's default ([`Config::model`]).
+    pub model: Option<String>,
+    pub providers: ProviderSettings,
     pub storage: StorageSettings,
     /// CDN origin without a trailing `/`; `image_url` = base + `/` + key.
     pub public_base_url: Option<String>,
@@ -247,7 +280,8 @@ pub struct Config {
     /// every scene.
     pub character_references: HashMap<String, String>,
     /// Models tried in order when the asked-for one is unavailable or its transient retries
-    /// are spent (`STAGE3_MODEL_FALLBACKS`, comma-separated; `--fallback-model`).
+    /// are spent (`STAGE3_MODEL_FALLBACKS`, comma-separated; `--fallback-model`), each
+    /// `MODEL` or `PROVIDER:MODEL` as written: see [`Config::fallbacks`].
     pub model_fallbacks: Vec<String>,
     /// `STAGE3_FALLBACK_ON_REFUSAL=1`: a refusal (`content_policy`) also moves on to the next
     /// model. Off by default: a refused prompt is usually refused everywhere, and each try
@@ -287,7 +321,22 @@ impl Config {
     /// The largest image worth reading back from the store: nothing stored came from an
     /// answer over `STAGE3_MAX_RESPONSE_BYTES` (`openrouter.max_response_bytes`).
     pub fn max_stored_image_bytes(&self) -> u64 {
-        self.openrouter.max_response_bytes as u64
+        self.providers.openrouter.http.max_response_bytes as u64
+    }
+
+    /// The model of a request that names none: `STAGE3_MODEL`, else the provider's default.
+    pub fn model(&self) -> &str {
+        self.model
+            .as_deref()
+            .unwrap_or_else(|| default_model(self.provider))
+    }
+
+    /// The fallback chain, each model with its provider.
+    pub fn fallbacks(&self) -> Vec<ModelRef> {
+        self.model_fallbacks
+            .iter()
+            .map(|model| ModelRef::resolve(model, self.provider))
+            .collect()
     }
 
     /// Reads `.env` from the working directory (values already in the environment win),
@@ -305,16 +354,16 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let vars = Vars(&lookup);
         let storage = storage_settings(&vars)?;
-        let model = vars
-            .get("STAGE3_MODEL")
-            .unwrap_or_else(|| DEFAULT_MODEL.into());
-        validate_model(&model).map_err(|e| Stage3Error::config(format!("STAGE3_MODEL: {e}")))?;
-        let openrouter = openrouter_settings(&vars)?;
+        let model = vars.get("STAGE3_MODEL");
+        if let Some(model) = &model {
+            validate_model(model).map_err(|e| Stage3Error::config(format!("STAGE3_MODEL: {e}")))?;
+        }
+        let providers = provider_settings(&vars)?;
 
         let config = Config {
             provider: vars.parse("STAGE3_PROVIDER", ProviderKind::OpenRouter)?,
             model,
-            openrouter,
+            providers,
             storage,
             public_base_url: vars
                 .get("STAGE3_PUBLIC_BASE_URL")
@@ -384,8 +433,14 @@ impl Config {
                 "STAGE3_CDN_SIGN needs STAGE3_PUBLIC_BASE_URL: only CDN URLs can be signed",
             ));
         }
-        check_url("OPENROUTER_BASE_URL", &config.openrouter.base_url)?;
-        check_key_travels_encrypted(&config.openrouter.base_url)?;
+        for (name, base_url) in [
+            ("OPENROUTER_BASE_URL", &config.providers.openrouter.base_url),
+            ("ARK_BASE_URL", &config.providers.ark.base_url),
+            ("DASHSCOPE_BASE_URL", &config.providers.dashscope.base_url),
+        ] {
+            check_url(name, base_url)?;
+            check_key_travels_encrypted(name, base_url)?;
+        }
         Ok(config)
     }
 
@@ -403,17 +458,20 @@ impl Config {
     /// Cross-field checks, run after command-line overrides: what the chosen provider and
     /// storage need must be present.
     pub fn validate(&self) -> Result<()> {
-        if self.provider == ProviderKind::OpenRouter
-            && self
-                .openrouter
-                .api_key
-                .as_ref()
-                .is_none_or(|k| k.expose().trim().is_empty())
-        {
-            return Err(Stage3Error::config(
-                "OPENROUTER_API_KEY is not set; set it, or use the offline provider with \
-                 STAGE3_PROVIDER=placeholder (--provider placeholder)",
-            ));
+        // The provider of the default model must be usable; a fallback's may be left
+        // without a key (that link is skipped, with a warning).
+        let first = ModelRef::resolve(self.model(), self.provider);
+        if let Some((variable, false)) = self.providers.key_of(first.provider) {
+            let hint = if first.provider == self.provider {
+                "; set it, or use the offline provider with STAGE3_PROVIDER=placeholder \
+                 (--provider placeholder)"
+            } else {
+                ""
+            };
+            return Err(Stage3Error::config(format!(
+                "{variable} is not set{hint}; the model {} needs it",
+                first.written_for(self.provider)
+            )));
         }
         if self.storage.kind == StorageKind::S3 && self.storage.s3.is_none() {
             return Err(Stage3Error::config("STAGE3_S3_BUCKET is not set"));
@@ -422,19 +480,9 @@ impl Config {
     }
 }
 
-/// The OpenRouter client's variables.
-fn openrouter_settings(vars: &Vars<'_>) -> Result<OpenRouterSettings> {
-    Ok(OpenRouterSettings {
-        api_key: vars.get("OPENROUTER_API_KEY").map(Secret::new),
-        base_url: vars
-            .get("OPENROUTER_BASE_URL")
-            .unwrap_or_else(|| DEFAULT_BASE_URL.into())
-            .trim_end_matches('/')
-            .to_string(),
-        api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
-        referer: vars.get("STAGE3_HTTP_REFERER"),
-        title: vars.get("STAGE3_APP_TITLE"),
-        chat_modalities: vars.parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
+/// Every provider's variables, and the HTTP settings they share.
+fn provider_settings(vars: &Vars<'_>) -> Result<ProviderSettings> {
+    let http = HttpSettings {
         allow_loopback_image_urls: vars.flag("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", false)?,
         connect_timeout: Duration::from_secs(vars.parse_in(
             "STAGE3_CONNECT_TIMEOUT_SECS",
@@ -446,7 +494,90 @@ fn openrouter_settings(vars: &Vars<'_>) -> Result<OpenRouterSettings> {
             64 * 1024 * 1024,
             1024..=1024 * 1024 * 1024,
         )?,
+    };
+    let mut prices = parse_prices(&vars.get("STAGE3_PRICES").unwrap_or_default())?;
+    let mut prices_of = |kind: ProviderKind| -> HashMap<String, f64> {
+        let mine: Vec<ModelRef> = prices
+            .keys()
+            .filter(|m| m.provider == kind)
+            .cloned()
+            .collect();
+        mine.into_iter()
+            .filter_map(|model| prices.remove_entry(&model))
+            .map(|(model, usd)| (model.model, usd))
+            .collect()
+    };
+    let base_url = |name: &str, default: &str| {
+        vars.get(name)
+            .unwrap_or_else(|| default.into())
+            .trim_end_matches('/')
+            .to_string()
+    };
+    Ok(ProviderSettings {
+        openrouter: OpenRouterSettings {
+            api_key: vars.get("OPENROUTER_API_KEY").map(Secret::new),
+            base_url: base_url("OPENROUTER_BASE_URL", DEFAULT_BASE_URL),
+            api: vars.parse("STAGE3_OPENROUTER_API", OpenRouterApi::Images)?,
+            referer: vars.get("STAGE3_HTTP_REFERER"),
+            title: vars.get("STAGE3_APP_TITLE"),
+            chat_modalities: vars.parse("STAGE3_CHAT_MODALITIES", ChatModalities::ImageAndText)?,
+            http,
+            prices: prices_of(ProviderKind::OpenRouter),
+        },
+        ark: ApiSettings {
+            api_key: vars.get("ARK_API_KEY").map(Secret::new),
+            base_url: base_url("ARK_BASE_URL", DEFAULT_ARK_BASE_URL),
+            http,
+            prices: prices_of(ProviderKind::Ark),
+        },
+        dashscope: ApiSettings {
+            api_key: vars.get("DASHSCOPE_API_KEY").map(Secret::new),
+            base_url: base_url("DASHSCOPE_BASE_URL", DEFAULT_DASHSCOPE_BASE_URL),
+            http,
+            prices: prices_of(ProviderKind::DashScope),
+        },
     })
+}
+
+/// The model a provider draws with when neither the request nor `STAGE3_MODEL` names one.
+pub fn default_model(provider: ProviderKind) -> &'static str {
+    match provider {
+        ProviderKind::OpenRouter | ProviderKind::Placeholder => DEFAULT_MODEL,
+        ProviderKind::Ark => DEFAULT_ARK_MODEL,
+        ProviderKind::DashScope => DEFAULT_DASHSCOPE_MODEL,
+    }
+}
+
+/// `STAGE3_PRICES`: `provider:model=usd` pairs, comma-separated. Every entry names its
+/// provider: a price is a fact about one provider's model, whatever `STAGE3_PROVIDER` is.
+fn parse_prices(raw: &str) -> Result<HashMap<ModelRef, f64>> {
+    const NAME: &str = "STAGE3_PRICES";
+    let mut prices = HashMap::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (model, usd) = entry.rsplit_once('=').ok_or_else(|| {
+            Stage3Error::config(format!(
+                "{NAME}: expected provider:model=usd, got {:?}",
+                entry.chars().take(80).collect::<String>()
+            ))
+        })?;
+        let (provider, name) = model.trim().split_once(':').unwrap_or(("", model));
+        let Ok(provider) = provider.parse::<ProviderKind>() else {
+            return Err(Stage3Error::config(format!(
+                "{NAME}: {:?} does not start with a provider (openrouter:, ark:, dashscope:)",
+                model.chars().take(80).collect::<String>()
+            )));
+        };
+        validate_model(name).map_err(|e| Stage3Error::config(format!("{NAME}: {e}")))?;
+        let usd = parse_cost(NAME, usd)?;
+        prices.insert(
+            ModelRef {
+                provider,
+                model: name.to_string(),
+            },
+            usd,
+        );
+    }
+    Ok(prices)
 }
 
 /// The storage backend and its variables; the S3 ones only when S3 is chosen.
@@ -627,9 +758,9 @@ pub fn parse_cost(name: &str, raw: &str) -> Result<f64> {
         })
 }
 
-/// The API key travels with every call to `OPENROUTER_BASE_URL`: plain `http` is allowed
-/// only to this machine (a local stand-in), where nobody is on the path.
-fn check_key_travels_encrypted(base_url: &str) -> Result<()> {
+/// An API key travels with every call to a provider's base URL (`name`): plain `http` is
+/// allowed only to this machine (a local stand-in), where nobody is on the path.
+fn check_key_travels_encrypted(name: &str, base_url: &str) -> Result<()> {
     let Some(rest) = base_url.strip_prefix("http://") else {
         return Ok(());
     };
@@ -651,7 +782,7 @@ fn check_key_travels_encrypted(base_url: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Stage3Error::config(format!(
-            "OPENROUTER_BASE_URL: plain http to {host:?} would send the API key in clear text; \
+            "{name}: plain http to {host:?} would send the API key in clear text; \
              use https (http is accepted for loopback only)"
         )))
     }
@@ -740,9 +871,9 @@ mod tests {
     fn defaults_follow_the_design() {
         let c = config(&[]).unwrap();
         assert_eq!(c.provider, ProviderKind::OpenRouter);
-        assert_eq!(c.model, DEFAULT_MODEL);
-        assert_eq!(c.openrouter.base_url, DEFAULT_BASE_URL);
-        assert_eq!(c.openrouter.api, OpenRouterApi::Images);
+        assert_eq!(c.model(), DEFAULT_MODEL);
+        assert_eq!(c.providers.openrouter.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.providers.openrouter.api, OpenRouterApi::Images);
         assert_eq!(c.storage.kind, StorageKind::Fs);
         assert_eq!(c.storage.output_dir, PathBuf::from("./output/images"));
         assert_eq!(c.concurrency, 4);
@@ -863,11 +994,16 @@ mod tests {
     #[test]
     fn chat_modalities_take_image_only_models_into_account() {
         assert_eq!(
-            config(&[]).unwrap().openrouter.chat_modalities.as_slice(),
+            config(&[])
+                .unwrap()
+                .providers
+                .openrouter
+                .chat_modalities
+                .as_slice(),
             ["image", "text"]
         );
         let c = config(&[("STAGE3_CHAT_MODALITIES", "image")]).unwrap();
-        assert_eq!(c.openrouter.chat_modalities.as_slice(), ["image"]);
+        assert_eq!(c.providers.openrouter.chat_modalities.as_slice(), ["image"]);
         assert!(config(&[("STAGE3_CHAT_MODALITIES", "audio")]).is_err());
     }
 
@@ -999,6 +1135,90 @@ mod tests {
         assert!(defaults.model_fallbacks.is_empty());
         assert_eq!(defaults.max_cost_usd, None);
         assert!(!defaults.fallback_on_refusal);
+    }
+
+    #[test]
+    fn each_provider_has_its_default_model_and_its_key_is_needed_first_hand() {
+        let ark = config(&[("STAGE3_PROVIDER", "ark")]).unwrap();
+        assert_eq!(ark.model(), DEFAULT_ARK_MODEL);
+        assert_eq!(ark.providers.ark.base_url, DEFAULT_ARK_BASE_URL);
+        let err = ark.validate().unwrap_err();
+        assert!(err.to_string().contains("ARK_API_KEY"), "{err}");
+        let dashscope = config(&[("STAGE3_PROVIDER", "dashscope")]).unwrap();
+        assert_eq!(dashscope.model(), DEFAULT_DASHSCOPE_MODEL);
+        assert!(dashscope
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("DASHSCOPE_API_KEY"));
+        // A qualified default model needs its own provider's key, whatever STAGE3_PROVIDER.
+        let crossed = config(&[
+            ("STAGE3_PROVIDER", "placeholder"),
+            ("STAGE3_MODEL", "dashscope:qwen-image"),
+        ])
+        .unwrap();
+        assert!(crossed
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("DASHSCOPE_API_KEY"));
+        // A fallback's provider may lack its key: that link is skipped, not the start-up.
+        config(&[
+            ("STAGE3_PROVIDER", "dashscope"),
+            ("DASHSCOPE_API_KEY", "sk-dash"),
+            (
+                "STAGE3_MODEL_FALLBACKS",
+                "ark:doubao-seedream-4-5-251128,openrouter:google/x:free",
+            ),
+        ])
+        .unwrap()
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn fallbacks_resolve_against_the_configured_provider() {
+        let c = config(&[
+            ("STAGE3_PROVIDER", "dashscope"),
+            (
+                "STAGE3_MODEL_FALLBACKS",
+                "qwen-image,ark:doubao-seedream-4-0-250828,openrouter:acme/img:free",
+            ),
+        ])
+        .unwrap();
+        let fallbacks: Vec<String> = c.fallbacks().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            fallbacks,
+            [
+                "dashscope:qwen-image",
+                "ark:doubao-seedream-4-0-250828",
+                "openrouter:acme/img:free"
+            ]
+        );
+    }
+
+    #[test]
+    fn prices_name_their_provider_and_go_to_it() {
+        let c = config(&[(
+            "STAGE3_PRICES",
+            "ark:doubao-seedream-4-5-251128=0.05, dashscope:qwen-image=0.03,openrouter:acme/img:free=0",
+        )])
+        .unwrap();
+        assert_eq!(c.providers.ark.prices["doubao-seedream-4-5-251128"], 0.05);
+        assert_eq!(c.providers.dashscope.prices["qwen-image"], 0.03);
+        assert_eq!(c.providers.openrouter.prices["acme/img:free"], 0.0);
+        for bad in ["qwen-image=0.03", "ark:x=cheap", "ark:x=-1", "ark:x"] {
+            let err = config(&[("STAGE3_PRICES", bad)]).unwrap_err();
+            assert!(err.to_string().contains("STAGE3_PRICES"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_base_url_keeps_its_key_encrypted() {
+        let err = config(&[("ARK_BASE_URL", "http://ark.example.com/api/v3")]).unwrap_err();
+        assert!(err.to_string().contains("ARK_BASE_URL"), "{err}");
+        let err = config(&[("DASHSCOPE_BASE_URL", "dashscope.example.com")]).unwrap_err();
+        assert!(err.to_string().contains("DASHSCOPE_BASE_URL"), "{err}");
     }
 
     #[test]

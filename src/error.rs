@@ -250,6 +250,11 @@ impl Stage3Error {
 
     /// What the provider billed for the failed call, when it said.
     pub fn cost(&self) -> Option<f64> {
+        self.provider_failure().and_then(|f| f.cost)
+    }
+
+    /// What the provider said, for the failures that carry it.
+    pub fn provider_failure(&self) -> Option<&ProviderFailure> {
         match self {
             Stage3Error::Auth(f)
             | Stage3Error::InsufficientCredits(f)
@@ -257,7 +262,22 @@ impl Stage3Error {
             | Stage3Error::RateLimited(f)
             | Stage3Error::ProviderUnavailable(f)
             | Stage3Error::ProviderError(f)
-            | Stage3Error::PermissionDenied(f) => f.cost,
+            | Stage3Error::PermissionDenied(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// [`Stage3Error::provider_failure`], to add what the caller knows (a `Retry-After`, a
+    /// billed cost).
+    pub fn provider_failure_mut(&mut self) -> Option<&mut ProviderFailure> {
+        match self {
+            Stage3Error::Auth(f)
+            | Stage3Error::InsufficientCredits(f)
+            | Stage3Error::ContentPolicy(f)
+            | Stage3Error::RateLimited(f)
+            | Stage3Error::ProviderUnavailable(f)
+            | Stage3Error::ProviderError(f)
+            | Stage3Error::PermissionDenied(f) => Some(f),
             _ => None,
         }
     }

@@ -1,8 +1,9 @@
 //! Prompt composition: one text from a scene's prompt, style tags and negative prompt.
 //!
-//! No current image API has a negative-prompt field (docs/design.md §3), so what the scene must
-//! not show is folded into the text as an "Avoid:" sentence. The composed text is exactly
-//! what the provider receives and what `generation_params.prompt` records.
+//! OpenRouter's APIs and Volcengine Ark have no negative-prompt field (docs/design.md §3), so
+//! for them what the scene must not show is folded into the text as an "Avoid:" sentence;
+//! DashScope takes it in a field of its own. [`compose`] makes both forms, and each provider
+//! sends the one it takes: that text is what `generation_params.prompt` records.
 //!
 //! Punctuation follows the script. Each part ends with a full stop unless it already ends
 //! with one: "。" after Chinese or Japanese text (its last character an ideograph, kana or
@@ -36,8 +37,27 @@ const CHINESE: Labels = Labels {
     tag_separator: "、",
 };
 
+/// A scene's prompt in the two forms providers take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComposedPrompt {
+    /// The scene's text, its style tags and, as an "Avoid:" sentence, what it must not
+    /// show: what a provider without a negative-prompt field receives.
+    pub folded: String,
+    /// The scene's text and style tags alone, for a provider that takes the negative
+    /// prompt in a field of its own (DashScope).
+    pub positive: String,
+    /// The negative prompt as written, trimmed; empty when there is none.
+    pub negative: String,
+}
+
 /// Composes the prompt for `request` and checks it against `max_chars`.
 pub fn compose_prompt(request: &GenerationRequest, max_chars: usize) -> Result<String> {
+    compose(request, max_chars).map(|composed| composed.folded)
+}
+
+/// Composes both forms of the prompt for `request`; the folded one, the longest, is checked
+/// against `max_chars`.
+pub fn compose(request: &GenerationRequest, max_chars: usize) -> Result<ComposedPrompt> {
     let image_prompt = request.image_prompt.trim();
     let labels = if is_chinese(image_prompt) {
         &CHINESE
@@ -56,6 +76,7 @@ pub fn compose_prompt(request: &GenerationRequest, max_chars: usize) -> Result<S
         prompt.push_str(labels.style);
         prompt.push_str(&sentence(&tags.join(labels.tag_separator)));
     }
+    let positive = prompt.clone();
 
     let negative = request.negative_prompt.trim();
     if !negative.is_empty() {
@@ -70,7 +91,11 @@ pub fn compose_prompt(request: &GenerationRequest, max_chars: usize) -> Result<S
              (STAGE3_MAX_PROMPT_CHARS)"
         )));
     }
-    Ok(prompt)
+    Ok(ComposedPrompt {
+        folded: prompt,
+        positive,
+        negative: negative.to_string(),
+    })
 }
 
 /// Ends `text` with a full stop that fits its script unless it already ends with one
@@ -158,6 +183,21 @@ mod tests {
         assert_eq!(
             prompt,
             "A quiet harbour at dawn!\n\nStyle: anime, watercolor.\n\nAvoid: blurry, text."
+        );
+    }
+
+    #[test]
+    fn the_positive_form_leaves_the_negatives_to_their_own_field() {
+        let composed = compose(
+            &request("A quiet harbour", &["ink"], "  blurry, text "),
+            4000,
+        )
+        .unwrap();
+        assert_eq!(composed.positive, "A quiet harbour.\n\nStyle: ink.");
+        assert_eq!(composed.negative, "blurry, text");
+        assert_eq!(
+            composed.folded,
+            "A quiet harbour.\n\nStyle: ink.\n\nAvoid: blurry, text."
         );
     }
 

@@ -306,10 +306,12 @@ fn truncate_for_message(text: &str, max_chars: usize) -> String {
 /// The parameters that produced an image: enough to reproduce it and audit what it cost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationParams {
-    /// The model that made the image (the seed's key): a fallback's slug when one served.
+    /// The model that made the image (the seed's key), as `provider` names it: a
+    /// fallback's when one served.
     pub model: String,
     /// The model the request asked for, present only when a fallback made the image
-    /// (`STAGE3_MODEL_FALLBACKS`); the cache key stays that of the request.
+    /// (`STAGE3_MODEL_FALLBACKS`): `PROVIDER:MODEL` when it was another provider's. The
+    /// cache key stays that of the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_model: Option<String>,
     /// The requested size (the seed's key); the stored pixel size is `width`×`height`.
@@ -318,7 +320,11 @@ pub struct GenerationParams {
     pub quality: ImageQuality,
     /// Exactly the prompt text that was sent (the seed's key).
     pub prompt: String,
-    /// `openrouter` or `placeholder`.
+    /// The negative prompt, for a provider that was sent it apart (DashScope); the others
+    /// get it folded into `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// Who drew the image: `openrouter`, `ark`, `dashscope` or `placeholder`.
     pub provider: String,
     /// `images` or `chat` for OpenRouter; absent for the placeholder.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -36,10 +36,10 @@ use crate::cache::{self, Claim, ResultKeys};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
-use crate::image_spec::{ImageSpec, SpecSettings};
+use crate::image_spec::{ImageSpec, ModelRef, ProviderKind, SpecSettings};
 use crate::labels::{self, AppliedLabels};
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
-use crate::provider::{self, ImageProvider, ImageRequest, Plan, PlannedModel};
+use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
     locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageSize, SceneFailure,
@@ -86,14 +86,16 @@ pub struct BatchPlan {
 }
 
 impl BatchPlan {
-    /// The first scene the asked-for model cannot serve (`invalid_request`), with its place.
+    /// The first scene the asked-for model cannot serve (`invalid_request`), or whose
+    /// model's provider has no key (`config`), with its place.
     pub fn first_invalid(&self, scenes: &[PreparedScene]) -> Option<Stage3Error> {
         self.plans
             .iter()
             .zip(scenes)
             .enumerate()
             .find_map(|(index, (plan, scene))| match plan {
-                Err(e @ Stage3Error::InvalidRequest(_)) => {
+                // A model the scene's model cannot serve, or whose provider has no key.
+                Err(e @ (Stage3Error::InvalidRequest(_) | Stage3Error::Config(_))) => {
                     Some(locate_in_batch(e.clone(), index, Some(scene.scene_id())))
                 }
                 _ => None,
@@ -113,21 +115,19 @@ pub struct PreparedScene {
 }
 
 impl PreparedScene {
-    /// Validates `request` and derives everything a run needs, for `provider` under `config`.
-    pub fn new(
-        request: GenerationRequest,
-        config: &Config,
-        provider: &dyn ImageProvider,
-    ) -> Result<Self> {
+    /// Validates `request` and derives everything a run needs, for `providers` under
+    /// `config`.
+    pub fn new(request: GenerationRequest, config: &Config, providers: &Providers) -> Result<Self> {
         let spec = ImageSpec::new(
             &request,
             &SpecSettings {
-                default_model: &config.model,
+                default_provider: providers.default_kind(),
+                default_model: config.model(),
                 max_prompt_chars: config.max_prompt_chars,
                 character_references: &config.character_references,
             },
         )?;
-        let request_hash = cache::request_hash(provider.identity(), &spec);
+        let request_hash = cache::request_hash(providers.identity(spec.model.provider), &spec);
         let keys = ResultKeys::new(&request.scene_id, &request_hash);
         Ok(PreparedScene {
             request,
@@ -146,14 +146,14 @@ impl PreparedScene {
 pub fn prepare_all(
     requests: Vec<GenerationRequest>,
     config: &Config,
-    provider: &dyn ImageProvider,
+    providers: &Providers,
 ) -> Result<Vec<PreparedScene>> {
     requests
         .into_iter()
         .enumerate()
         .map(|(index, request)| {
             let scene_id = request.scene_id.clone();
-            PreparedScene::new(request, config, provider)
+            PreparedScene::new(request, config, providers)
                 .map_err(|e| locate_in_batch(e, index, Some(&scene_id)))
         })
         .collect()
@@ -164,11 +164,11 @@ pub fn prepare_all(
 pub fn prepare_submission(
     submission: Submission,
     config: &Config,
-    provider: &dyn ImageProvider,
+    providers: &Providers,
 ) -> Result<Vec<PreparedScene>> {
     match submission {
-        Submission::Single(request) => Ok(vec![PreparedScene::new(request, config, provider)?]),
-        batch => prepare_all(batch.into_requests(), config, provider),
+        Submission::Single(request) => Ok(vec![PreparedScene::new(request, config, providers)?]),
+        batch => prepare_all(batch.into_requests(), config, providers),
     }
 }
 
@@ -178,11 +178,14 @@ pub type SceneCallback<'a> =
 
 pub struct Stage3Service {
     config: Arc<Config>,
-    provider: Arc<dyn ImageProvider>,
+    providers: Providers,
+    /// `STAGE3_MODEL_FALLBACKS`, each with its provider.
+    fallbacks: Vec<ModelRef>,
     store: Arc<dyn ObjectStore>,
     urls: UrlPolicy,
     retry: RetryPolicy,
-    backpressure: Backpressure,
+    /// One pause per provider: a 429 is that account's limit, not every provider's.
+    backpressure: HashMap<ProviderKind, Backpressure>,
     limits: ImageLimits,
     /// `STAGE3_CONCURRENCY` permits, one per provider call in flight (see
     /// [`Stage3Service::run_scenes`]).
@@ -196,15 +199,32 @@ impl Stage3Service {
     /// client): do this once, at start-up.
     pub async fn from_config(config: Config) -> Result<Self> {
         config.validate()?;
-        let provider = provider::from_settings(config.provider, &config.openrouter)?;
+        let providers = Providers::new(config.provider, config.providers.clone());
+        // The default model's provider is built now, so a key no header can carry fails
+        // the start-up rather than the first scene; others when a chain first reaches them.
+        let first = ModelRef::resolve(config.model(), config.provider);
+        providers.get(first.provider)?;
         let store = storage::from_settings(&config.storage, &config.aws).await?;
-        Ok(Stage3Service::new(config, provider, store))
+        Ok(Stage3Service::with_providers(config, providers, store))
     }
 
-    /// A service over explicit parts (tests, embedding in another program).
+    /// A service over explicit parts (tests, embedding in another program): `provider`
+    /// serves `STAGE3_PROVIDER`; any other provider a chain reaches is built from the
+    /// configuration.
     pub fn new(
         config: Config,
         provider: Arc<dyn ImageProvider>,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
+        let providers = Providers::new(config.provider, config.providers.clone())
+            .with(config.provider, provider);
+        Stage3Service::with_providers(config, providers, store)
+    }
+
+    /// A service over a set of providers (see [`Providers`]) and a store.
+    pub fn with_providers(
+        config: Config,
+        providers: Providers,
         store: Arc<dyn ObjectStore>,
     ) -> Self {
         let urls = match &config.public_base_url {
@@ -223,13 +243,17 @@ impl Stage3Service {
             limits: ImageLimits {
                 max_pixels: config.max_image_pixels,
             },
-            backpressure: Backpressure::new(),
+            backpressure: ProviderKind::ALL
+                .into_iter()
+                .map(|kind| (kind, Backpressure::new()))
+                .collect(),
+            fallbacks: config.fallbacks(),
             provider_permits: tokio::sync::Semaphore::new(config.concurrency),
             decode_permits: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
             ),
             config: Arc::new(config),
-            provider,
+            providers,
             store,
         }
     }
@@ -250,26 +274,97 @@ impl Stage3Service {
 
     /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
     pub fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
-        PreparedScene::new(request, &self.config, self.provider.as_ref())
+        PreparedScene::new(request, &self.config, &self.providers)
     }
 
     /// Prepares every request, or says which one is invalid: a batch with a bad request is
     /// rejected whole, before anything is spent.
     pub fn prepare_all(&self, requests: Vec<GenerationRequest>) -> Result<Vec<PreparedScene>> {
-        prepare_all(requests, &self.config, self.provider.as_ref())
+        prepare_all(requests, &self.config, &self.providers)
     }
 
     /// [`Stage3Service::prepare_all`] for a parsed submission: see [`prepare_submission`].
     pub fn prepare_submission(&self, submission: Submission) -> Result<Vec<PreparedScene>> {
-        prepare_submission(submission, &self.config, self.provider.as_ref())
+        prepare_submission(submission, &self.config, &self.providers)
     }
 
-    /// Checks one scene against what its model can do and prices it. Costs nothing.
+    /// Checks one scene against what its model can do and prices it, and assembles its
+    /// chain: the asked-for model, then each fallback that can serve the scene, whichever
+    /// provider it belongs to. Costs nothing.
+    ///
+    /// The asked-for model decides: if it cannot serve the scene (`invalid_request`) or its
+    /// provider has no key (`config`), the scene is refused. If it is unknown or gone, the
+    /// fallbacks serve, with a warning, or the scene fails `model_unavailable` naming what
+    /// was tried. A fallback that cannot serve is left out, with a warning.
     pub async fn plan_scene(&self, scene: &PreparedScene) -> Result<Plan> {
-        self.provider
-            .plan(&scene.spec, &self.config.model_fallbacks)
+        self.plan_spec(&scene.spec)
             .instrument(tracing::info_span!("plan", scene_id = %scene.scene_id()))
             .await
+    }
+
+    async fn plan_spec(&self, spec: &ImageSpec) -> Result<Plan> {
+        let mut models: Vec<PlannedModel> = Vec::new();
+        let mut unavailable: Option<String> = None;
+        let mut skipped: Vec<String> = Vec::new();
+        let chain = std::iter::once(&spec.model).chain(&self.fallbacks);
+        for (index, model) in chain.enumerate() {
+            if models.iter().any(|planned| &planned.model == model)
+                || (index > 0 && *model == spec.model)
+            {
+                continue;
+            }
+            match self.check_model(spec, model).await {
+                Ok(estimate_usd) => models.push(PlannedModel {
+                    model: model.clone(),
+                    estimate_usd,
+                }),
+                Err(Stage3Error::ModelUnavailable(why)) if index == 0 => unavailable = Some(why),
+                Err(error) if index == 0 => return Err(error),
+                Err(error) => skipped.push(format!(
+                    "{}: {error}",
+                    model.written_for(self.providers.default_kind())
+                )),
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(
+                skipped = %skipped.join("; "),
+                "fallback models left out of the chain"
+            );
+        }
+        match (unavailable, models.first()) {
+            (None, Some(_)) => Ok(Plan { models }),
+            (Some(why), Some(first)) => {
+                tracing::warn!(
+                    requested_model = %spec.model,
+                    model = %first.model,
+                    why = %why,
+                    "the requested model cannot be used; using the fallback"
+                );
+                Ok(Plan { models })
+            }
+            (why, None) => {
+                let mut message =
+                    why.unwrap_or_else(|| format!("no model to try for {}", spec.model));
+                if !skipped.is_empty() {
+                    message.push_str(&format!("; fallbacks: {}", skipped.join("; ")));
+                }
+                Err(Stage3Error::ModelUnavailable(message))
+            }
+        }
+    }
+
+    /// One model of a chain: callable (its provider's key is set) and able to serve `spec`,
+    /// with its price per image when known.
+    async fn check_model(&self, spec: &ImageSpec, model: &ModelRef) -> Result<Option<f64>> {
+        self.providers.callable(model.provider).map_err(|missing| {
+            Stage3Error::config(format!(
+                "{missing}; the model {} needs it",
+                model.written_for(self.providers.default_kind())
+            ))
+        })?;
+        let provider = self.providers.get(model.provider)?;
+        Ok(provider.check(spec, &model.model).await?.estimate_usd)
     }
 
     /// Checks and prices every scene before any call (identical scenes once). Costs nothing;
@@ -565,10 +660,13 @@ impl Stage3Service {
             return Ok(None);
         };
         let stored = record.generation_params;
-        let mut params = GenerationParams {
-            // A fallback may have made it: the record names the model that did.
+        // A fallback may have made it, maybe another provider's: the record names the
+        // model that did (`cache::lookup` checked the provider is one we know).
+        let drawn_by = ModelRef {
+            provider: stored.provider.parse().unwrap_or(scene.spec.model.provider),
             model: stored.model,
-            requested_model: stored.requested_model,
+        };
+        let mut params = GenerationParams {
             cost: stored.cost,
             content_sha256: stored.content_sha256,
             bytes: stored.bytes,
@@ -579,7 +677,7 @@ impl Stage3Service {
             started_at: stored.started_at,
             finished_at: stored.finished_at,
             duration_ms: stored.duration_ms,
-            ..self.params_for(scene)
+            ..self.params_for(scene, &drawn_by)
         };
         let mut image_key = image_key;
         let mut relabelled_png = None;
@@ -767,11 +865,7 @@ impl Stage3Service {
             .store_image(scene, &published, &source.png, options)
             .await?;
 
-        let mut params = self.params_for(scene);
-        if generated.model != scene.spec.model {
-            params.requested_model = Some(scene.spec.model.clone());
-            params.model = generated.model.clone();
-        }
+        let mut params = self.params_for(scene, &generated.model);
         params.cost = generated.cost;
         params.content_sha256 = stored.published.sha256.clone();
         params.bytes = stored.published.png.len() as u64;
@@ -859,18 +953,23 @@ impl Stage3Service {
         Ok(info.etag)
     }
 
-    /// The generation parameters that follow from the request alone; what the generation
-    /// measured (hash, size, cost, timings) is filled in by the caller.
-    fn params_for(&self, scene: &PreparedScene) -> GenerationParams {
+    /// The generation parameters that follow from the request and the model that drew it
+    /// (`drawn_by`, a fallback's when one served); what the generation measured (hash,
+    /// size, cost, timings) is filled in by the caller.
+    fn params_for(&self, scene: &PreparedScene, drawn_by: &ModelRef) -> GenerationParams {
         let spec = &scene.spec;
+        let identity = self.providers.identity(drawn_by.provider);
+        let sent = spec.prompt_for(drawn_by.provider);
         GenerationParams {
-            model: spec.model.clone(),
-            requested_model: None,
+            model: drawn_by.model.clone(),
+            requested_model: (*drawn_by != spec.model)
+                .then(|| spec.model.written_for(drawn_by.provider)),
             size: spec.size,
             quality: spec.quality,
-            prompt: spec.prompt.clone(),
-            provider: self.provider.identity().name.to_string(),
-            api: self.provider.identity().variant.map(str::to_string),
+            prompt: sent.prompt.to_string(),
+            negative_prompt: sent.negative_prompt.map(str::to_string),
+            provider: identity.name().to_string(),
+            api: identity.variant.map(str::to_string),
             aspect_ratio: spec.size.aspect_ratio().to_string(),
             resolution: spec.quality.resolution().to_string(),
             seed: spec.seed,
@@ -915,7 +1014,6 @@ impl Stage3Service {
         let plan = self.plan_scene(scene).await?;
         let mut tally = CallTally::default();
         let mut earlier: Vec<String> = Vec::new();
-        let last = plan.models.len().saturating_sub(1);
         for (index, planned) in plan.models.iter().enumerate() {
             if index > 0 {
                 tracing::warn!(
@@ -937,7 +1035,11 @@ impl Stage3Service {
                         model: planned.model.clone(),
                     })
                 }
-                Err(error) if index < last && self.falls_back(&error) => {
+                Err(error)
+                    if plan.models.get(index + 1).is_some_and(|next| {
+                        self.falls_back(&error, &planned.model, &next.model)
+                    }) =>
+                {
                     earlier.push(format!("{}: {error}", planned.model));
                 }
                 Err(Stage3Error::ModelUnavailable(message)) if !earlier.is_empty() => {
@@ -956,10 +1058,14 @@ impl Stage3Service {
     }
 
     /// Whether a model's final failure moves on to the next model of the chain.
-    fn falls_back(&self, error: &Stage3Error) -> bool {
+    fn falls_back(&self, error: &Stage3Error, failed: &ModelRef, next: &ModelRef) -> bool {
         match error {
             Stage3Error::ModelUnavailable(_) => true,
             Stage3Error::ContentPolicy(_) => self.config.fallback_on_refusal,
+            // One provider's account said no: another provider's may say yes.
+            Stage3Error::Auth(_)
+            | Stage3Error::InsufficientCredits(_)
+            | Stage3Error::PermissionDenied(_) => next.provider != failed.provider,
             // Retries spent on something that may be the model's own trouble.
             other => other.is_transient(),
         }
@@ -975,6 +1081,10 @@ impl Stage3Service {
         stop: &BatchStop,
         tally: &mut CallTally,
     ) -> Result<NormalizedImage> {
+        let kind = planned.model.provider;
+        let provider = self.providers.get(kind)?;
+        let backpressure = &self.backpressure[&kind];
+        let model_name = planned.model.to_string();
         let mut attempts = 0u32;
         loop {
             let provider_slot = self
@@ -982,18 +1092,18 @@ impl Stage3Service {
                 .acquire()
                 .await
                 .expect("the provider semaphore is never closed");
-            stop.check()?;
+            stop.check_provider(kind)?;
             // Checked with the slot held: a scene that waited for it may have been
             // overtaken by one that learnt the model is gone.
-            if stop.is_unavailable(&planned.model) {
+            if stop.is_unavailable(&model_name) {
                 return Err(Stage3Error::ModelUnavailable(format!(
                     "{} answered unavailable earlier in this batch",
-                    planned.model
+                    planned.model.model
                 )));
             }
-            self.backpressure.wait().await;
+            backpressure.wait().await;
             // Checked again: the pause may have been long, and the batch stopped meanwhile.
-            stop.check()?;
+            stop.check_provider(kind)?;
             // Measured after the wait for a slot, which spends the same deadline.
             let budget = self.call_budget(options)?;
             let reserved = stop.reserve(planned.estimate_usd)?;
@@ -1002,10 +1112,10 @@ impl Stage3Service {
             let request = ImageRequest {
                 scene_id: scene.scene_id(),
                 spec: &scene.spec,
-                model: &planned.model,
+                model: &planned.model.model,
                 budget,
             };
-            let answer = self.provider.generate(&request).await;
+            let answer = provider.generate(&request).await;
             let billed = match &answer {
                 Ok(image) => image.cost,
                 Err(error) => error.cost(),
@@ -1020,13 +1130,14 @@ impl Stage3Service {
             };
             stop.settle(reserved, counted);
             if let Err(Stage3Error::ModelUnavailable(_)) = &answer {
-                stop.mark_unavailable(&planned.model);
+                stop.mark_unavailable(&model_name);
             }
             if let Err(error @ (Stage3Error::Auth(_) | Stage3Error::InsufficientCredits(_))) =
                 &answer
             {
-                // The account, not the scene: every other call would be refused the same way.
-                stop.stop(error.clone());
+                // The account, not the scene: every other call to this provider would be
+                // refused the same way.
+                stop.stop_provider(kind, error.clone());
             }
             let mut retry_delay = None;
             if let Err(error @ Stage3Error::RateLimited(_)) = &answer {
@@ -1034,7 +1145,7 @@ impl Stage3Service {
                 // is set while this scene still holds its slot, so no queued scene can slip a
                 // call in between.
                 let delay = self.retry.delay_before(attempts, error);
-                self.backpressure.pause_for(delay).await;
+                backpressure.pause_for(delay).await;
                 retry_delay = Some(delay);
             }
             drop(provider_slot);
@@ -1150,7 +1261,7 @@ struct Generated {
     cost: Option<f64>,
     attempts: u32,
     /// The model that made the image.
-    model: String,
+    model: ModelRef,
 }
 
 /// Calls and billing of one scene, across its models.

@@ -17,9 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::deadline::Deadline;
 use stage3::events::EventPublisher;
-use stage3::provider::{ImageProvider, OpenRouterProvider, PlaceholderProvider};
+use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
-use stage3::service::{prepare_submission, BatchStop, PreparedScene, RunOptions, Stage3Service};
+use stage3::service::{BatchStop, PreparedScene, RunOptions, Stage3Service};
 use stage3::storage::FsStore;
 use stage3::{telemetry, Stage3Error};
 
@@ -47,8 +47,12 @@ enum Command {
         #[arg(long, value_name = "USD")]
         max_cost: Option<String>,
     },
-    /// List OpenRouter's image models: resolutions, aspect ratios, price per image.
+    /// List a provider's image models: sizes, what they take, price per image.
     Models {
+        /// openrouter (its catalogue), ark or dashscope (their tables); default
+        /// STAGE3_PROVIDER.
+        #[arg(long, value_parser = parse_provider)]
+        provider: Option<ProviderKind>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -76,10 +80,11 @@ struct GenerateArgs {
     /// Scenes in flight at the provider at once (STAGE3_CONCURRENCY).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: Option<u16>,
-    /// openrouter or placeholder (STAGE3_PROVIDER).
+    /// openrouter, ark, dashscope or placeholder (STAGE3_PROVIDER).
     #[arg(long, value_parser = parse_provider)]
     provider: Option<ProviderKind>,
-    /// OpenRouter model slug for every scene (overrides the input and STAGE3_MODEL).
+    /// The model for every scene, `MODEL` or `PROVIDER:MODEL` (overrides the input and
+    /// STAGE3_MODEL).
     #[arg(long)]
     model: Option<String>,
     /// Regenerate even when a stored result matches (STAGE3_FORCE=1).
@@ -119,7 +124,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args).await,
         Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
-        Command::Models { json } => models(json).await,
+        Command::Models { provider, json } => models(provider, json).await,
         Command::Gallery { story } => gallery(&story),
     };
     match result {
@@ -256,18 +261,12 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
         config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
     }
     let submission = read_submission(input, config.max_batch)?;
-    // Validation calls nobody who bills: the catalogue needs no key, and the placeholder
-    // stands in when the provider is the placeholder.
-    let provider: Arc<dyn ImageProvider> = match config.provider {
-        ProviderKind::OpenRouter => {
-            Arc::new(OpenRouterProvider::for_catalogue(&config.openrouter)?)
-        }
-        ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
-    };
-    let scenes = prepare_submission(submission, &config, provider.as_ref())?;
+    // Validation calls nobody who bills: the catalogue and the model tables need no key.
+    let providers = Providers::for_checking(config.provider, config.providers.clone());
     // The service needs a store; validation never writes to it.
     let store = Arc::new(FsStore::new(&std::env::temp_dir())?);
-    let service = Stage3Service::new(config, provider, store);
+    let service = Stage3Service::with_providers(config, providers, store);
+    let scenes = service.prepare_submission(submission)?;
     let plan = service.check_batch(&scenes).await?;
     eprintln!("valid: {} scene(s)", scenes.len());
     match plan.estimated_cost_usd {
@@ -281,16 +280,34 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
     Ok(ExitCode::SUCCESS)
 }
 
-async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
+async fn models(provider: Option<ProviderKind>, json: bool) -> Result<ExitCode, Stage3Error> {
     let config = Config::from_env()?;
-    let provider = OpenRouterProvider::for_catalogue(&config.openrouter)?;
-    let models = provider.image_models().await?;
+    let kind = provider.unwrap_or(config.provider);
+    let models = Providers::for_checking(kind, config.providers)
+        .get(kind)?
+        .list_models()
+        .await?;
     if json {
         let text = serde_json::to_string_pretty(&models).expect("model listings serialize");
         println!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
-    let price = |p: Option<f64>| p.map_or_else(|| "-".to_string(), |p| format!("${p:.4}"));
+    match kind {
+        ProviderKind::OpenRouter => print_catalogue(&models),
+        ProviderKind::Placeholder => {
+            eprintln!("the placeholder draws any model, offline, for free")
+        }
+        ProviderKind::Ark | ProviderKind::DashScope => print_table(kind, &models),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn price(price: Option<f64>) -> String {
+    price.map_or_else(|| "-".to_string(), |p| format!("${p:.4}"))
+}
+
+/// OpenRouter's catalogue: what each model takes, and its price at standard and hd.
+fn print_catalogue(models: &[ModelListing]) {
     let list = |values: &[String]| {
         if values.is_empty() {
             "-".to_string()
@@ -302,7 +319,7 @@ async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
         "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
         "MODEL", "RESOLUTIONS", "ASPECT RATIOS", "QUALITY", "STANDARD", "HD"
     );
-    for model in &models {
+    for model in models {
         println!(
             "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
             model.id,
@@ -318,7 +335,33 @@ async fn models(json: bool) -> Result<ExitCode, Stage3Error> {
          the dearest provider",
         models.len()
     );
-    Ok(ExitCode::SUCCESS)
+}
+
+/// A provider's own table: the pixel sizes drawn for each request size, and the price.
+fn print_table(kind: ProviderKind, models: &[ModelListing]) {
+    println!(
+        "{:<32} {:<28} {:<5} {:<10} {:>9}  PRICE SOURCE",
+        "MODEL", "NAME", "SEED", "REFERENCES", "PRICE"
+    );
+    for model in models {
+        println!(
+            "{:<32} {:<28} {:<5} {:<10} {:>9}  {}",
+            model.id,
+            model.name,
+            if model.takes_seed { "yes" } else { "no" },
+            if model.takes_references { "yes" } else { "no" },
+            price(model.price_per_image_usd),
+            model.price_source.as_deref().unwrap_or("-"),
+        );
+        for size in &model.sizes {
+            println!("    {size}");
+        }
+    }
+    eprintln!(
+        "{} {kind} model(s); sizes are request size → pixels at standard, hd; prices per \
+         image in USD (STAGE3_PRICES=provider:model=usd overrides)",
+        models.len()
+    );
 }
 
 fn gallery(story: &std::path::Path) -> Result<ExitCode, Stage3Error> {

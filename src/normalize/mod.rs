@@ -33,16 +33,15 @@ use crate::schema::ImageSize;
 pub use aigc::{insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel};
 pub use chunks::{ChunkReport, MAX_ICC_PROFILE_BYTES};
 
-/// The default `STAGE3_MAX_IMAGE_PIXELS`. The largest image we ask for is "2K" at 16:9,
-/// about 2752x1536 = 4.2 MP (2K square is 2048x2048 = 4.2 MP). 12 MP leaves room for a
-/// provider that answers bigger than asked — a 4K 16:9 frame, 3840x2160 = 8.3 MP, still
-/// passes — while a 40 MP photo is refused from its header: decoding one took ~440 MB and
-/// a 120 MB PNG, where a 12 MP RGBA frame is at most 48 MB.
-pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 12_000_000;
+/// The default `STAGE3_MAX_IMAGE_PIXELS`: 4096 x 4096, the largest image any provider we
+/// call draws (Seedream's 4K tier for `hd`, 16.7 MP; OpenRouter's largest ask is "2K",
+/// about 4.2 MP). A 40 MP photo is still refused from its header: decoding one took
+/// ~440 MB and a 120 MB PNG, where a 16.7 MP RGBA frame is at most 67 MB.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 4096 * 4096;
 const _: () = assert!(
-    2752 * 1536 <= DEFAULT_MAX_IMAGE_PIXELS // 2K 16:9 (and 9:16)
-        && 2048 * 2048 <= DEFAULT_MAX_IMAGE_PIXELS // 2K 1:1
-        && 3840 * 2160 <= DEFAULT_MAX_IMAGE_PIXELS // 4K 16:9, more than asked for
+    2752 * 1536 <= DEFAULT_MAX_IMAGE_PIXELS // OpenRouter 2K 16:9 (and 9:16)
+        && 5504 * 3040 <= DEFAULT_MAX_IMAGE_PIXELS // Seedream 4K 16:9
+        && 4096 * 4096 <= DEFAULT_MAX_IMAGE_PIXELS // Seedream 4K 1:1
         && 8000 * 5000 > DEFAULT_MAX_IMAGE_PIXELS // a 40 MP photo
 );
 
@@ -1108,7 +1107,7 @@ mod tests {
         let message = error_message(normalize_image(bomb, ImageSize::Square, &LIMITS));
         assert!(message.contains("100000x100000"), "{message}");
         assert!(
-            message.contains("more than the 12000000 allowed"),
+            message.contains("more than the 16777216 allowed"),
             "{message}"
         );
     }
@@ -1142,7 +1141,7 @@ mod tests {
         ));
         assert!(message.contains("8000x5000"), "{message}");
         assert!(
-            message.contains("more than the 12000000 allowed"),
+            message.contains("more than the 16777216 allowed"),
             "{message}"
         );
     }

@@ -3,22 +3,40 @@
 //! The service talks to a provider only through [`ImageProvider`], one call per image. A
 //! provider does not retry, validate or store anything: the service owns the retry budget,
 //! the shared back-pressure and the deadline, so every provider gets them for free.
+//!
+//! - [`openrouter`]: OpenRouter's Image API and chat path, checked against its catalogue.
+//! - [`ark`]: Volcengine Ark (Doubao Seedream), for mainland China.
+//! - [`dashscope`]: Alibaba Model Studio (Qwen-Image), for mainland China.
+//! - [`placeholder`]: offline, free, deterministic drawings.
+//! - [`Providers`]: the providers one service may call, each built when a chain first
+//!   reaches it; a model is `PROVIDER:MODEL`, so one chain can cross providers.
+//!
+//! What the API providers share — the HTTP clients, bounded reads, safe image fetches —
+//! is [`http`] and [`fetch`]; what Ark and DashScope share, a model table in place of a
+//! catalogue, is [`table`].
 
+mod ark;
+mod dashscope;
+mod fetch;
+mod http;
 mod openrouter;
 mod placeholder;
-
-use std::sync::Arc;
+mod registry;
+mod table;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::Serialize;
 
-pub use openrouter::{ModelListing, OpenRouterProvider};
+pub use ark::ArkProvider;
+pub use dashscope::DashScopeProvider;
+pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
+pub use registry::Providers;
 
-use crate::config::{OpenRouterSettings, ProviderKind};
 use crate::deadline::CallBudget;
 use crate::error::Result;
-use crate::image_spec::ImageSpec;
+use crate::image_spec::{ImageSpec, ModelRef, ProviderKind};
 
 /// One call to make: a scene's image spec, with the model of its plan to ask and the time
 /// the call may take.
@@ -27,7 +45,8 @@ pub struct ImageRequest<'a> {
     pub scene_id: &'a str,
     /// What to draw.
     pub spec: &'a ImageSpec,
-    /// The model to call: the spec's, or a fallback its plan moved on to.
+    /// The model to call, as this provider names it: the spec's, or a fallback its plan
+    /// moved on to.
     pub model: &'a str,
     /// The whole budget for this call, connect to last byte of every step; the service
     /// shortens it when a deadline is near, and running out of it says which ended it.
@@ -35,7 +54,8 @@ pub struct ImageRequest<'a> {
 }
 
 impl ImageRequest<'_> {
-    /// The full prompt to send.
+    /// The full prompt, negatives folded in: what a provider without a negative-prompt
+    /// field sends (see [`ImageSpec::prompt_for`]).
     pub fn prompt(&self) -> &str {
         &self.spec.prompt
     }
@@ -45,46 +65,49 @@ impl ImageRequest<'_> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// The models to try, in order: the asked-for one unless it is known to be gone, then
-    /// the fallbacks that can serve the request. Never empty.
+    /// the fallbacks that can serve the request, whichever provider each belongs to.
+    /// Never empty.
     pub models: Vec<PlannedModel>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedModel {
-    pub model: String,
+    pub model: ModelRef,
     /// The expected price of one image in USD, when the provider knows it.
     pub estimate_usd: Option<f64>,
 }
 
 impl Plan {
-    /// The spec's model then `fallbacks`, in order, unchecked.
-    pub fn unchecked(spec: &ImageSpec, fallbacks: &[String], estimate_usd: Option<f64>) -> Plan {
-        let mut models: Vec<PlannedModel> = Vec::new();
-        for model in std::iter::once(&spec.model).chain(fallbacks) {
-            if !models.iter().any(|m| m.model == *model) {
-                models.push(PlannedModel {
-                    model: model.to_string(),
-                    estimate_usd,
-                });
-            }
-        }
-        Plan { models }
-    }
-
     /// The estimate of the first model, the one expected to serve.
     pub fn estimate_usd(&self) -> Option<f64> {
         self.models.first().and_then(|m| m.estimate_usd)
     }
 }
 
-/// Who draws an image: the provider (`openrouter`, `placeholder`) and, for a provider with
-/// several ways of drawing, which one it uses (OpenRouter: its `images` or `chat` API). Both
-/// shape the image, so both go into the request hash, and both are recorded
-/// (`generation_params.provider`, `generation_params.api`).
+/// What a provider's check of one model for one spec found (see [`ImageProvider::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ModelCheck {
+    /// The expected price of one image in USD, when known.
+    pub estimate_usd: Option<f64>,
+    /// Whether the model takes reference images, when known.
+    pub takes_references: Option<bool>,
+}
+
+/// Who draws an image: the provider and, for a provider with several ways of drawing,
+/// which one it uses (OpenRouter: its `images` or `chat` API). Both shape the image, so
+/// both go into the request hash, and both are recorded (`generation_params.provider`,
+/// `generation_params.api`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProviderIdentity {
-    pub name: &'static str,
+    pub kind: ProviderKind,
     pub variant: Option<&'static str>,
+}
+
+impl ProviderIdentity {
+    /// The provider's name: `openrouter`, `ark`, `dashscope` or `placeholder`.
+    pub fn name(&self) -> &'static str {
+        self.kind.as_str()
+    }
 }
 
 /// The provider's answer: image bytes whose format is not yet trusted.
@@ -93,8 +116,35 @@ pub struct ProviderImage {
     pub bytes: Bytes,
     /// The media type the provider claimed, if any. Informational only: formats lie.
     pub claimed_media_type: Option<String>,
-    /// What the provider billed for this call, in USD, when it said.
+    /// What the provider billed for this call, in USD, when it said (or, for a provider
+    /// that bills a fixed price per image, that price).
     pub cost: Option<f64>,
+}
+
+/// One image model as `stage3 models` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelListing {
+    pub id: String,
+    pub name: String,
+    /// `resolution` values (`1K`, `2K`, …); empty when the model takes none.
+    pub resolutions: Vec<String>,
+    /// `aspect_ratio` values; empty when the model takes none.
+    pub aspect_ratios: Vec<String>,
+    /// `quality` values (gpt-image models); empty when the model takes none.
+    pub qualities: Vec<String>,
+    /// The pixel sizes drawn for each request size, standard then hd (`1024x1024 →
+    /// 2048x2048, 2048x2048`), for providers with fixed sizes; empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<String>,
+    pub takes_seed: bool,
+    pub takes_references: bool,
+    /// The price of one standard 1024x1024 image, in USD, when known.
+    pub price_per_image_usd: Option<f64>,
+    /// The price of one hd image, when the model makes them and the price is known.
+    pub hd_price_per_image_usd: Option<f64>,
+    /// Where a tabled price comes from and when it was checked (`0.25 CNY, 2026-12`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_source: Option<String>,
 }
 
 #[async_trait]
@@ -106,24 +156,17 @@ pub trait ImageProvider: Send + Sync {
     /// the stable error types; the caller decides whether to retry.
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage>;
 
-    /// Checks a scene's spec before any call and says which models to try — the spec's,
-    /// then the `fallbacks` (`STAGE3_MODEL_FALLBACKS`) that can serve it — and what it
-    /// should cost. An `invalid_request` means the asked-for model cannot serve it; a
-    /// `model_unavailable` that no model of the chain can. Costs nothing (a provider may
-    /// read and cache its catalogue). The default checks nothing and knows no price.
-    async fn plan(&self, spec: &ImageSpec, fallbacks: &[String]) -> Result<Plan> {
-        Ok(Plan::unchecked(spec, fallbacks, None))
+    /// Checks that `model` can draw `spec` and prices it, before any call: an
+    /// `invalid_request` says the model cannot serve this spec, a `model_unavailable` that
+    /// the model is unknown or gone. Costs nothing (a provider may read and cache its
+    /// catalogue). The service assembles a scene's chain from these checks. The default
+    /// checks nothing and knows no price.
+    async fn check(&self, _spec: &ImageSpec, _model: &str) -> Result<ModelCheck> {
+        Ok(ModelCheck::default())
     }
-}
 
-/// Builds the provider `kind` names (`STAGE3_PROVIDER`). Called once at start-up: the HTTP
-/// client and its connection pool live as long as the provider.
-pub fn from_settings(
-    kind: ProviderKind,
-    openrouter: &OpenRouterSettings,
-) -> Result<Arc<dyn ImageProvider>> {
-    Ok(match kind {
-        ProviderKind::OpenRouter => Arc::new(OpenRouterProvider::new(openrouter)?),
-        ProviderKind::Placeholder => Arc::new(PlaceholderProvider::new()),
-    })
+    /// The models this provider can draw with, as `stage3 models` lists them.
+    async fn list_models(&self) -> Result<Vec<ModelListing>> {
+        Ok(Vec::new())
+    }
 }

@@ -125,7 +125,7 @@ impl From<&PreparedScene> for StoryScene {
             scene_id: scene.scene_id().to_string(),
             prompt: scene.request.image_prompt.clone(),
             size: scene.spec.size.as_str().to_string(),
-            model: scene.spec.model.clone(),
+            model: scene.spec.model.model.clone(),
         }
     }
 }

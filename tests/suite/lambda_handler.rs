@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::support::config::TestConfig;
 use stage3::deadline::Deadline;
 use stage3::error::{ErrorType, ProviderFailure, Result};
+use stage3::image_spec::ProviderKind;
 use stage3::lambda::{self, EventKind};
 use stage3::provider::{ImageProvider, ImageRequest, ProviderIdentity, ProviderImage};
 use stage3::schema::{BatchAnswer, ImageSize, Stage3Output};
@@ -44,8 +45,8 @@ impl FixedPngProvider {
 impl ImageProvider for FixedPngProvider {
     fn identity(&self) -> ProviderIdentity {
         ProviderIdentity {
-            name: "fixed-png",
-            variant: None,
+            kind: ProviderKind::Placeholder,
+            variant: Some("fixed-png"),
         }
     }
 

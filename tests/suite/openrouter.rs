@@ -15,7 +15,7 @@ use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
 use stage3::deadline::CallBudget;
 use stage3::error::ProviderFailure;
-use stage3::image_spec::ImageSpec;
+use stage3::image_spec::{ImageSpec, ModelRef, ProviderKind};
 use stage3::provider::{ImageProvider, ImageRequest, OpenRouterProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::{Config, ErrorType, Stage3Error};
@@ -35,7 +35,7 @@ fn config(base_url: &str, extra: &[(&str, &str)]) -> Config {
 }
 
 fn provider(base_url: &str, extra: &[(&str, &str)]) -> OpenRouterProvider {
-    OpenRouterProvider::new(&config(base_url, extra).openrouter).unwrap()
+    OpenRouterProvider::new(&config(base_url, extra).providers.openrouter).unwrap()
 }
 
 fn chat_provider(base_url: &str) -> OpenRouterProvider {
@@ -53,7 +53,7 @@ impl Call {
         ImageRequest {
             scene_id: "scene-1",
             spec: &self.spec,
-            model: &self.spec.model,
+            model: &self.spec.model.model,
             budget: CallBudget::new(self.timeout),
         }
     }
@@ -62,12 +62,13 @@ impl Call {
 fn call(timeout: Duration) -> Call {
     Call {
         spec: ImageSpec {
-            model: MODEL.into(),
             prompt: PROMPT.into(),
-            size: ImageSize::Landscape,
-            quality: ImageQuality::Hd,
             seed: Some(42),
-            references: Vec::new(),
+            ..ImageSpec::plain(
+                ModelRef::resolve(MODEL, ProviderKind::OpenRouter),
+                ImageSize::Landscape,
+                ImageQuality::Hd,
+            )
         },
         timeout,
     }
@@ -174,7 +175,7 @@ async fn images_api_sends_the_documented_request_and_returns_the_png_unchanged()
     assert_eq!(image.bytes.as_ref(), png.as_slice());
     assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
     assert_eq!(image.cost, Some(0.039));
-    assert_eq!(provider.identity().name, "openrouter");
+    assert_eq!(provider.identity().name(), "openrouter");
     assert_eq!(provider.identity().variant, Some("images"));
 }
 
@@ -201,12 +202,12 @@ async fn images_api_omits_an_unset_seed_and_maps_square_standard() {
     let provider = provider(&server.uri(), &[]);
     let mut call = normal_request();
     call.spec = ImageSpec {
-        model: "openai/gpt-image-1".into(),
         prompt: "p".into(),
-        size: ImageSize::Square,
-        quality: ImageQuality::Standard,
-        seed: None,
-        references: Vec::new(),
+        ..ImageSpec::plain(
+            ModelRef::resolve("openai/gpt-image-1", ProviderKind::OpenRouter),
+            ImageSize::Square,
+            ImageQuality::Standard,
+        )
     };
     let request = call.request();
 
@@ -897,7 +898,7 @@ async fn the_key_never_appears_in_errors_or_debug_output() {
 #[test]
 fn a_missing_key_is_a_config_error() {
     let config = Config::from_lookup(|_| None).unwrap();
-    let err = OpenRouterProvider::new(&config.openrouter).unwrap_err();
+    let err = OpenRouterProvider::new(&config.providers.openrouter).unwrap_err();
     assert_eq!(err.error_type(), ErrorType::Config);
     assert!(err.to_string().contains("OPENROUTER_API_KEY"), "{err}");
 }

@@ -17,7 +17,7 @@ use crate::support::stage3_command;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use stage3::deadline::{CallBudget, Deadline};
-use stage3::image_spec::ImageSpec;
+use stage3::image_spec::{ImageSpec, ModelRef, ProviderKind};
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
 use stage3::schema::{ImageQuality, ImageSize};
 use stage3::storage::{FsStore, ObjectMeta, ObjectStore};
@@ -84,18 +84,18 @@ async fn drawings(scenes: &[&Scene]) -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     for scene in scenes {
         let spec = ImageSpec {
-            model: "google/gemini-3.1-flash-image".into(),
             prompt: scene.prompt.into(),
-            size: scene.size,
-            quality: ImageQuality::Standard,
-            seed: None,
-            references: Vec::new(),
+            ..ImageSpec::plain(
+                ModelRef::resolve("google/gemini-3.1-flash-image", ProviderKind::OpenRouter),
+                scene.size,
+                ImageQuality::Standard,
+            )
         };
         let image = provider
             .generate(&ImageRequest {
                 scene_id: scene.id,
                 spec: &spec,
-                model: &spec.model,
+                model: &spec.model.model,
                 budget: CallBudget::new(Duration::from_secs(30)),
             })
             .await

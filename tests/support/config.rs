@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use stage3::provider::ImageProvider;
+use stage3::provider::{ImageProvider, Providers};
 use stage3::storage::ObjectStore;
 use stage3::{Config, Stage3Service};
 
@@ -100,11 +100,10 @@ impl TestConfig {
         Stage3Service::new(self.build(), provider, store)
     }
 
-    /// The configured provider over a test's own store.
+    /// The configured providers over a test's own store.
     pub fn service_with_store(&self, store: Arc<dyn ObjectStore>) -> Stage3Service {
         let config = self.build();
-        let provider = stage3::provider::from_settings(config.provider, &config.openrouter)
-            .expect("the test configuration's provider");
-        Stage3Service::new(config, provider, store)
+        let providers = Providers::new(config.provider, config.providers.clone());
+        Stage3Service::with_providers(config, providers, store)
     }
 }

@@ -22,8 +22,8 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::errors::{shorten, shorten_slug};
 use crate::image_spec::ImageSpec;
+use crate::provider::http::{shorten, shorten_slug};
 use crate::schema::{ImageQuality, ImageSize};
 
 /// How long a catalogue read is trusted.
@@ -52,6 +52,11 @@ pub(super) enum ParamSpec {
 }
 
 impl CatalogueModel {
+    /// Whether the model takes reference images (`input_references`, or image input).
+    pub fn takes_references(&self) -> bool {
+        self.takes("input_references") || self.input_modalities.iter().any(|m| m == "image")
+    }
+
     fn values(&self, param: &str) -> Option<&[String]> {
         match self.params.get(param)? {
             ParamSpec::Enum(values) => Some(values),
@@ -383,10 +388,7 @@ pub(super) fn wire_params(
         }
         params.seed = Some(seed);
     }
-    if !wanted.references.is_empty()
-        && !model.takes("input_references")
-        && !model.input_modalities.iter().any(|m| m == "image")
-    {
+    if !wanted.references.is_empty() && !model.takes_references() {
         return Err(format!("{id} takes no reference images"));
     }
     Ok(params)
@@ -489,14 +491,11 @@ mod tests {
     }
 
     fn wanted(size: ImageSize, quality: ImageQuality) -> ImageSpec {
-        ImageSpec {
-            model: "acme/img".into(),
-            prompt: "a fox".into(),
-            size,
-            quality,
-            seed: None,
-            references: Vec::new(),
-        }
+        let model = crate::image_spec::ModelRef::resolve(
+            "acme/img",
+            crate::image_spec::ProviderKind::OpenRouter,
+        );
+        ImageSpec::plain(model, size, quality)
     }
 
     #[test]

@@ -17,12 +17,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::{ProviderFailure, Stage3Error};
+use crate::provider::http::{classify_status, shorten, shorten_slug};
 
-/// Provider messages are for people and logs; a page of HTML or a model's essay is not.
-pub(super) const MAX_MESSAGE_CHARS: usize = 300;
-/// A model slug is at most 200 characters (`schema::validate_model`); one from the provider
-/// is only shown, so it is cut at the same length.
-const MAX_SLUG_CHARS: usize = 200;
 /// Suggestions shown in a message.
 const MAX_SUGGESTIONS: usize = 5;
 
@@ -225,39 +221,7 @@ pub(super) fn classify(
         }
         _ => {}
     }
-    match status {
-        401 => Stage3Error::Auth(failure),
-        402 => Stage3Error::InsufficientCredits(failure),
-        403 => Stage3Error::PermissionDenied(failure),
-        // `Timeout` carries text only, so the status travels in it.
-        408 => Stage3Error::Timeout(format!("the provider gave up on the request: {failure}")),
-        429 => Stage3Error::RateLimited(failure),
-        500..=599 => Stage3Error::ProviderUnavailable(failure),
-        // 400, 413, 404 (a wrong base URL or model), anything else: our request is wrong.
-        _ => Stage3Error::ProviderError(failure),
-    }
-}
-
-/// One line of at most [`MAX_MESSAGE_CHARS`] characters. Reads no further than it keeps,
-/// so an 8 MB string costs no more than a short one.
-pub(super) fn shorten(text: &str) -> String {
-    shorten_to(text, MAX_MESSAGE_CHARS)
-}
-
-pub(super) fn shorten_slug(text: &str) -> String {
-    shorten_to(text, MAX_SLUG_CHARS)
-}
-
-fn shorten_to(text: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars * 4 + 3));
-    for (count, c) in text.trim().chars().enumerate() {
-        if count == max_chars {
-            out.push('…');
-            break;
-        }
-        out.push(if c.is_control() { ' ' } else { c });
-    }
-    out
+    classify_status(status, failure)
 }
 
 #[cfg(test)]
@@ -400,15 +364,5 @@ mod tests {
                 {"code": "region_restricted", "retryable": false}}}),
         );
         assert_eq!(region.error_type(), ErrorType::PermissionDenied);
-    }
-
-    #[test]
-    fn messages_are_one_short_line() {
-        let long = "x".repeat(1000);
-        let short = shorten(&long);
-        assert_eq!(short.chars().count(), MAX_MESSAGE_CHARS + 1);
-        assert!(short.ends_with('…'));
-        assert_eq!(shorten("two\nlines"), "two lines");
-        assert_eq!(shorten("ünïcödé"), "ünïcödé");
     }
 }

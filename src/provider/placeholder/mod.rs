@@ -11,9 +11,9 @@ mod sketch;
 
 use async_trait::async_trait;
 
-use super::{ImageProvider, ImageRequest, Plan, ProviderIdentity, ProviderImage};
+use super::{ImageProvider, ImageRequest, ModelCheck, ProviderIdentity, ProviderImage};
 use crate::error::{ProviderFailure, Result, Stage3Error};
-use crate::image_spec::ImageSpec;
+use crate::image_spec::{ImageSpec, ProviderKind};
 use sketch::Sketch;
 
 #[derive(Debug, Default)]
@@ -29,14 +29,17 @@ impl PlaceholderProvider {
 impl ImageProvider for PlaceholderProvider {
     fn identity(&self) -> ProviderIdentity {
         ProviderIdentity {
-            name: "placeholder",
+            kind: ProviderKind::Placeholder,
             variant: None,
         }
     }
 
-    /// Offline and free: every model "serves", at no cost.
-    async fn plan(&self, spec: &ImageSpec, fallbacks: &[String]) -> Result<Plan> {
-        Ok(Plan::unchecked(spec, fallbacks, Some(0.0)))
+    /// Offline and free: every model "serves", at no cost, references and all.
+    async fn check(&self, _spec: &ImageSpec, _model: &str) -> Result<ModelCheck> {
+        Ok(ModelCheck {
+            estimate_usd: Some(0.0),
+            takes_references: Some(true),
+        })
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
@@ -68,20 +71,21 @@ mod tests {
     #[tokio::test]
     async fn generate_answers_like_a_free_png_provider() {
         let provider = PlaceholderProvider::new();
-        assert_eq!(provider.identity().name, "placeholder");
+        assert_eq!(provider.identity().name(), "placeholder");
         assert_eq!(provider.identity().variant, None);
-        let spec = ImageSpec {
-            model: "google/gemini-2.5-flash-image".into(),
-            prompt: "A quiet harbour".into(),
-            size: ImageSize::Landscape,
-            quality: ImageQuality::Standard,
-            seed: None,
-            references: Vec::new(),
-        };
+        let mut spec = ImageSpec::plain(
+            crate::image_spec::ModelRef::resolve(
+                "google/gemini-2.5-flash-image",
+                ProviderKind::Placeholder,
+            ),
+            ImageSize::Landscape,
+            ImageQuality::Standard,
+        );
+        spec.prompt = "A quiet harbour".into();
         let ask = ImageRequest {
             scene_id: "scene_009",
             spec: &spec,
-            model: &spec.model,
+            model: &spec.model.model,
             budget: CallBudget::new(Duration::from_secs(180)),
         };
         let image = provider.generate(&ask).await.unwrap();

@@ -409,13 +409,17 @@ mod tests {
     fn request(scene_id: &str, prompt: &str, size: ImageSize) -> Ask {
         Ask {
             scene_id: scene_id.into(),
-            spec: ImageSpec {
-                model: "google/gemini-2.5-flash-image".into(),
-                prompt: prompt.into(),
-                size,
-                quality: ImageQuality::Standard,
-                seed: None,
-                references: Vec::new(),
+            spec: {
+                let mut spec = ImageSpec::plain(
+                    crate::image_spec::ModelRef::resolve(
+                        "google/gemini-2.5-flash-image",
+                        crate::image_spec::ProviderKind::Placeholder,
+                    ),
+                    size,
+                    ImageQuality::Standard,
+                );
+                spec.prompt = prompt.into();
+                spec
             },
             model: "google/gemini-2.5-flash-image".into(),
         }
