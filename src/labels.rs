@@ -1,8 +1,8 @@
 //! AIGC labels (GB 45438-2025) on the images we publish, and relabelling without regenerating.
 //!
 //! A checked image from the provider (the *source*) becomes the *published* image by
-//! applying the configured labels: the implicit label, an `iTXt` chunk spliced in without
-//! touching the pixels (docs/design.md §2), and, with `STAGE3_VISIBLE_LABEL=1`, the visible
+//! applying the configured labels: the implicit label, a TC260 XMP packet spliced in without
+//! touching the pixels (docs/design.md §2, [`crate::normalize::aigc`]), and, with `STAGE3_VISIBLE_LABEL=1`, the visible
 //! "AI生成" mark drawn in a corner. The record notes which labels were applied and the
 //! source's hash ([`AppliedLabels`]), so when the settings change a stored result is
 //! relabelled from its source — never paid for again. The source is recoverable from the
@@ -44,10 +44,19 @@ impl Default for LabelSettings {
 /// in China set their own (the standard expects the producer's identity).
 pub const DEFAULT_PRODUCER: &str = "stage3";
 
+/// The form the implicit label is written in today: the TC260 XMP packet. Records from
+/// before it carry no form; their PNGs hold the earlier bare `AIGC` text chunk, which
+/// detection tools do not read, so they are relabelled (from their source, without a call).
+pub const IMPLICIT_FORM: &str = "tc260-xmp";
+
 /// What was applied to a published image: `generation_params.aigc_label`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedLabels {
     pub implicit: bool,
+    /// The implicit label's form ([`IMPLICIT_FORM`]); absent for the earlier form, or when
+    /// there is no implicit label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit_form: Option<String>,
     pub visible: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub producer: String,
@@ -64,7 +73,9 @@ impl AppliedLabels {
         self.implicit == settings.implicit
             && self.visible == settings.visible
             && (!settings.implicit
-                || (self.producer == settings.producer && self.propagator == settings.propagator))
+                || (self.producer == settings.producer
+                    && self.propagator == settings.propagator
+                    && self.implicit_form.as_deref() == Some(IMPLICIT_FORM)))
     }
 }
 
@@ -114,6 +125,7 @@ pub fn publish(
         sha256,
         applied: AppliedLabels {
             implicit: settings.implicit,
+            implicit_form: settings.implicit.then(|| IMPLICIT_FORM.to_string()),
             visible: settings.visible,
             producer: if settings.implicit {
                 settings.producer.clone()
@@ -201,6 +213,35 @@ mod tests {
         assert_eq!(
             source_of_unmarked(&published.png, &published.applied).unwrap(),
             png
+        );
+    }
+
+    #[test]
+    fn an_image_labelled_in_the_earlier_form_asks_to_be_relabelled() {
+        let (png, sha) = source();
+        let settings = LabelSettings::default();
+        let published = publish(&png, &sha, &settings, "s1").unwrap();
+        let mut earlier = published.applied.clone();
+        earlier.implicit_form = None;
+        assert!(!earlier.matches(&settings));
+        // Its source is recovered from the earlier chunk as from the new packet.
+        let mut chunks = crate::normalize::test_png::parts(&png);
+        let mut legacy = b"AIGC\0\0\0\0\0".to_vec();
+        legacy.extend_from_slice(br#"{"Label":"1"}"#);
+        chunks.insert(1, (*b"iTXt", legacy));
+        let old = crate::normalize::test_png::assemble(&chunks);
+        assert_eq!(source_of_unmarked(&old, &earlier).unwrap(), png);
+        let relabelled = publish(
+            &source_of_unmarked(&old, &earlier).unwrap(),
+            &sha,
+            &settings,
+            "s1",
+        )
+        .unwrap();
+        assert_eq!(relabelled.png, published.png);
+        assert_eq!(
+            crate::normalize::aigc::count_aigc_labels(&relabelled.png),
+            1
         );
     }
 

@@ -739,6 +739,7 @@ impl Stage3Service {
         // Results from before labels were recorded carry none: their image is the source.
         let applied = params.aigc_label.clone().unwrap_or(AppliedLabels {
             implicit: false,
+            implicit_form: None,
             visible: false,
             producer: String::new(),
             propagator: String::new(),

@@ -865,3 +865,253 @@ async fn ctrl_c_finishes_the_calls_in_flight_and_prints_the_answer_so_far() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+// ---- Generating from mainland China ---------------------------------------------------
+
+const ARK_KEY: &str = "ark-cli-test-secret-0123456789";
+const DASHSCOPE_KEY: &str = "sk-dashscope-cli-secret-0123";
+
+/// An image host over HTTPS serving each path's JPEG, as the providers' OSS and TOS
+/// buckets do: `/{w}x{h}.jpg` is a picture of that shape (an eighth of the size, to keep
+/// the test quick).
+async fn image_host(ca: &TestCa) -> ScriptedOpenRouter {
+    ScriptedOpenRouter::start_tls(ca, |request, _| {
+        let name = request.path.trim_start_matches('/');
+        let size = name.split(['.', '?']).next().unwrap_or("");
+        let (w, h) = size.split_once('x').unwrap();
+        let (w, h): (u32, u32) = (w.parse().unwrap(), h.parse().unwrap());
+        Reply::Http {
+            status: 200,
+            headers: vec![("Content-Type".into(), "image/jpeg".into())],
+            body: bytes::Bytes::from(noisy_image(w / 8, h / 8, ImageFormat::Jpeg)),
+        }
+    })
+    .await
+}
+
+/// Runs `stage3 generate` on `input` with a clean environment plus `env`, trusting `ca`.
+async fn generate_with(
+    work: &std::path::Path,
+    input: &Value,
+    ca: &TestCa,
+    env: &[(&str, &str)],
+) -> (std::process::Output, Value) {
+    let input = write_input(work, input);
+    let mut command = stage3(work);
+    command
+        .env("SSL_CERT_FILE", ca.ca_pem.to_str().unwrap())
+        .env("STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS", "1")
+        .env("STAGE3_MAX_RETRIES", "0")
+        .envs(env.iter().copied())
+        .args(["generate", input.to_str().unwrap(), "--out", "out"]);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let answer = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    (output, answer)
+}
+
+fn china_scenes() -> Value {
+    json!({
+        "scenes": [
+            {"scene_id": "crane_001", "image_prompt": "A red-crowned crane over a misty lake",
+             "negative_prompt": "text", "style_tags": ["ink wash"]},
+            {"scene_id": "crane_002", "image_prompt": "The crane lands by a pavilion",
+             "size": "1792x1024"}
+        ]
+    })
+}
+
+/// Every stored PNG of an answer — images and thumbnails — carries one TC260 label that
+/// Pillow and exiftool read.
+fn assert_answer_labelled(work: &std::path::Path, answer: &Value) {
+    let mut paths = Vec::new();
+    for result in answer["results"].as_array().unwrap() {
+        for key in ["image_path", "thumbnail_path"] {
+            paths.push(work.join(result[key].as_str().unwrap()));
+        }
+    }
+    let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+    let ids = support::label_readers::assert_labelled(&paths);
+    for (result, id) in answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ids.iter().step_by(2))
+    {
+        assert_eq!(
+            result["generation_params"]["aigc_label"]["source_sha256"],
+            id.as_str()
+        );
+    }
+}
+
+/// Ark answers one scene inline and the other by URL (a gateway that ignores
+/// `response_format`); both are stored as labelled PNGs at Seedream's sizes.
+#[tokio::test]
+async fn generate_on_ark_stores_labelled_pngs_at_seedreams_sizes() {
+    let ca = TestCa::new();
+    let host = image_host(&ca).await;
+    let origin = host.origin();
+    let ark = ScriptedOpenRouter::start(move |request, _| {
+        let size = support::scripted_china::requested_size(request);
+        if request.prompt().contains("pavilion") {
+            let url = format!("{origin}/{}x{}.jpg?X-Tos-Signature=abc", size.0, size.1);
+            support::scripted_china::ark_image_url(&url, size)
+        } else {
+            let jpeg = noisy_image(size.0 / 8, size.1 / 8, ImageFormat::Jpeg);
+            support::scripted_china::ark_image(&jpeg, size)
+        }
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let base = support::scripted_china::ark_base_url(&ark.origin());
+    let (output, answer) = generate_with(
+        work.path(),
+        &china_scenes(),
+        &ca,
+        &[
+            ("STAGE3_PROVIDER", "ark"),
+            ("ARK_API_KEY", ARK_KEY),
+            ("ARK_BASE_URL", &base),
+        ],
+    )
+    .await;
+    let everything =
+        String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
+    assert_eq!(output.status.code(), Some(0), "{everything}");
+    assert!(!everything.contains(ARK_KEY));
+
+    let mut sizes: Vec<String> = ark
+        .requests()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.body["watermark"], false);
+            assert_eq!(r.body["response_format"], "b64_json");
+            r.body["size"].as_str().unwrap().to_string()
+        })
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, ["2048x2048", "2560x1440"]);
+    assert_eq!(host.total_calls(), 1, "the URL answer was fetched once");
+    for result in answer["results"].as_array().unwrap() {
+        assert_eq!(result["generation_params"]["provider"], "ark");
+        assert_eq!(result["generation_params"]["source_format"], "jpeg");
+        let stored =
+            std::fs::read(work.path().join(result["image_path"].as_str().unwrap())).unwrap();
+        assert!(stored.starts_with(b"\x89PNG"));
+    }
+    assert_answer_labelled(work.path(), &answer);
+}
+
+/// DashScope names its image by an OSS URL, fetched at once; it is sent the negatives in
+/// their own field and our prompt unrewritten, at Qwen-Image's fixed sizes.
+#[tokio::test]
+async fn generate_on_dashscope_fetches_the_oss_url_and_stores_labelled_pngs() {
+    let ca = TestCa::new();
+    let host = image_host(&ca).await;
+    let origin = host.origin();
+    let dashscope = ScriptedOpenRouter::start(move |request, _| {
+        let size = support::scripted_china::requested_size(request);
+        let url = format!(
+            "{origin}/{}x{}.jpg?Expires=1764086400&OSSAccessKeyId=LTAI&Signature=xyz",
+            size.0, size.1
+        );
+        support::scripted_china::dashscope_image_url(&url, size)
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let base = support::scripted_china::dashscope_base_url(&dashscope.origin());
+    let (output, answer) = generate_with(
+        work.path(),
+        &china_scenes(),
+        &ca,
+        &[
+            ("STAGE3_PROVIDER", "dashscope"),
+            ("DASHSCOPE_API_KEY", DASHSCOPE_KEY),
+            ("DASHSCOPE_BASE_URL", &base),
+        ],
+    )
+    .await;
+    let everything =
+        String::from_utf8_lossy(&[&output.stdout[..], &output.stderr[..]].concat()).to_string();
+    assert_eq!(output.status.code(), Some(0), "{everything}");
+    assert!(!everything.contains(DASHSCOPE_KEY));
+    assert!(
+        !everything.contains("Signature=xyz"),
+        "a signed URL stays out of output"
+    );
+
+    let requests = dashscope.requests();
+    assert_eq!(requests.len(), 2);
+    for request in &requests {
+        assert_eq!(
+            request.path,
+            "/api/v1/services/aigc/multimodal-generation/generation"
+        );
+        let parameters = &request.body["parameters"];
+        assert_eq!(parameters["watermark"], false);
+        assert_eq!(parameters["prompt_extend"], false);
+        let expected = if request.prompt().contains("pavilion") {
+            "1664*928"
+        } else {
+            "1328*1328"
+        };
+        assert_eq!(parameters["size"], expected);
+    }
+    assert_eq!(host.total_calls(), 2);
+    let results = answer["results"].as_array().unwrap();
+    let crane = results
+        .iter()
+        .find(|r| r["scene_id"] == "crane_001")
+        .unwrap();
+    let params = &crane["generation_params"];
+    assert_eq!(params["provider"], "dashscope");
+    assert_eq!(params["model"], "qwen-image-plus");
+    assert_eq!(params["negative_prompt"], "text");
+    assert_eq!(
+        params["prompt"],
+        "A red-crowned crane over a misty lake.\n\nStyle: ink wash."
+    );
+    assert_answer_labelled(work.path(), &answer);
+}
+
+#[tokio::test]
+async fn stage3_models_lists_ark_and_dashscope_from_their_tables() {
+    let work = tempfile::tempdir().unwrap();
+    for (provider, expected) in [
+        ("ark", "doubao-seedream-4-5-251128"),
+        ("dashscope", "qwen-image-plus"),
+    ] {
+        let output = stage3(work.path())
+            .env("STAGE3_PRICES", "dashscope:qwen-image-plus=0.05")
+            .args(["models", "--provider", provider, "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        let models: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let model = models
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == expected)
+            .unwrap_or_else(|| panic!("{provider}: {models}"));
+        assert!(model["price_per_image_usd"].as_f64().unwrap() > 0.0);
+        assert!(!model["sizes"].as_array().unwrap().is_empty());
+    }
+    let output = stage3(work.path())
+        .env("STAGE3_PRICES", "dashscope:qwen-image-plus=0.05")
+        .args(["models", "--provider", "dashscope"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("qwen-image-plus"))
+        .unwrap();
+    assert!(
+        line.contains("$0.0500") && line.contains("STAGE3_PRICES"),
+        "{line}"
+    );
+    assert!(table.contains("1792x1024 → 1664x928"), "{table}");
+}

@@ -15,7 +15,7 @@
 pub mod aigc;
 pub mod chunks;
 #[cfg(test)]
-mod test_png;
+pub(crate) mod test_png;
 
 use std::io::Cursor;
 

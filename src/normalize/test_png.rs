@@ -158,11 +158,11 @@ pub fn apng_with_second_frame() -> (Bytes, Bytes) {
 /// installed (`.ci/run` installs it). A script that fails fails the test.
 pub fn with_pillow(png: &[u8], script: &str) -> Option<String> {
     let has_pillow = std::process::Command::new("python3")
-        .args(["-c", "import PIL"])
+        .args(["-c", "import PIL, defusedxml"])
         .output()
         .is_ok_and(|out| out.status.success());
     if !has_pillow {
-        eprintln!("SKIPPED the Pillow check: python3 with Pillow is not installed");
+        missing_tool("python3 with Pillow and defusedxml");
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -178,4 +178,41 @@ pub fn with_pillow(png: &[u8], script: &str) -> Option<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// exiftool's reading of `png`: every tag as `{"GROUP:Tag": value}` (`exiftool -j -G1`), or
+/// `None` when exiftool is not installed (`.ci/run` installs it).
+pub fn with_exiftool(png: &[u8]) -> Option<serde_json::Value> {
+    let installed = std::process::Command::new("exiftool")
+        .arg("-ver")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !installed {
+        missing_tool("exiftool");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.png");
+    std::fs::write(&path, png).unwrap();
+    let out = std::process::Command::new("exiftool")
+        .args(["-j", "-G1", "-a", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exiftool failed on the PNG: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    Some(files.remove(0))
+}
+
+/// A check's outside reader is not installed: skipped on a developer's machine, a failure
+/// in CI (where `.ci/run` installs it), so a missing install step cannot pass unnoticed.
+fn missing_tool(what: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} is not installed; .ci/run installs it"
+    );
+    eprintln!("SKIPPED a check: {what} is not installed");
 }

@@ -7,8 +7,9 @@
 //! full frame, which at `STAGE3_MAX_IMAGE_PIXELS` would be 160 MB. Only interlaced PNGs,
 //! whose rows arrive out of order, are decoded whole first (within the same bound).
 //!
-//! A thumbnail is the same picture, so it carries the same implicit AI-generated label: an
-//! `AIGC` iTXt chunk of the source (GB 45438-2025, docs/design.md §2) is copied over.
+//! A thumbnail is the same picture, so it carries the same implicit AI-generated label: the
+//! source's XMP packet with the TC260 label (GB 45438-2025, docs/design.md §2) is copied
+//! over, once.
 
 use std::io::Cursor;
 
@@ -20,8 +21,8 @@ use crate::storage::{ObjectMeta, ObjectStore};
 /// The longest side of a stored thumbnail, in pixels: sharp in a grid card of ~300 CSS px.
 pub const THUMBNAIL_MAX_SIDE: u32 = 320;
 
-/// The keyword of the implicit AI-generated label chunk (docs/design.md §2).
-const AIGC_KEYWORD: &str = "AIGC";
+/// The keyword of the `iTXt` chunk carrying the implicit label, in XMP (docs/design.md §2).
+const AIGC_KEYWORD: &str = "XML:com.adobe.xmp";
 
 /// The largest source decoded, width × height: the service's default image bound.
 const MAX_SOURCE_PIXELS: u64 = 40_000_000;
@@ -112,12 +113,14 @@ pub fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
     }
     // On to IEND: a label chunk may follow the image data.
     reader.finish().map_err(invalid)?;
+    // One label per file: the first, should a source ever carry more.
     let labels: Vec<String> = reader
         .info()
         .utf8_text
         .iter()
         .filter(|chunk| chunk.keyword == AIGC_KEYWORD)
         .filter_map(|chunk| chunk.get_text().ok())
+        .take(1)
         .collect();
     let pixels = shrinker.finish()?;
 
@@ -370,7 +373,8 @@ mod tests {
 
     #[test]
     fn the_aigc_label_is_carried_over_wherever_it_sat() {
-        let label = r#"{"Label":"1","ContentProducer":"stage3"}"#;
+        let label =
+            r#"<x:xmpmeta><TC260:AIGC>{&quot;Label&quot;:&quot;1&quot;}</TC260:AIGC></x:xmpmeta>"#;
         for before_data in [true, false] {
             let source = encode(
                 8,
@@ -382,7 +386,7 @@ mod tests {
             let (_, _, labels) = decode(&make_thumbnail(&source, 4).unwrap());
             assert_eq!(
                 labels,
-                vec![format!("AIGC={label}")],
+                vec![format!("XML:com.adobe.xmp={label}")],
                 "label before IDAT: {before_data}"
             );
         }

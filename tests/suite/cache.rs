@@ -343,3 +343,91 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     );
     assert_eq!(provider.calls(), 1);
 }
+
+/// A PNG chunk: length, type, data, CRC.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(kind);
+    crc.update(data);
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&crc.finalize().to_be_bytes());
+    chunk
+}
+
+/// Results stored before the label followed the TC260 guide carry a bare `AIGC` text chunk
+/// that detection tools do not read. A rerun relabels them to the XMP form from their
+/// source: no provider call, a new content address, and the earlier key keeps its bytes.
+#[tokio::test]
+async fn images_labelled_in_the_earlier_form_are_relabelled_without_a_call() {
+    let out = tempfile::tempdir().unwrap();
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
+    let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
+    let service = |extra: &[(&str, &str)]| {
+        TestConfig::new()
+            .out(out.path())
+            .set_all(extra)
+            .service_with(provider.clone(), store.clone())
+    };
+    // The unlabelled source, as the provider drew it.
+    let plain = service(&[("STAGE3_AIGC_LABEL", "off")])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    let source = std::fs::read(&plain.image_path).unwrap();
+    let source_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&source));
+
+    // What this service stored before: the source with an `AIGC` iTXt chunk after IHDR,
+    // and a record whose label names no form.
+    let mut legacy_text = b"AIGC\0\0\0\0\0".to_vec();
+    legacy_text.extend_from_slice(
+        format!(r#"{{"Label":"1","ContentProducer":"stage3","ProduceID":"{source_sha}","ReservedCode1":"","ContentPropagator":"","PropagateID":"","ReservedCode2":""}}"#)
+            .as_bytes(),
+    );
+    let mut legacy = source[..33].to_vec();
+    legacy.extend_from_slice(&png_chunk(b"iTXt", &legacy_text));
+    legacy.extend_from_slice(&source[33..]);
+    let legacy_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&legacy));
+    let legacy_path = out.path().join(format!("s1-{}.png", &legacy_sha[..16]));
+    std::fs::write(&legacy_path, &legacy).unwrap();
+    let record_file = record_path(out.path());
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    record["image_path"] = legacy_path.to_str().unwrap().into();
+    record["generation_params"]["content_sha256"] = legacy_sha.clone().into();
+    record["generation_params"]["bytes"] = legacy.len().into();
+    record["generation_params"]["aigc_label"] = serde_json::json!({
+        "implicit": true, "visible": false, "producer": "stage3", "source_sha256": source_sha
+    });
+    std::fs::write(&record_file, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let relabelled = service(&[])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    assert_eq!(provider.calls(), 1, "relabelled, never paid for again");
+    assert!(relabelled.from_cache);
+    assert_ne!(relabelled.image_path, legacy_path.to_str().unwrap());
+    let published = std::fs::read(&relabelled.image_path).unwrap();
+    let label = stage3::normalize::read_aigc_label(&published).expect("the TC260 XMP label");
+    assert_eq!(label.produce_id, source_sha);
+    assert_eq!(stage3::normalize::aigc::count_aigc_labels(&published), 1);
+    assert!(
+        !published.windows(5).any(|w| w == b"AIGC\0"),
+        "no AIGC text chunk remains"
+    );
+    assert_eq!(
+        std::fs::read(&legacy_path).unwrap(),
+        legacy,
+        "the earlier key keeps its bytes"
+    );
+    let applied = relabelled.generation_params.aigc_label.unwrap();
+    assert_eq!(applied.implicit_form.as_deref(), Some("tc260-xmp"));
+    // Settled: the next run is a plain hit.
+    let again = service(&[])
+        .generate_scene_image(request("s1"))
+        .await
+        .unwrap();
+    assert_eq!(again.image_path, relabelled.image_path);
+    assert_eq!(provider.calls(), 1);
+}

@@ -10,6 +10,7 @@
 mod support;
 
 mod cache;
+mod china;
 mod events;
 mod faults;
 mod lambda_handler;

@@ -47,6 +47,20 @@ impl TestConfig {
             .set("OPENROUTER_API_KEY", key)
     }
 
+    /// The real Volcengine Ark client, talking to a stand-in at `base_url` with `key`.
+    pub fn ark(self, base_url: &str, key: &str) -> Self {
+        self.set("STAGE3_PROVIDER", "ark")
+            .set("ARK_BASE_URL", base_url)
+            .set("ARK_API_KEY", key)
+    }
+
+    /// The real DashScope client, talking to a stand-in at `base_url` with `key`.
+    pub fn dashscope(self, base_url: &str, key: &str) -> Self {
+        self.set("STAGE3_PROVIDER", "dashscope")
+            .set("DASHSCOPE_BASE_URL", base_url)
+            .set("DASHSCOPE_API_KEY", key)
+    }
+
     /// Images and records go to `dir` (the filesystem store).
     pub fn out(self, dir: &Path) -> Self {
         self.set(

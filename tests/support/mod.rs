@@ -9,8 +9,10 @@
 
 pub mod config;
 pub mod gated_store;
+pub mod label_readers;
 pub mod moto;
 pub mod s3_server;
+pub mod scripted_china;
 pub mod scripted_openrouter;
 pub mod scripted_provider;
 pub mod tls;

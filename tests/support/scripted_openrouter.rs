@@ -186,8 +186,16 @@ pub struct Received {
 }
 
 impl Received {
+    /// The prompt sent: OpenRouter's and Ark's `prompt`, or DashScope's message text.
     pub fn prompt(&self) -> &str {
-        self.body["prompt"].as_str().unwrap_or_default()
+        self.body["prompt"]
+            .as_str()
+            .or_else(|| {
+                self.body
+                    .pointer("/input/messages/0/content/0/text")?
+                    .as_str()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -413,6 +421,12 @@ impl ScriptedOpenRouter {
             state,
             task,
         }
+    }
+
+    /// `scheme://host:port`, without the OpenRouter path: for stand-ins of other providers
+    /// (`{origin}/api/v3` for Ark) and image hosts.
+    pub fn origin(&self) -> String {
+        self.base_url.trim_end_matches("/api/v1").to_string()
     }
 
     /// Replaces the catalogue the stand-in serves.
