@@ -37,6 +37,8 @@ const KEY_SCHEME: &str = "stage3/v1";
 const KEY_HASH_CHARS: usize = 16;
 /// Records are a few kilobytes; anything bigger was not written by us.
 pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
+/// A label's producer or propagator is an id or a name, never a page of text.
+const MAX_LABEL_FIELD_CHARS: usize = 256;
 
 /// The request hash: everything that determines the generated image — who draws it
 /// (`provider`, the provider of the spec's model) and what is drawn (`spec`, with the
@@ -89,7 +91,7 @@ pub struct ResultKeys {
 
 impl ResultKeys {
     pub fn new(scene_id: &str, request_hash: &str) -> Self {
-        let stem = format!("{scene_id}-{}", &request_hash[..KEY_HASH_CHARS]);
+        let stem = format!("{scene_id}-{}", short_hash(request_hash));
         ResultKeys {
             record: format!("{stem}.json"),
             claim: format!("{stem}.claim"),
@@ -100,7 +102,19 @@ impl ResultKeys {
 
 /// The published key of a PNG: the scene and the first hex digits of its SHA-256.
 pub fn image_key(scene_id: &str, content_sha256: &str) -> String {
-    format!("{scene_id}-{}.png", &content_sha256[..KEY_HASH_CHARS])
+    format!("{scene_id}-{}.png", short_hash(content_sha256))
+}
+
+/// The first hex digits of a hash, as keys carry them. Hashes read from a record are
+/// checked to be whole SHA-256s before any key is made of them ([`is_sha256`]); this never
+/// slices, so a short one still cannot panic.
+pub fn short_hash(hash: &str) -> &str {
+    hash.get(..KEY_HASH_CHARS).unwrap_or(hash)
+}
+
+/// Whether `text` is a SHA-256 as this service writes one: 64 lowercase hex digits.
+pub fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What a hit must agree with: the request, and what an image of it can look like.
@@ -175,9 +189,20 @@ fn plausible(record: &Stage3Output, expected: &Expected<'_>) -> std::result::Res
     {
         return Err("its provider is not one this service knows".into());
     }
-    let sha = &params.content_sha256;
-    if sha.len() != 64 || !sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !is_sha256(&params.content_sha256) {
         return Err("its content hash is not a SHA-256".into());
+    }
+    if let Some(label) = &params.aigc_label {
+        // Its source hash names the unlabelled image's key and is checked against its
+        // bytes: it must be a whole hash before anything is built from it.
+        if !is_sha256(&label.source_sha256) {
+            return Err("its label's source hash is not a SHA-256".into());
+        }
+        if label.producer.chars().count() > MAX_LABEL_FIELD_CHARS
+            || label.propagator.chars().count() > MAX_LABEL_FIELD_CHARS
+        {
+            return Err("its label names an implausibly long producer or propagator".into());
+        }
     }
     let (width, height) = (record.width, record.height);
     if width.min(height) < MIN_SIDE || u64::from(width) * u64::from(height) > expected.max_pixels {

@@ -56,11 +56,14 @@ pub enum ErrorType {
     BudgetExceeded,
     /// The run was interrupted (Ctrl-C) before the scene started.
     Cancelled,
+    /// A bug in this service (a panic) while handling the scene. Only that scene fails;
+    /// the batch's other scenes are unaffected. Not retried: it would happen again.
+    Internal,
 }
 
 impl ErrorType {
     /// Every identifier, in documentation order.
-    pub const ALL: [ErrorType; 16] = [
+    pub const ALL: [ErrorType; 17] = [
         ErrorType::InvalidRequest,
         ErrorType::Config,
         ErrorType::Auth,
@@ -77,6 +80,7 @@ impl ErrorType {
         ErrorType::ModelUnavailable,
         ErrorType::BudgetExceeded,
         ErrorType::Cancelled,
+        ErrorType::Internal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +101,7 @@ impl ErrorType {
             ErrorType::ModelUnavailable => "model_unavailable",
             ErrorType::BudgetExceeded => "budget_exceeded",
             ErrorType::Cancelled => "cancelled",
+            ErrorType::Internal => "internal",
         }
     }
 }
@@ -188,6 +193,8 @@ pub enum Stage3Error {
     BudgetExceeded(String),
     #[error("{0}")]
     Cancelled(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Stage3Error {
@@ -209,6 +216,7 @@ impl Stage3Error {
             Stage3Error::ModelUnavailable(_) => ErrorType::ModelUnavailable,
             Stage3Error::BudgetExceeded(_) => ErrorType::BudgetExceeded,
             Stage3Error::Cancelled(_) => ErrorType::Cancelled,
+            Stage3Error::Internal(_) => ErrorType::Internal,
         }
     }
 
@@ -234,7 +242,8 @@ impl Stage3Error {
             | Stage3Error::PermissionDenied(_)
             | Stage3Error::ModelUnavailable(_)
             | Stage3Error::BudgetExceeded(_)
-            | Stage3Error::Cancelled(_) => false,
+            | Stage3Error::Cancelled(_)
+            | Stage3Error::Internal(_) => false,
         }
     }
 

@@ -81,7 +81,10 @@ impl AppliedLabels {
 
 /// Where the unlabelled source of a visibly marked image is kept.
 pub fn source_key(scene_id: &str, source_sha256: &str) -> String {
-    format!("sources/{scene_id}-{}.png", &source_sha256[..16])
+    // Never sliced: a hash read from an edited record may be short (records are checked,
+    // but a key must not be able to panic).
+    let short = source_sha256.get(..16).unwrap_or(source_sha256);
+    format!("sources/{scene_id}-{short}.png")
 }
 
 /// The published image and what it carries.

@@ -554,6 +554,11 @@ impl Stage3Service {
     }
 
     /// One prepared scene: the cache, then generation and storage.
+    ///
+    /// A panic while handling it — a bug, say on a record some neighbour edited — fails this
+    /// scene alone, as `internal`, instead of unwinding through the batch: in a Lambda
+    /// invocation it would otherwise lose every healthy scene's answer with it, on every
+    /// redelivery. A claim the scene held lapses by itself.
     pub async fn run_scene(
         &self,
         scene: &PreparedScene,
@@ -561,7 +566,23 @@ impl Stage3Service {
     ) -> Result<Stage3Output> {
         let span = tracing::info_span!("scene", scene_id = %scene.scene_id());
         async {
-            let result = self.run_scene_inner(scene, options).await;
+            let isolated = std::panic::AssertUnwindSafe(self.run_scene_inner(scene, options));
+            let result = match futures::FutureExt::catch_unwind(isolated).await {
+                Ok(result) => result,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".into());
+                    tracing::error!(panic = %what, "the scene panicked; the others go on");
+                    Err(Stage3Error::Internal(format!(
+                        "this service failed on the scene (a bug: {}); the batch's other \
+                         scenes are unaffected",
+                        what.chars().take(200).collect::<String>()
+                    )))
+                }
+            };
             match &result {
                 Ok(output) => tracing::info!(
                     image_path = %output.image_path,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::config::TestConfig;
 use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
-use crate::support::scripted_provider::ScriptedProvider;
+use crate::support::scripted_provider::{Answer, ScriptedProvider};
 use serde_json::Value;
 use stage3::deadline::Deadline;
 use stage3::error::ErrorType;
@@ -430,4 +430,60 @@ async fn images_labelled_in_the_earlier_form_are_relabelled_without_a_call() {
         .unwrap();
     assert_eq!(again.image_path, relabelled.image_path);
     assert_eq!(provider.calls(), 1);
+}
+
+/// A neighbour sharing the bucket edits a record so its label names a two-digit "hash". The
+/// next run must treat the record as a miss and draw again, never panic on it.
+#[tokio::test]
+async fn a_record_with_an_edited_label_hash_is_a_miss_not_a_panic() {
+    let out = tempfile::tempdir().unwrap();
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
+    let service = TestConfig::new()
+        .out(out.path())
+        .set("STAGE3_VISIBLE_LABEL", "1")
+        .service_with(
+            provider.clone(),
+            Arc::new(FsStore::new(out.path()).unwrap()),
+        );
+    service.generate_scene_image(request("s1")).await.unwrap();
+    let record_file = record_path(out.path());
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    record["generation_params"]["aigc_label"] = serde_json::json!({
+        "implicit": true, "visible": true, "source_sha256": "ab"
+    });
+    std::fs::write(&record_file, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let answer = service
+        .generate_all_images(vec![request("s1"), request("s2")])
+        .await;
+    assert_eq!(answer.failures, [], "{answer:?}");
+    assert_eq!(
+        provider.calls_for("s1"),
+        2,
+        "the edited record is a miss: drawn again"
+    );
+    assert_eq!(provider.calls_for("s2"), 1);
+}
+
+/// A bug that panics on one scene fails that scene, `internal`, and only that scene.
+#[tokio::test]
+async fn a_panic_on_one_scene_fails_it_alone() {
+    let out = tempfile::tempdir().unwrap();
+    let provider = Arc::new(ScriptedProvider::new(|scene, _| {
+        if scene == "s2" {
+            Answer::panic("index out of range")
+        } else {
+            Answer::image()
+        }
+    }));
+    let service = fs_service(out.path(), provider.clone());
+    let answer = service
+        .generate_all_images(vec![request("s1"), request("s2"), request("s3")])
+        .await;
+    assert_eq!(answer.results.len(), 2, "{answer:?}");
+    assert_eq!(answer.failures.len(), 1);
+    assert_eq!(answer.failures[0].scene_id, "s2");
+    assert_eq!(answer.failures[0].error_type, ErrorType::Internal);
+    assert!(answer.failures[0].message.contains("index out of range"));
+    assert_eq!(provider.calls_for("s2"), 1, "a bug is not retried");
 }

@@ -631,3 +631,32 @@ async fn sqs_and_batch_answers_carry_the_summary() {
     assert_eq!(answer["summary"]["scenes"], 2, "{answer}");
     assert_eq!(answer["summary"]["failed"], 1);
 }
+
+/// A record a neighbour edited (its label's source hash two digits long) must not bring
+/// the invocation down: the SQS batch answers for every record, the healthy one included.
+#[tokio::test]
+async fn an_edited_record_in_a_mixed_sqs_batch_loses_no_scene() {
+    let harness = Harness::new();
+    let first = sqs_event(vec![sqs_record(
+        "m1",
+        &scene("edited", "a lantern in the fog").to_string(),
+    )]);
+    harness.handle(first).await.unwrap();
+    let record = std::fs::read_dir(harness.dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let mut edited: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    edited["generation_params"]["aigc_label"] =
+        json!({"implicit": true, "visible": true, "source_sha256": "ab"});
+    std::fs::write(&record, serde_json::to_vec(&edited).unwrap()).unwrap();
+
+    let mixed = sqs_event(vec![
+        sqs_record("m2", &scene("edited", "a lantern in the fog").to_string()),
+        sqs_record("m3", &scene("healthy", "a kite over the dunes").to_string()),
+    ]);
+    let answer = harness.handle(mixed).await.unwrap();
+    assert!(failed_ids(&answer).is_empty(), "{answer}");
+    assert_eq!(answer["summary"]["succeeded"], 2, "{answer}");
+}

@@ -33,6 +33,8 @@ enum Outcome {
     /// These bytes, as a PNG.
     Png(Bytes),
     Error(Stage3Error),
+    /// A bug in the call path: the provider panics.
+    Panic(&'static str),
 }
 
 impl Answer {
@@ -50,6 +52,11 @@ impl Answer {
     /// `error`, at once.
     pub fn error(error: Stage3Error) -> Answer {
         Answer::now(Outcome::Error(error))
+    }
+
+    /// The call panics with `message`, as a bug would.
+    pub fn panic(message: &'static str) -> Answer {
+        Answer::now(Outcome::Panic(message))
     }
 
     /// The same answer, `latency` after the call started.
@@ -190,6 +197,7 @@ impl ImageProvider for ScriptedProvider {
                 })
             }
             Outcome::Error(error) => return Err(error),
+            Outcome::Panic(message) => panic!("{message}"),
         }
         if self.varying {
             let mut spec = request.spec.clone();
