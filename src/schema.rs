@@ -183,6 +183,21 @@ impl From<Stage2Output> for GenerationRequest {
 }
 
 impl GenerationRequest {
+    /// The request with every text it brings cleaned ([`clean_text`]): done once, before the
+    /// request is validated, so nothing downstream sees a control or bidi override character.
+    pub fn cleaned(mut self) -> Self {
+        let clean = |text: &mut String| {
+            if let std::borrow::Cow::Owned(cleaned) = clean_text(text) {
+                *text = cleaned;
+            }
+        };
+        clean(&mut self.image_prompt);
+        clean(&mut self.negative_prompt);
+        self.style_tags.iter_mut().for_each(clean);
+        self.characters_in_scene.iter_mut().for_each(clean);
+        self
+    }
+
     /// Checks what can be checked without the configuration: a safe `scene_id`, a prompt
     /// with words in it, a sensible model override. The composed prompt's length is checked
     /// by the service, which knows the configured limit.
@@ -291,7 +306,34 @@ pub fn validate_model(model: &str) -> std::result::Result<(), String> {
             truncate_for_message(model, 60)
         ));
     }
+    // A slug ends up in a catalogue URL's path: no empty, `.` or `..` segment may walk it.
+    let walks = model
+        .split(['/', ':'])
+        .any(|segment| segment.is_empty() || segment.chars().all(|c| c == '.'));
+    if walks {
+        return Err(format!(
+            "{:?} is not a model slug (an empty, `.` or `..` part)",
+            truncate_for_message(model, 60)
+        ));
+    }
     Ok(())
+}
+
+/// Text a request brings, with what must never reach a provider, a page or a log line
+/// removed: control characters other than newline and tab (NUL, ESC and the like), and the
+/// bidirectional overrides, embeddings and isolates that make text display other than it
+/// reads (U+202A–U+202E, U+2066–U+2069). Borrowed when there is nothing to remove, so the
+/// prompts of existing requests — and their cache keys — are unchanged.
+pub fn clean_text(text: &str) -> std::borrow::Cow<'_, str> {
+    let unwanted = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if text.chars().any(unwanted) {
+        std::borrow::Cow::Owned(text.chars().filter(|&c| !unwanted(c)).collect())
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 fn truncate_for_message(text: &str, max_chars: usize) -> String {
@@ -691,6 +733,33 @@ fn json_kind(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_and_bidi_override_characters_are_removed_and_clean_text_borrowed() {
+        assert_eq!(
+            clean_text("a\u{0}b\u{1b}[31mc\u{202e}d\u{2066}e\nf\tg\u{85}"),
+            "ab[31mcde\nf\tg"
+        );
+        assert!(matches!(
+            clean_text("雪中的狐狸\nA fox."),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn model_slugs_cannot_walk_a_path() {
+        for bad in ["../../etc", "a/./b", "a//b", "/a", "a/", "..", "a:"] {
+            assert!(validate_model(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "google/gemini-3.1-flash-image",
+            "acme/img:free",
+            "qwen-image",
+            "ark:ep-2024",
+        ] {
+            validate_model(good).unwrap();
+        }
+    }
     use serde_json::json;
 
     fn scene(id: &str) -> Value {

@@ -118,6 +118,7 @@ impl PreparedScene {
     /// Validates `request` and derives everything a run needs, for `providers` under
     /// `config`.
     pub fn new(request: GenerationRequest, config: &Config, providers: &Providers) -> Result<Self> {
+        let request = request.cleaned();
         let spec = ImageSpec::new(
             &request,
             &SpecSettings {

@@ -351,3 +351,63 @@ async fn what_a_tabled_model_cannot_take_is_refused_before_any_call() {
     assert!(err.to_string().contains("800"), "{err}");
     assert_eq!(server.total_calls(), 0);
 }
+
+/// NUL, ESC and a right-to-left override in a prompt never reach the provider, the record
+/// or the answer; a model slug that walks a path is refused before any request.
+#[tokio::test]
+async fn hostile_text_and_slugs_stop_at_the_door() {
+    let server = ScriptedOpenRouter::start(|request, _| {
+        let size = requested_size(request);
+        ark_image(
+            &noisy_image(size.0 / 8, size.1 / 8, ImageFormat::Jpeg),
+            size,
+        )
+    })
+    .await;
+    let service = ark_config(&server).service_with_store(Arc::new(MemoryStore::new()));
+    let mut hostile = request("s1");
+    hostile.image_prompt = "a crane\u{0} over\u{1b}[2J a lake \u{202e}gnp.exe".into();
+    hostile.style_tags = vec!["ink\u{2066} wash".into()];
+    let scenes = service.prepare_all(vec![hostile]).unwrap();
+    let answer = service
+        .run_batch(scenes, &RunOptions::default(), &|_, _| {})
+        .await;
+    assert_eq!(answer.failures, [], "{answer:?}");
+    let sent = server.requests()[0].prompt().to_string();
+    assert!(
+        sent.starts_with("a crane over[2J a lake gnp.exe."),
+        "{sent}"
+    );
+    assert!(sent.contains("Style: ink wash."), "{sent}");
+    for text in [&sent, &answer.results[0].generation_params.prompt] {
+        assert!(
+            !text.contains(['\u{0}', '\u{1b}', '\u{202e}', '\u{2066}']),
+            "{text:?}"
+        );
+    }
+
+    let openrouter = TestConfig::new()
+        .openrouter(&server.base_url, OPENROUTER_KEY)
+        .service_with_store(Arc::new(MemoryStore::new()));
+    for slug in ["../../etc", "google/../../etc", "gemini"] {
+        let mut walking = request("s2");
+        walking.model = Some(slug.into());
+        let refused = match openrouter.prepare(walking) {
+            Err(e) => e,
+            Ok(scene) => openrouter
+                .check_batch(std::slice::from_ref(&scene))
+                .await
+                .unwrap_err(),
+        };
+        assert_eq!(
+            refused.error_type(),
+            ErrorType::InvalidRequest,
+            "{slug}: {refused}"
+        );
+    }
+    assert_eq!(
+        server.catalogue_requests().len(),
+        0,
+        "no catalogue path was built from a slug"
+    );
+}

@@ -427,6 +427,12 @@ impl ImageProvider for OpenRouterProvider {
     /// naming what it supports); the price comes from its endpoints, or `STAGE3_PRICES`.
     /// Without a catalogue, everything passes unchecked and unpriced.
     async fn check(&self, spec: &ImageSpec, model: &str) -> Result<ModelCheck> {
+        if !is_slug(model) {
+            return Err(Stage3Error::invalid_request(format!(
+                "{} is not an OpenRouter model slug (vendor/name, or vendor/name:variant)",
+                shorten_slug(model)
+            )));
+        }
         let override_price = self.prices.get(model).copied();
         let Some(models) = self.models().await else {
             return Ok(ModelCheck {
@@ -470,6 +476,24 @@ impl ImageProvider for OpenRouterProvider {
 
     async fn list_models(&self) -> Result<Vec<ModelListing>> {
         self.image_models().await
+    }
+}
+
+/// OpenRouter's slugs are `vendor/name`, optionally `:variant`: one `/`, both parts
+/// starting with a letter or digit. The slug goes into a catalogue URL's path, so nothing
+/// else is let near it.
+fn is_slug(model: &str) -> bool {
+    let part = |text: &str| {
+        text.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'))
+    };
+    match model.split_once('/') {
+        Some((vendor, name)) => !vendor.contains(':') && part(vendor) && part(name),
+        None => false,
     }
 }
 
@@ -672,6 +696,28 @@ mod tests {
         let answer: ImagesAnswer<'_> = serde_json::from_slice(body).unwrap();
         let datum = &answer.data.unwrap()[0];
         assert_eq!(datum.b64_json.as_ref().unwrap().0, "QU/D");
+    }
+
+    #[test]
+    fn only_vendor_slash_name_slugs_are_openrouters() {
+        for good in [
+            "google/gemini-3.1-flash-image",
+            "acme/img:free",
+            "black-forest-labs/flux.2-pro",
+        ] {
+            assert!(is_slug(good), "{good}");
+        }
+        for bad in [
+            "../../etc",
+            "gemini",
+            "a/b/c",
+            "/x",
+            "a/",
+            "a/../b",
+            "a:b/c",
+        ] {
+            assert!(!is_slug(bad), "{bad}");
+        }
     }
 
     #[test]
