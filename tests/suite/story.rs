@@ -524,6 +524,22 @@ async fn s3_list_pages_through_more_than_a_thousand_keys() {
     );
     assert_eq!(store.list("other/").await.unwrap(), ["other/x.json"]);
     assert!(store.list("none/").await.unwrap().is_empty());
+
+    // Each listed object carries the server's own `LastModified` and its size.
+    let listed = store.list_objects("other/").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].key.as_str(), listed[0].size),
+        ("other/x.json", 2)
+    );
+    let age = std::time::SystemTime::now()
+        .duration_since(listed[0].last_modified)
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(300), "LastModified {age:?} ago");
+    assert!(
+        listed[0].last_modified > std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000),
+        "a real time, not the fallback"
+    );
 }
 
 #[tokio::test]
