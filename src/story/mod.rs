@@ -507,11 +507,7 @@ async fn publish_round(
         merge.batches = base.batches;
         merge.saw(base.updated_ms);
         counted.extend(base.fragments);
-        let refused = base
-            .entries
-            .into_iter()
-            .filter(|checked| !merge.offer(checked.clone()))
-            .count();
+        let refused = offer_all(&mut merge, base.entries);
         if refused > 0 {
             tracing::warn!(
                 story_id,
@@ -537,10 +533,7 @@ async fn publish_round(
                     merge.batches += 1;
                 }
                 merge.saw(fragment.at_ms);
-                let refused = entries
-                    .into_iter()
-                    .filter(|checked| !merge.offer(checked.clone()))
-                    .count();
+                let refused = offer_all(&mut merge, entries);
                 if refused > 0 {
                     tracing::warn!(
                         key = fragment.key,
@@ -560,21 +553,13 @@ async fn publish_round(
                     key = fragment.key,
                     "a listed fragment was compacted meanwhile; reading the manifest again"
                 );
+                // A listing may lag behind a delete, as behind a write: give it a moment.
+                tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
                 return Ok(Round::Again);
             }
         }
     }
     drop(reads);
-
-    if started.elapsed() > settings.round_limit {
-        tracing::warn!(
-            story_id,
-            round,
-            limit_secs = settings.round_limit.as_secs_f64(),
-            "the round ran too long to write safely; starting over"
-        );
-        return Ok(Round::Again);
-    }
 
     let names: HashSet<&str> = listing.iter().map(|f| f.name.as_str()).collect();
     let mut still_stored: Vec<String> = counted
@@ -593,6 +578,15 @@ async fn publish_round(
     let (scenes, batches) = (manifest.totals.scenes, manifest.batches);
     drop(manifest);
 
+    if started.elapsed() > settings.round_limit {
+        tracing::warn!(
+            story_id,
+            round,
+            limit_secs = settings.round_limit.as_secs_f64(),
+            "the round ran too long to write safely; starting over"
+        );
+        return Ok(Round::Again);
+    }
     let (manifest_at, page_at) = (manifest_key(story_id), gallery_key(story_id));
     retrying(|| store.put(&manifest_at, manifest_json.clone(), ObjectMeta::RECORD)).await?;
     drop(manifest_json);
@@ -614,6 +608,17 @@ async fn publish_round(
         scenes,
         batches,
     })
+}
+
+/// Offers every entry to the merge (moved, never copied); how many a cap refused.
+fn offer_all(merge: &mut Merge, entries: Vec<Checked>) -> usize {
+    let mut refused = 0;
+    for checked in entries {
+        if !merge.offer(checked) {
+            refused += 1;
+        }
+    }
+    refused
 }
 
 fn millis_of(duration: Duration) -> u64 {
