@@ -1,9 +1,12 @@
-//! Hostile answers cost bounded memory: the heap's high-water mark around one
-//! `normalize_image` call, measured by a counting allocator. This file holds one test, so
-//! nothing else allocates while it measures.
+//! Hostile inputs cost bounded memory: the heap's high-water mark around one
+//! `normalize_image` call, and around publishing a story beside planted giant fragments,
+//! measured by a counting allocator. The tests take turns (`measuring`), so nothing else
+//! allocates while one measures.
 //!
 //! The old code inflated a colour-profile bomb up to its 320 MB allocation limit, and
 //! decoded a 40 MP JPEG (a 120 MB frame, then a PNG as large); see `docs/performance.md`.
+//! It also parsed and cloned every story fragment whole: one planted 16 MB fragment cost
+//! 527 MB and wrote an 87 MB page (issue 22).
 
 #[allow(dead_code)]
 #[path = "support/hostile_images.rs"]
@@ -11,10 +14,14 @@ mod hostile_images;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use stage3::normalize::{normalize_image, ImageLimits, DEFAULT_MAX_IMAGE_PIXELS};
 use stage3::schema::ImageSize;
+use stage3::storage::FsStore;
+use stage3::story::{self, Manifest, ManifestEntry, SceneStatus, StoryScene};
+use stage3::urls::UrlPolicy;
 use stage3::Stage3Error;
 
 struct Counting;
@@ -76,6 +83,13 @@ fn peak_heap_of<T>(work: impl FnOnce() -> T) -> (T, usize) {
 
 const MIB: usize = 1024 * 1024;
 
+/// Held by each test for its whole run: the allocator counts every thread, so only one
+/// test may run at a time.
+fn measuring() -> MutexGuard<'static, ()> {
+    static MEASURING: Mutex<()> = Mutex::new(());
+    MEASURING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn photo_png(width: u32, height: u32) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(3);
     let image = image::RgbImage::from_fn(width, height, |x, y| {
@@ -94,6 +108,7 @@ fn photo_png(width: u32, height: u32) -> Vec<u8> {
 
 #[test]
 fn hostile_answers_are_checked_in_bounded_memory() {
+    let _alone = measuring();
     let limits = ImageLimits {
         max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
     };
@@ -142,5 +157,142 @@ fn hostile_answers_are_checked_in_bounded_memory() {
         clean_peak as f64 / MIB as f64,
         bomb_peak as f64 / MIB as f64,
         jpeg_peak as f64 / MIB as f64
+    );
+}
+
+/// A scene of a long story as a batch reports it: a prompt of a few hundred characters,
+/// Chinese and Latin, a stored image and its thumbnail.
+fn story_entry(number: usize) -> ManifestEntry {
+    let scene = StoryScene {
+        scene_id: format!("scene_{number:04}"),
+        prompt: format!(
+            "Scene {number}: 小狐狸在雪中醒来，远处的松林里有一只猫头鹰。 {}",
+            "The fox looks over the frozen valley at dawn, breath in the cold air. ".repeat(6)
+        ),
+        size: "1792x1024".into(),
+        model: "google/gemini-3.1-flash-image".into(),
+    };
+    let mut entry = ManifestEntry::failed(&scene, "timeout", "unused");
+    let key = format!("scene_{number:04}-{number:016x}.png");
+    entry.status = SceneStatus::Succeeded;
+    entry.error_type = None;
+    entry.message = None;
+    entry.thumbnail_key = Some(story::thumbnail_key(&key));
+    entry.image_path = Some(format!("/srv/stage3/output/{key}"));
+    entry.image_key = Some(key);
+    entry.width = Some(1792);
+    entry.height = Some(1024);
+    entry.bytes = Some(1_800_000);
+    entry.cost = Some(0.04);
+    entry
+}
+
+/// A planted fragment of `story_id` of at least `size` bytes: entries that each pass every
+/// check (`valid`), or that each fail one (a key into another tenant's files).
+fn planted_fragment(story_id: &str, size: usize, tag: &str, valid: bool) -> Vec<u8> {
+    let mut out = format!(
+        r#"{{"format":1,"story_id":"{story_id}","written_at":"9999-12-31T23:59:59.999Z","scenes":["#
+    )
+    .into_bytes();
+    let prompt = "A planted scene that repeats and repeats. ".repeat(30);
+    let mut number = 0usize;
+    while out.len() < size {
+        if number > 0 {
+            out.push(b',');
+        }
+        let id = format!("{tag}-{number}");
+        let key = if valid {
+            format!("{id}-{number:016x}.png")
+        } else {
+            "../../../../other-tenant/secret.png".to_string()
+        };
+        out.extend_from_slice(
+            format!(
+                r#"{{"scene_id":"{id}","status":"succeeded","prompt":"{prompt}","size":"1024x1024","model":"m","image_key":"{key}","image_url":"https://attacker.example/{id}.png","cost":0.01}}"#
+            )
+            .as_bytes(),
+        );
+        number += 1;
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+#[test]
+fn a_thousand_scene_story_beside_planted_giants_publishes_in_bounded_memory() {
+    let _alone = measuring();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsStore::new(dir.path()).unwrap();
+    let batches = dir.path().join("stories/epic/batches");
+    std::fs::create_dir_all(&batches).unwrap();
+    // Three 16 MB fragments of valid-looking scenes (30,000 of them), and one just under the
+    // size a fragment may have, of entries that each fail a check.
+    for n in 0..3 {
+        std::fs::write(
+            batches.join(format!("9999999999999-fffffffffffff{n:03x}.json")),
+            planted_fragment("epic", 16_000_000, &format!("giant{n}"), true),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        batches.join("9999999999999-eeeeeeeeeeeeeeee.json"),
+        planted_fragment("epic", 4 * MIB - 64 * 1024, "bad", false),
+    )
+    .unwrap();
+
+    // The story: four batches of 250 scenes.
+    let mut peaks = Vec::new();
+    for batch in 0..4 {
+        let entries: Vec<ManifestEntry> =
+            (batch * 250..(batch + 1) * 250).map(story_entry).collect();
+        let (links, peak) = peak_heap_of(|| {
+            runtime.block_on(story::publish_story(
+                &store,
+                &UrlPolicy::Store,
+                "epic",
+                entries,
+            ))
+        });
+        links.expect("the story is published");
+        peaks.push(peak);
+    }
+
+    let worst = peaks.iter().copied().max().unwrap_or_default();
+    assert!(
+        worst < 64 * MIB,
+        "publishing cost {worst} bytes of heap at its peak"
+    );
+    let manifest_bytes = std::fs::read(dir.path().join("stories/epic/manifest.json")).unwrap();
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes).unwrap();
+    assert_eq!(
+        manifest.totals.scenes, 1_000,
+        "the story's scenes and no planted one"
+    );
+    assert!(manifest
+        .scenes
+        .iter()
+        .all(|e| e.scene_id.starts_with("scene_")));
+    let page = std::fs::read_to_string(dir.path().join("stories/epic/index.html")).unwrap();
+    assert_eq!(page.matches("<article ").count(), 1_000);
+    assert!(
+        page.len() < 2 * MIB,
+        "a page of normal size: {} bytes",
+        page.len()
+    );
+    assert!(!page.contains("attacker.example") && !page.contains("other-tenant"));
+    println!(
+        "peak heap publishing 250-scene batches of a story growing to 1,000 scenes beside \
+         three planted 16 MB fragments: {} MiB; manifest {:.1} MiB, page {:.1} MiB",
+        peaks
+            .iter()
+            .map(|p| format!("{:.1}", *p as f64 / MIB as f64))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        manifest_bytes.len() as f64 / MIB as f64,
+        page.len() as f64 / MIB as f64
     );
 }

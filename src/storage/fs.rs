@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
+use super::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::error::{Result, Stage3Error};
 
 /// Temporary files are named `.stage3-….part`; one older than this belongs to a process
@@ -125,8 +125,10 @@ fn create_atomically(path: &Path, bytes: &[u8]) -> Result<bool> {
 
 /// Every file under `start` whose key (its path below `root`, `/`-separated) starts with
 /// `prefix`. Hidden names are skipped: they are never keys, and the temporary files of
-/// writes in progress are hidden, so a half-written object is never listed.
-fn list_files(root: &Path, start: &Path, prefix: &str) -> Result<Vec<String>> {
+/// writes in progress are hidden, so a half-written object is never listed. Each comes with
+/// its modification time: a write renames a finished file into place, so that is when the
+/// object was stored.
+fn list_files(root: &Path, start: &Path, prefix: &str) -> Result<Vec<Listed>> {
     let mut keys = Vec::new();
     let mut pending = vec![start.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -161,11 +163,23 @@ fn list_files(root: &Path, start: &Path, prefix: &str) -> Result<Vec<String>> {
                     pending.push(path);
                 }
             } else if kind.is_file() && key.starts_with(prefix) {
-                keys.push(key);
+                // `DirEntry::metadata` does not follow links, and only plain files get here.
+                let meta = match entry.metadata() {
+                    Ok(meta) => meta,
+                    // Removed since the directory was read: no longer there to list.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error("list", &path, e)),
+                };
+                let last_modified = meta.modified().map_err(|e| io_error("list", &path, e))?;
+                keys.push(Listed {
+                    key,
+                    last_modified,
+                    size: meta.len(),
+                });
             }
         }
     }
-    keys.sort();
+    keys.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(keys)
 }
 
@@ -309,7 +323,7 @@ impl ObjectStore for FsStore {
         Ok(None)
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<Listed>> {
         // Only the directory of the prefix's last `/` can hold matching keys.
         let start = match prefix.rsplit_once('/') {
             Some((dir, _)) if !dir.is_empty() => self.path_of(dir)?,
@@ -401,6 +415,42 @@ mod tests {
         assert_eq!(store.list("").await.unwrap().len(), 5);
         assert!(store.list("stories/none/").await.unwrap().is_empty());
         assert!(store.list("../").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn listed_objects_carry_the_files_own_time_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        store
+            .put(
+                "b/new.json",
+                Bytes::from_static(b"12345"),
+                ObjectMeta::RECORD,
+            )
+            .await
+            .unwrap();
+        store
+            .put("b/old.json", Bytes::from_static(b"1"), ObjectMeta::RECORD)
+            .await
+            .unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("b/old.json"))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+
+        let listed = store.list_objects("b/").await.unwrap();
+        let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["b/new.json", "b/old.json"], "in key order");
+        assert_eq!((listed[0].size, listed[1].size), (5, 1));
+        assert_eq!(listed[1].last_modified, an_hour_ago);
+        let age = SystemTime::now()
+            .duration_since(listed[0].last_modified)
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "{age:?}");
+        assert_eq!(store.list("b/").await.unwrap(), keys);
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ mod memory;
 mod s3;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -57,6 +58,19 @@ pub struct ObjectInfo {
     pub size: u64,
     /// The server's entity tag (S3), when it gives one: equal tags mean the same bytes.
     pub etag: Option<String>,
+}
+
+/// One object of a listing, as the store itself describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// In this store's key space (without the S3 prefix).
+    pub key: String,
+    /// When the store last wrote the object, by the store's own clock (a file's
+    /// modification time, S3's `LastModified`, the memory store's insertion time). Ordering
+    /// by it, rather than by a time a writer put in a name or a body, means a writer whose
+    /// clock runs ahead gains nothing.
+    pub last_modified: SystemTime,
+    pub size: u64,
 }
 
 /// The outcome of a capped [`ObjectStore::get`].
@@ -125,14 +139,25 @@ pub trait ObjectStore: Send + Sync {
     /// presigned GET on S3); `None` where there is no such thing (the filesystem).
     async fn presigned_url(&self, key: &str) -> Result<Option<String>>;
 
-    /// The keys that start with `prefix` (in this store's key space, without the S3
-    /// prefix), in byte order. Objects being written are never listed half-done. Stores
-    /// that cannot list keep this default, which says so.
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    /// The objects whose keys start with `prefix` (in this store's key space, without the
+    /// S3 prefix), in key byte order, each with the store's own modification time and size.
+    /// Objects being written are never listed half-done. Stores that cannot list keep this
+    /// default, which says so.
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<Listed>> {
         Err(Stage3Error::storage(
             format!("this store cannot list keys (prefix {prefix:?})"),
             false,
         ))
+    }
+
+    /// The keys of [`ObjectStore::list_objects`], for callers that need nothing else.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_objects(prefix)
+            .await?
+            .into_iter()
+            .map(|listed| listed.key)
+            .collect())
     }
 }
 

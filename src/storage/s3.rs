@@ -8,7 +8,7 @@
 //! appear in those messages.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -22,7 +22,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
-use super::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
+use super::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::aws::AwsConfig;
 use crate::config::S3Settings;
 use crate::error::{Result, Stage3Error};
@@ -367,9 +367,9 @@ impl ObjectStore for S3Store {
         self.object_key(key)
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<Listed>> {
         let full_prefix = self.object_key(prefix);
-        let mut keys = Vec::new();
+        let mut objects = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self
@@ -381,15 +381,23 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| self.failure("ListObjectsV2", &full_prefix, e))?;
-            keys.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|object| object.key())
-                    // A key ending in `/` is a "folder" marker some consoles create.
-                    .filter(|key| !key.ends_with('/'))
-                    .filter_map(|key| key.strip_prefix(&self.prefix))
-                    .map(str::to_string),
-            );
+            objects.extend(page.contents().iter().filter_map(|object| {
+                let key = object.key()?;
+                // A key ending in `/` is a "folder" marker some consoles create.
+                if key.ends_with('/') {
+                    return None;
+                }
+                Some(Listed {
+                    key: key.strip_prefix(&self.prefix)?.to_string(),
+                    // Every server we target sends `LastModified`; one that did not would
+                    // make its objects the oldest, never the newest.
+                    last_modified: object
+                        .last_modified()
+                        .and_then(|time| SystemTime::try_from(*time).ok())
+                        .unwrap_or(UNIX_EPOCH),
+                    size: object.size().map_or(0, |n| n.max(0) as u64),
+                })
+            }));
             let next = page.next_continuation_token().map(str::to_string);
             match next {
                 Some(next) if page.is_truncated() == Some(true) => {
@@ -408,8 +416,8 @@ impl ObjectStore for S3Store {
                 _ => break,
             }
         }
-        keys.sort();
-        Ok(keys)
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
     }
 
     async fn presigned_url(&self, key: &str) -> Result<Option<String>> {

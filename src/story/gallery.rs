@@ -6,19 +6,65 @@
 //! system's (a stack that reaches the common CJK faces, so Chinese prompts render). Links
 //! are relative (`../../{key}`): the page and the images live in the same store, the page
 //! two levels below the images' root, so the links resolve under a directory, a bucket
-//! prefix or a CDN path alike. Prompts and error messages are untrusted text: everything
-//! that came from a request or a provider is escaped, and a Content-Security-Policy forbids
-//! scripts in case anything ever slips through.
+//! prefix or a CDN path alike. The one exception is a CDN that refuses unsigned requests
+//! (Qiniu timestamp anti-leech): there every link is the CDN's signed URL, made when the
+//! page is published ([`PageLinks::signed`]).
+//!
+//! Prompts and error messages are untrusted text: everything that came from a request or a
+//! provider is escaped. Links are built from keys the manifest checked, never from URLs a
+//! document brought. And a Content-Security-Policy forbids scripts and lets images come only
+//! from the page's own origin and the configured CDN, in case anything ever slips through.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
-use super::manifest::{is_lasting_url, Manifest, ManifestEntry, SceneStatus};
+use super::manifest::{Manifest, SceneEntry, SceneStatus};
+
+/// How a page links to the story's objects.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PageLinks {
+    /// The CDN origin (`https://img.example.com`) images may come from besides the page's
+    /// own; none without a CDN.
+    pub image_origin: Option<String>,
+    /// Absolute (signed) URLs by key, for a CDN that refuses unsigned links; keys not in it,
+    /// or all keys without it, are linked relatively.
+    pub signed: Option<HashMap<String, String>>,
+}
+
+impl PageLinks {
+    fn href(&self, key: &str) -> String {
+        match self.signed.as_ref().and_then(|signed| signed.get(key)) {
+            Some(url) => url.clone(),
+            None => format!("{TO_STORE_ROOT}{}", url_path(key)),
+        }
+    }
+}
+
+/// The origin (`scheme://host[:port]`) of a CDN base URL such as
+/// `https://img.example.com/stories`, for the page's `img-src`; `None` for anything that is
+/// not a plain http(s) origin, which then is not allowed.
+pub fn image_origin(base: &str) -> Option<String> {
+    let (scheme, rest) = base.split_once("://")?;
+    if !matches!(scheme, "https" | "http") {
+        return None;
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.split(':').next().unwrap_or_default();
+    let port_ok = authority
+        .split_once(':')
+        .is_none_or(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    (host_ok && port_ok).then(|| format!("{scheme}://{authority}"))
+}
 
 /// From `stories/{story_id}/index.html` back to the store's root.
 const TO_STORE_ROOT: &str = "../../";
 
-/// Renders the storyboard page of `manifest`.
-pub fn render(manifest: &Manifest) -> String {
+/// Renders the storyboard page of `manifest`, linking as `links` says.
+pub fn render(manifest: &Manifest, links: &PageLinks) -> String {
     let mut page = String::with_capacity(4096 + manifest.scenes.len() * 1024);
     let story = escape(&manifest.story_id);
     let totals = &manifest.totals;
@@ -29,7 +75,7 @@ pub fn render(manifest: &Manifest) -> String {
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src 'self'{image_origin}; script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'">
 <meta name="generator" content="stage3">
 <title>{story} · storyboard</title>
 <style>{STYLE}</style>
@@ -37,7 +83,7 @@ pub fn render(manifest: &Manifest) -> String {
 <body>
 <header>
 <h1>{story}</h1>
-<p class="totals"><span><b>{scenes}</b> {scene_word}</span><span><b>{succeeded}</b> succeeded</span><span class="{failed_class}"><b>{failed}</b> failed</span><span>total <b>{cost}</b></span><span>updated {updated}</span><a href="manifest.json">manifest.json</a></p>
+<p class="totals"><span><b>{scenes}</b> {scene_word}</span><span><b>{succeeded}</b> succeeded</span><span class="{failed_class}"><b>{failed}</b> failed</span><span>total <b>{cost}</b></span><span>updated {updated}</span><a href="{manifest_href}">manifest.json</a></p>
 </header>
 <main class="grid">
 "#,
@@ -52,15 +98,28 @@ pub fn render(manifest: &Manifest) -> String {
         failed_class = if totals.failed > 0 { "bad" } else { "" },
         cost = money(totals.cost_usd),
         updated = escape(&manifest.updated_at),
+        image_origin = links
+            .image_origin
+            .as_deref()
+            .map(|origin| format!(" {}", escape(origin)))
+            .unwrap_or_default(),
+        manifest_href = escape(
+            &links
+                .signed
+                .as_ref()
+                .and_then(|signed| signed.get(&super::manifest_key(&manifest.story_id)))
+                .cloned()
+                .unwrap_or_else(|| "manifest.json".to_string())
+        ),
     );
     for (index, entry) in manifest.scenes.iter().enumerate() {
-        card(&mut page, index + 1, entry);
+        card(&mut page, index + 1, entry, links);
     }
     page.push_str("</main>\n</body>\n</html>\n");
     page
 }
 
-fn card(page: &mut String, number: usize, entry: &ManifestEntry) {
+fn card(page: &mut String, number: usize, entry: &SceneEntry, links: &PageLinks) {
     let scene_id = escape(&entry.scene_id);
     let prompt = escape(&entry.prompt);
     let failed = entry.status == SceneStatus::Failed;
@@ -69,12 +128,17 @@ fn card(page: &mut String, number: usize, entry: &ManifestEntry) {
         r#"<article class="card{}" id="scene-{scene_id}">"#,
         if failed { " failed" } else { "" }
     );
-    let full = image_href(entry.image_key.as_deref(), entry.image_url.as_deref());
-    let thumb = image_href(
-        entry.thumbnail_key.as_deref(),
-        entry.thumbnail_url.as_deref(),
-    )
-    .or_else(|| full.clone());
+    let full = entry
+        .image_key
+        .as_deref()
+        .filter(|key| !key.is_empty())
+        .map(|key| links.href(key));
+    let thumb = entry
+        .thumbnail_key
+        .as_deref()
+        .filter(|key| !key.is_empty())
+        .map(|key| links.href(key))
+        .or_else(|| full.clone());
     match (failed, full, thumb) {
         (false, Some(full), Some(thumb)) => {
             let (width, height) = shown_size(entry);
@@ -124,21 +188,9 @@ fn card(page: &mut String, number: usize, entry: &ManifestEntry) {
     page.push_str("</article>\n");
 }
 
-/// A link to an object of the store: relative to the page when its key is known, else its
-/// URL when that URL lasts.
-fn image_href(key: Option<&str>, url: Option<&str>) -> Option<String> {
-    match (key, url) {
-        (Some(key), _) if !key.is_empty() => Some(format!("{TO_STORE_ROOT}{}", url_path(key))),
-        (_, Some(url)) if is_lasting_url(url) && url.starts_with("https://") => {
-            Some(url.to_string())
-        }
-        _ => None,
-    }
-}
-
 /// The thumbnail's pixel size for the `img` element, so the grid does not jump as images
 /// arrive; the image's own aspect at the thumbnail bound.
-fn shown_size(entry: &ManifestEntry) -> (u32, u32) {
+fn shown_size(entry: &SceneEntry) -> (u32, u32) {
     match (entry.width, entry.height) {
         (Some(w), Some(h)) if w > 0 && h > 0 => {
             super::thumbnail::thumbnail_size(w, h, super::thumbnail::THUMBNAIL_MAX_SIDE)
@@ -221,7 +273,7 @@ dd{margin:0;overflow-wrap:anywhere}
 
 #[cfg(test)]
 mod tests {
-    use super::super::manifest::{merge, Fragment, StoryScene, MANIFEST_FORMAT};
+    use super::super::manifest::{Checked, ManifestEntry, Merge, StoryScene};
     use super::*;
 
     fn scene(id: &str, prompt: &str) -> StoryScene {
@@ -234,15 +286,19 @@ mod tests {
     }
 
     fn manifest(entries: Vec<ManifestEntry>) -> Manifest {
-        merge(
-            "fox-story",
-            &[Fragment {
-                format: MANIFEST_FORMAT,
-                story_id: "fox-story".into(),
-                written_at: "2026-11-29T10:00:00.000Z".into(),
-                scenes: entries,
-            }],
-        )
+        // Unchecked on purpose: the page must be safe whatever an entry holds.
+        let mut merge = Merge::new();
+        for entry in entries {
+            assert!(merge.offer(Checked {
+                entry: entry.to_scene_entry(),
+                at_ms: 1_790_000_000_000,
+            }));
+        }
+        merge.finish("fox-story", Vec::new())
+    }
+
+    fn relative() -> PageLinks {
+        PageLinks::default()
     }
 
     fn succeeded(id: &str, prompt: &str) -> ManifestEntry {
@@ -263,7 +319,10 @@ mod tests {
         let hostile = r#"<script>alert(1)</script><img src=x onerror="alert(2)"> & 'quoted'"#;
         let mut failure = ManifestEntry::failed(&scene("s2", hostile), "content_policy", hostile);
         failure.error_type = Some("<b>x</b>".into());
-        let page = render(&manifest(vec![succeeded("s1", hostile), failure]));
+        let page = render(
+            &manifest(vec![succeeded("s1", hostile), failure]),
+            &relative(),
+        );
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("<img src=x"), "{page}");
         assert!(!page.contains("<b>x</b>"));
@@ -275,11 +334,14 @@ mod tests {
 
     #[test]
     fn cards_follow_the_manifest_with_relative_links() {
-        let page = render(&manifest(vec![
-            succeeded("scene_001", "一只狐狸在雪中"),
-            ManifestEntry::failed(&scene("scene_002", "a storm"), "content_policy", "refused"),
-            succeeded("scene_003", "dawn"),
-        ]));
+        let page = render(
+            &manifest(vec![
+                succeeded("scene_001", "一只狐狸在雪中"),
+                ManifestEntry::failed(&scene("scene_002", "a storm"), "content_policy", "refused"),
+                succeeded("scene_003", "dawn"),
+            ]),
+            &relative(),
+        );
         let first = page.find(r#"id="scene-scene_001""#).unwrap();
         let second = page.find(r#"id="scene-scene_002""#).unwrap();
         let third = page.find(r#"id="scene-scene_003""#).unwrap();
@@ -301,17 +363,72 @@ mod tests {
     }
 
     #[test]
-    fn without_a_key_only_a_lasting_https_url_is_linked() {
-        let mut entry = succeeded("s1", "p");
-        entry.image_key = None;
-        entry.thumbnail_key = None;
-        entry.image_url = Some("https://img.example.com/s1.png".into());
-        assert!(render(&manifest(vec![entry.clone()]))
-            .contains(r#"src="https://img.example.com/s1.png""#));
-        entry.image_url = Some("https://s3.example.com/s1.png?X-Amz-Signature=1".into());
-        assert!(!render(&manifest(vec![entry.clone()])).contains("X-Amz"));
-        entry.image_url = Some("javascript:alert(1)".into());
-        assert!(!render(&manifest(vec![entry])).contains("javascript:"));
+    fn images_come_from_the_page_s_origin_and_the_cdn_only() {
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &relative());
+        assert!(
+            page.contains("img-src 'self'; script-src 'none';"),
+            "{page}"
+        );
+        assert!(page.contains("default-src 'none'"));
+
+        let cdn = PageLinks {
+            image_origin: image_origin("https://img.example.com/stories"),
+            signed: None,
+        };
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &cdn);
+        assert!(
+            page.contains("img-src 'self' https://img.example.com; script-src 'none';"),
+            "{page}"
+        );
+        assert!(page.contains(r#"src="../../thumbnails/s1-9c1e4f0a2b7d3e55.png""#));
+    }
+
+    #[test]
+    fn cdn_origins_are_plain_origins_or_nothing() {
+        assert_eq!(
+            image_origin("https://img.example.com").as_deref(),
+            Some("https://img.example.com")
+        );
+        assert_eq!(
+            image_origin("http://cdn.example.com:8080/a/b?x").as_deref(),
+            Some("http://cdn.example.com:8080")
+        );
+        for bad in [
+            "img.example.com",
+            "ftp://img.example.com",
+            "https://",
+            "https://a b.example.com",
+            "https://x.example.com'; script-src *",
+            "https://user@x.example.com",
+            "https://x.example.com:",
+        ] {
+            assert_eq!(image_origin(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn signed_links_replace_relative_ones_key_by_key() {
+        let mut signed = HashMap::new();
+        signed.insert(
+            "s1-9c1e4f0a2b7d3e55.png".to_string(),
+            "https://img.example.com/s1-9c1e4f0a2b7d3e55.png?sign=ab&t=1".to_string(),
+        );
+        signed.insert(
+            "stories/fox-story/manifest.json".to_string(),
+            "https://img.example.com/stories/fox-story/manifest.json?sign=cd&t=1".to_string(),
+        );
+        let links = PageLinks {
+            image_origin: Some("https://img.example.com".into()),
+            signed: Some(signed),
+        };
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &links);
+        assert!(page
+            .contains(r#"href="https://img.example.com/s1-9c1e4f0a2b7d3e55.png?sign=ab&amp;t=1""#));
+        assert!(page.contains(
+            r#"href="https://img.example.com/stories/fox-story/manifest.json?sign=cd&amp;t=1">manifest.json"#
+        ));
+        // A key without a signed URL stays relative.
+        assert!(page.contains(r#"src="../../thumbnails/s1-9c1e4f0a2b7d3e55.png""#));
     }
 
     #[test]

@@ -1,52 +1,94 @@
 //! Stories: a batch that names a `story_id` also publishes the story's manifest and
 //! storyboard page beside its images (docs/design.md §2).
 //!
-//! - [`manifest`]: the manifest format, and the merge of batch fragments into it.
+//! - [`manifest`]: the manifest format, the checks on every entry read, and the merge.
 //! - [`gallery`]: the storyboard page (`index.html`), self-contained static HTML.
 //! - [`thumbnail`]: the small PNG stored for every image, which keeps the page light.
 //!
 //! ## Why concurrent batches lose nothing
 //!
-//! The stores have plain PUT, GET and LIST, and no conditional write that every server
-//! honours, so [`publish_story`] never edits `manifest.json` in place:
+//! The stores have plain PUT, GET, LIST and DELETE, and no conditional write that every
+//! server honours (Qiniu and Garage ignore `If-None-Match`), so [`publish_story`] never edits
+//! `manifest.json` in place:
 //!
 //! 1. The batch PUTs its entries as a new fragment, `stories/{id}/batches/{ms}-{random}.json`
 //!    (a key no other batch picks).
-//! 2. It LISTs the fragments, GETs them, [`manifest::merge`]s them, and PUTs the manifest,
-//!    then the page. The merge depends only on the set of fragments.
-//! 3. It LISTs again. If a fragment appeared that it did not merge, it goes back to 2.
+//! 2. A **round**: it LISTs the fragments with the store's times, GETs `manifest.json` as the
+//!    base (checked like a fragment; it records for each entry the fragment and store time
+//!    it came from), merges base and fragments ([`manifest::Merge`]), and PUTs the
+//!    manifest, then the page. The merge depends only on what it reads.
+//! 3. It LISTs again. If a fragment appeared that it did not see, it goes back to 2.
 //!
 //! Take the manifest PUT that the store applied last, by batch Z, and any fragment F.
 //! If F's PUT finished before Z's final LIST began, that LIST shows F (S3 and the
 //! filesystem list what was written before), so Z saw nothing new only because its
-//! manifest already held F. Otherwise F finished after that LIST began, which is after
+//! round already held F. Otherwise F finished after that LIST began, which is after
 //! Z's last manifest PUT finished; F's batch then PUTs a manifest after F, so later still,
 //! and Z's would not be the last. So the surviving manifest holds every fragment whose
 //! batch completed step 1, whatever the interleaving. The page is covered by the same
 //! argument, since each round writes it before its final LIST. A batch that dies after
 //! step 1 leaves a fragment that the next batch of the story merges.
+//!
+//! ## Why compaction loses nothing either
+//!
+//! Fragments would pile up (every batch would read them all), so once merged they are
+//! deleted — with no conditional writes, only under two rules ([`PublishSettings`]):
+//!
+//! - **A slow round writes nothing.** A round that has run longer than `round_limit`
+//!   (T_MAX, 2 minutes) since its first LIST does not PUT the manifest; it starts over.
+//! - **Only old fragments go, and only after.** After a successful round (its final LIST
+//!   showed nothing unseen), the batch deletes the merged fragments whose store time is
+//!   more than `grace` (30 minutes) older than the store time of its own new fragment —
+//!   "now" by the store's clock — after the manifest holding them was written. A failed
+//!   delete is logged, never fails the batch: a later batch deletes it.
+//!
+//! Suppose D deletes F, and some manifest PUT afterwards lacks F; take the first such PUT,
+//! by W. D wrote manifest M_D, holding F, before deleting. If W's round began (its first
+//! LIST) after F existed: either F was still there, and W read and merged it (a listed
+//! fragment that has vanished by its GET makes the round start over: its deleter wrote a
+//! newer manifest, which the next round reads), or F was gone, so W's LIST came after the
+//! delete, after M_D; the base W then read is M_D or a manifest PUT after it and before W's,
+//! which holds F — M_D does, and a later one lacking F would come before W's, which was the
+//! first. Either way W's merge keeps F's entries (an entry only ever gives way to a newer
+//! one of the same scene). If W's round began before F existed, W PUTs after F was deleted,
+//! which is more than `grace` after F was stored: its round ran longer than T_MAX and wrote
+//! nothing. `grace` must cover T_MAX, the longest a manifest PUT can take once sent (three
+//! tries of at most a minute each, `src/storage/s3.rs`), and the clocks' disagreement:
+//! 30 minutes does.
+//!
+//! Counted this way, a story holds only the fragments of the last `grace`, and a batch reads
+//! the manifest plus those. Every read is bounded: fragments larger than
+//! [`MAX_FRAGMENT_BYTES`] are skipped unread, documents are parsed entry by entry, and the
+//! story keeps at most [`manifest::MAX_STORY_SCENES`] scenes.
 
 pub mod gallery;
 pub mod manifest;
 pub mod thumbnail;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
-pub use manifest::{Fragment, Manifest, ManifestEntry, SceneStatus, StoryScene, StoryTotals};
+pub use gallery::PageLinks;
+pub use manifest::{
+    Manifest, ManifestEntry, SceneEntry, SceneStatus, StoryScene, StoryTotals, MANIFEST_FORMAT,
+};
 pub use thumbnail::{make_thumbnail, store_thumbnail, thumbnail_key, THUMBNAIL_MAX_SIDE};
 
 use crate::deadline::Deadline;
 use crate::error::{ErrorType, Result, Stage3Error};
 use crate::schema::{validate_scene_id, BatchAnswer, Stage3Output};
 use crate::service::{PreparedScene, Stage3Service};
-use crate::storage::{ObjectMeta, ObjectStore};
+use crate::storage::{Fetched, ObjectMeta, ObjectStore};
 use crate::urls::UrlPolicy;
+use manifest::{
+    check_entry, header_problem, is_fragment_name, read_document, Checked, Merge, Stamp,
+    FRAGMENT_FORMAT, MAX_FRAGMENT_ENTRIES, MAX_STORY_SCENES,
+};
 
 /// The storyboard page: read by browsers straight from the bucket or CDN, and rewritten by
 /// every batch, so never cached for long.
@@ -56,16 +98,53 @@ pub const GALLERY_META: ObjectMeta = ObjectMeta {
 };
 
 /// Rounds of merge-and-check before giving up; each extra round needs another batch of
-/// the same story to have published in between.
+/// the same story to have published in between (or a round that ran too long).
 const MAX_ROUNDS: usize = 8;
-/// A story with more batches than this is refused rather than read whole on every batch.
-pub const MAX_FRAGMENTS: usize = 1_000;
-/// Fragments fetched at once.
-const FETCH_CONCURRENCY: usize = 8;
+/// Fragments fetched at once: each may hold up to [`MAX_FRAGMENT_BYTES`] in memory.
+const FETCH_CONCURRENCY: usize = 4;
+/// Merged fragments deleted at once.
+const DELETE_CONCURRENCY: usize = 8;
 /// Tries of one store call that failed transiently.
 const STORE_ATTEMPTS: u32 = 3;
-/// The largest manifest `stage3 gallery` reads.
-const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest fragment read: a batch's fragments are at most this (a 500-scene batch is
+/// about 1 MB); anything bigger was not written by us, and is skipped unread.
+pub const MAX_FRAGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// The largest `manifest.json` read back as a base: above what this code can write
+/// ([`manifest::MAX_STORY_BYTES`] of entries, plus indentation).
+pub const MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
+/// The largest manifest `stage3 gallery` reads (streamed from the file, entry by entry).
+const MAX_GALLERY_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// Room kept in a fragment for everything but its entries.
+const FRAGMENT_ENVELOPE_BYTES: usize = 1024;
+
+/// The timing of publishing rounds and of compaction (see the module notes). The defaults
+/// are what the service uses; tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishSettings {
+    /// T_MAX: a round that has run longer than this since its first LIST writes nothing
+    /// and starts over.
+    pub round_limit: Duration,
+    /// Merged fragments stored longer than this before the batch's own are deleted. Must
+    /// exceed `round_limit` plus the longest a PUT can take plus clock disagreement.
+    pub grace: Duration,
+    /// How far past the store time of the batch's own fragment a time may be: anything
+    /// later is in the future, forged or from a broken clock, and is skipped.
+    pub skew: Duration,
+    /// The most fragments one round merges (the oldest, plus the batch's own); later ones
+    /// wait for a later batch, after compaction made room.
+    pub max_fragments: usize,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        PublishSettings {
+            round_limit: Duration::from_secs(120),
+            grace: Duration::from_secs(30 * 60),
+            skew: Duration::from_secs(120),
+            max_fragments: 1_000,
+        }
+    }
+}
 
 /// `stories/{story_id}/manifest.json`.
 pub fn manifest_key(story_id: &str) -> String {
@@ -227,151 +306,681 @@ pub async fn publish_or_report(
 }
 
 /// Adds `entries` to the story's manifest and rewrites the manifest and the storyboard page,
-/// safely beside any other batch of the same story doing the same (see the module notes).
-/// Returns where both are.
+/// safely beside any other batch of the same story doing the same (see the module notes),
+/// with the service's timing. Returns where both are.
 pub async fn publish_story(
     store: &dyn ObjectStore,
     urls: &UrlPolicy,
     story_id: &str,
     entries: Vec<ManifestEntry>,
 ) -> Result<StoryLinks> {
+    publish_story_with(store, urls, story_id, entries, &PublishSettings::default()).await
+}
+
+/// [`publish_story`] with the rounds and compaction timed by `settings`.
+pub async fn publish_story_with(
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
+    story_id: &str,
+    entries: Vec<ManifestEntry>,
+    settings: &PublishSettings,
+) -> Result<StoryLinks> {
     validate_story_id(story_id)?;
-    let now = SystemTime::now();
-    let written_at = humantime::format_rfc3339_millis(now).to_string();
-    let millis = now
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    let own_key = format!(
-        "{}{millis:013}-{:016x}.json",
-        fragments_prefix(story_id),
-        fastrand::u64(..)
-    );
-    let fragment = Fragment {
-        format: manifest::MANIFEST_FORMAT,
-        story_id: story_id.to_string(),
-        written_at: written_at.clone(),
-        scenes: entries
-            .into_iter()
-            .map(|entry| ManifestEntry {
-                updated_at: written_at.clone(),
-                ..entry
-            })
-            .collect(),
-    };
-    let bytes = Bytes::from(serde_json::to_vec_pretty(&fragment).expect("fragments serialize"));
-    retrying(|| store.put(&own_key, bytes.clone(), ObjectMeta::RECORD)).await?;
+    let own: HashSet<String> = write_fragments(store, story_id, &entries)
+        .await?
+        .into_iter()
+        .collect();
+    drop(entries);
 
-    // Fragments never change once written, so each is fetched once across rounds.
-    let mut fetched: BTreeMap<String, Option<Fragment>> = BTreeMap::new();
     for round in 0..MAX_ROUNDS {
-        let listed = list_fragments(store, story_id).await?;
-        if !listed.contains(&own_key) {
-            // Not listed yet: a store whose listings lag behind writes. Wait and look again.
-            tracing::info!(
-                story_id,
-                round,
-                "own fragment not listed yet; listing again"
-            );
-            tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
-            continue;
+        match publish_round(store, urls, story_id, &own, settings, round).await? {
+            Round::Again => continue,
+            Round::Published {
+                deletable,
+                now_ms,
+                scenes,
+                batches,
+            } => {
+                tracing::info!(
+                    story_id,
+                    scenes,
+                    batches,
+                    "story manifest and page published"
+                );
+                compact(store, story_id, deletable, &own, now_ms, settings.grace).await;
+                return links(store, urls, story_id).await;
+            }
         }
-        let missing: Vec<String> = listed
-            .iter()
-            .filter(|key| !fetched.contains_key(*key))
-            .cloned()
-            .collect();
-        let loaded: Vec<(String, Option<Fragment>)> = stream::iter(missing)
-            .map(|key| async move {
-                let bytes = retrying(|| async {
-                    let fetched = store.get(&key, MAX_FRAGMENT_BYTES).await?;
-                    fetched.into_bytes(&store.location(&key), MAX_FRAGMENT_BYTES)
-                })
-                .await?;
-                Ok::<_, Stage3Error>((key.clone(), read_fragment(story_id, &key, bytes)))
-            })
-            .buffered(FETCH_CONCURRENCY)
-            .try_collect()
-            .await?;
-        fetched.extend(loaded);
-        let fragments: Vec<Fragment> = listed
-            .iter()
-            .filter_map(|key| fetched.get(key).cloned().flatten())
-            .collect();
-
-        let manifest = manifest::merge(story_id, &fragments);
-        let manifest_json =
-            Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifests serialize"));
-        let page = Bytes::from(gallery::render(&manifest));
-        let (manifest_at, page_at) = (manifest_key(story_id), gallery_key(story_id));
-        retrying(|| store.put(&manifest_at, manifest_json.clone(), ObjectMeta::RECORD)).await?;
-        retrying(|| store.put(&page_at, page.clone(), GALLERY_META)).await?;
-
-        let after = list_fragments(store, story_id).await?;
-        let merged: HashSet<&String> = listed.iter().collect();
-        if after.iter().all(|key| merged.contains(key)) {
-            tracing::info!(
-                story_id,
-                scenes = manifest.totals.scenes,
-                batches = manifest.batches,
-                "story manifest and page published"
-            );
-            return links(store, urls, story_id).await;
-        }
-        tracing::info!(
-            story_id,
-            round,
-            "another batch of the story published meanwhile; merging again"
-        );
     }
     Err(Stage3Error::storage(
         format!(
-            "story {story_id:?}: other batches kept publishing through {MAX_ROUNDS} rounds; \
-             this batch's fragment is stored and the next batch of the story will merge it"
+            "story {story_id:?}: other batches kept publishing through {MAX_ROUNDS} rounds \
+             (or every round ran too long); this batch's fragment is stored and the next \
+             batch of the story will merge it"
         ),
         true,
     ))
 }
 
-/// The story's fragment keys, oldest first.
-async fn list_fragments(store: &dyn ObjectStore, story_id: &str) -> Result<Vec<String>> {
+/// Writes the batch's entries as fragments — one, unless they exceed what a reader takes
+/// from one fragment — and returns their keys.
+async fn write_fragments(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    entries: &[ManifestEntry],
+) -> Result<Vec<String>> {
+    let now = manifest::millis(SystemTime::now());
+    let written_at = manifest::format_millis(now);
+    let mut chunks: Vec<Vec<SceneEntry>> = Vec::new();
+    let mut current: Vec<SceneEntry> = Vec::new();
+    let mut bytes = FRAGMENT_ENVELOPE_BYTES;
+    for entry in entries {
+        let entry = entry.to_scene_entry();
+        let size = manifest::json_size(&entry) + 1;
+        if !current.is_empty()
+            && (current.len() >= MAX_FRAGMENT_ENTRIES || (bytes + size) as u64 > MAX_FRAGMENT_BYTES)
+        {
+            chunks.push(std::mem::take(&mut current));
+            bytes = FRAGMENT_ENVELOPE_BYTES;
+        }
+        bytes += size;
+        current.push(entry);
+    }
+    chunks.push(current);
+
+    // The low 16 bits number the batch's fragments: written one after another, they sort
+    // in their order by store time and, within one tick of the store's clock, by key.
+    let random = fastrand::u64(..) & !0xffff;
     let prefix = fragments_prefix(story_id);
-    let mut keys: Vec<String> = retrying(|| store.list(&prefix))
+    let mut keys = Vec::with_capacity(chunks.len());
+    for (number, scenes) in chunks.iter().enumerate() {
+        let key = format!(
+            "{prefix}{now:013}-{:016x}.json",
+            random | (number as u64 & 0xffff)
+        );
+        let fragment = manifest::Fragment {
+            format: FRAGMENT_FORMAT,
+            story_id,
+            written_at: &written_at,
+            scenes,
+        };
+        let body = Bytes::from(serde_json::to_vec(&fragment).map_err(|e| {
+            Stage3Error::storage(format!("cannot encode a story fragment: {e}"), false)
+        })?);
+        retrying(|| store.put(&key, body.clone(), ObjectMeta::RECORD)).await?;
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// A listed fragment: its key, its name under `batches/`, and what the store says of it.
+#[derive(Debug, Clone)]
+struct Listing {
+    key: String,
+    name: String,
+    at_ms: u64,
+    size: u64,
+}
+
+/// How a round ended.
+enum Round {
+    /// The manifest and page are written and nothing unseen appeared.
+    Published {
+        /// Fragments this round merged or found useless, with their store times.
+        deletable: Vec<(String, u64)>,
+        /// The store time of the batch's own fragment.
+        now_ms: u64,
+        scenes: usize,
+        batches: usize,
+    },
+    /// Something changed or took too long: run another round.
+    Again,
+}
+
+/// One round: LIST, GET the base, merge, PUT the manifest and the page, LIST again.
+async fn publish_round(
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
+    story_id: &str,
+    own: &HashSet<String>,
+    settings: &PublishSettings,
+    round: usize,
+) -> Result<Round> {
+    let started = tokio::time::Instant::now();
+    let listing = list_fragments(store, story_id).await?;
+    let own_times: Vec<u64> = listing
+        .iter()
+        .filter(|f| own.contains(&f.key))
+        .map(|f| f.at_ms)
+        .collect();
+    let Some(now_ms) = own_times
+        .iter()
+        .copied()
+        .max()
+        .filter(|_| own_times.len() == own.len())
+    else {
+        // Not listed yet: a store whose listings lag behind writes. Wait and look again.
+        tracing::info!(
+            story_id,
+            round,
+            "own fragment not listed yet; listing again"
+        );
+        tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
+        return Ok(Round::Again);
+    };
+    let not_after_ms = now_ms.saturating_add(millis_of(settings.skew));
+    let seen: HashSet<&str> = listing.iter().map(|f| f.key.as_str()).collect();
+
+    // The oldest fragments up to the cap, and the batch's own whatever the cap.
+    let (current, future): (Vec<&Listing>, Vec<&Listing>) =
+        listing.iter().partition(|f| f.at_ms <= not_after_ms);
+    if !future.is_empty() {
+        tracing::warn!(
+            story_id,
+            fragments = future.len(),
+            "fragments stored in the future by the store's own clock; skipping them"
+        );
+    }
+    if current.len() > settings.max_fragments {
+        tracing::warn!(
+            story_id,
+            listed = current.len(),
+            merged = settings.max_fragments,
+            "more fragments than a round merges; the newest wait for a later batch"
+        );
+    }
+    let mut chosen: Vec<&Listing> = current
+        .iter()
+        .take(settings.max_fragments)
+        .copied()
+        .collect();
+    for fragment in &current {
+        if own.contains(&fragment.key) && !chosen.iter().any(|c| c.key == fragment.key) {
+            chosen.push(fragment);
+        }
+    }
+
+    let mut merge = Merge::new();
+    // Names of fragments the manifest has counted in `batches` already.
+    let mut counted: HashSet<String> = HashSet::new();
+    if let Some(base) = read_base(store, story_id, not_after_ms).await? {
+        merge.batches = base.batches;
+        merge.saw(base.updated_ms);
+        counted.extend(base.fragments);
+        let refused = offer_all(&mut merge, base.entries);
+        if refused > 0 {
+            tracing::warn!(
+                story_id,
+                refused,
+                "manifest entries over the story's caps; skipped"
+            );
+        }
+    }
+
+    // In store order, a few fetched at once, each folded in as soon as it is read.
+    let mut deletable: Vec<(String, u64)> = Vec::new();
+    // Futures do nothing until polled: `buffered` starts a few at a time. (Made by an
+    // `async fn` rather than a closure, so the round's future stays `Send`.)
+    let pending: Vec<_> = chosen
+        .into_iter()
+        .map(|fragment| read_listed(store, story_id, fragment))
+        .collect();
+    let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
+    while let Some((fragment, read)) = reads.next().await {
+        match read? {
+            FragmentRead::Merged(entries) => {
+                if counted.insert(fragment.name.clone()) {
+                    merge.batches += 1;
+                }
+                merge.saw(fragment.at_ms);
+                let refused = offer_all(&mut merge, entries);
+                if refused > 0 {
+                    tracing::warn!(
+                        key = fragment.key,
+                        refused,
+                        "entries over the story's caps; skipped"
+                    );
+                }
+                deletable.push((fragment.key.clone(), fragment.at_ms));
+            }
+            FragmentRead::Useless => deletable.push((fragment.key.clone(), fragment.at_ms)),
+            FragmentRead::Kept => {}
+            FragmentRead::Vanished => {
+                // Its deleter wrote a manifest holding it first, maybe after our base.
+                tracing::info!(
+                    story_id,
+                    round,
+                    key = fragment.key,
+                    "a listed fragment was compacted meanwhile; reading the manifest again"
+                );
+                // A listing may lag behind a delete, as behind a write: give it a moment.
+                tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
+                return Ok(Round::Again);
+            }
+        }
+    }
+    drop(reads);
+
+    let names: HashSet<&str> = listing.iter().map(|f| f.name.as_str()).collect();
+    let mut still_stored: Vec<String> = counted
+        .into_iter()
+        .filter(|name| names.contains(name.as_str()))
+        .collect();
+    still_stored.sort();
+    let mut manifest = merge.finish(story_id, still_stored);
+    add_lasting_urls(&mut manifest, store, urls).await?;
+    let page_links = page_links(&manifest, store, urls).await?;
+    let page = Bytes::from(gallery::render(&manifest, &page_links));
+    drop(page_links);
+    let manifest_json = Bytes::from(serde_json::to_vec_pretty(&manifest).map_err(|e| {
+        Stage3Error::storage(format!("cannot encode the story manifest: {e}"), false)
+    })?);
+    let (scenes, batches) = (manifest.totals.scenes, manifest.batches);
+    drop(manifest);
+
+    if started.elapsed() > settings.round_limit {
+        tracing::warn!(
+            story_id,
+            round,
+            limit_secs = settings.round_limit.as_secs_f64(),
+            "the round ran too long to write safely; starting over"
+        );
+        return Ok(Round::Again);
+    }
+    let (manifest_at, page_at) = (manifest_key(story_id), gallery_key(story_id));
+    retrying(|| store.put(&manifest_at, manifest_json.clone(), ObjectMeta::RECORD)).await?;
+    drop(manifest_json);
+    retrying(|| store.put(&page_at, page.clone(), GALLERY_META)).await?;
+    drop(page);
+
+    let after = list_fragments(store, story_id).await?;
+    if after.iter().any(|f| !seen.contains(f.key.as_str())) {
+        tracing::info!(
+            story_id,
+            round,
+            "another batch of the story published meanwhile; merging again"
+        );
+        return Ok(Round::Again);
+    }
+    Ok(Round::Published {
+        deletable,
+        now_ms,
+        scenes,
+        batches,
+    })
+}
+
+/// Offers every entry to the merge (moved, never copied); how many a cap refused.
+fn offer_all(merge: &mut Merge, entries: Vec<Checked>) -> usize {
+    let mut refused = 0;
+    for checked in entries {
+        if !merge.offer(checked) {
+            refused += 1;
+        }
+    }
+    refused
+}
+
+fn millis_of(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The story's fragments, by store time then key. Only keys directly under the story's
+/// `batches/` with a fragment's name are fragments; anything else there is not read.
+async fn list_fragments(store: &dyn ObjectStore, story_id: &str) -> Result<Vec<Listing>> {
+    let prefix = fragments_prefix(story_id);
+    let mut fragments: Vec<Listing> = retrying(|| store.list_objects(&prefix))
         .await?
         .into_iter()
-        .filter(|key| key.ends_with(".json"))
+        .filter_map(|listed| {
+            let name = listed.key.strip_prefix(&prefix)?;
+            is_fragment_name(name).then(|| Listing {
+                name: name.to_string(),
+                at_ms: manifest::millis(listed.last_modified),
+                size: listed.size,
+                key: listed.key.clone(),
+            })
+        })
         .collect();
-    if keys.len() > MAX_FRAGMENTS {
+    fragments.sort_by(|a, b| (a.at_ms, &a.key).cmp(&(b.at_ms, &b.key)));
+    Ok(fragments)
+}
+
+/// What reading a listed fragment gave.
+enum FragmentRead {
+    /// A fragment of this story: its entries that passed the checks.
+    Merged(Vec<Checked>),
+    /// Never mergeable (too large, not JSON, another story's): deleted like a merged one.
+    Useless,
+    /// Written by a newer version of this code: left alone.
+    Kept,
+    /// Gone since it was listed.
+    Vanished,
+}
+
+async fn read_listed<'a>(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    fragment: &'a Listing,
+) -> (&'a Listing, Result<FragmentRead>) {
+    (fragment, read_fragment(store, story_id, fragment).await)
+}
+
+async fn read_fragment(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    fragment: &Listing,
+) -> Result<FragmentRead> {
+    let key = fragment.key.as_str();
+    if fragment.size > MAX_FRAGMENT_BYTES {
+        tracing::warn!(
+            key,
+            size = fragment.size,
+            "a fragment larger than any batch writes; skipping it unread"
+        );
+        return Ok(FragmentRead::Useless);
+    }
+    let bytes = match retrying(|| store.get(key, MAX_FRAGMENT_BYTES)).await? {
+        Fetched::Missing => return Ok(FragmentRead::Vanished),
+        Fetched::TooLarge { size } => {
+            tracing::warn!(
+                key,
+                size,
+                "a fragment larger than any batch writes; skipping it unread"
+            );
+            return Ok(FragmentRead::Useless);
+        }
+        Fetched::Found(bytes) => bytes,
+    };
+    Ok(parse_fragment(story_id, fragment, &bytes))
+}
+
+/// A fragment's checked entries, read one at a time. A damaged or foreign fragment must not
+/// stop the story from ever being published again, and a bad entry must not cost the rest.
+fn parse_fragment(story_id: &str, fragment: &Listing, bytes: &[u8]) -> FragmentRead {
+    let key = fragment.key.as_str();
+    let stamp = Stamp::Fragment {
+        name: &fragment.name,
+        at_ms: fragment.at_ms,
+    };
+    let mut entries = Vec::new();
+    let mut refused = 0usize;
+    let mut reason: Option<String> = None;
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let header =
+        read_document(
+            &mut deserializer,
+            MAX_FRAGMENT_ENTRIES,
+            &mut |value| match check_entry(value, stamp) {
+                Ok(checked) => entries.push(checked),
+                Err(why) => {
+                    refused += 1;
+                    reason.get_or_insert(why);
+                }
+            },
+        )
+        .and_then(|header| deserializer.end().map(|()| header));
+    let header = match header {
+        Ok(header) => header,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "an unreadable fragment; skipping it");
+            return FragmentRead::Useless;
+        }
+    };
+    if header
+        .format
+        .is_some_and(|format| format > u64::from(FRAGMENT_FORMAT))
+    {
+        tracing::warn!(
+            key,
+            format = header.format,
+            "a fragment of a newer format; leaving it to a newer stage3"
+        );
+        return FragmentRead::Kept;
+    }
+    let accepted = u64::from(FRAGMENT_FORMAT)..=u64::from(FRAGMENT_FORMAT);
+    if let Some(problem) = header_problem(&header, story_id, accepted, 1) {
+        tracing::warn!(key, problem, "not a fragment of this story; skipping it");
+        return FragmentRead::Useless;
+    }
+    if refused > 0 {
+        tracing::warn!(
+            key,
+            refused,
+            first_reason = reason.as_deref().unwrap_or_default(),
+            "fragment entries failed their checks; skipped"
+        );
+    }
+    if header.over_cap > 0 {
+        tracing::warn!(
+            key,
+            skipped = header.over_cap,
+            "a fragment with more entries than a batch writes; the rest skipped"
+        );
+    }
+    FragmentRead::Merged(entries)
+}
+
+/// What a previous manifest brings to a round.
+struct Base {
+    entries: Vec<Checked>,
+    batches: usize,
+    fragments: Vec<String>,
+    updated_ms: u64,
+}
+
+/// The story's `manifest.json` as a base, checked entry by entry. `None` when there is
+/// none, or none usable: one from before compaction (format 1, whose fragments are all still
+/// stored), or a damaged one — whose entries whose fragments were deleted are then lost, but
+/// the story is published again. A manifest of a newer format is never overwritten.
+async fn read_base(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    not_after_ms: u64,
+) -> Result<Option<Base>> {
+    let key = manifest_key(story_id);
+    let bytes = match retrying(|| store.get(&key, MAX_MANIFEST_BYTES)).await? {
+        Fetched::Missing => return Ok(None),
+        Fetched::TooLarge { size } => {
+            tracing::warn!(
+                key,
+                size,
+                "manifest.json is larger than any this code writes; rebuilding from fragments"
+            );
+            return Ok(None);
+        }
+        Fetched::Found(bytes) => bytes,
+    };
+    let mut entries = Vec::new();
+    let mut refused = 0usize;
+    let mut reason: Option<String> = None;
+    let stamp = Stamp::Recorded { not_after_ms };
+    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    let header = read_document(
+        &mut deserializer,
+        MAX_STORY_SCENES,
+        &mut |value| match check_entry(value, stamp) {
+            Ok(checked) => entries.push(checked),
+            Err(why) => {
+                refused += 1;
+                reason.get_or_insert(why);
+            }
+        },
+    )
+    .and_then(|header| deserializer.end().map(|()| header));
+    drop(bytes);
+    let header = match header {
+        Ok(header) => header,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "an unreadable manifest.json; rebuilding from fragments");
+            return Ok(None);
+        }
+    };
+    let format = header.format.unwrap_or(1);
+    if format > u64::from(MANIFEST_FORMAT) {
         return Err(Stage3Error::storage(
             format!(
-                "story {story_id:?} has {} batch fragments; at most {MAX_FRAGMENTS} are merged",
-                keys.len()
+                "{}: format {format}, newer than this stage3 writes ({MANIFEST_FORMAT}); \
+                 not replacing it",
+                store.location(&key)
             ),
             false,
         ));
     }
-    keys.sort();
-    Ok(keys)
+    if format < u64::from(MANIFEST_FORMAT) {
+        tracing::info!(
+            key,
+            format,
+            "a manifest from before compaction: its fragments are all stored, so not needed"
+        );
+        return Ok(None);
+    }
+    let accepted = u64::from(MANIFEST_FORMAT)..=u64::from(MANIFEST_FORMAT);
+    if let Some(problem) = header_problem(&header, story_id, accepted, 1) {
+        tracing::warn!(
+            key,
+            problem,
+            "manifest.json is not this story's; rebuilding from fragments"
+        );
+        return Ok(None);
+    }
+    if refused > 0 {
+        tracing::warn!(
+            key,
+            refused,
+            first_reason = reason.as_deref().unwrap_or_default(),
+            "manifest entries failed their checks; skipped"
+        );
+    }
+    let updated_ms = header
+        .updated_at
+        .as_deref()
+        .and_then(manifest::parse_millis)
+        .filter(|ms| *ms <= not_after_ms)
+        .unwrap_or(0);
+    Ok(Some(Base {
+        entries,
+        batches: header
+            .batches
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0),
+        fragments: header.fragments,
+        updated_ms,
+    }))
 }
 
-/// A fragment's contents, or `None` (logged) when it cannot be used: a damaged fragment must
-/// not stop the story from ever being published again.
-fn read_fragment(story_id: &str, key: &str, bytes: Option<Bytes>) -> Option<Fragment> {
-    let Some(bytes) = bytes else {
-        tracing::warn!(key, "a listed fragment could not be read; skipping it");
-        return None;
-    };
-    match serde_json::from_slice::<Fragment>(&bytes) {
-        Ok(fragment) if fragment.story_id == story_id => Some(fragment),
-        Ok(_) => {
-            tracing::warn!(key, "a fragment of another story; skipping it");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(key, error = %e, "an unreadable fragment; skipping it");
-            None
+/// Deletes the fragments merged (or found useless) that were stored more than `grace` before
+/// the batch's own: after the manifest holding them was written, and never the batch's own.
+/// Failures are logged; a later batch tries again.
+async fn compact(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    deletable: Vec<(String, u64)>,
+    own: &HashSet<String>,
+    now_ms: u64,
+    grace: Duration,
+) {
+    let grace_ms = millis_of(grace);
+    let old: Vec<String> = deletable
+        .into_iter()
+        .filter(|(key, at_ms)| !own.contains(key) && at_ms.saturating_add(grace_ms) < now_ms)
+        .map(|(key, _)| key)
+        .collect();
+    if old.is_empty() {
+        return;
+    }
+    let pending: Vec<_> = old
+        .into_iter()
+        .map(|key| delete_fragment(store, key))
+        .collect();
+    let outcomes: Vec<bool> = stream::iter(pending)
+        .buffer_unordered(DELETE_CONCURRENCY)
+        .collect()
+        .await;
+    let deleted = outcomes.iter().filter(|ok| **ok).count();
+    tracing::info!(
+        story_id,
+        deleted,
+        failed = outcomes.len() - deleted,
+        "merged fragments compacted into the manifest"
+    );
+}
+
+/// Deletes one merged fragment; whether it went.
+async fn delete_fragment(store: &dyn ObjectStore, key: String) -> bool {
+    match retrying(|| store.delete(&key)).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(
+                key,
+                error = %error,
+                "a merged fragment could not be deleted; a later batch will"
+            );
+            false
         }
     }
+}
+
+/// With a CDN that needs no signature, each entry's lasting URLs, rebuilt from its keys.
+/// Signed and presigned URLs expire, so a file kept for months carries none.
+async fn add_lasting_urls(
+    manifest: &mut Manifest,
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
+) -> Result<()> {
+    if !matches!(urls, UrlPolicy::Cdn { signer: None, .. }) {
+        return Ok(());
+    }
+    for entry in &mut manifest.scenes {
+        if let Some(key) = &entry.image_key {
+            entry.image_url = urls.url(store, key).await?;
+        }
+        if let Some(key) = &entry.thumbnail_key {
+            entry.thumbnail_url = urls.url(store, key).await?;
+        }
+    }
+    Ok(())
+}
+
+/// How the page links: relative, and images only from itself, without a CDN; with one,
+/// images also from its origin, and with CDN signing, every link signed now (so the page's
+/// links expire with the signature, and every batch writes fresh ones).
+async fn page_links(
+    manifest: &Manifest,
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
+) -> Result<PageLinks> {
+    let UrlPolicy::Cdn { base, signer } = urls else {
+        return Ok(PageLinks::default());
+    };
+    let image_origin = gallery::image_origin(base);
+    if image_origin.is_none() {
+        tracing::warn!(
+            base,
+            "the CDN base is not a plain origin; the page allows images from its own origin only"
+        );
+    }
+    let signed = match signer {
+        None => None,
+        Some(_) => {
+            let mut signed = HashMap::new();
+            let mut keys = vec![manifest_key(&manifest.story_id)];
+            for entry in &manifest.scenes {
+                keys.extend(entry.image_key.iter().cloned());
+                keys.extend(entry.thumbnail_key.iter().cloned());
+            }
+            for key in keys {
+                if let Some(url) = urls.url(store, &key).await? {
+                    signed.insert(key, url);
+                }
+            }
+            Some(signed)
+        }
+    };
+    Ok(PageLinks {
+        image_origin,
+        signed,
+    })
 }
 
 async fn links(store: &dyn ObjectStore, urls: &UrlPolicy, story_id: &str) -> Result<StoryLinks> {
@@ -406,11 +1015,14 @@ where
     }
 }
 
-/// A batch's fragment lists its scenes; anything far bigger was not written by us.
-const MAX_FRAGMENT_BYTES: u64 = 16 * 1024 * 1024;
-
 /// `stage3 gallery`: rewrites `index.html` beside a manifest on the filesystem from the
 /// manifest alone. `path` is the manifest file or the story's directory. Returns the page.
+///
+/// The manifest is read like any document from the store: entry by entry, each checked,
+/// the totals recomputed (a damaged total — `null`, infinite — is never read), a manifest
+/// from before compaction accepted. Links are relative: there is no CDN to sign them for.
+/// The page gets the permissions of any new file (`0666` less the umask): with umask 077
+/// it is the owner's alone.
 pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
     let manifest_path = if path.is_dir() {
         path.join("manifest.json")
@@ -422,14 +1034,57 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
     };
     let file = std::fs::File::open(&manifest_path).map_err(|e| unreadable(&e))?;
     let size = file.metadata().map_err(|e| unreadable(&e))?.len();
-    if size > MAX_MANIFEST_BYTES {
+    if size > MAX_GALLERY_MANIFEST_BYTES {
         return Err(unreadable(&format!(
-            "{size} bytes; a manifest may be at most {MAX_MANIFEST_BYTES}"
+            "{size} bytes; a manifest may be at most {MAX_GALLERY_MANIFEST_BYTES}"
         )));
     }
-    let manifest: Manifest = serde_json::from_reader(std::io::BufReader::new(file))
-        .map_err(|e| unreadable(&format!("not a story manifest: {e}")))?;
-    validate_story_id(&manifest.story_id)?;
+    let not_after_ms = manifest::millis(SystemTime::now() + PublishSettings::default().skew);
+    let stamp = Stamp::Loose { not_after_ms };
+    let mut merge = Merge::new();
+    let mut refused = 0usize;
+    let mut deserializer = serde_json::Deserializer::from_reader(std::io::BufReader::new(
+        std::io::Read::take(file, size),
+    ));
+    let header = read_document(&mut deserializer, MAX_STORY_SCENES, &mut |value| {
+        let taken = check_entry(value, stamp).is_ok_and(|checked| merge.offer(checked));
+        if !taken {
+            refused += 1;
+        }
+    })
+    .and_then(|header| deserializer.end().map(|()| header))
+    .map_err(|e| unreadable(&format!("not a story manifest: {e}")))?;
+    let Some(story_id) = header.story_id.as_deref() else {
+        return Err(unreadable(&"not a story manifest: no story_id"));
+    };
+    validate_story_id(story_id)?;
+    let format = header.format.unwrap_or(1);
+    if format > u64::from(MANIFEST_FORMAT) {
+        return Err(unreadable(&format!(
+            "format {format}, newer than this stage3 reads ({MANIFEST_FORMAT})"
+        )));
+    }
+    if refused > 0 {
+        tracing::warn!(
+            path = %manifest_path.display(),
+            refused,
+            "manifest entries failed their checks; left off the page"
+        );
+    }
+    if let Some(ms) = header
+        .updated_at
+        .as_deref()
+        .and_then(manifest::parse_millis)
+        .filter(|ms| *ms <= not_after_ms)
+    {
+        merge.saw(ms);
+    }
+    merge.batches = header
+        .batches
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    let manifest = merge.finish(story_id, header.fragments.clone());
+
     let dir = manifest_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -438,20 +1093,21 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
     let write_error = |e: &dyn std::fmt::Display| {
         Stage3Error::storage(format!("cannot write {}: {e}", page_path.display()), false)
     };
-    let mut temp = tempfile::Builder::new()
-        .prefix(".stage3-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| write_error(&e))?;
-    std::io::Write::write_all(&mut temp, gallery::render(&manifest).as_bytes())
-        .map_err(|e| write_error(&e))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".stage3-").suffix(".part");
+    // Created as any file is (`0666` masked by the umask), not tempfile's owner-only 0600,
+    // and never forced wider than the umask allows.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        temp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| write_error(&e))?;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
+    let mut temp = builder.tempfile_in(dir).map_err(|e| write_error(&e))?;
+    std::io::Write::write_all(
+        &mut temp,
+        gallery::render(&manifest, &PageLinks::default()).as_bytes(),
+    )
+    .map_err(|e| write_error(&e))?;
     temp.persist(&page_path)
         .map_err(|e| write_error(&e.error))?;
     Ok(page_path)
@@ -558,7 +1214,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let story_dir = dir.path().join("stories/fox");
         std::fs::create_dir_all(&story_dir).unwrap();
-        let manifest = manifest::merge("fox", &[]);
+        let manifest = Merge::new().finish("fox", Vec::new());
         std::fs::write(
             story_dir.join("manifest.json"),
             serde_json::to_vec(&manifest).unwrap(),
@@ -568,7 +1224,7 @@ mod tests {
         assert_eq!(page, story_dir.join("index.html"));
         assert_eq!(
             std::fs::read_to_string(&page).unwrap(),
-            gallery::render(&manifest)
+            gallery::render(&manifest, &PageLinks::default())
         );
         assert_eq!(
             rebuild_gallery(&story_dir.join("manifest.json")).unwrap(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use stage3::error::Result;
-use stage3::storage::{Created, Fetched, ObjectInfo, ObjectMeta, ObjectStore};
+use stage3::storage::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use tokio::sync::watch;
 
 pub struct GatedStore {
@@ -94,6 +94,10 @@ impl ObjectStore for GatedStore {
 
     async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
         self.inner.presigned_url(key).await
+    }
+
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<Listed>> {
+        self.inner.list_objects(prefix).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
