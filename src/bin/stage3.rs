@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::deadline::Deadline;
-use stage3::events::EventPublisher;
+use stage3::events::{self, EventPublisher};
 use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
 use stage3::service::{BatchStop, PreparedScene, RunOptions, Stage3Service};
@@ -158,6 +158,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
     }
 
+    // Checked with the rest of the configuration, before anything is generated or spent.
+    let events_budget = events::cli_budget(|name| std::env::var(name).ok())?;
+
     let mut submission = read_submission(&args.input, config.max_batch)?;
     let story_id = submission.story_id().map(str::to_string);
     submission.override_with(&RequestOptions {
@@ -209,8 +212,10 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     }
     if events.is_enabled() {
         let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
+        // One budget for every sink, event and retry: a receiver that never answers costs
+        // the run this long at most, as the invocation deadline bounds the Lambda function.
         let report = events
-            .publish_batch(&answer, story.as_ref(), Deadline::NONE)
+            .publish_batch(&answer, story.as_ref(), Deadline::after(events_budget))
             .await;
         eprintln!(
             "events: {} delivered, {} lost",

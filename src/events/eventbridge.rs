@@ -122,7 +122,7 @@ impl EventBridgeSink {
                 tracing::warn!(
                     bus = %self.bus,
                     lost = pending.len(),
-                    "PutEvents: the invocation's deadline came first"
+                    "PutEvents: the deadline came first"
                 );
                 return pending.len();
             };
