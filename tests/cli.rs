@@ -1115,3 +1115,153 @@ async fn stage3_models_lists_ark_and_dashscope_from_their_tables() {
     );
     assert!(table.contains("1792x1024 → 1664x928"), "{table}");
 }
+
+// ---- What the binaries read and leave behind -------------------------------------------
+
+/// A `.env` at `path` holding `lines`.
+fn write_dotenv(path: &std::path::Path, lines: &[&str]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn a_dotenv_in_a_parent_directory_is_not_read() {
+    // The planted file sends the key to a stand-in: it must hear nothing, and the run must
+    // fail for want of a key, as it does with no `.env` at all.
+    let planted =
+        ScriptedOpenRouter::start(|_, _| Reply::error(500, "a planted .env was read")).await;
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &[
+            "STAGE3_PROVIDER=openrouter",
+            &format!("OPENROUTER_BASE_URL={}", planted.base_url),
+            "OPENROUTER_API_KEY=sk-or-v1-planted-0123456789",
+        ],
+    );
+    let cwd = work.path().join("projects/story");
+    std::fs::create_dir_all(&cwd).unwrap();
+    write_input(&cwd, &json!({"scene_id": "s1", "image_prompt": "a fox"}));
+    let output = stage3(&cwd)
+        .args(["generate", "input.json", "--out", "images"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("OPENROUTER_API_KEY"), "{stderr}");
+    assert_eq!(planted.total_calls(), 0, "the parent's .env was read");
+
+    // Nor one that makes every command fail.
+    write_dotenv(
+        &work.path().join(".env"),
+        &["STAGE3_PROVIDER=not-a-provider"],
+    );
+    let output = stage3(&cwd)
+        .args(["generate", "input.json", "--provider", "placeholder"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_working_directorys_own_dotenv_is_read_and_the_environment_wins() {
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &[
+            "STAGE3_PROVIDER=placeholder",
+            "STAGE3_OUTPUT_DIR=from-dotenv",
+            "STAGE3_CONCURRENCY=not-a-number",
+        ],
+    );
+    write_input(
+        work.path(),
+        &json!({"scene_id": "s1", "image_prompt": "a fox"}),
+    );
+    let output = stage3(work.path())
+        .env("STAGE3_CONCURRENCY", "2")
+        .args(["generate", "input.json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let path = answer["results"][0]["image_path"].as_str().unwrap();
+    assert!(
+        path.starts_with(
+            work.path()
+                .join("from-dotenv")
+                .canonicalize()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        ),
+        "{path}"
+    );
+
+    // A line the parser cannot read is a configuration error that does not quote it (it
+    // may hold a key).
+    std::fs::write(
+        work.path().join(".env"),
+        "OPENROUTER_API_KEY=\"sk-or-v1-unterminated-secret\n",
+    )
+    .unwrap();
+    let output = stage3(work.path())
+        .args(["validate", "input.json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error[config]: .env"), "{stderr}");
+    assert!(!stderr.contains("unterminated-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_lambda_function_reads_no_dotenv() {
+    // A `.env` that would fail the start, where the function starts: it must not matter.
+    // Started past its configuration, the function polls the Runtime API, standing in here.
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &["STAGE3_CONCURRENCY=not-a-number"],
+    );
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3-lambda"))
+        .current_dir(work.path())
+        .env_clear()
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            api.local_addr().unwrap().to_string(),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", "stage3")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("STAGE3_PROVIDER", "placeholder")
+        .env("STAGE3_OUTPUT_DIR", "images")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let polled = tokio::select! {
+        accepted = api.accept() => accepted.is_ok(),
+        _ = child.wait() => false,
+        _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => false,
+    };
+    child.start_kill().ok();
+    let output = child.wait_with_output().await.unwrap();
+    assert!(
+        polled,
+        "the function did not start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -4,6 +4,10 @@
 //! contract: 0 every scene done, 1 some failed (or the story's manifest and page could not
 //! be published), 2 invalid input or configuration (nothing generated, nothing spent), 130
 //! interrupted by Ctrl-C (the answer so far is still printed).
+//!
+//! The CLI, and only the CLI, reads `./.env` (the working directory's own file, never a
+//! parent's): before the async runtime starts, because loading it sets variables, which is
+//! safe only while the process has one thread.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -14,7 +18,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
+use stage3::config::{self, parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
 use stage3::provider::{ModelListing, Providers};
@@ -117,23 +121,36 @@ const EXIT_INVALID: u8 = 2;
 /// 128 + SIGINT, as shells report a run stopped by Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     telemetry::init("warn", false);
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(args) => generate(args).await,
-        Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
-        Command::Models { provider, json } => models(provider, json).await,
-        Command::Gallery { story } => gallery(&story),
-    };
-    match result {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error[{}]: {e}", e.error_type());
             ExitCode::from(EXIT_INVALID)
         }
     }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
+    // `gallery` reads no configuration; the other commands see `./.env` as part of their
+    // environment. Loaded here, while this is the process's only thread.
+    if !matches!(cli.command, Command::Gallery { .. }) {
+        config::load_dotenv()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Stage3Error::config(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Generate(args) => generate(args).await,
+            Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
+            Command::Models { provider, json } => models(provider, json).await,
+            Command::Gallery { story } => gallery(&story),
+        }
+    })
 }
 
 async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
