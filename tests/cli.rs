@@ -1265,3 +1265,69 @@ async fn the_lambda_function_reads_no_dotenv() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Every file and directory under `root`: its path, permission bits and whether it is a
+/// directory, sorted by path.
+#[cfg(unix)]
+fn modes_under(root: &std::path::Path) -> Vec<(String, u32, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            let relative = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .display()
+                .to_string();
+            found.push((relative, meta.permissions().mode() & 0o7777, meta.is_dir()));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(unix)]
+#[test]
+fn validate_writes_and_deletes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = work.path().join("tmp");
+    // Old enough to pass for a dead process's leftovers, and named as the store names its
+    // own temporaries: nothing may touch them, nor anything else.
+    let planted = [
+        ".stage3-important.part",
+        "deep/.stage3-important.part",
+        ".stage3-a1B2c3.part",
+        "sources/.stage3-a1B2c3.part",
+    ];
+    for relative in planted {
+        let path = tmp.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"someone's work").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(86_400))
+            .unwrap();
+    }
+    write_input(work.path(), &scenes());
+    let before = modes_under(work.path());
+    stage3(work.path())
+        .env("TMPDIR", &tmp)
+        .env("STAGE3_PROVIDER", "placeholder")
+        .args(["validate", "input.json"])
+        .assert()
+        .code(0);
+    assert_eq!(
+        modes_under(work.path()),
+        before,
+        "validate changed the files"
+    );
+}

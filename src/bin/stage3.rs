@@ -24,7 +24,7 @@ use stage3::events::{self, EventPublisher};
 use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
 use stage3::service::{BatchStop, PreparedScene, RunOptions, Stage3Service};
-use stage3::storage::FsStore;
+use stage3::storage::MemoryStore;
 use stage3::{telemetry, Stage3Error};
 
 #[derive(Parser)]
@@ -285,8 +285,10 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
     let submission = read_submission(input, config.max_batch)?;
     // Validation calls nobody who bills: the catalogue and the model tables need no key.
     let providers = Providers::for_checking(config.provider, config.providers.clone());
-    // The service needs a store; validation never writes to it.
-    let store = Arc::new(FsStore::new(&std::env::temp_dir())?);
+    // The service needs a store. An empty one in memory: validation must write and delete
+    // nothing, and opening a real store is not free of effects (the filesystem store clears
+    // stale temporary files from its root when it opens).
+    let store = Arc::new(MemoryStore::new());
     let service = Stage3Service::with_providers(config, providers, store);
     let scenes = service.prepare_submission(submission)?;
     let plan = service.check_batch(&scenes).await?;
