@@ -1331,3 +1331,64 @@ fn validate_writes_and_deletes_nothing() {
         "validate changed the files"
     );
 }
+
+/// Runs `stage3 generate` on a one-scene story under `umask`, with the placeholder and the
+/// visible label (so the unlabelled source is stored too), and answers the output
+/// directory's modes.
+#[cfg(unix)]
+fn stored_modes_under_umask(umask: &str) -> Vec<(String, u32, bool)> {
+    let work = tempfile::tempdir().unwrap();
+    write_input(
+        work.path(),
+        &json!({"story_id": "umask_tale", "scenes": [{"scene_id": "s1", "image_prompt": "a fox"}]}),
+    );
+    let output = std::process::Command::new("sh")
+        .current_dir(work.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("STAGE3_PROVIDER", "placeholder")
+        .env("STAGE3_VISIBLE_LABEL", "1")
+        .args(["-c", "umask \"$0\" && exec \"$@\"", umask])
+        .args([
+            env!("CARGO_BIN_EXE_stage3"),
+            "generate",
+            "input.json",
+            "--out",
+            "out",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let modes = modes_under(&work.path().join("out"));
+    let names: Vec<&str> = modes.iter().map(|(name, ..)| name.as_str()).collect();
+    for expected in ["sources", "stories/umask_tale/manifest.json", "thumbnails"] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
+    for kind in [".png", ".json"] {
+        assert!(
+            names.iter().any(|n| !n.contains('/') && n.ends_with(kind)),
+            "no {kind} at the root: {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n.starts_with("sources/")), "{names:?}");
+    modes
+}
+
+#[cfg(unix)]
+#[test]
+fn stored_files_honour_the_umask() {
+    for (umask, file_mode, dir_mode) in [("077", 0o600, 0o700), ("022", 0o644, 0o755)] {
+        for (name, mode, is_dir) in stored_modes_under_umask(umask) {
+            let expected = if is_dir { dir_mode } else { file_mode };
+            assert_eq!(
+                mode, expected,
+                "umask {umask}: {name} is {mode:o}, not {expected:o}"
+            );
+        }
+    }
+}

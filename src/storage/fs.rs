@@ -6,6 +6,10 @@
 //! one. Keys are checked so no path leaves the output directory, and reads refuse symbolic
 //! links, so a planted link cannot make us serve `/etc/shadow` as an image.
 //!
+//! Files get the permissions of any file written normally: `0666` less the process's umask
+//! (and a directory's default ACL), so `umask 077` keeps the unlabelled `sources/` and the
+//! records private to their owner.
+//!
 //! A process that dies mid-write leaves a temporary file. The store clears them when it
 //! opens, but only what it can prove is its own: a name of its exact temporary pattern, in
 //! one of the directories it writes, below its own root. A store opened on a directory
@@ -96,25 +100,29 @@ fn io_error(action: &str, path: &Path, e: std::io::Error) -> Stage3Error {
     )
 }
 
-/// A temporary file beside `path`, holding `bytes`, flushed to disk, world-readable.
+/// A temporary file beside `path`, holding `bytes`, flushed to disk, with the permissions
+/// of a file written normally.
 fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_error("create directory", dir, e))?;
-    let mut temp = tempfile::Builder::new()
+    let mut builder = tempfile::Builder::new();
+    builder
         .prefix(TEMP_PREFIX)
         .suffix(TEMP_SUFFIX)
-        .rand_bytes(TEMP_RANDOM_CHARS)
-        .tempfile_in(dir)
-        .map_err(|e| io_error("create a temporary file in", dir, e))?;
-    // Temporary files are created owner-only; a published image is for everyone to read
-    // (a web server, the next pipeline stage), as any file written normally would be.
+        .rand_bytes(TEMP_RANDOM_CHARS);
+    // tempfile creates owner-only files. Asking for 0666 instead lets the kernel apply the
+    // umask (or the directory's default ACL) as it creates the file, as for any file written
+    // normally: a web server may read the images under umask 022, nobody else under 077.
+    // Reading the umask ourselves would race with other threads (umask(2) sets it to read
+    // it) and would miss ACLs.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        temp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| io_error("set permissions on", temp.path(), e))?;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
+    let mut temp = builder
+        .tempfile_in(dir)
+        .map_err(|e| io_error("create a temporary file in", dir, e))?;
     temp.write_all(bytes)
         .and_then(|()| temp.as_file().sync_all())
         .map_err(|e| io_error("write", temp.path(), e))?;
@@ -655,5 +663,37 @@ mod tests {
         assert!(target.exists(), "a link was followed out of the root");
         #[cfg(unix)]
         assert!(std::fs::symlink_metadata(root.join(".stage3-link01.part")).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn stored_files_get_the_mode_of_a_file_written_normally() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        // A file created the ordinary way gets 0666 less the umask, whatever it is here.
+        let ordinary = dir.path().join("ordinary");
+        std::fs::write(&ordinary, b"x").unwrap();
+        let expected = std::fs::metadata(&ordinary).unwrap().permissions().mode() & 0o777;
+        store
+            .put("a.png", Bytes::from_static(b"one"), ObjectMeta::PNG)
+            .await
+            .unwrap();
+        store
+            .put_new(
+                "sources/b.png",
+                Bytes::from_static(b"two"),
+                ObjectMeta::SOURCE,
+            )
+            .await
+            .unwrap();
+        for key in ["a.png", "sources/b.png"] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, expected, "{key}: {mode:o}, not {expected:o}");
+        }
     }
 }
