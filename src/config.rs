@@ -339,14 +339,9 @@ impl Config {
             .collect()
     }
 
-    /// Reads `.env` from the working directory (values already in the environment win),
-    /// then the environment.
+    /// Reads the process environment, and nothing else: no file is opened. The Lambda
+    /// function configures itself this way; the CLI first calls [`load_dotenv`].
     pub fn from_env() -> Result<Config> {
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            Err(e) => return Err(Stage3Error::config(format!(".env: {e}"))),
-        }
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
@@ -537,6 +532,28 @@ fn provider_settings(vars: &Vars<'_>) -> Result<ProviderSettings> {
             prices: prices_of(ProviderKind::DashScope),
         },
     })
+}
+
+/// The file the CLI reads variables from: `.env` in the working directory.
+pub const DOTENV_FILE: &str = ".env";
+
+/// Loads `./.env` of the working directory into the process environment, values already
+/// in the environment winning; a missing file is no error. Only this one file: a search
+/// upward (`dotenvy::dotenv()`) let a `.env` in some parent directory, which nobody running
+/// the CLI had looked at, point `OPENROUTER_BASE_URL` elsewhere and send the key there.
+/// Only the CLI calls this, and before it starts any thread (it sets variables); the
+/// Lambda function's configuration is its environment alone. Answers whether a file was
+/// read.
+pub fn load_dotenv() -> Result<bool> {
+    match dotenvy::from_path(DOTENV_FILE) {
+        Ok(()) => Ok(true),
+        Err(e) if e.not_found() => Ok(false),
+        // The parser's own message quotes the line, which may hold a key: say where only.
+        Err(dotenvy::Error::LineParse(_, at)) => Err(Stage3Error::config(format!(
+            "{DOTENV_FILE}: a line cannot be parsed (at character {at} of the line)"
+        ))),
+        Err(e) => Err(Stage3Error::config(format!("{DOTENV_FILE}: {e}"))),
+    }
 }
 
 /// The model a provider draws with when neither the request nor `STAGE3_MODEL` names one.

@@ -1115,3 +1115,280 @@ async fn stage3_models_lists_ark_and_dashscope_from_their_tables() {
     );
     assert!(table.contains("1792x1024 → 1664x928"), "{table}");
 }
+
+// ---- What the binaries read and leave behind -------------------------------------------
+
+/// A `.env` at `path` holding `lines`.
+fn write_dotenv(path: &std::path::Path, lines: &[&str]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[tokio::test]
+async fn a_dotenv_in_a_parent_directory_is_not_read() {
+    // The planted file sends the key to a stand-in: it must hear nothing, and the run must
+    // fail for want of a key, as it does with no `.env` at all.
+    let planted =
+        ScriptedOpenRouter::start(|_, _| Reply::error(500, "a planted .env was read")).await;
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &[
+            "STAGE3_PROVIDER=openrouter",
+            &format!("OPENROUTER_BASE_URL={}", planted.base_url),
+            "OPENROUTER_API_KEY=sk-or-v1-planted-0123456789",
+        ],
+    );
+    let cwd = work.path().join("projects/story");
+    std::fs::create_dir_all(&cwd).unwrap();
+    write_input(&cwd, &json!({"scene_id": "s1", "image_prompt": "a fox"}));
+    let output = stage3(&cwd)
+        .args(["generate", "input.json", "--out", "images"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("OPENROUTER_API_KEY"), "{stderr}");
+    assert_eq!(planted.total_calls(), 0, "the parent's .env was read");
+
+    // Nor one that makes every command fail.
+    write_dotenv(
+        &work.path().join(".env"),
+        &["STAGE3_PROVIDER=not-a-provider"],
+    );
+    let output = stage3(&cwd)
+        .args(["generate", "input.json", "--provider", "placeholder"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_working_directorys_own_dotenv_is_read_and_the_environment_wins() {
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &[
+            "STAGE3_PROVIDER=placeholder",
+            "STAGE3_OUTPUT_DIR=from-dotenv",
+            "STAGE3_CONCURRENCY=not-a-number",
+        ],
+    );
+    write_input(
+        work.path(),
+        &json!({"scene_id": "s1", "image_prompt": "a fox"}),
+    );
+    let output = stage3(work.path())
+        .env("STAGE3_CONCURRENCY", "2")
+        .args(["generate", "input.json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let path = answer["results"][0]["image_path"].as_str().unwrap();
+    assert!(
+        path.starts_with(
+            work.path()
+                .join("from-dotenv")
+                .canonicalize()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        ),
+        "{path}"
+    );
+
+    // A line the parser cannot read is a configuration error that does not quote it (it
+    // may hold a key).
+    std::fs::write(
+        work.path().join(".env"),
+        "OPENROUTER_API_KEY=\"sk-or-v1-unterminated-secret\n",
+    )
+    .unwrap();
+    let output = stage3(work.path())
+        .args(["validate", "input.json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("error[config]: .env"), "{stderr}");
+    assert!(!stderr.contains("unterminated-secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_lambda_function_reads_no_dotenv() {
+    // A `.env` that would fail the start, where the function starts: it must not matter.
+    // Started past its configuration, the function polls the Runtime API, standing in here.
+    let work = tempfile::tempdir().unwrap();
+    write_dotenv(
+        &work.path().join(".env"),
+        &["STAGE3_CONCURRENCY=not-a-number"],
+    );
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3-lambda"))
+        .current_dir(work.path())
+        .env_clear()
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            api.local_addr().unwrap().to_string(),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", "stage3")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("STAGE3_PROVIDER", "placeholder")
+        .env("STAGE3_OUTPUT_DIR", "images")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let polled = tokio::select! {
+        accepted = api.accept() => accepted.is_ok(),
+        _ = child.wait() => false,
+        _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => false,
+    };
+    child.start_kill().ok();
+    let output = child.wait_with_output().await.unwrap();
+    assert!(
+        polled,
+        "the function did not start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Every file and directory under `root`: its path, permission bits and whether it is a
+/// directory, sorted by path.
+#[cfg(unix)]
+fn modes_under(root: &std::path::Path) -> Vec<(String, u32, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+            let relative = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .display()
+                .to_string();
+            found.push((relative, meta.permissions().mode() & 0o7777, meta.is_dir()));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(unix)]
+#[test]
+fn validate_writes_and_deletes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let tmp = work.path().join("tmp");
+    // Old enough to pass for a dead process's leftovers, and named as the store names its
+    // own temporaries: nothing may touch them, nor anything else.
+    let planted = [
+        ".stage3-important.part",
+        "deep/.stage3-important.part",
+        ".stage3-a1B2c3.part",
+        "sources/.stage3-a1B2c3.part",
+    ];
+    for relative in planted {
+        let path = tmp.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"someone's work").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(86_400))
+            .unwrap();
+    }
+    write_input(work.path(), &scenes());
+    let before = modes_under(work.path());
+    stage3(work.path())
+        .env("TMPDIR", &tmp)
+        .env("STAGE3_PROVIDER", "placeholder")
+        .args(["validate", "input.json"])
+        .assert()
+        .code(0);
+    assert_eq!(
+        modes_under(work.path()),
+        before,
+        "validate changed the files"
+    );
+}
+
+/// Runs `stage3 generate` on a one-scene story under `umask`, with the placeholder and the
+/// visible label (so the unlabelled source is stored too), and answers the output
+/// directory's modes.
+#[cfg(unix)]
+fn stored_modes_under_umask(umask: &str) -> Vec<(String, u32, bool)> {
+    let work = tempfile::tempdir().unwrap();
+    write_input(
+        work.path(),
+        &json!({"story_id": "umask_tale", "scenes": [{"scene_id": "s1", "image_prompt": "a fox"}]}),
+    );
+    let output = std::process::Command::new("sh")
+        .current_dir(work.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("STAGE3_PROVIDER", "placeholder")
+        .env("STAGE3_VISIBLE_LABEL", "1")
+        .args(["-c", "umask \"$0\" && exec \"$@\"", umask])
+        .args([
+            env!("CARGO_BIN_EXE_stage3"),
+            "generate",
+            "input.json",
+            "--out",
+            "out",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let modes = modes_under(&work.path().join("out"));
+    let names: Vec<&str> = modes.iter().map(|(name, ..)| name.as_str()).collect();
+    for expected in ["sources", "stories/umask_tale/manifest.json", "thumbnails"] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
+    for kind in [".png", ".json"] {
+        assert!(
+            names.iter().any(|n| !n.contains('/') && n.ends_with(kind)),
+            "no {kind} at the root: {names:?}"
+        );
+    }
+    assert!(names.iter().any(|n| n.starts_with("sources/")), "{names:?}");
+    modes
+}
+
+#[cfg(unix)]
+#[test]
+fn stored_files_honour_the_umask() {
+    for (umask, file_mode, dir_mode) in [("077", 0o600, 0o700), ("022", 0o644, 0o755)] {
+        for (name, mode, is_dir) in stored_modes_under_umask(umask) {
+            let expected = if is_dir { dir_mode } else { file_mode };
+            assert_eq!(
+                mode, expected,
+                "umask {umask}: {name} is {mode:o}, not {expected:o}"
+            );
+        }
+    }
+}

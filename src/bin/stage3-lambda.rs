@@ -18,6 +18,8 @@ async fn main() -> ExitCode {
     // the S3 client are reused by every event this sandbox serves. A bad configuration
     // fails the init phase, where Lambda reports it as `Runtime.ExitError` with our message.
     // The event and dead-letter clients too: built here, without any network call.
+    // The configuration is the function's environment alone: no `.env` is looked for, so a
+    // file in the deployment package or the working directory cannot change where keys go.
     let built = match Config::from_env() {
         Ok(config) => match lambda::Outlets::from_settings(&config.events, &config.aws).await {
             Ok(outlets) => Stage3Service::from_config(config)

@@ -4,6 +4,10 @@
 //! contract: 0 every scene done, 1 some failed (or the story's manifest and page could not
 //! be published), 2 invalid input or configuration (nothing generated, nothing spent), 130
 //! interrupted by Ctrl-C (the answer so far is still printed).
+//!
+//! The CLI, and only the CLI, reads `./.env` (the working directory's own file, never a
+//! parent's): before the async runtime starts, because loading it sets variables, which is
+//! safe only while the process has one thread.
 
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
@@ -14,13 +18,13 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::config::{parse_cost, parse_fallbacks, Config, ProviderKind};
+use stage3::config::{self, parse_cost, parse_fallbacks, Config, ProviderKind};
 use stage3::deadline::Deadline;
-use stage3::events::EventPublisher;
+use stage3::events::{self, EventPublisher};
 use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
 use stage3::service::{BatchStop, PreparedScene, RunOptions, Stage3Service};
-use stage3::storage::FsStore;
+use stage3::storage::MemoryStore;
 use stage3::{telemetry, Stage3Error};
 
 #[derive(Parser)]
@@ -117,23 +121,36 @@ const EXIT_INVALID: u8 = 2;
 /// 128 + SIGINT, as shells report a run stopped by Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     telemetry::init("warn", false);
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(args) => generate(args).await,
-        Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
-        Command::Models { provider, json } => models(provider, json).await,
-        Command::Gallery { story } => gallery(&story),
-    };
-    match result {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error[{}]: {e}", e.error_type());
             ExitCode::from(EXIT_INVALID)
         }
     }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
+    // `gallery` reads no configuration; the other commands see `./.env` as part of their
+    // environment. Loaded here, while this is the process's only thread.
+    if !matches!(cli.command, Command::Gallery { .. }) {
+        config::load_dotenv()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Stage3Error::config(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Generate(args) => generate(args).await,
+            Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
+            Command::Models { provider, json } => models(provider, json).await,
+            Command::Gallery { story } => gallery(&story),
+        }
+    })
 }
 
 async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
@@ -157,6 +174,9 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     if let Some(max_cost) = &args.max_cost {
         config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
     }
+
+    // Checked with the rest of the configuration, before anything is generated or spent.
+    let events_budget = events::cli_budget(|name| std::env::var(name).ok())?;
 
     let mut submission = read_submission(&args.input, config.max_batch)?;
     let story_id = submission.story_id().map(str::to_string);
@@ -209,8 +229,10 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     }
     if events.is_enabled() {
         let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
+        // One budget for every sink, event and retry: a receiver that never answers costs
+        // the run this long at most, as the invocation deadline bounds the Lambda function.
         let report = events
-            .publish_batch(&answer, story.as_ref(), Deadline::NONE)
+            .publish_batch(&answer, story.as_ref(), Deadline::after(events_budget))
             .await;
         eprintln!(
             "events: {} delivered, {} lost",
@@ -263,8 +285,10 @@ async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, S
     let submission = read_submission(input, config.max_batch)?;
     // Validation calls nobody who bills: the catalogue and the model tables need no key.
     let providers = Providers::for_checking(config.provider, config.providers.clone());
-    // The service needs a store; validation never writes to it.
-    let store = Arc::new(FsStore::new(&std::env::temp_dir())?);
+    // The service needs a store. An empty one in memory: validation must write and delete
+    // nothing, and opening a real store is not free of effects (the filesystem store clears
+    // stale temporary files from its root when it opens).
+    let store = Arc::new(MemoryStore::new());
     let service = Stage3Service::with_providers(config, providers, store);
     let scenes = service.prepare_submission(submission)?;
     let plan = service.check_batch(&scenes).await?;

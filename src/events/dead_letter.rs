@@ -61,6 +61,10 @@ impl fmt::Debug for DeadLetterQueue {
 }
 
 impl DeadLetterQueue {
+    /// The one SQS operation this outlet calls, with the IAM action AWS checks for it (on the
+    /// queue); infra/template.yaml grants it, and tests/infra.rs checks both.
+    pub const IAM_ACTIONS: &[(&str, &str)] = &[("SendMessage", "sqs:SendMessage")];
+
     /// Builds the SQS client for `queue_url` on the shared AWS configuration, in the
     /// region [`AwsConfig::region_for`] chooses. Call once, at start-up.
     pub async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Self {

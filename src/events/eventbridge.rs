@@ -58,6 +58,10 @@ impl fmt::Debug for EventBridgeSink {
 }
 
 impl EventBridgeSink {
+    /// The one EventBridge operation this sink calls, with the IAM action AWS checks for it (on
+    /// the bus); infra/template.yaml grants it, and tests/infra.rs checks both.
+    pub const IAM_ACTIONS: &[(&str, &str)] = &[("PutEvents", "events:PutEvents")];
+
     /// Builds the client for `bus` on the shared AWS configuration, in the region
     /// [`AwsConfig::region_for`] chooses. Call once, at start-up.
     pub async fn from_aws(bus: &str, aws: &AwsConfig) -> Self {
@@ -118,7 +122,7 @@ impl EventBridgeSink {
                 tracing::warn!(
                     bus = %self.bus,
                     lost = pending.len(),
-                    "PutEvents: the invocation's deadline came first"
+                    "PutEvents: the deadline came first"
                 );
                 return pending.len();
             };

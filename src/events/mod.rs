@@ -17,6 +17,11 @@
 //! cannot deliver retries a few times, then logs and counts what it lost, and a stored
 //! scene stays stored whatever happens to its event.
 //!
+//! Publishing has one time budget, so a receiver that accepts connections and never answers
+//! cannot hold the run: the Lambda function's is its invocation deadline, the CLI's is
+//! [`cli_budget`] (`STAGE3_EVENTS_TIMEOUT_SECS`), spent by every sink and every retry
+//! together.
+//!
 //! [`dead_letter`] is the other outlet: SQS messages that failed for good go straight to
 //! the dead-letter queue instead of calling the provider again on every redelivery.
 
@@ -35,11 +40,36 @@ use serde::Serialize;
 use crate::aws::AwsConfig;
 use crate::config::EventSettings;
 use crate::deadline::Deadline;
-use crate::error::Result;
+use crate::error::{Result, Stage3Error};
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
 
 /// The EventBridge `source` of every event (docs/design.md §2).
 pub const EVENT_SOURCE: &str = "stage3";
+
+/// The variable naming the CLI's time budget for a batch's events, in seconds.
+pub const CLI_BUDGET_VARIABLE: &str = "STAGE3_EVENTS_TIMEOUT_SECS";
+/// The CLI's budget when the variable is unset: a webhook's POST may take 10 s, so this
+/// leaves room for a retry, yet a silent receiver costs a run half a minute, not the 80 s
+/// that four attempts of each of two events in a row took without a budget.
+pub const DEFAULT_CLI_BUDGET: Duration = Duration::from_secs(30);
+/// The longest budget the variable may ask for.
+const MAX_CLI_BUDGET_SECS: u64 = 3600;
+
+/// The CLI's one time budget for publishing a batch's events, from
+/// `STAGE3_EVENTS_TIMEOUT_SECS` (1 to 3600 seconds; blank is unset) read through `lookup`.
+/// The Lambda function needs none: its invocation deadline bounds its events.
+pub fn cli_budget(lookup: impl Fn(&str) -> Option<String>) -> Result<Duration> {
+    let Some(raw) = lookup(CLI_BUDGET_VARIABLE).filter(|raw| !raw.trim().is_empty()) else {
+        return Ok(DEFAULT_CLI_BUDGET);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(secs) if (1..=MAX_CLI_BUDGET_SECS).contains(&secs) => Ok(Duration::from_secs(secs)),
+        _ => Err(Stage3Error::config(format!(
+            "{CLI_BUDGET_VARIABLE}: expected a number of seconds from 1 to \
+             {MAX_CLI_BUDGET_SECS}, got {raw:?}"
+        ))),
+    }
+}
 
 /// What an event announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -372,6 +402,24 @@ mod tests {
             assert!(backoff.delay(retry) <= backoff.max);
         }
         assert!(backoff.delay(1) <= backoff.base);
+    }
+
+    #[test]
+    fn the_cli_budget_defaults_to_thirty_seconds_and_refuses_nonsense() {
+        let budget = |value: Option<&str>| {
+            cli_budget(|name| {
+                assert_eq!(name, CLI_BUDGET_VARIABLE);
+                value.map(str::to_string)
+            })
+        };
+        assert_eq!(budget(None).unwrap(), Duration::from_secs(30));
+        assert_eq!(budget(Some("  ")).unwrap(), DEFAULT_CLI_BUDGET);
+        assert_eq!(budget(Some(" 5 ")).unwrap(), Duration::from_secs(5));
+        for bad in ["0", "3601", "-1", "1.5", "soon"] {
+            let err = budget(Some(bad)).unwrap_err();
+            assert_eq!(err.error_type(), ErrorType::Config, "{bad}");
+            assert!(err.to_string().contains(CLI_BUDGET_VARIABLE), "{err}");
+        }
     }
 
     #[test]

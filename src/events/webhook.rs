@@ -1,9 +1,13 @@
 //! Events as signed HTTP POSTs to a webhook (`STAGE3_WEBHOOK_URL` + `STAGE3_WEBHOOK_SECRET`).
 //!
 //! One POST per event, body `{"type": "scene.ready" | "scene.failed" | "batch.done",
-//! "data": …}`, with `X-Stage3-Signature: sha256=<hex HMAC-SHA256(secret, raw body)>` so
-//! the receiver can tell our events from anyone else's (docs/design.md §2). A receiver
-//! should compute the HMAC over the bytes it received, before parsing them.
+//! "data": …}`, with `X-Stage3-Timestamp: <unix seconds>` and `X-Stage3-Signature:
+//! sha256=<hex HMAC-SHA256(secret, "{timestamp}.{raw body}")>` so the receiver can tell our
+//! events from anyone else's (docs/events.md). The timestamp is signed with the body
+//! because a signature over the body alone stays valid forever: whoever saw one POST could
+//! send it again at any time. A receiver computes the HMAC over the bytes it received,
+//! before parsing them, and refuses a timestamp more than [`REPLAY_WINDOW`] away from its
+//! clock. Each attempt is signed afresh, so a retry is never older than the window.
 //!
 //! A POST answered 5xx or 429, or that could not connect or timed out, is tried again with
 //! backoff; any other 4xx is the receiver refusing that event, and trying again would
@@ -14,7 +18,7 @@
 //! origin, since webhook URLs often carry a token of their own.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
@@ -26,8 +30,14 @@ use crate::config::{Secret, WebhookSettings};
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 
-/// The header carrying the body's signature.
+/// The header carrying the signature of the timestamp and the body.
 pub const SIGNATURE_HEADER: &str = "X-Stage3-Signature";
+/// The header carrying when the POST was signed, in Unix seconds.
+pub const TIMESTAMP_HEADER: &str = "X-Stage3-Timestamp";
+/// How far a receiver should let a signed timestamp be from its own clock (docs/events.md):
+/// wide enough for clock skew and a slow network, narrow enough that a captured POST is
+/// soon worthless.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// The header naming the event's type, so a receiver can route before parsing.
 pub const EVENT_HEADER: &str = "X-Stage3-Event";
 /// Longest one POST may take, connect to last byte.
@@ -38,13 +48,24 @@ const CONCURRENCY: usize = 8;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// `sha256=<hex HMAC-SHA256(secret, body)>`, the value of [`SIGNATURE_HEADER`].
-pub fn signature(secret: &Secret, body: &[u8]) -> String {
+/// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`, the value of
+/// [`SIGNATURE_HEADER`] for a POST whose [`TIMESTAMP_HEADER`] is `timestamp`.
+pub fn signature(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
     // HMAC takes keys of any length, so this cannot fail.
     let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes())
         .expect("HMAC accepts keys of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Now in Unix seconds, for [`TIMESTAMP_HEADER`]. A clock set before 1970 signs 0, which
+/// every receiver refuses: the event is lost and logged, never sent unsigned.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// The webhook body of `event`: `{"type": …, "data": …}`.
@@ -117,20 +138,22 @@ impl WebhookSink {
     /// POSTs one event with retries; answers whether it was delivered.
     async fn post(&self, event: &Event, deadline: Deadline) -> bool {
         let body = body(event);
-        let signature = signature(&self.secret, body.as_bytes());
         let mut retry = 0;
         loop {
+            let timestamp = unix_now();
+            let signature = signature(&self.secret, timestamp, body.as_bytes());
             let request = self
                 .client
                 .post(self.url.clone())
                 .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                 .header(USER_AGENT, concat!("stage3/", env!("CARGO_PKG_VERSION")))
                 .header(EVENT_HEADER, event.kind.webhook_type())
+                .header(TIMESTAMP_HEADER, timestamp)
                 .header(SIGNATURE_HEADER, &signature)
                 .body(body.clone())
                 .send();
             let Some(outcome) = deadline.within(request).await else {
-                self.lost(event, "the invocation's deadline came first");
+                self.lost(event, "the deadline came first");
                 return false;
             };
             let why = match outcome {
@@ -201,12 +224,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_signature_is_hmac_sha256_of_the_body() {
-        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+    fn the_signature_is_hmac_sha256_of_the_timestamp_a_dot_and_the_body() {
+        // Python's hmac.new(b"Jefe", b"1700000000.what do ya want for nothing?",
+        // hashlib.sha256).hexdigest(), an implementation independent of ours.
         let secret = Secret::new("Jefe");
+        let body = b"what do ya want for nothing?";
         assert_eq!(
-            signature(&secret, b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            signature(&secret, 1_700_000_000, body),
+            "sha256=1cdd0650c8be1cb0974b1788d458b1e781206cfef59b85faafc582d2e182c57e"
+        );
+        assert_ne!(
+            signature(&secret, 1_700_000_001, body),
+            signature(&secret, 1_700_000_000, body),
+            "another time, another signature: an old one cannot be reused"
         );
     }
 

@@ -5,6 +5,15 @@
 //! into place: a crash or an error leaves either the old object or the new one, never half of
 //! one. Keys are checked so no path leaves the output directory, and reads refuse symbolic
 //! links, so a planted link cannot make us serve `/etc/shadow` as an image.
+//!
+//! Files get the permissions of any file written normally: `0666` less the process's umask
+//! (and a directory's default ACL), so `umask 077` keeps the unlabelled `sources/` and the
+//! records private to their owner.
+//!
+//! A process that dies mid-write leaves a temporary file. The store clears them when it
+//! opens, but only what it can prove is its own: a name of its exact temporary pattern, in
+//! one of the directories it writes, below its own root. A store opened on a directory
+//! shared with others (a home, `/tmp`) must never delete someone else's file.
 
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -16,9 +25,22 @@ use bytes::Bytes;
 use super::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::error::{Result, Stage3Error};
 
-/// Temporary files are named `.stage3-….part`; one older than this belongs to a process
-/// that died mid-write (a write takes milliseconds) and is removed at start-up.
+/// Temporary files are named `.stage3-XXXXXX.part`; one older than this belongs to a
+/// process that died mid-write (a write takes milliseconds) and is removed at start-up.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(15 * 60);
+/// A temporary file's name: this prefix, [`TEMP_RANDOM_CHARS`] ASCII letters and digits
+/// (tempfile's alphabet), this suffix. `stage3 gallery` (src/story/mod.rs) writes its page
+/// the same way, with tempfile's default of six.
+const TEMP_PREFIX: &str = ".stage3-";
+const TEMP_SUFFIX: &str = ".part";
+const TEMP_RANDOM_CHARS: usize = 6;
+/// The directories below the root that the service writes (besides the root itself, which
+/// holds images, records and claims): the unlabelled sources (src/labels.rs), thumbnails
+/// (src/story/thumbnail.rs), and per story its manifest and page and, below that, its
+/// batch fragments (src/story/mod.rs).
+const SUBDIRECTORIES: &[&str] = &["sources", "thumbnails"];
+const STORIES: &str = "stories";
+const STORY_FRAGMENTS: &str = "batches";
 
 #[derive(Debug, Clone)]
 pub struct FsStore {
@@ -27,8 +49,8 @@ pub struct FsStore {
 
 impl FsStore {
     /// A store rooted at `root`, created if missing. The root is made absolute, so every
-    /// `image_path` it reports is right from any working directory. Temporary files left by
-    /// a process that died mid-write are removed.
+    /// `image_path` it reports is right from any working directory. Temporary files left in
+    /// its own directories by a process that died mid-write are removed (nothing else).
     pub fn new(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(|e| {
             Stage3Error::storage(
@@ -78,24 +100,29 @@ fn io_error(action: &str, path: &Path, e: std::io::Error) -> Stage3Error {
     )
 }
 
-/// A temporary file beside `path`, holding `bytes`, flushed to disk, world-readable.
+/// A temporary file beside `path`, holding `bytes`, flushed to disk, with the permissions
+/// of a file written normally.
 fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_error("create directory", dir, e))?;
-    let mut temp = tempfile::Builder::new()
-        .prefix(".stage3-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| io_error("create a temporary file in", dir, e))?;
-    // Temporary files are created owner-only; a published image is for everyone to read
-    // (a web server, the next pipeline stage), as any file written normally would be.
+    let mut builder = tempfile::Builder::new();
+    builder
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
+        .rand_bytes(TEMP_RANDOM_CHARS);
+    // tempfile creates owner-only files. Asking for 0666 instead lets the kernel apply the
+    // umask (or the directory's default ACL) as it creates the file, as for any file written
+    // normally: a web server may read the images under umask 022, nobody else under 077.
+    // Reading the umask ourselves would race with other threads (umask(2) sets it to read
+    // it) and would miss ACLs.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        temp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| io_error("set permissions on", temp.path(), e))?;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
+    let mut temp = builder
+        .tempfile_in(dir)
+        .map_err(|e| io_error("create a temporary file in", dir, e))?;
     temp.write_all(bytes)
         .and_then(|()| temp.as_file().sync_all())
         .map_err(|e| io_error("write", temp.path(), e))?;
@@ -208,31 +235,81 @@ fn open_no_symlink(path: &Path) -> std::io::Result<Option<(std::fs::File, u64)>>
     Ok(Some((file, meta.len())))
 }
 
-/// Removes `.stage3-*.part` files older than `age` under `root` (best effort).
-fn remove_stale_temp_files(root: &Path, age: Duration) {
+/// Whether `name` is one this store gives its temporary files: `.stage3-`, six ASCII
+/// letters or digits, `.part`.
+fn is_temporary_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|name| name.strip_prefix(TEMP_PREFIX))
+        .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
+        .is_some_and(|random| {
+            random.len() == TEMP_RANDOM_CHARS && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+}
+
+/// Whether `path` is a directory itself, not a symbolic link to one: the cleanup never
+/// follows a link out of the root.
+fn is_real_directory(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_dir())
+}
+
+/// The directories below `root` that the service writes into, which exist: the root,
+/// [`SUBDIRECTORIES`], and `stories/{story_id}/` and `stories/{story_id}/batches/` for
+/// every valid story id. Nothing else, and no symbolic link.
+fn own_directories(root: &Path) -> Vec<PathBuf> {
     let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
+    dirs.extend(
+        SUBDIRECTORIES
+            .iter()
+            .map(|name| root.join(name))
+            .filter(|dir| is_real_directory(dir)),
+    );
+    let stories = root.join(STORIES);
+    if !is_real_directory(&stories) {
+        return dirs;
+    }
+    let Ok(entries) = std::fs::read_dir(&stories) else {
+        return dirs;
+    };
+    for entry in entries.flatten() {
+        let is_story = entry.file_type().is_ok_and(|kind| kind.is_dir())
+            && entry
+                .file_name()
+                .to_str()
+                .is_some_and(|id| crate::story::validate_story_id(id).is_ok());
+        if is_story {
+            let story = entry.path();
+            let fragments = story.join(STORY_FRAGMENTS);
+            dirs.push(story);
+            if is_real_directory(&fragments) {
+                dirs.push(fragments);
+            }
+        }
+    }
+    dirs
+}
+
+/// Removes, in the store's own directories only ([`own_directories`]), the regular files
+/// named like its temporary files ([`is_temporary_name`]) and older than `age`. Best effort:
+/// a file it cannot remove stays.
+fn remove_stale_temp_files(root: &Path, age: Duration) {
+    for dir in own_directories(root) {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
-            let Ok(kind) = entry.file_type() else {
+            // The entry's own type: a symbolic link is never taken for the file it names.
+            let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+            if !is_file || !is_temporary_name(&entry.file_name()) {
                 continue;
-            };
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if kind.is_dir() && !name.starts_with('.') {
-                dirs.push(entry.path());
-            } else if kind.is_file() && name.starts_with(".stage3-") && name.ends_with(".part") {
-                let stale = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-                    .is_some_and(|elapsed| elapsed >= age);
-                if stale && std::fs::remove_file(entry.path()).is_ok() {
-                    tracing::info!(path = %entry.path().display(), "removed a stale temporary file");
-                }
+            }
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+                .is_some_and(|elapsed| elapsed >= age);
+            if stale && std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(path = %entry.path().display(), "removed a stale temporary file");
             }
         }
     }
@@ -546,23 +623,127 @@ mod tests {
         assert!(Path::new(&store.location("a.png")).is_absolute());
     }
 
-    #[test]
-    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let stale = dir.path().join(".stage3-old.part");
-        let fresh = dir.path().join("sub/.stage3-new.part");
-        std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
-        std::fs::write(&stale, b"x").unwrap();
-        std::fs::write(&fresh, b"x").unwrap();
+    /// Sets `path`'s modification time an hour back: older than any write in progress.
+    fn age(path: &Path) {
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
         std::fs::File::options()
             .write(true)
-            .open(&stale)
+            .open(path)
             .unwrap()
             .set_modified(an_hour_ago)
             .unwrap();
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".stage3-AbC123.part");
+        let fresh = dir.path().join("sources/.stage3-XyZ789.part");
+        std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+        std::fs::write(&stale, b"x").unwrap();
+        std::fs::write(&fresh, b"x").unwrap();
+        age(&stale);
         FsStore::new(dir.path()).unwrap();
         assert!(!stale.exists());
         assert!(fresh.exists());
+    }
+
+    #[test]
+    fn stale_part_cleanup_takes_only_its_own_names_in_its_own_directories() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let plant = |relative: &str| {
+            let path = root.join(relative);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"someone's data").unwrap();
+            age(&path);
+            path
+        };
+        // The store's temporary names, in the directories it writes: stale, so removed.
+        let ours: Vec<PathBuf> = [
+            ".stage3-a1B2c3.part",
+            "sources/.stage3-000000.part",
+            "thumbnails/.stage3-zzzzzz.part",
+            "stories/fox_tale/.stage3-Page01.part",
+            "stories/fox_tale/batches/.stage3-Frag01.part",
+        ]
+        .into_iter()
+        .map(plant)
+        .collect();
+        // Everything else, just as old: another name, or a directory the store never writes.
+        let foreign: Vec<PathBuf> = [
+            ".stage3-important.part",
+            ".stage3-abc12.part",
+            ".stage3-abc12!.part",
+            ".stage3-abc123.part.bak",
+            "x.stage3-abc123.part",
+            ".stage3-abc123.tmp",
+            "deep/.stage3-abc123.part",
+            "deep/er/.stage3-important.part",
+            "stories/.stage3-abc123.part",
+            "stories/.hidden/.stage3-abc123.part",
+            "stories/fox_tale/batches/old/.stage3-abc123.part",
+            "stories/fox_tale/other/.stage3-abc123.part",
+            "sources/nested/.stage3-abc123.part",
+        ]
+        .into_iter()
+        .map(plant)
+        .collect();
+        // A directory with our name, and links that lead out of the root.
+        std::fs::create_dir_all(root.join(".stage3-dirdir.part/inside")).unwrap();
+        let target = outside.path().join(".stage3-target.part");
+        std::fs::write(&target, b"not ours").unwrap();
+        age(&target);
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&target, root.join(".stage3-link01.part")).unwrap();
+            std::os::unix::fs::symlink(outside.path(), root.join("stories/linked")).unwrap();
+        }
+
+        FsStore::new(root).unwrap();
+
+        for path in &ours {
+            assert!(!path.exists(), "{} was left", path.display());
+        }
+        for path in &foreign {
+            assert!(path.exists(), "{} was removed", path.display());
+        }
+        assert!(root.join(".stage3-dirdir.part/inside").is_dir());
+        assert!(target.exists(), "a link was followed out of the root");
+        #[cfg(unix)]
+        assert!(std::fs::symlink_metadata(root.join(".stage3-link01.part")).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn stored_files_get_the_mode_of_a_file_written_normally() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        // A file created the ordinary way gets 0666 less the umask, whatever it is here.
+        let ordinary = dir.path().join("ordinary");
+        std::fs::write(&ordinary, b"x").unwrap();
+        let expected = std::fs::metadata(&ordinary).unwrap().permissions().mode() & 0o777;
+        store
+            .put("a.png", Bytes::from_static(b"one"), ObjectMeta::PNG)
+            .await
+            .unwrap();
+        store
+            .put_new(
+                "sources/b.png",
+                Bytes::from_static(b"two"),
+                ObjectMeta::SOURCE,
+            )
+            .await
+            .unwrap();
+        for key in ["a.png", "sources/b.png"] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, expected, "{key}: {mode:o}, not {expected:o}");
+        }
     }
 }

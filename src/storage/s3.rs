@@ -65,6 +65,20 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
+    /// Every S3 operation this store calls, with the IAM action AWS checks for it. A role needs
+    /// the object actions on `arn:aws:s3:::bucket/prefix*` and `s3:ListBucket` on the bucket;
+    /// HEAD is allowed by `s3:GetObject`, and so is reading a presigned GET URL, which is signed
+    /// with the store's credentials. infra/template.yaml grants exactly these, and
+    /// tests/infra.rs checks this list against the calls below and against the template.
+    pub const IAM_ACTIONS: &[(&str, &str)] = &[
+        ("PutObject", "s3:PutObject"),
+        ("GetObject", "s3:GetObject"),
+        ("HeadObject", "s3:GetObject"),
+        // Releasing a claim (src/cache.rs); merged story fragments are removed the same way.
+        ("DeleteObject", "s3:DeleteObject"),
+        ("ListObjectsV2", "s3:ListBucket"),
+    ];
+
     /// Builds the client from `s3` on the shared AWS configuration, signing with the
     /// bucket's own keys when given, else with the standard AWS credential chain
     /// (environment variables, profile, the Lambda role). Call once, at start-up.

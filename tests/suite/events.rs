@@ -23,7 +23,7 @@ use stage3::config::{Secret, WebhookSettings};
 use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
-use stage3::events::webhook::{WebhookSink, SIGNATURE_HEADER};
+use stage3::events::webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use stage3::events::{Backoff, EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
 use stage3::schema::BatchAnswer;
@@ -562,18 +562,45 @@ fn webhook(server: &MockServer, path: &str) -> WebhookSink {
     .with_backoff(FAST)
 }
 
-/// What a receiver does: HMAC-SHA256 of the raw body with the shared secret, compared in
-/// constant time.
-fn signature_is_valid(body: &[u8], header: &str) -> bool {
-    let Some(hex_digest) = header.strip_prefix("sha256=") else {
+/// Now, in Unix seconds, as a receiver's clock reads it.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// What a receiver does (docs/events.md): refuse a timestamp more than five minutes from
+/// its clock `now`, then check the HMAC-SHA256 of `"{timestamp}.{raw body}"` with the
+/// shared secret, in constant time.
+fn receiver_accepts(timestamp: &str, body: &[u8], signature: &str, now: u64) -> bool {
+    let Ok(sent_at) = timestamp.parse::<u64>() else {
+        return false;
+    };
+    if now.abs_diff(sent_at) > 300 {
+        return false;
+    }
+    let Some(hex_digest) = signature.strip_prefix("sha256=") else {
         return false;
     };
     let Ok(expected) = hex::decode(hex_digest) else {
         return false;
     };
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     mac.verify_slice(&expected).is_ok()
+}
+
+/// A received POST's header `name`, which must be there.
+fn header<'a>(request: &'a wiremock::Request, name: &str) -> &'a str {
+    request
+        .headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
 }
 
 async fn answer_with_two_scenes() -> (BatchAnswer, tempfile::TempDir) {
@@ -586,7 +613,7 @@ async fn answer_with_two_scenes() -> (BatchAnswer, tempfile::TempDir) {
 }
 
 #[tokio::test]
-async fn webhook_posts_are_signed_over_the_raw_body() {
+async fn webhook_posts_are_signed_over_their_timestamp_and_raw_body() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(204))
@@ -600,18 +627,24 @@ async fn webhook_posts_are_signed_over_the_raw_body() {
     let received = server.received_requests().await.unwrap();
     assert_eq!(received.len(), 3);
     let mut types = Vec::new();
+    let now = unix_now();
     for request in &received {
         assert_eq!(request.url.path(), "/hooks/stage3");
-        let signature = request
-            .headers
-            .get(SIGNATURE_HEADER)
-            .unwrap()
-            .to_str()
-            .unwrap();
-        assert!(signature_is_valid(&request.body, signature), "{signature}");
+        let signature = header(request, SIGNATURE_HEADER);
+        let timestamp = header(request, TIMESTAMP_HEADER);
+        let sent_at: u64 = timestamp.parse().unwrap();
+        assert!(now.abs_diff(sent_at) <= 5, "signed at {sent_at}, now {now}");
+        assert!(
+            receiver_accepts(timestamp, &request.body, signature, now),
+            "{timestamp} {signature}"
+        );
         let mut tampered = request.body.clone();
         tampered.push(b' ');
-        assert!(!signature_is_valid(&tampered, signature));
+        assert!(!receiver_accepts(timestamp, &tampered, signature, now));
+        // The timestamp is signed: moving it, to pass an old POST off as new, breaks the
+        // signature.
+        let moved = (sent_at + 60).to_string();
+        assert!(!receiver_accepts(&moved, &request.body, signature, now));
         assert_eq!(
             request.headers.get("content-type").unwrap(),
             "application/json"
@@ -644,6 +677,59 @@ async fn webhook_posts_are_signed_over_the_raw_body() {
 }
 
 #[tokio::test]
+async fn a_replayed_webhook_post_is_refused_once_its_timestamp_is_old() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&server)
+        .await;
+    let events = stage3::events::batch_events(&BatchAnswer::default(), None);
+    assert_eq!(
+        webhook(&server, "/").deliver(&events, Deadline::NONE).await,
+        0
+    );
+    let received = server.received_requests().await.unwrap();
+    let request = &received[0];
+    let (timestamp, signature) = (
+        header(request, TIMESTAMP_HEADER),
+        header(request, SIGNATURE_HEADER),
+    );
+    let sent_at: u64 = timestamp.parse().unwrap();
+    assert_eq!(
+        REPLAY_WINDOW,
+        Duration::from_secs(300),
+        "docs/events.md says so"
+    );
+    // Within the window the POST is good, whoever sends it; past it, the same bytes are
+    // refused, and they cannot be signed anew without the secret.
+    let window = REPLAY_WINDOW.as_secs();
+    assert!(receiver_accepts(
+        timestamp,
+        &request.body,
+        signature,
+        sent_at
+    ));
+    assert!(receiver_accepts(
+        timestamp,
+        &request.body,
+        signature,
+        sent_at + window
+    ));
+    assert!(!receiver_accepts(
+        timestamp,
+        &request.body,
+        signature,
+        sent_at + window + 1
+    ));
+    assert!(!receiver_accepts(
+        timestamp,
+        &request.body,
+        signature,
+        sent_at + 86_400
+    ));
+}
+
+#[tokio::test]
 async fn a_webhook_answering_5xx_is_retried_until_it_succeeds() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
@@ -665,6 +751,15 @@ async fn a_webhook_answering_5xx_is_retried_until_it_succeeds() {
     let received = server.received_requests().await.unwrap();
     assert_eq!(received.len(), 3, "two 503s, then delivered");
     assert!(received.windows(2).all(|pair| pair[0].body == pair[1].body));
+    // Each attempt is signed when it is sent, so a late retry is not refused as stale.
+    let now = unix_now();
+    for request in &received {
+        let (timestamp, signature) = (
+            header(request, TIMESTAMP_HEADER),
+            header(request, SIGNATURE_HEADER),
+        );
+        assert!(receiver_accepts(timestamp, &request.body, signature, now));
+    }
 }
 
 #[tokio::test]
@@ -824,5 +919,88 @@ async fn the_webhook_secret_and_url_token_never_reach_a_trace_log() {
     assert_eq!(
         server.received_requests().await.unwrap().len(),
         2 * Backoff::DEFAULT.attempts as usize
+    );
+}
+
+#[tokio::test]
+async fn a_cli_run_against_a_silent_webhook_ends_within_its_events_budget() {
+    // A receiver that accepts connections and never answers: without a budget each event
+    // waited out every attempt's timeout, and a one-scene run took 82 s.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("input.json"),
+        json!({"scene_id": "quiet_001", "image_prompt": "a fox"}).to_string(),
+    )
+    .unwrap();
+    let dir = work.path().to_path_buf();
+    let started = Instant::now();
+    let output = tokio::task::spawn_blocking(move || {
+        stage3_command(&dir)
+            .env("STAGE3_WEBHOOK_URL", url)
+            .env("STAGE3_WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .env("STAGE3_EVENTS_TIMEOUT_SECS", "3")
+            .args([
+                "generate",
+                "input.json",
+                "--provider",
+                "placeholder",
+                "--out",
+                "images",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    holder.abort();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a lost event fails nothing: {stderr}"
+    );
+    assert!(stderr.contains("events: 0 delivered, 2 lost"), "{stderr}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["summary"]["succeeded"], 1, "{answer}");
+    // The budget is 3 s; the rest is generous room for a slow machine, far below the 82 s
+    // the same run took without one.
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+}
+
+#[test]
+fn a_nonsense_events_budget_is_a_config_error_before_anything_runs() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("input.json"),
+        json!({"scene_id": "s1", "image_prompt": "a fox"}).to_string(),
+    )
+    .unwrap();
+    let output = stage3_command(work.path())
+        .env("STAGE3_EVENTS_TIMEOUT_SECS", "forever")
+        .args([
+            "generate",
+            "input.json",
+            "--provider",
+            "placeholder",
+            "--out",
+            "images",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("STAGE3_EVENTS_TIMEOUT_SECS"), "{stderr}");
+    assert!(
+        !work.path().join("images").exists(),
+        "nothing was generated"
     );
 }
