@@ -360,7 +360,9 @@ pub struct GenerationParams {
     pub size: ImageSize,
     /// The requested quality (the seed's key).
     pub quality: ImageQuality,
-    /// Exactly the prompt text that was sent (the seed's key).
+    /// Exactly the prompt text that was sent (the seed's key). Left out of a Lambda answer
+    /// that had to be trimmed under the 6 MB limit (the record keeps it).
+    #[serde(default)]
     pub prompt: String,
     /// The negative prompt, for a provider that was sent it apart (DashScope); the others
     /// get it folded into `prompt`.

@@ -660,3 +660,46 @@ async fn an_edited_record_in_a_mixed_sqs_batch_loses_no_scene() {
     assert!(failed_ids(&answer).is_empty(), "{answer}");
     assert_eq!(answer["summary"]["succeeded"], 2, "{answer}");
 }
+
+/// 30 scenes with 70,000-character prompts: 6.3 MB of prompt echo, past Lambda's 6 MB
+/// response limit. The answer drops the echo, says so, and keeps every scene's image.
+#[tokio::test]
+async fn an_answer_past_six_megabytes_drops_the_prompt_echo_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(FixedPngProvider::default());
+    let store = Arc::new(FsStore::new(dir.path()).unwrap());
+    let service = TestConfig::new()
+        .out(dir.path())
+        .set("STAGE3_MAX_PROMPT_CHARS", "80000")
+        .service_with(provider.clone(), store);
+    // Identical prompts would be generated once; each scene's differs in its first word.
+    let scenes: Vec<Value> = (0..30)
+        .map(|i| {
+            scene(
+                &format!("scene_{i:03}"),
+                &format!("{i} {}", "灯".repeat(70_000)),
+            )
+        })
+        .collect();
+    let deadline = Deadline::after(Duration::from_secs(600));
+    let answer = lambda::handle(&service, Value::Array(scenes), deadline)
+        .await
+        .unwrap();
+
+    let size = serde_json::to_vec(&answer).unwrap().len();
+    assert!(
+        size <= lambda::answer_size::ANSWER_BUDGET,
+        "answer is {size} bytes"
+    );
+    assert_eq!(answer["trimmed"], json!(["generation_params.prompt"]));
+    let answer: BatchAnswer = serde_json::from_value(answer).unwrap_or_else(|e| {
+        panic!("a trimmed answer still parses as a BatchAnswer: {e}");
+    });
+    assert_eq!(answer.results.len(), 30);
+    assert_eq!(answer.summary.succeeded, 30);
+    for output in &answer.results {
+        assert!(output.generation_params.prompt.is_empty());
+        assert_png_on_disk(output);
+    }
+    assert_eq!(provider.calls(), 30);
+}

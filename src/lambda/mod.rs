@@ -40,6 +40,8 @@ use crate::schema::{
 use crate::service::{PreparedScene, RunOptions, Stage3Service};
 use crate::story;
 
+pub mod answer_size;
+
 /// Kept back from the invocation deadline for serialising the answer and handing it to
 /// the runtime: an answer that misses the deadline is lost and the whole event retried.
 pub const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
@@ -200,6 +202,19 @@ pub async fn handle_with(
         ..RunOptions::default()
     };
     let kind = classify(&payload)?;
+    let mut answer = route(service, outlets, kind, payload, &options).await?;
+    answer_size::fit(&mut answer, answer_size::ANSWER_BUDGET);
+    Ok(answer)
+}
+
+async fn route(
+    service: &Stage3Service,
+    outlets: &Outlets,
+    kind: EventKind,
+    payload: Value,
+    options: &RunOptions,
+) -> Result<Value> {
+    let deadline = options.deadline;
     tracing::info!(
         event = kind.as_str(),
         time_left_ms = deadline.remaining().map(|left| left.as_millis() as u64),
@@ -207,14 +222,14 @@ pub async fn handle_with(
     );
     match kind {
         EventKind::Sqs => Ok(to_json(
-            &handle_sqs(service, outlets, payload, &options).await?,
+            &handle_sqs(service, outlets, payload, options).await?,
         )),
         EventKind::EventBridge => {
             let detail = match payload {
                 Value::Object(mut map) => map.remove("detail").unwrap_or(Value::Null),
                 _ => Value::Null,
             };
-            handle_direct(service, outlets, detail, &options)
+            handle_direct(service, outlets, detail, options)
                 .await
                 .map_err(|e| match e {
                     Stage3Error::InvalidRequest(message) => {
@@ -223,7 +238,7 @@ pub async fn handle_with(
                     other => other,
                 })
         }
-        EventKind::Direct => handle_direct(service, outlets, payload, &options).await,
+        EventKind::Direct => handle_direct(service, outlets, payload, options).await,
     }
 }
 
