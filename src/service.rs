@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 pub use crate::batch_stop::BatchStop;
-use crate::cache::{self, Claim, ResultKeys};
+use crate::cache::{self, Claim, ClaimLease, ClaimTiming, ResultKeys};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
@@ -193,6 +193,8 @@ pub struct Stage3Service {
     provider_permits: tokio::sync::Semaphore,
     /// One permit per core for image decoding (see [`Stage3Service::normalize`]).
     decode_permits: tokio::sync::Semaphore,
+    /// The lease of a claim, renewed while the scene is generated.
+    claim_timing: ClaimTiming,
 }
 
 impl Stage3Service {
@@ -256,7 +258,14 @@ impl Stage3Service {
             config: Arc::new(config),
             providers,
             store,
+            claim_timing: ClaimTiming::default(),
         }
+    }
+
+    /// The same service with another claim lease (tests shorten it to watch renewals).
+    pub fn with_claim_timing(mut self, timing: ClaimTiming) -> Self {
+        self.claim_timing = timing;
+        self
     }
 
     pub fn config(&self) -> &Config {
@@ -610,14 +619,14 @@ impl Stage3Service {
             }
         }
         // One worker per request pays; the others wait for its result.
-        loop {
+        let lease = loop {
             let claim = self
                 .with_storage_retries(options, "claiming the scene", || {
-                    cache::claim(self.store.as_ref(), &scene.keys, self.claim_ttl())
+                    cache::claim(self.store.as_ref(), &scene.keys, self.claim_timing.ttl)
                 })
                 .await?;
             match claim {
-                Claim::Owned { .. } => break,
+                Claim::Owned(lease) => break lease,
                 Claim::HeldElsewhere { expires_in } => {
                     // A stopped batch (Ctrl-C, spent budget) does not wait either.
                     if let Some(stop) = &options.stop {
@@ -643,11 +652,15 @@ impl Stage3Service {
                     }
                 }
             }
-        }
-        let outcome = self.generate_and_store(scene, options).await;
+        };
+        let outcome = tokio::select! {
+            biased;
+            outcome = self.generate_and_store(scene, options) => outcome,
+            never = self.keep_claim(scene, &lease) => match never {},
+        };
         // Waiting workers look for the record; on failure they may try themselves. Not past
         // the deadline, though: an unreleased claim lapses by itself.
-        let release = cache::release(self.store.as_ref(), &scene.keys);
+        let release = cache::release(self.store.as_ref(), &scene.keys, &lease);
         if let Err(e) = options
             .deadline
             .run(STORAGE_CALL_TIMEOUT, "releasing the claim", release)
@@ -656,6 +669,32 @@ impl Stage3Service {
             tracing::warn!(error = %e, "could not release the claim; it lapses by itself");
         }
         outcome
+    }
+
+    /// Renews the scene's claim while it is generated, however long that takes (fallback
+    /// models, Retry-After pauses, a wait for a permit); runs until dropped. A claim lost
+    /// to another worker (ours lapsed, say while storage was unreachable) is left to it:
+    /// both generate, which costs money, never correctness.
+    async fn keep_claim(
+        &self,
+        scene: &PreparedScene,
+        lease: &ClaimLease,
+    ) -> std::convert::Infallible {
+        let timing = self.claim_timing;
+        loop {
+            tokio::time::sleep(timing.renew_every).await;
+            let renewal = cache::renew(self.store.as_ref(), &scene.keys, lease, timing.ttl);
+            match tokio::time::timeout(STORAGE_CALL_TIMEOUT.min(timing.renew_every), renewal).await
+            {
+                Ok(Ok(true)) => tracing::debug!("claim renewed"),
+                Ok(Ok(false)) => {
+                    tracing::warn!("the claim lapsed and another worker took it over");
+                    return std::future::pending().await;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the claim"),
+                Err(_) => tracing::warn!("renewing the claim timed out"),
+            }
+        }
     }
 
     /// A verified stored result for `scene`, rebuilt from the request: only what cannot be
@@ -1009,13 +1048,6 @@ impl Stage3Service {
             finished_at: String::new(),
             duration_ms: 0,
         }
-    }
-
-    /// How long a claim holds: a whole generation with every retry, plus room to store it.
-    fn claim_ttl(&self) -> Duration {
-        let calls = self.config.max_retries + 1;
-        (self.config.request_timeout * calls + Duration::from_secs(60))
-            .min(Duration::from_secs(30 * 60))
     }
 
     /// Generates the scene's image with the first model of its plan that can, falling back

@@ -1392,3 +1392,57 @@ fn stored_files_honour_the_umask() {
         }
     }
 }
+
+/// Every stored record with a `generation_params` object, under `dir`.
+fn records_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(records_under(&path));
+        } else if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read(&path).unwrap();
+            let is_record = serde_json::from_slice::<Value>(&text)
+                .is_ok_and(|v| v.get("generation_params").is_some());
+            if is_record {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// A neighbour shortens a record's label hash to two digits, which once sliced past the
+/// end of the string: the rerun treats it as a miss, exits 0 and answers every scene.
+#[test]
+fn an_edited_record_is_redrawn_not_a_crash() {
+    let work = tempfile::tempdir().unwrap();
+    let input = serde_json::to_vec(&scenes()).unwrap();
+    let run = || {
+        stage3(work.path())
+            .env("STAGE3_PROVIDER", "placeholder")
+            .env("STAGE3_VISIBLE_LABEL", "1")
+            .args(["generate", "-"])
+            .write_stdin(input.clone())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(run().status.code(), Some(0));
+    let records = records_under(&work.path().join("output"));
+    assert_eq!(records.len(), 2, "{records:?}");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&records[0]).unwrap()).unwrap();
+    record["generation_params"]["aigc_label"] =
+        json!({"implicit": true, "visible": true, "source_sha256": "ab"});
+    std::fs::write(&records[0], serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let rerun = run();
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert_eq!(rerun.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let answer: Value = serde_json::from_slice(&rerun.stdout).unwrap();
+    assert_eq!(answer["summary"]["succeeded"], 2, "{answer}");
+    assert_eq!(
+        answer["summary"]["from_cache"], 1,
+        "only the edited record missed"
+    );
+}

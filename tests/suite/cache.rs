@@ -11,6 +11,7 @@ use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_provider::{Answer, ScriptedProvider};
 use serde_json::Value;
+use stage3::cache::ClaimTiming;
 use stage3::deadline::Deadline;
 use stage3::error::ErrorType;
 use stage3::schema::{GenerationRequest, Stage2Output};
@@ -486,4 +487,62 @@ async fn a_panic_on_one_scene_fails_it_alone() {
     assert_eq!(answer.failures[0].error_type, ErrorType::Internal);
     assert!(answer.failures[0].message.contains("index out of range"));
     assert_eq!(provider.calls_for("s2"), 1, "a bug is not retried");
+}
+
+/// A claim renewed while its holder works keeps a second worker waiting however long the
+/// generation takes — here three times the lease — and the second worker pays nothing.
+#[tokio::test]
+async fn a_claim_outlives_its_lease_while_its_holder_works() {
+    let out = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::from_millis(1500)));
+    let timing = ClaimTiming {
+        ttl: Duration::from_millis(500),
+        renew_every: Duration::from_millis(150),
+    };
+    let config = TestConfig::new().out(out.path());
+    let a = config
+        .service_with(provider.clone(), store.clone())
+        .with_claim_timing(timing);
+    let b = config
+        .service_with(provider.clone(), store.clone())
+        .with_claim_timing(timing);
+    let (left, right) = tokio::join!(a.generate_scene_image(request("s1")), async {
+        // Past the first lease: without renewals the claim would have lapsed by now.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        b.generate_scene_image(request("s1")).await
+    });
+    assert!(!left.unwrap().from_cache);
+    assert!(right.unwrap().from_cache, "the second worker waited");
+    assert_eq!(provider.calls(), 1);
+    let claims: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".claim"))
+        .collect();
+    assert!(claims.is_empty(), "released: {claims:?}");
+}
+
+/// A claim planted with an expiry in the year 3000 would block its scene for good; it is
+/// garbage, and the scene is generated at once instead of waiting out the deadline.
+#[tokio::test]
+async fn a_claim_expiring_in_the_far_future_blocks_nothing() {
+    let out = tempfile::tempdir().unwrap();
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::ZERO));
+    let service = fs_service(out.path(), provider.clone());
+    let scene = service.prepare(request("s1")).unwrap();
+    let planted = serde_json::json!({"owner": "squatter", "expires_at_ms": 32_503_680_000_000u64});
+    std::fs::write(
+        out.path().join(&scene.keys.claim),
+        serde_json::to_vec(&planted).unwrap(),
+    )
+    .unwrap();
+    let options = RunOptions {
+        deadline: Deadline::after(Duration::from_secs(30)),
+        ..RunOptions::default()
+    };
+    let output = service.run_scene(&scene, &options).await.unwrap();
+    assert!(!output.from_cache);
+    assert_eq!(provider.calls(), 1);
+    assert!(!out.path().join(&scene.keys.claim).exists(), "released");
 }
