@@ -19,12 +19,19 @@ use std::time::Duration;
 
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
+use crate::events::{EventSettings, WebhookSettings};
 use crate::image_spec::ModelRef;
-pub use crate::image_spec::ProviderKind;
+use crate::image_spec::ProviderKind;
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
+use crate::provider::{
+    ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
+};
 use crate::retry::RetryPolicy;
 use crate::schema::{validate_model, validate_reference_url};
+use crate::secret::Secret;
+use crate::storage::{S3Credentials, S3Settings, StorageKind, StorageSettings};
+use crate::urls::CdnSigning;
 
 pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
 /// Volcengine Ark's Beijing region (docs/design.md §3).
@@ -42,211 +49,6 @@ pub const DEFAULT_ARK_MODEL: &str = "doubao-seedream-4-5-251128";
 pub const DEFAULT_DASHSCOPE_MODEL: &str = "qwen-image-plus";
 /// S3 presigned URLs cannot outlive seven days (SigV4's limit).
 pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
-
-/// A value that must never be printed: API keys, secret access keys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that must send it (an `Authorization` header).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-/// Which OpenRouter endpoint generates images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenRouterApi {
-    /// `POST {base}/images`, the Image API.
-    Images,
-    /// `POST {base}/chat/completions` with image modalities.
-    Chat,
-}
-
-impl OpenRouterApi {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpenRouterApi::Images => "images",
-            OpenRouterApi::Chat => "chat",
-        }
-    }
-}
-
-impl FromStr for OpenRouterApi {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "images" => Ok(OpenRouterApi::Images),
-            "chat" => Ok(OpenRouterApi::Chat),
-            other => Err(format!("unknown API {other:?}; expected images or chat")),
-        }
-    }
-}
-
-/// Where images and their result records are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StorageKind {
-    Fs,
-    S3,
-}
-
-impl FromStr for StorageKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "fs" => Ok(StorageKind::Fs),
-            "s3" => Ok(StorageKind::S3),
-            other => Err(format!("unknown storage {other:?}; expected fs or s3")),
-        }
-    }
-}
-
-/// What every provider's HTTP clients share (`STAGE3_CONNECT_TIMEOUT_SECS`,
-/// `STAGE3_MAX_RESPONSE_BYTES`, `STAGE3_TEST_ALLOW_LOOPBACK_IMAGE_URLS`).
-#[derive(Debug, Clone, Copy)]
-pub struct HttpSettings {
-    /// The longest wait for a connection, to the API and to image URLs alike.
-    pub connect_timeout: Duration,
-    /// The largest answer or image download read, enforced while reading.
-    pub max_response_bytes: usize,
-    /// Image URLs on loopback may be fetched (test stand-ins). Private and link-local
-    /// addresses are refused regardless.
-    pub allow_loopback_image_urls: bool,
-}
-
-/// What the OpenRouter client is built from.
-#[derive(Debug, Clone)]
-pub struct OpenRouterSettings {
-    pub api_key: Option<Secret>,
-    pub base_url: String,
-    pub api: OpenRouterApi,
-    /// Sent as `HTTP-Referer` for OpenRouter's app attribution, when set.
-    pub referer: Option<String>,
-    /// Sent as `X-OpenRouter-Title`, when set.
-    pub title: Option<String>,
-    /// The chat path's `modalities`: image-only models refuse `["image", "text"]`.
-    pub chat_modalities: ChatModalities,
-    pub http: HttpSettings,
-    /// `STAGE3_PRICES` entries for OpenRouter models: used instead of the catalogue's.
-    pub prices: HashMap<String, f64>,
-}
-
-/// What the Volcengine Ark or DashScope client is built from: a key, a region's base URL,
-/// and the price overrides of its models (`STAGE3_PRICES`).
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub api_key: Option<Secret>,
-    pub base_url: String,
-    pub http: HttpSettings,
-    /// Model → USD per image, over the provider's own table.
-    pub prices: HashMap<String, f64>,
-}
-
-/// Every provider's settings: the service builds a provider when a model's chain first
-/// reaches it.
-#[derive(Debug, Clone)]
-pub struct ProviderSettings {
-    pub openrouter: OpenRouterSettings,
-    pub ark: ApiSettings,
-    pub dashscope: ApiSettings,
-}
-
-impl ProviderSettings {
-    /// The variable holding `kind`'s key, and whether it is set; `None` for a provider
-    /// that needs none.
-    pub fn key_of(&self, kind: ProviderKind) -> Option<(&'static str, bool)> {
-        let set =
-            |key: &Option<Secret>| key.as_ref().is_some_and(|k| !k.expose().trim().is_empty());
-        match kind {
-            ProviderKind::OpenRouter => Some(("OPENROUTER_API_KEY", set(&self.openrouter.api_key))),
-            ProviderKind::Ark => Some(("ARK_API_KEY", set(&self.ark.api_key))),
-            ProviderKind::DashScope => Some(("DASHSCOPE_API_KEY", set(&self.dashscope.api_key))),
-            ProviderKind::Placeholder => None,
-        }
-    }
-}
-
-/// What the chat path asks the model to answer with (`STAGE3_CHAT_MODALITIES`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatModalities {
-    /// `["image", "text"]`, for models that answer in both (Gemini image models).
-    ImageAndText,
-    /// `["image"]`, for image-only models (FLUX, Seedream and the like).
-    ImageOnly,
-}
-
-impl ChatModalities {
-    pub fn as_slice(self) -> &'static [&'static str] {
-        match self {
-            ChatModalities::ImageAndText => &["image", "text"],
-            ChatModalities::ImageOnly => &["image"],
-        }
-    }
-}
-
-impl FromStr for ChatModalities {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.replace(' ', "").as_str() {
-            "image,text" | "text,image" => Ok(ChatModalities::ImageAndText),
-            "image" => Ok(ChatModalities::ImageOnly),
-            other => Err(format!("expected image,text or image, got {other:?}")),
-        }
-    }
-}
-
-/// Where images go: the backend, and what it is built from.
-#[derive(Debug, Clone)]
-pub struct StorageSettings {
-    pub kind: StorageKind,
-    /// The filesystem backend's root (`STAGE3_OUTPUT_DIR`, `--out`).
-    pub output_dir: PathBuf,
-    /// The S3 backend's settings; present when `kind` is [`StorageKind::S3`].
-    pub s3: Option<S3Settings>,
-}
-
-/// What the S3 client is built from (`STAGE3_S3_*`).
-#[derive(Debug, Clone)]
-pub struct S3Settings {
-    pub bucket: String,
-    pub endpoint: Option<String>,
-    pub region: String,
-    /// Prepended to every key; empty or ending in `/`.
-    pub prefix: String,
-    pub force_path_style: bool,
-    pub presign_expiry: Duration,
-    /// Keys for this bucket alone (`STAGE3_S3_ACCESS_KEY_ID`, `STAGE3_S3_SECRET_ACCESS_KEY`),
-    /// used instead of the AWS credential chain. Needed on Lambda with Qiniu or MinIO: there
-    /// the chain yields the function's AWS role, and Lambda reserves `AWS_ACCESS_KEY_ID`.
-    pub credentials: Option<S3Credentials>,
-}
-
-/// Qiniu CDN timestamp anti-leech: every URL is signed with `key` and expires after `ttl`.
-#[derive(Debug, Clone)]
-pub struct CdnSigning {
-    pub key: Secret,
-    pub ttl: Duration,
-}
-
-/// A static access key pair for an S3-compatible service.
-#[derive(Debug, Clone)]
-pub struct S3Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
-}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -296,25 +98,6 @@ pub struct Config {
     /// The AWS SDK's own configuration, shared by the S3, EventBridge and SQS clients and
     /// loaded when the first of them is built.
     pub aws: AwsConfig,
-}
-
-/// `STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL` + `STAGE3_WEBHOOK_SECRET` and
-/// `STAGE3_DEAD_LETTER_QUEUE_URL` (docs/design.md §2). All unset: nothing is published and
-/// SQS failures are redelivered as before.
-#[derive(Debug, Clone, Default)]
-pub struct EventSettings {
-    /// An EventBridge bus name or ARN.
-    pub event_bus: Option<String>,
-    pub webhook: Option<WebhookSettings>,
-    /// Where SQS messages that failed for good are sent at once.
-    pub dead_letter_queue_url: Option<String>,
-}
-
-/// Where webhook events go and the key that signs them.
-#[derive(Debug, Clone)]
-pub struct WebhookSettings {
-    pub url: String,
-    pub secret: Secret,
 }
 
 impl Config {

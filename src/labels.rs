@@ -11,11 +11,11 @@
 
 use bytes::Bytes;
 use image::DynamicImage;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, Stage3Error};
 use crate::normalize::{encode_png, insert_aigc_label, max_png_bytes, strip_aigc_label, AigcLabel};
+use crate::schema::AppliedLabels;
 use crate::text::{stamp_visible_label, stamp_visible_label_rgb};
 
 /// What labels to apply (`STAGE3_AIGC_LABEL`, `STAGE3_AIGC_PRODUCER`,
@@ -49,24 +49,7 @@ pub const DEFAULT_PRODUCER: &str = "stage3";
 /// detection tools do not read, so they are relabelled (from their source, without a call).
 pub const IMPLICIT_FORM: &str = "tc260-xmp";
 
-/// What was applied to a published image: `generation_params.aigc_label`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedLabels {
-    pub implicit: bool,
-    /// The implicit label's form ([`IMPLICIT_FORM`]); absent for the earlier form, or when
-    /// there is no implicit label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub implicit_form: Option<String>,
-    pub visible: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub producer: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub propagator: String,
-    /// SHA-256 of the unlabelled image: the `ProduceID` of the implicit label, and how a
-    /// relabelling checks it starts from the right pixels.
-    pub source_sha256: String,
-}
-
+// The contract type lives in `schema`; what it means for a label setting lives here.
 impl AppliedLabels {
     /// Whether these are the labels `settings` asks for.
     pub fn matches(&self, settings: &LabelSettings) -> bool {

@@ -1,41 +1,54 @@
 //! Stage 3 of the story-illustration pipeline: image prompts in, PNGs on a CDN out.
 //!
-//! Module map — the request's path through the crate, top to bottom:
+//! Module map, in layers. A module uses modules of its own layer or below, never above,
+//! and no chain of uses comes back to where it started (`tests/layers.rs` checks both).
 //!
-//! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, batch answer)
-//!   and the parsing of every accepted input shape.
-//! - [`image_spec`]: what one image is — model, full prompt, size, quality, seed,
-//!   references — resolved and validated once per scene, then borrowed by planning, the
-//!   provider call, the cache key and the output.
-//! - [`prompt`]: composes the text sent to the provider (style tags, "Avoid:" negatives).
-//! - [`config`]: the environment variables, read and checked once at start-up, grouped
-//!   into each component's settings (a component is built from its own settings alone).
-//! - [`service`]: the orchestration — cache, provider, retries, deadline, storage.
-//! - [`provider`]: image providers behind one trait — `openrouter`, `placeholder` (offline).
+//! **Shells** — event shapes in, answers out:
+//! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes,
+//!   SQS partial failures, the dead-letter queue, answers under 6 MB. The `stage3` CLI
+//!   (`src/bin/stage3.rs`, feature `cli`) is the other shell.
+//!
+//! **Service** — one scene's path, and one batch's:
+//! - [`batch`]: the batch path both shells take — prepare, check and plan, run under the
+//!   stop signal and deadline, publish the story, send the events, answer.
+//! - [`service`]: one scene — cache, claim, provider with retries and fallbacks, budget,
+//!   deadline, normalise, label, store.
+//!
+//! **Configuration**:
+//! - [`config`]: the environment variables, read and checked once at start-up into each
+//!   component's own settings (a component is built from its settings alone).
+//!
+//! **Parts** — each behind its own types, built from its own settings:
+//! - [`provider`]: image providers behind one trait — `openrouter`, `ark`, `dashscope`,
+//!   `placeholder` (offline) — and their settings.
 //! - [`normalize`]: sniffs, decodes, validates and converts provider images to PNG; keeps
-//!   only the PNG chunks it checks (`normalize::chunks`) and writes the AIGC label
-//!   (`normalize::aigc`).
-//! - [`labels`]: the GB 45438 AIGC labels on published images, and relabelling.
-//! - [`text`]: draws Chinese and Latin text on images (embedded Unifont subset) — the
-//!   placeholder's lettering and the visible "AI生成" mark.
-//! - [`storage`]: object stores behind one trait — `fs` (local), `s3` (Qiniu, MinIO, AWS),
-//!   `memory` (tests, embedding).
+//!   only the PNG chunks it checks and writes the TC260 label.
+//! - [`labels`]: the GB 45438 labels on published images, and relabelling.
+//! - [`text`]: draws Chinese and Latin text (embedded Unifont subset) — the placeholder's
+//!   lettering and the visible "AI生成" mark.
+//! - [`storage`]: object stores behind one trait — `fs`, `s3` (Qiniu, MinIO, AWS),
+//!   `memory` — and their settings.
 //! - [`urls`]: the URLs answers give for stored objects — CDN, Qiniu-signed, presigned.
-//! - [`deadline`]: the time budget every provider, download and storage call runs under.
-//! - [`story`]: a story's manifest, storyboard page and thumbnails, published per batch.
-//! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C stops
-//!   every later provider call; also keeps the batch's spending.
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
-//! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
-//! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share, loaded once.
-//! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes, SQS partial failures, deadlines.
+//! - [`story`]: a story's manifest, storyboard page and thumbnails.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
+//! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
+//! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C.
+//! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
-//! - [`error`]: the error type and its stable `error_type` identifiers.
 //!
-//! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
+//! **Contracts** — import nothing above them:
+//! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, the batch
+//!   answer with its story links and labels) and the parsing of every accepted input.
+//! - [`image_spec`]: what one image is — model, full prompt, size, quality, seed,
+//!   references — resolved and validated once per scene.
+//! - [`prompt`]: composes the text sent to a provider (style tags, negatives).
+//! - [`deadline`]: the time budget every provider, download and storage call runs under.
+//! - [`error`]: the error type and its stable `error_type` identifiers.
+//! - [`secret`]: keys that never print.
 
 pub mod aws;
+pub mod batch;
 pub mod batch_stop;
 pub mod cache;
 pub mod config;
@@ -51,6 +64,7 @@ pub mod prompt;
 pub mod provider;
 pub mod retry;
 pub mod schema;
+pub mod secret;
 pub mod service;
 pub mod storage;
 pub mod story;

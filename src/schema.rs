@@ -395,7 +395,7 @@ pub struct GenerationParams {
     pub etag: Option<String>,
     /// The GB 45438 labels the published PNG carries, and the hash of the unlabelled image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aigc_label: Option<crate::labels::AppliedLabels>,
+    pub aigc_label: Option<AppliedLabels>,
     /// The format the provider actually sent (`png`, `jpeg`, `webp`), sniffed from its bytes.
     pub source_format: String,
     /// Provider calls made for this image (1 unless something was retried).
@@ -429,6 +429,24 @@ pub struct Stage3Output {
     pub from_cache: bool,
 }
 
+/// What was applied to a published image: `generation_params.aigc_label`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedLabels {
+    pub implicit: bool,
+    /// The implicit label's form (`crate::labels::IMPLICIT_FORM`); absent for the earlier form, or when
+    /// there is no implicit label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implicit_form: Option<String>,
+    pub visible: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub producer: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub propagator: String,
+    /// SHA-256 of the unlabelled image: the `ProduceID` of the implicit label, and how a
+    /// relabelling checks it starts from the right pixels.
+    pub source_sha256: String,
+}
+
 /// A scene that could not be illustrated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SceneFailure {
@@ -452,6 +470,43 @@ impl SceneFailure {
     }
 }
 
+/// `story_id` becomes part of object keys: the same rules as `scene_id`.
+pub fn validate_story_id(story_id: &str) -> Result<()> {
+    validate_scene_id(story_id).map_err(|e| match e {
+        Stage3Error::InvalidRequest(message) => {
+            Stage3Error::InvalidRequest(message.replacen("scene_id:", "story_id:", 1))
+        }
+        other => other,
+    })
+}
+
+/// What a batch answer says about its story (flattened into [`BatchAnswer`]): where the
+/// manifest and the page are, or why they could not be published. Paths are filesystem
+/// paths or `s3://` locations; URLs exist where the store has them (a CDN base, or a
+/// presigned GET).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoryLinks {
+    pub story_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gallery_path: Option<String>,
+    /// Set when publishing failed; the batch's scenes are stored all the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub story_error: Option<StoryError>,
+}
+
+/// Why a story's manifest or page could not be published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoryError {
+    pub error_type: ErrorType,
+    pub message: String,
+}
+
 /// The answer to a batch: every scene is in exactly one of the two lists.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BatchAnswer {
@@ -463,7 +518,7 @@ pub struct BatchAnswer {
     /// With a `story_id`: `story_id`, `manifest_url`/`manifest_path`,
     /// `gallery_url`/`gallery_path`, or `story_error` (see [`crate::story`]).
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
-    pub story: Option<crate::story::StoryLinks>,
+    pub story: Option<StoryLinks>,
 }
 
 /// What a batch did, in one object a script can read without walking the lists.
@@ -585,7 +640,7 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
             let requests = parse_items(items, &defaults)?;
             match envelope.story_id {
                 Some(story_id) => {
-                    crate::story::validate_story_id(&story_id)?;
+                    validate_story_id(&story_id)?;
                     Submission::Story { story_id, requests }
                 }
                 None => Submission::Batch(requests),

@@ -37,13 +37,13 @@ use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ModelRef, ProviderKind, SpecSettings};
-use crate::labels::{self, AppliedLabels};
+use crate::labels;
 use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
 use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ImageSize, SceneFailure,
-    Stage3Output, Submission,
+    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest, ImageSize,
+    SceneFailure, Stage3Output, Submission,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
 use crate::urls::{QiniuSigner, UrlPolicy};

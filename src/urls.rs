@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use md5::{Digest, Md5};
 
-use crate::config::Secret;
 use crate::error::Result;
+use crate::secret::Secret;
 use crate::storage::ObjectStore;
 
 /// How answers point at stored objects.
@@ -110,6 +110,13 @@ pub fn encode_path(path: &str) -> String {
         }
     }
     out
+}
+
+/// Qiniu CDN timestamp anti-leech: every URL is signed with `key` and expires after `ttl`.
+#[derive(Debug, Clone)]
+pub struct CdnSigning {
+    pub key: Secret,
+    pub ttl: Duration,
 }
 
 #[cfg(test)]

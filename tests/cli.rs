@@ -1446,3 +1446,33 @@ fn an_edited_record_is_redrawn_not_a_crash() {
         "only the edited record missed"
     );
 }
+
+/// A scene served from the store says so in the progress lines and the closing line.
+#[test]
+fn cache_hits_show_in_the_progress() {
+    let work = tempfile::tempdir().unwrap();
+    let input = serde_json::to_vec(&scenes()).unwrap();
+    let run = || {
+        let output = stage3(work.path())
+            .env("STAGE3_PROVIDER", "placeholder")
+            .args(["generate", "-"])
+            .write_stdin(input.clone())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let first = run();
+    assert!(!first.contains("cached"), "{first}");
+    assert!(
+        first.contains("done: 2 succeeded (0 from the cache), 0 failed"),
+        "{first}"
+    );
+    let second = run();
+    assert!(second.contains("[1/2] scene_00"), "{second}");
+    assert!(second.contains(": cached → "), "{second}");
+    assert!(
+        second.contains("done: 2 succeeded (2 from the cache), 0 failed"),
+        "{second}"
+    );
+}

@@ -13,17 +13,19 @@ use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::config::{self, parse_cost, parse_fallbacks, Config, ProviderKind};
+use stage3::batch::{BatchOptions, BatchProgress};
+use stage3::config::{self, parse_cost, parse_fallbacks, Config};
 use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
+use stage3::image_spec::ProviderKind;
 use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
-use stage3::service::{BatchStop, PreparedScene, RunOptions, Stage3Service};
+use stage3::service::{BatchStop, RunOptions, Stage3Service};
 use stage3::storage::MemoryStore;
 use stage3::{telemetry, Stage3Error};
 
@@ -179,7 +181,6 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let events_budget = events::cli_budget(|name| std::env::var(name).ok())?;
 
     let mut submission = read_submission(&args.input, config.max_batch)?;
-    let story_id = submission.story_id().map(str::to_string);
     submission.override_with(&RequestOptions {
         size: args.size,
         quality: args.quality,
@@ -188,55 +189,39 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
 
     let events = EventPublisher::from_settings(&config.events, &config.aws).await?;
     let service = Stage3Service::from_config(config).await?;
-    let scenes = service.prepare_submission(submission)?;
-    // Refused whole, before any call: a scene its model cannot serve, or a batch over budget.
-    service.check_batch(&scenes).await?;
-    let story_scenes = stage3::story::story_scenes(&scenes);
-    let progress = Progress::new(&scenes);
+    let progress = Progress::default();
     // Ctrl-C stops the batch from starting calls; the calls in flight finish and are stored.
     let stop = BatchStop::new();
     let interrupts = tokio::spawn(stop_on_ctrl_c(stop.clone()));
-    let options = RunOptions {
-        stop: Some(stop.clone()),
-        ..RunOptions::default()
-    };
-    let mut answer = service
-        .run_batch(scenes, &options, &|scene_id, outcome| {
-            progress.scene_done(scene_id, outcome)
-        })
-        .await;
-    progress.finish(answer.results.len(), answer.failures.len());
-    let interrupted = matches!(stop.reason(), Some(Stage3Error::Cancelled(_)));
-    if let Some(story_id) = &story_id {
-        stage3::story::publish_into_answer(
-            &service,
-            story_id,
-            &story_scenes,
-            &mut answer,
-            Deadline::NONE,
-        )
-        .await;
-        if let Some(story) = &answer.story {
-            match (&story.story_error, &story.gallery_path) {
-                (Some(e), _) => eprintln!(
-                    "story {story_id}: not published [{}] {}",
-                    e.error_type, e.message
-                ),
-                (None, Some(page)) => eprintln!("story {story_id}: {page}"),
-                (None, None) => {}
-            }
-        }
-    }
-    if events.is_enabled() {
-        let story = answer.story.as_ref().map(stage3::events::StoryRef::from);
+    let options = BatchOptions {
+        run: RunOptions {
+            stop: Some(stop.clone()),
+            ..RunOptions::default()
+        },
+        events,
         // One budget for every sink, event and retry: a receiver that never answers costs
         // the run this long at most, as the invocation deadline bounds the Lambda function.
-        let report = events
-            .publish_batch(&answer, story.as_ref(), Deadline::after(events_budget))
-            .await;
+        events_deadline: Deadline::after(events_budget),
+        ..BatchOptions::default()
+    };
+    let run = service.run(submission, &options, &progress).await?;
+    interrupts.abort();
+    let answer = run.answer;
+    progress.finish(&answer);
+    if let Some(story) = &answer.story {
+        match (&story.story_error, &story.gallery_path) {
+            (Some(e), _) => eprintln!(
+                "story {}: not published [{}] {}",
+                story.story_id, e.error_type, e.message
+            ),
+            (None, Some(page)) => eprintln!("story {}: {page}", story.story_id),
+            (None, None) => {}
+        }
+    }
+    if options.events.is_enabled() {
         eprintln!(
             "events: {} delivered, {} lost",
-            report.delivered, report.lost
+            run.events.delivered, run.events.lost
         );
     }
 
@@ -246,14 +231,15 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         .story
         .as_ref()
         .is_some_and(|s| s.story_error.is_some());
-    interrupts.abort();
-    Ok(if interrupted {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if answer.failures.is_empty() && !story_failed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_SOME_FAILED)
-    })
+    Ok(
+        if matches!(stop.reason(), Some(Stage3Error::Cancelled(_))) {
+            ExitCode::from(EXIT_INTERRUPTED)
+        } else if answer.failures.is_empty() && !story_failed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_SOME_FAILED)
+        },
+    )
 }
 
 /// The first Ctrl-C stops the batch from starting provider calls: calls in flight finish and
@@ -410,15 +396,16 @@ fn read_submission(input: &PathBuf, max_batch: usize) -> Result<Submission, Stag
 }
 
 /// Progress on stderr: a bar on a terminal, one plain line per scene otherwise (CI logs).
+#[derive(Default)]
 struct Progress {
-    bar: Option<ProgressBar>,
-    total: usize,
+    bar: OnceLock<Option<ProgressBar>>,
+    total: AtomicUsize,
     done: AtomicUsize,
 }
 
-impl Progress {
-    fn new(scenes: &[PreparedScene]) -> Self {
-        let total = scenes.len();
+impl BatchProgress for Progress {
+    fn started(&self, total: usize) {
+        self.total.store(total, Ordering::SeqCst);
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
@@ -433,32 +420,39 @@ impl Progress {
         if bar.is_none() {
             eprintln!("generating {total} scene(s)");
         }
-        Progress {
-            bar,
-            total,
-            done: AtomicUsize::new(0),
-        }
+        let _ = self.bar.set(bar);
     }
 
+    /// `scene: path` for a fresh image, `scene: cached → path` for one served from the
+    /// store at no cost, `scene: failed [type] why` otherwise.
     fn scene_done(&self, scene_id: &str, outcome: Result<&stage3::Stage3Output, &Stage3Error>) {
         let done = self.done.fetch_add(1, Ordering::SeqCst) + 1;
         let line = match outcome {
+            Ok(output) if output.from_cache => {
+                format!("{scene_id}: cached → {}", output.image_path)
+            }
             Ok(output) => format!("{scene_id}: {}", output.image_path),
             Err(e) => format!("{scene_id}: failed [{}] {e}", e.error_type()),
         };
-        match &self.bar {
+        match self.bar.get().and_then(Option::as_ref) {
             Some(bar) => {
                 bar.inc(1);
                 bar.println(line);
             }
-            None => eprintln!("[{done}/{}] {line}", self.total),
+            None => eprintln!("[{done}/{}] {line}", self.total.load(Ordering::SeqCst)),
         }
     }
+}
 
-    fn finish(&self, succeeded: usize, failed: usize) {
-        if let Some(bar) = &self.bar {
+impl Progress {
+    fn finish(&self, answer: &stage3::BatchAnswer) {
+        if let Some(bar) = self.bar.get().and_then(Option::as_ref) {
             bar.finish_and_clear();
         }
-        eprintln!("done: {succeeded} succeeded, {failed} failed");
+        let summary = &answer.summary;
+        eprintln!(
+            "done: {} succeeded ({} from the cache), {} failed",
+            summary.succeeded, summary.from_cache, summary.failed
+        );
     }
 }

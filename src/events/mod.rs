@@ -28,7 +28,10 @@
 #[cfg(feature = "lambda")]
 pub mod dead_letter;
 pub mod eventbridge;
+mod settings;
 pub mod webhook;
+
+pub use settings::{EventSettings, WebhookSettings};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,7 +41,6 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::aws::AwsConfig;
-use crate::config::EventSettings;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
@@ -142,8 +144,8 @@ pub struct StoryRef {
     pub gallery_url: Option<String>,
 }
 
-impl From<&crate::story::StoryLinks> for StoryRef {
-    fn from(links: &crate::story::StoryLinks) -> Self {
+impl From<&crate::schema::StoryLinks> for StoryRef {
+    fn from(links: &crate::schema::StoryLinks) -> Self {
         StoryRef {
             story_id: links.story_id.clone(),
             manifest_url: links.manifest_url.clone().or(links.manifest_path.clone()),

@@ -25,10 +25,11 @@ use futures::stream::{self, StreamExt};
 use hmac::{KeyInit, Mac};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 
+use super::WebhookSettings;
 use super::{Backoff, Event, EventKind, EventSink};
-use crate::config::{Secret, WebhookSettings};
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
+use crate::secret::Secret;
 
 /// The header carrying the signature of the timestamp and the body.
 pub const SIGNATURE_HEADER: &str = "X-Stage3-Signature";

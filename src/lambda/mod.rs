@@ -28,17 +28,16 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::aws::AwsConfig;
-use crate::config::EventSettings;
+use crate::batch::BatchOptions;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
+use crate::events::EventSettings;
 use crate::events::{self, Event, EventPublisher};
 use crate::schema::{
-    parse_submission, parse_submission_bytes, BatchAnswer, BatchSummary, SceneFailure,
-    Stage3Output, Submission,
+    parse_submission, parse_submission_bytes, BatchAnswer, BatchSummary, SceneFailure, Submission,
 };
-use crate::service::{PreparedScene, RunOptions, Stage3Service};
-use crate::story;
+use crate::service::{RunOptions, Stage3Service};
 
 pub mod answer_size;
 
@@ -242,56 +241,33 @@ async fn route(
     }
 }
 
-/// One request → its `Stage3Output` or its error; a batch → the batch answer. A single
-/// request publishes its scene's event; a batch its scenes' events and `Batch Done`.
+/// One request → its `Stage3Output` or its error; a batch → the batch answer, through the
+/// library's one batch path ([`Stage3Service::run`]). A single request publishes its
+/// scene's event; a batch its scenes' events and `Batch Done`.
 async fn handle_direct(
     service: &Stage3Service,
     outlets: &Outlets,
     payload: Value,
     options: &RunOptions,
 ) -> Result<Value> {
+    let options = batch_options(outlets, options);
     match parse_submission(payload, service.config().max_batch)? {
-        Submission::Single(request) => {
-            let scene = service.prepare(request)?;
-            service.check_batch(std::slice::from_ref(&scene)).await?;
-            let outcome: Result<Stage3Output> = service.run_scene(&scene, options).await;
-            if outlets.events.is_enabled() {
-                let event = match &outcome {
-                    Ok(output) => Event::scene_ready(output),
-                    Err(error) => Event::scene_failed(&SceneFailure::new(scene.scene_id(), error)),
-                };
-                outlets.events.publish(&[event], options.deadline).await;
-            }
-            Ok(to_json(&outcome?))
+        Submission::Single(request) => Ok(to_json(&service.run_one(request, &options).await?)),
+        submission => {
+            let run = service.run(submission, &options, &()).await?;
+            Ok(to_json(&run.answer))
         }
-        Submission::Batch(requests) => {
-            let scenes = service.prepare_all(requests)?;
-            // A scene its model cannot serve, or an estimate over the budget, refuses the
-            // batch whole before anything is spent.
-            service.check_batch(&scenes).await?;
-            let answer = service.run_batch(scenes, options, &|_, _| {}).await;
-            outlets
-                .events
-                .publish_batch(&answer, None, options.deadline)
-                .await;
-            Ok(to_json(&answer))
-        }
-        Submission::Story { story_id, requests } => {
-            let scenes = service.prepare_all(requests)?;
-            service.check_batch(&scenes).await?;
-            let story_scenes = story::story_scenes(&scenes);
-            let mut answer = service.run_batch(scenes, options, &|_, _| {}).await;
-            // Publishing may use half the safety margin; the answer still needs the rest.
-            let deadline = options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2);
-            story::publish_into_answer(service, &story_id, &story_scenes, &mut answer, deadline)
-                .await;
-            let story = answer.story.as_ref().map(events::StoryRef::from);
-            outlets
-                .events
-                .publish_batch(&answer, story.as_ref(), options.deadline)
-                .await;
-            Ok(to_json(&answer))
-        }
+    }
+}
+
+/// The invocation's batch: its events, and its story published with half the safety
+/// margin at most (the answer still needs the rest).
+fn batch_options(outlets: &Outlets, options: &RunOptions) -> BatchOptions {
+    BatchOptions {
+        run: options.clone(),
+        events: outlets.events.clone(),
+        story_deadline: options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2),
+        events_deadline: options.deadline,
     }
 }
 
@@ -334,74 +310,63 @@ async fn handle_sqs(
     }
 
     let mut records: Vec<SqsRecord> = Vec::with_capacity(event.records.len());
-    let mut stories: Vec<Option<String>> = vec![None; event.records.len()];
-    let mut scenes: Vec<PreparedScene> = Vec::new();
-    let mut owners: Vec<usize> = Vec::new();
-    for (index, (record, message_id)) in event.records.into_iter().zip(message_ids).enumerate() {
+    let mut submissions = Vec::with_capacity(event.records.len());
+    for (record, message_id) in event.records.into_iter().zip(message_ids) {
         let body = record.body.unwrap_or_default();
-        let prepared = parse_submission_bytes(body.as_bytes(), service.config().max_batch)
-            .and_then(|submission| {
-                stories[index] = submission.story_id().map(str::to_string);
-                service.prepare_submission(submission)
-            });
-        let mut state = SqsRecord {
+        submissions.push(parse_submission_bytes(
+            body.as_bytes(),
+            service.config().max_batch,
+        ));
+        records.push(SqsRecord {
             message_id,
             body,
             answer: BatchAnswer::default(),
             first_error: None,
             retry: false,
-        };
-        match prepared {
-            Ok(record_scenes) => {
-                owners.extend(std::iter::repeat_n(index, record_scenes.len()));
-                scenes.extend(record_scenes);
-            }
+        });
+    }
+
+    let run = service
+        .run_queued(submissions, &batch_options(outlets, options))
+        .await;
+    // The summary counts scenes that ran; a body that was no request is reported per record.
+    let mut total = BatchAnswer::default();
+    for (record, outcome) in records.iter_mut().zip(run.submissions) {
+        let scenes = match outcome {
+            Ok(scenes) => scenes,
             Err(error) => {
                 // A malformed body never gets better: permanent. Without a dead-letter
                 // queue it is redelivered until the queue's maxReceiveCount moves it
                 // there; this line tells whoever looks there why.
                 tracing::warn!(
-                    message_id = %state.message_id,
+                    message_id = %record.message_id,
                     error_type = %error.error_type(),
                     error = %error,
                     "SQS record rejected"
                 );
-                let scene_id = body_scene_id(&state.body);
-                state.fail(&scene_id, &error);
+                let scene_id = body_scene_id(&record.body);
+                record.fail(&scene_id, &error);
+                continue;
             }
-        }
-        records.push(state);
-    }
-
-    // The budget holds for the invocation as a whole: over it, nothing is called.
-    let plan = service.plan_batch(&scenes).await;
-    let outcomes = match service.check_budget(&plan) {
-        Ok(()) => service.run_scenes(&scenes, options, &|_, _| {}).await,
-        Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
-    };
-    publish_queued_stories(service, &scenes, &owners, &stories, &outcomes, options).await;
-    // The summary counts scenes that ran; a body that was no request is reported per record.
-    let mut total = BatchAnswer::default();
-    for ((owner, scene), outcome) in owners.into_iter().zip(&scenes).zip(outcomes) {
-        let record = &mut records[owner];
-        match &outcome {
-            Ok(output) => total.results.push(output.clone()),
-            Err(error) => total
-                .failures
-                .push(SceneFailure::new(scene.scene_id(), error)),
-        }
-        match outcome {
-            Ok(output) => record.answer.results.push(output),
-            Err(error) => {
-                tracing::warn!(
-                    message_id = %record.message_id,
-                    scene_id = %scene.scene_id(),
-                    error_type = %error.error_type(),
-                    permanent = dead_letter::is_permanent(&error),
-                    error = %error,
-                    "scene failed"
-                );
-                record.fail(scene.scene_id(), &error);
+        };
+        for (scene_id, outcome) in scenes {
+            match outcome {
+                Ok(output) => {
+                    total.results.push(output.clone());
+                    record.answer.results.push(output);
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        message_id = %record.message_id,
+                        scene_id = %scene_id,
+                        error_type = %error.error_type(),
+                        permanent = dead_letter::is_permanent(&error),
+                        error = %error,
+                        "scene failed"
+                    );
+                    total.failures.push(SceneFailure::new(&scene_id, &error));
+                    record.fail(&scene_id, &error);
+                }
             }
         }
     }
@@ -445,7 +410,7 @@ async fn handle_sqs(
         .publish(&announcements, options.deadline)
         .await;
     total.summarize();
-    total.summary.estimated_cost_usd = plan.estimated_cost_usd;
+    total.summary.estimated_cost_usd = run.estimated_cost_usd;
     Ok(SqsAnswer {
         response,
         summary: total.summary,
@@ -528,35 +493,6 @@ fn body_scene_id(body: &str) -> String {
         .ok()
         .and_then(|value| value.get("scene_id")?.as_str().map(str::to_string))
         .unwrap_or_default()
-}
-
-/// Publishes the story of every record that named one, each story once with all its
-/// records' scenes. A failure is logged, not redelivered: the scenes are stored, and the
-/// story's next batch merges whatever fragment this one left.
-async fn publish_queued_stories(
-    service: &Stage3Service,
-    scenes: &[PreparedScene],
-    owners: &[usize],
-    stories: &[Option<String>],
-    outcomes: &[Result<Stage3Output>],
-    options: &RunOptions,
-) {
-    let mut by_story: std::collections::BTreeMap<
-        &str,
-        (Vec<story::StoryScene>, Vec<Result<Stage3Output>>),
-    > = std::collections::BTreeMap::new();
-    for ((scene, owner), outcome) in scenes.iter().zip(owners).zip(outcomes) {
-        if let Some(story_id) = stories[*owner].as_deref() {
-            let (story_scenes, story_outcomes) = by_story.entry(story_id).or_default();
-            story_scenes.push(story::StoryScene::from(scene));
-            story_outcomes.push(outcome.clone());
-        }
-    }
-    let deadline = options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2);
-    for (story_id, (story_scenes, story_outcomes)) in by_story {
-        let entries = story::entries_from_outcomes(&story_scenes, &story_outcomes);
-        story::publish_or_report(service, story_id, entries, deadline).await;
-    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Value {

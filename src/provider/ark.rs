@@ -28,10 +28,10 @@ use super::http::{
     ErrorAnswer, JsonText,
 };
 use super::table::{ModelTable, SizeTier, TabledModel};
+use super::ApiSettings;
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
 };
-use crate::config::ApiSettings;
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ProviderKind};
 

@@ -27,10 +27,10 @@ use serde_json::Value;
 
 use super::http::{classify_status, malformed, shorten_slug, with_cost, ApiClient, ErrorAnswer};
 use super::table::{ModelTable, SizeTier, TabledModel};
+use super::ApiSettings;
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
 };
-use crate::config::ApiSettings;
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ProviderKind};
 

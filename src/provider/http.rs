@@ -28,10 +28,11 @@ use reqwest::{Client, Response};
 use serde::{Deserialize, Serialize};
 
 use super::fetch::{self, AddressPolicy};
+use super::HttpSettings;
 use super::ProviderImage;
-use crate::config::{HttpSettings, Secret};
 use crate::deadline::CallBudget;
 use crate::error::{ProviderFailure, Result, Stage3Error};
+use crate::secret::Secret;
 
 /// An error answer is only read for its message; more than this is not worth holding.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;

@@ -22,6 +22,7 @@ mod http;
 mod openrouter;
 mod placeholder;
 mod registry;
+mod settings;
 mod table;
 
 use async_trait::async_trait;
@@ -33,6 +34,9 @@ pub use dashscope::DashScopeProvider;
 pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
 pub use registry::Providers;
+pub use settings::{
+    ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
+};
 
 use crate::deadline::CallBudget;
 use crate::error::Result;

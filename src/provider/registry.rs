@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
+use super::ProviderSettings;
 use super::{
     ArkProvider, DashScopeProvider, ImageProvider, OpenRouterProvider, PlaceholderProvider,
     ProviderIdentity,
 };
-use crate::config::ProviderSettings;
 use crate::error::{Result, Stage3Error};
 use crate::image_spec::ProviderKind;
 

@@ -275,7 +275,7 @@ fn own_directories(root: &Path) -> Vec<PathBuf> {
             && entry
                 .file_name()
                 .to_str()
-                .is_some_and(|id| crate::story::validate_story_id(id).is_ok());
+                .is_some_and(|id| crate::schema::validate_story_id(id).is_ok());
         if is_story {
             let story = entry.path();
             let fragments = story.join(STORY_FRAGMENTS);

@@ -7,6 +7,7 @@
 mod fs;
 mod memory;
 mod s3;
+mod settings;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,9 +18,9 @@ use bytes::Bytes;
 pub use fs::FsStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
+pub use settings::{S3Credentials, S3Settings, StorageKind, StorageSettings};
 
 use crate::aws::AwsConfig;
-use crate::config::{StorageKind, StorageSettings};
 use crate::error::{Result, Stage3Error};
 
 /// What to send along with an object's bytes.

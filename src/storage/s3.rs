@@ -22,9 +22,9 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
+use super::S3Settings;
 use super::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::aws::AwsConfig;
-use crate::config::S3Settings;
 use crate::error::{Result, Stage3Error};
 
 /// Longest wait for a TCP (and TLS) connection to the endpoint.

@@ -71,7 +71,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
 
 pub use gallery::PageLinks;
 pub use manifest::{
@@ -80,9 +79,8 @@ pub use manifest::{
 pub use thumbnail::{make_thumbnail, store_thumbnail, thumbnail_key, THUMBNAIL_MAX_SIDE};
 
 use crate::deadline::Deadline;
-use crate::error::{ErrorType, Result, Stage3Error};
-use crate::schema::{validate_scene_id, BatchAnswer, Stage3Output};
-use crate::service::{PreparedScene, Stage3Service};
+use crate::error::{Result, Stage3Error};
+use crate::schema::{validate_story_id, BatchAnswer, Stage3Output, StoryError, StoryLinks};
 use crate::storage::{Fetched, ObjectMeta, ObjectStore};
 use crate::urls::UrlPolicy;
 use manifest::{
@@ -161,64 +159,6 @@ pub fn fragments_prefix(story_id: &str) -> String {
     format!("stories/{story_id}/batches/")
 }
 
-/// `story_id` becomes part of object keys: the same rules as `scene_id`.
-pub fn validate_story_id(story_id: &str) -> Result<()> {
-    validate_scene_id(story_id).map_err(|e| match e {
-        Stage3Error::InvalidRequest(message) => {
-            Stage3Error::InvalidRequest(message.replacen("scene_id:", "story_id:", 1))
-        }
-        other => other,
-    })
-}
-
-/// What a batch answer says about its story (flattened into [`BatchAnswer`]): where the
-/// manifest and the page are, or why they could not be published. Paths are filesystem
-/// paths or `s3://` locations; URLs exist where the store has them (a CDN base, or a
-/// presigned GET).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoryLinks {
-    pub story_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manifest_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manifest_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gallery_url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gallery_path: Option<String>,
-    /// Set when publishing failed; the batch's scenes are stored all the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub story_error: Option<StoryError>,
-}
-
-/// Why a story's manifest or page could not be published.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoryError {
-    pub error_type: ErrorType,
-    pub message: String,
-}
-
-impl From<&PreparedScene> for StoryScene {
-    fn from(scene: &PreparedScene) -> Self {
-        StoryScene {
-            scene_id: scene.scene_id().to_string(),
-            prompt: scene.request.image_prompt.clone(),
-            size: scene.spec.size.as_str().to_string(),
-            model: scene.spec.model.model.clone(),
-        }
-    }
-}
-
-/// The story scenes of prepared scenes, in input order (an identical repeat once).
-pub fn story_scenes(scenes: &[PreparedScene]) -> Vec<StoryScene> {
-    let mut seen = HashSet::new();
-    scenes
-        .iter()
-        .filter(|scene| seen.insert(scene.scene_id().to_string()))
-        .map(StoryScene::from)
-        .collect()
-}
-
 /// The manifest entries of a batch answer, in the order of `scenes`.
 pub fn entries_from_answer(scenes: &[StoryScene], answer: &BatchAnswer) -> Vec<ManifestEntry> {
     scenes
@@ -254,29 +194,16 @@ pub fn entries_from_outcomes(
         .collect()
 }
 
-/// Publishes a batch's story into its answer, in the service's store: the answer names the
-/// manifest and the page, or carries `story_error` when they could not be written by
-/// `deadline` (logged too). Never fails the batch: its scenes are stored whatever happens.
-pub async fn publish_into_answer(
-    service: &Stage3Service,
-    story_id: &str,
-    scenes: &[StoryScene],
-    answer: &mut BatchAnswer,
-    deadline: Deadline,
-) {
-    let entries = entries_from_answer(scenes, answer);
-    answer.story = Some(publish_or_report(service, story_id, entries, deadline).await);
-}
-
-/// [`publish_story`] in the service's store, with a failure (or running past `deadline`)
-/// turned into [`StoryLinks::story_error`] and logged.
+/// [`publish_story`], with a failure (or running past `deadline`) turned into
+/// [`StoryLinks::story_error`] and logged: a story never fails its batch.
 pub async fn publish_or_report(
-    service: &Stage3Service,
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
     story_id: &str,
     entries: Vec<ManifestEntry>,
     deadline: Deadline,
 ) -> StoryLinks {
-    let publishing = publish_story(service.store(), service.urls(), story_id, entries);
+    let publishing = publish_story(store, urls, story_id, entries);
     let outcome = deadline.within(publishing).await.unwrap_or_else(|| {
         Err(Stage3Error::DeadlineExceeded(
             "the invocation deadline came before the story was published; the next batch \
@@ -1116,6 +1043,7 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorType;
 
     #[test]
     fn a_batch_answer_names_its_story_at_the_top_level_or_not_at_all() {

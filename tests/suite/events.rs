@@ -19,14 +19,15 @@ use crate::support::config::TestConfig;
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use crate::support::stage3_command;
-use stage3::config::{Secret, WebhookSettings};
 use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
 use stage3::events::webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use stage3::events::WebhookSettings;
 use stage3::events::{Backoff, EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
 use stage3::schema::BatchAnswer;
+use stage3::secret::Secret;
 use stage3::{GenerationRequest, Stage3Service};
 
 /// Prompts containing this are refused by the stand-in as OpenRouter's moderation does.

@@ -1027,7 +1027,7 @@ fn link_starting(page: &str, start: &str) -> String {
 #[tokio::test]
 async fn the_page_takes_images_only_from_its_store_or_cdn_and_signs_them_for_qiniu() {
     use md5::{Digest, Md5};
-    use stage3::config::Secret;
+    use stage3::secret::Secret;
     use stage3::urls::QiniuSigner;
 
     let target = S3Target::start().await;

@@ -25,7 +25,7 @@ use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::SimpleAuth;
 use s3s::dto::{GetObjectInput, PutObjectInput};
 use s3s::service::S3ServiceBuilder;
-use stage3::config::S3Settings;
+use stage3::storage::S3Settings;
 use stage3::storage::S3Store;
 use tempfile::TempDir;
 use tokio::net::TcpListener;

@@ -29,9 +29,9 @@ use super::http::{
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
 };
-use crate::config::{ChatModalities, OpenRouterApi, OpenRouterSettings};
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ProviderKind};
+use crate::provider::{ChatModalities, OpenRouterApi, OpenRouterSettings};
 use crate::schema::{ImageQuality, ImageSize};
 use catalogue::{Catalogue, Models, WireParams};
 use errors::{classify, parse_error_body, parse_error_object, ErrorDetails};

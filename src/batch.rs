@@ -1,0 +1,222 @@
+//! One batch, start to finish: the path both shells take.
+//!
+//! [`Stage3Service::run`] prepares a submission, checks and plans it (a scene its model
+//! cannot serve, or an estimate over the budget, refuses it whole before anything is
+//! spent), runs its scenes under the caller's stop signal and deadline, publishes the
+//! story when it names one, sends its events and answers. The CLI adds argument parsing,
+//! a progress printer and a Ctrl-C hook; the Lambda adapter adds event shapes.
+//!
+//! [`Stage3Service::run_one`] is a single request's path (a `Stage3Output` or an error);
+//! [`Stage3Service::run_queued`] runs several submissions as one batch — an SQS
+//! invocation's records — and hands back each one's outcomes for the queue's bookkeeping.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::deadline::Deadline;
+use crate::error::{Result, Stage3Error};
+use crate::events::{Event, EventPublisher, EventReport, StoryRef};
+use crate::schema::{BatchAnswer, GenerationRequest, SceneFailure, Stage3Output, Submission};
+use crate::service::{PreparedScene, RunOptions, Stage3Service};
+use crate::story::{self, StoryScene};
+
+/// How a batch runs beyond its scenes: the scenes' own [`RunOptions`] (stop signal,
+/// deadline, force), where its events go, and when the story and the events must be done.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOptions {
+    pub run: RunOptions,
+    /// Where the batch's events go; the default publishes none.
+    pub events: EventPublisher,
+    /// When the story's manifest and page must be written by.
+    pub story_deadline: Deadline,
+    /// When the events must be delivered by: a receiver that never answers costs the
+    /// batch this long at most.
+    pub events_deadline: Deadline,
+}
+
+/// What a batch reports as it goes: the CLI's progress printer. `()` reports nothing.
+pub trait BatchProgress: Sync {
+    /// The batch passed its checks and `scenes` scenes start.
+    fn started(&self, _scenes: usize) {}
+    /// A scene finished: stored (`from_cache` when served from the store) or failed.
+    fn scene_done(
+        &self,
+        _scene_id: &str,
+        _outcome: std::result::Result<&Stage3Output, &Stage3Error>,
+    ) {
+    }
+}
+
+impl BatchProgress for () {}
+
+/// What a batch did: its answer, and how its events fared.
+#[derive(Debug)]
+pub struct BatchRun {
+    pub answer: BatchAnswer,
+    pub events: EventReport,
+}
+
+/// One submission of [`Stage3Service::run_queued`]: each scene's id and outcome, in order,
+/// or why the submission was refused before anything ran.
+pub type QueuedOutcome = Result<Vec<(String, Result<Stage3Output>)>>;
+
+/// What [`Stage3Service::run_queued`] did: each submission's outcomes, and the estimate
+/// made before the batch started, when prices were known.
+#[derive(Debug)]
+pub struct QueuedRun {
+    pub submissions: Vec<QueuedOutcome>,
+    pub estimated_cost_usd: Option<f64>,
+}
+
+impl Stage3Service {
+    /// The whole path of one submission (see the module notes). `Err` only when the
+    /// submission is refused before anything is spent; a scene's failure is in the answer.
+    pub async fn run(
+        &self,
+        submission: Submission,
+        options: &BatchOptions,
+        progress: &dyn BatchProgress,
+    ) -> Result<BatchRun> {
+        let story_id = submission.story_id().map(str::to_string);
+        let scenes = self.prepare_submission(submission)?;
+        self.check_batch(&scenes).await?;
+        let story_scenes = story_id.as_ref().map(|_| story_scenes(&scenes));
+        progress.started(scenes.len());
+        let on_done =
+            |scene_id: &str, outcome: std::result::Result<&Stage3Output, &Stage3Error>| {
+                progress.scene_done(scene_id, outcome)
+            };
+        let mut answer = self.run_batch(scenes, &options.run, &on_done).await;
+        if let (Some(story_id), Some(story_scenes)) = (story_id, story_scenes) {
+            let entries = story::entries_from_answer(&story_scenes, &answer);
+            answer.story = Some(
+                story::publish_or_report(
+                    self.store(),
+                    self.urls(),
+                    &story_id,
+                    entries,
+                    options.story_deadline,
+                )
+                .await,
+            );
+        }
+        let story = answer.story.as_ref().map(StoryRef::from);
+        let events = options
+            .events
+            .publish_batch(&answer, story.as_ref(), options.events_deadline)
+            .await;
+        Ok(BatchRun { answer, events })
+    }
+
+    /// One request: its `Stage3Output`, or the error whose `error_type` names the cause.
+    /// Its scene's event is published either way.
+    pub async fn run_one(
+        &self,
+        request: GenerationRequest,
+        options: &BatchOptions,
+    ) -> Result<Stage3Output> {
+        let scene = self.prepare(request)?;
+        self.check_batch(std::slice::from_ref(&scene)).await?;
+        let outcome = self.run_scene(&scene, &options.run).await;
+        if options.events.is_enabled() {
+            let event = match &outcome {
+                Ok(output) => Event::scene_ready(output),
+                Err(error) => Event::scene_failed(&SceneFailure::new(scene.scene_id(), error)),
+            };
+            options
+                .events
+                .publish(&[event], options.events_deadline)
+                .await;
+        }
+        outcome
+    }
+
+    /// Several submissions as one batch, sharing its concurrency and back-pressure: an
+    /// SQS invocation's records. A submission that cannot be prepared is refused alone;
+    /// over the budget, every scene fails `budget_exceeded` and nothing is called. Each
+    /// story named is published once, with all its submissions' scenes; a story that
+    /// cannot be published is logged, never failed: its scenes are stored, and the story's
+    /// next batch merges the fragment this one left. Events are the caller's: which
+    /// failures to announce depends on what the queue does with them.
+    pub async fn run_queued(
+        &self,
+        submissions: Vec<Result<Submission>>,
+        options: &BatchOptions,
+    ) -> QueuedRun {
+        let mut prepared: Vec<Result<(Option<String>, usize)>> = Vec::new();
+        let mut scenes: Vec<PreparedScene> = Vec::new();
+        for submission in submissions {
+            let entry = submission.and_then(|submission| {
+                let story_id = submission.story_id().map(str::to_string);
+                let own = self.prepare_submission(submission)?;
+                let count = own.len();
+                scenes.extend(own);
+                Ok((story_id, count))
+            });
+            prepared.push(entry);
+        }
+
+        let plan = self.plan_batch(&scenes).await;
+        let outcomes = match self.check_budget(&plan) {
+            Ok(()) => self.run_scenes(&scenes, &options.run, &|_, _| {}).await,
+            Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
+        };
+
+        // Each story's scenes and outcomes, gathered across submissions.
+        let mut stories: BTreeMap<&str, (Vec<StoryScene>, Vec<Result<Stage3Output>>)> =
+            BTreeMap::new();
+        let mut next = 0;
+        for (story_id, count) in prepared.iter().flatten() {
+            if let Some(story_id) = story_id {
+                let (story_scenes, story_outcomes) = stories.entry(story_id).or_default();
+                story_scenes.extend(scenes[next..next + count].iter().map(StoryScene::from));
+                story_outcomes.extend(outcomes[next..next + count].iter().cloned());
+            }
+            next += count;
+        }
+        for (story_id, (story_scenes, story_outcomes)) in stories {
+            let entries = story::entries_from_outcomes(&story_scenes, &story_outcomes);
+            story::publish_or_report(
+                self.store(),
+                self.urls(),
+                story_id,
+                entries,
+                options.story_deadline,
+            )
+            .await;
+        }
+
+        let mut results = scenes
+            .iter()
+            .map(|scene| scene.scene_id().to_string())
+            .zip(outcomes);
+        let submissions = prepared
+            .into_iter()
+            .map(|entry| entry.map(|(_, count)| results.by_ref().take(count).collect()))
+            .collect();
+        QueuedRun {
+            submissions,
+            estimated_cost_usd: plan.estimated_cost_usd,
+        }
+    }
+}
+
+impl From<&PreparedScene> for StoryScene {
+    fn from(scene: &PreparedScene) -> Self {
+        StoryScene {
+            scene_id: scene.scene_id().to_string(),
+            prompt: scene.request.image_prompt.clone(),
+            size: scene.spec.size.as_str().to_string(),
+            model: scene.spec.model.model.clone(),
+        }
+    }
+}
+
+/// The story scenes of prepared scenes, in input order (an identical repeat once).
+fn story_scenes(scenes: &[PreparedScene]) -> Vec<StoryScene> {
+    let mut seen = HashSet::new();
+    scenes
+        .iter()
+        .filter(|scene| seen.insert(scene.scene_id().to_string()))
+        .map(StoryScene::from)
+        .collect()
+}
