@@ -12,11 +12,16 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use std::sync::Arc;
+
+use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::{Event, EventPublisher, EventReport, StoryRef};
+use crate::provider::Providers;
 use crate::schema::{BatchAnswer, GenerationRequest, SceneFailure, Stage3Output, Submission};
-use crate::service::{PreparedScene, RunOptions, Stage3Service};
+use crate::service::{BatchPlan, PreparedScene, RunOptions, Stage3Service};
+use crate::storage::MemoryStore;
 use crate::story::{self, StoryScene};
 
 /// How a batch runs beyond its scenes: the scenes' own [`RunOptions`] (stop signal,
@@ -67,7 +72,34 @@ pub struct QueuedRun {
     pub estimated_cost_usd: Option<f64>,
 }
 
+/// What `stage3 validate` learns of a submission without generating anything.
+#[derive(Debug)]
+pub struct SubmissionCheck {
+    pub scenes: usize,
+    pub plan: BatchPlan,
+}
+
 impl Stage3Service {
+    /// A service that checks and prices submissions but never generates or stores: its
+    /// providers are built for checking (catalogues and tables, which need no key and bill
+    /// nothing) and its store is an empty one in memory, since opening a real store is not
+    /// free of effects (the filesystem store clears its stale temporary files).
+    pub fn for_checking(config: Config) -> Self {
+        let providers = Providers::for_checking(config.provider, config.providers.clone());
+        Stage3Service::with_providers(config, providers, Arc::new(MemoryStore::new()))
+    }
+
+    /// Everything [`Stage3Service::run`] checks before it spends: each scene prepared and
+    /// served by its model, the estimate within the budget.
+    pub async fn check(&self, submission: Submission) -> Result<SubmissionCheck> {
+        let scenes = self.prepare_submission(submission)?;
+        let plan = self.check_batch(&scenes).await?;
+        Ok(SubmissionCheck {
+            scenes: scenes.len(),
+            plan,
+        })
+    }
+
     /// The whole path of one submission (see the module notes). `Err` only when the
     /// submission is refused before anything is spent; a scene's failure is in the answer.
     pub async fn run(

@@ -100,7 +100,47 @@ pub struct Config {
     pub aws: AwsConfig,
 }
 
+/// What the CLI's flags set over the environment: each one given wins over its variable.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--out` over `STAGE3_OUTPUT_DIR`.
+    pub output_dir: Option<PathBuf>,
+    /// `--concurrency` over `STAGE3_CONCURRENCY`.
+    pub concurrency: Option<usize>,
+    /// `--provider` over `STAGE3_PROVIDER`.
+    pub provider: Option<ProviderKind>,
+    /// `--force` sets `STAGE3_FORCE`.
+    pub force: bool,
+    /// `--fallback-model`, repeated, replaces `STAGE3_MODEL_FALLBACKS`.
+    pub fallback_models: Vec<String>,
+    /// `--max-cost` over `STAGE3_MAX_COST_USD`, as written.
+    pub max_cost: Option<String>,
+}
+
 impl Config {
+    /// Applies the CLI's flags, checked as their variables are: a bad flag is a `config`
+    /// error naming it.
+    pub fn override_with(&mut self, overrides: Overrides) -> Result<()> {
+        if let Some(dir) = overrides.output_dir {
+            self.storage.output_dir = dir;
+        }
+        if let Some(concurrency) = overrides.concurrency {
+            self.concurrency = concurrency;
+        }
+        if let Some(provider) = overrides.provider {
+            self.provider = provider;
+        }
+        self.force |= overrides.force;
+        if !overrides.fallback_models.is_empty() {
+            self.model_fallbacks =
+                parse_fallbacks("--fallback-model", &overrides.fallback_models.join(","))?;
+        }
+        if let Some(max_cost) = &overrides.max_cost {
+            self.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
+        }
+        Ok(())
+    }
+
     /// The largest image worth reading back from the store: nothing stored came from an
     /// answer over `STAGE3_MAX_RESPONSE_BYTES` (`openrouter.max_response_bytes`).
     pub fn max_stored_image_bytes(&self) -> u64 {
@@ -532,7 +572,7 @@ fn check_url(name: &str, url: &str) -> Result<()> {
 }
 
 /// Comma-separated model slugs, each checked like `STAGE3_MODEL`; blanks skipped.
-pub fn parse_fallbacks(name: &str, raw: &str) -> Result<Vec<String>> {
+fn parse_fallbacks(name: &str, raw: &str) -> Result<Vec<String>> {
     let mut models: Vec<String> = Vec::new();
     for model in raw.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         validate_model(model).map_err(|e| Stage3Error::config(format!("{name}: {e}")))?;
@@ -544,7 +584,7 @@ pub fn parse_fallbacks(name: &str, raw: &str) -> Result<Vec<String>> {
 }
 
 /// A budget in USD: a finite, non-negative number.
-pub fn parse_cost(name: &str, raw: &str) -> Result<f64> {
+fn parse_cost(name: &str, raw: &str) -> Result<f64> {
     raw.trim()
         .trim_start_matches('$')
         .parse::<f64>()

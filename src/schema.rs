@@ -672,6 +672,21 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
     Ok(submission)
 }
 
+/// Reads a submission from a file, or from standard input when `path` is `-`.
+pub fn read_submission(path: &std::path::Path, max_batch: usize) -> Result<Submission> {
+    let bytes = if path.as_os_str() == "-" {
+        let mut buffer = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)
+            .map_err(|e| Stage3Error::invalid_request(format!("cannot read stdin: {e}")))?;
+        buffer
+    } else {
+        std::fs::read(path).map_err(|e| {
+            Stage3Error::invalid_request(format!("cannot read {}: {e}", path.display()))
+        })?
+    };
+    parse_submission_bytes(&bytes, max_batch)
+}
+
 /// Parses bytes (a file, stdin, a queue message body) as a submission.
 pub fn parse_submission_bytes(bytes: &[u8], max_batch: usize) -> Result<Submission> {
     let value: Value = serde_json::from_slice(bytes)

@@ -9,24 +9,23 @@
 //! parent's): before the async runtime starts, because loading it sets variables, which is
 //! safe only while the process has one thread.
 
-use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::batch::{BatchOptions, BatchProgress};
-use stage3::config::{self, parse_cost, parse_fallbacks, Config};
+use stage3::config::{self, Config, Overrides};
 use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
 use stage3::image_spec::ProviderKind;
 use stage3::provider::{ModelListing, Providers};
-use stage3::schema::{parse_submission_bytes, ImageQuality, ImageSize, RequestOptions, Submission};
+use stage3::schema::{read_submission, ImageQuality, ImageSize, RequestOptions};
 use stage3::service::{BatchStop, RunOptions, Stage3Service};
-use stage3::storage::MemoryStore;
 use stage3::{telemetry, Stage3Error};
 
 #[derive(Parser)]
@@ -148,7 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
     runtime.block_on(async {
         match cli.command {
             Command::Generate(args) => generate(args).await,
-            Command::Validate { input, max_cost } => validate(&input, max_cost.as_deref()).await,
+            Command::Validate { input, max_cost } => validate(&input, max_cost).await,
             Command::Models { provider, json } => models(provider, json).await,
             Command::Gallery { story } => gallery(&story),
         }
@@ -157,25 +156,14 @@ fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
 
 async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     let mut config = Config::from_env()?;
-    if let Some(out) = args.out {
-        config.storage.output_dir = out;
-    }
-    if let Some(concurrency) = args.concurrency {
-        config.concurrency = usize::from(concurrency);
-    }
-    if let Some(provider) = args.provider {
-        config.provider = provider;
-    }
-    if args.force {
-        config.force = true;
-    }
-    if !args.fallback_models.is_empty() {
-        config.model_fallbacks =
-            parse_fallbacks("--fallback-model", &args.fallback_models.join(","))?;
-    }
-    if let Some(max_cost) = &args.max_cost {
-        config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
-    }
+    config.override_with(Overrides {
+        output_dir: args.out,
+        concurrency: args.concurrency.map(usize::from),
+        provider: args.provider,
+        force: args.force,
+        fallback_models: args.fallback_models,
+        max_cost: args.max_cost,
+    })?;
 
     // Checked with the rest of the configuration, before anything is generated or spent.
     let events_budget = events::cli_budget(|name| std::env::var(name).ok())?;
@@ -263,28 +251,24 @@ async fn stop_on_ctrl_c(stop: BatchStop) {
     }
 }
 
-async fn validate(input: &PathBuf, max_cost: Option<&str>) -> Result<ExitCode, Stage3Error> {
+async fn validate(input: &Path, max_cost: Option<String>) -> Result<ExitCode, Stage3Error> {
     let mut config = Config::from_env()?;
-    if let Some(max_cost) = max_cost {
-        config.max_cost_usd = Some(parse_cost("--max-cost", max_cost)?);
-    }
+    config.override_with(Overrides {
+        max_cost,
+        ..Overrides::default()
+    })?;
     let submission = read_submission(input, config.max_batch)?;
-    // Validation calls nobody who bills: the catalogue and the model tables need no key.
-    let providers = Providers::for_checking(config.provider, config.providers.clone());
-    // The service needs a store. An empty one in memory: validation must write and delete
-    // nothing, and opening a real store is not free of effects (the filesystem store clears
-    // stale temporary files from its root when it opens).
-    let store = Arc::new(MemoryStore::new());
-    let service = Stage3Service::with_providers(config, providers, store);
-    let scenes = service.prepare_submission(submission)?;
-    let plan = service.check_batch(&scenes).await?;
-    eprintln!("valid: {} scene(s)", scenes.len());
-    match plan.estimated_cost_usd {
+    // Validation calls nobody who bills, and writes and deletes nothing.
+    let check = Stage3Service::for_checking(config)
+        .check(submission)
+        .await?;
+    eprintln!("valid: {} scene(s)", check.scenes);
+    match check.plan.estimated_cost_usd {
         Some(cost) => eprintln!("estimated cost: ${cost:.4}"),
         None => eprintln!(
             "estimated cost: unknown for {} scene(s) (no price in the catalogue, or the \
              catalogue cannot be read)",
-            plan.unpriced
+            check.plan.unpriced
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -300,99 +284,18 @@ async fn models(provider: Option<ProviderKind>, json: bool) -> Result<ExitCode, 
     if json {
         let text = serde_json::to_string_pretty(&models).expect("model listings serialize");
         println!("{text}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    match kind {
-        ProviderKind::OpenRouter => print_catalogue(&models),
-        ProviderKind::Placeholder => {
-            eprintln!("the placeholder draws any model, offline, for free")
-        }
-        ProviderKind::Ark | ProviderKind::DashScope => print_table(kind, &models),
+    } else {
+        let (table, note) = ModelListing::table(kind, &models);
+        print!("{table}");
+        eprintln!("{note}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn price(price: Option<f64>) -> String {
-    price.map_or_else(|| "-".to_string(), |p| format!("${p:.4}"))
-}
-
-/// OpenRouter's catalogue: what each model takes, and its price at standard and hd.
-fn print_catalogue(models: &[ModelListing]) {
-    let list = |values: &[String]| {
-        if values.is_empty() {
-            "-".to_string()
-        } else {
-            values.join(",")
-        }
-    };
-    println!(
-        "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
-        "MODEL", "RESOLUTIONS", "ASPECT RATIOS", "QUALITY", "STANDARD", "HD"
-    );
-    for model in models {
-        println!(
-            "{:<40} {:<14} {:<36} {:<20} {:>9} {:>9}",
-            model.id,
-            list(&model.resolutions),
-            list(&model.aspect_ratios),
-            list(&model.qualities),
-            price(model.price_per_image_usd),
-            price(model.hd_price_per_image_usd),
-        );
-    }
-    eprintln!(
-        "{} image model(s); prices are per image at 1024x1024 (standard) and for hd, from \
-         the dearest provider",
-        models.len()
-    );
-}
-
-/// A provider's own table: the pixel sizes drawn for each request size, and the price.
-fn print_table(kind: ProviderKind, models: &[ModelListing]) {
-    println!(
-        "{:<32} {:<28} {:<5} {:<10} {:>9}  PRICE SOURCE",
-        "MODEL", "NAME", "SEED", "REFERENCES", "PRICE"
-    );
-    for model in models {
-        println!(
-            "{:<32} {:<28} {:<5} {:<10} {:>9}  {}",
-            model.id,
-            model.name,
-            if model.takes_seed { "yes" } else { "no" },
-            if model.takes_references { "yes" } else { "no" },
-            price(model.price_per_image_usd),
-            model.price_source.as_deref().unwrap_or("-"),
-        );
-        for size in &model.sizes {
-            println!("    {size}");
-        }
-    }
-    eprintln!(
-        "{} {kind} model(s); sizes are request size → pixels at standard, hd; prices per \
-         image in USD (STAGE3_PRICES=provider:model=usd overrides)",
-        models.len()
-    );
 }
 
 fn gallery(story: &std::path::Path) -> Result<ExitCode, Stage3Error> {
     let page = stage3::story::rebuild_gallery(story)?;
     println!("{}", page.display());
     Ok(ExitCode::SUCCESS)
-}
-
-fn read_submission(input: &PathBuf, max_batch: usize) -> Result<Submission, Stage3Error> {
-    let bytes = if input.as_os_str() == "-" {
-        let mut buffer = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buffer)
-            .map_err(|e| Stage3Error::invalid_request(format!("cannot read stdin: {e}")))?;
-        buffer
-    } else {
-        std::fs::read(input).map_err(|e| {
-            Stage3Error::invalid_request(format!("cannot read {}: {e}", input.display()))
-        })?
-    };
-    parse_submission_bytes(&bytes, max_batch)
 }
 
 /// Progress on stderr: a bar on a terminal, one plain line per scene otherwise (CI logs).

@@ -19,6 +19,7 @@ mod ark;
 mod dashscope;
 mod fetch;
 mod http;
+mod listing;
 mod openrouter;
 mod placeholder;
 mod registry;
@@ -27,10 +28,10 @@ mod table;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Serialize;
 
 pub use ark::ArkProvider;
 pub use dashscope::DashScopeProvider;
+pub use listing::ModelListing;
 pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
 pub use registry::Providers;
@@ -123,32 +124,6 @@ pub struct ProviderImage {
     /// What the provider billed for this call, in USD, when it said (or, for a provider
     /// that bills a fixed price per image, that price).
     pub cost: Option<f64>,
-}
-
-/// One image model as `stage3 models` shows it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ModelListing {
-    pub id: String,
-    pub name: String,
-    /// `resolution` values (`1K`, `2K`, …); empty when the model takes none.
-    pub resolutions: Vec<String>,
-    /// `aspect_ratio` values; empty when the model takes none.
-    pub aspect_ratios: Vec<String>,
-    /// `quality` values (gpt-image models); empty when the model takes none.
-    pub qualities: Vec<String>,
-    /// The pixel sizes drawn for each request size, standard then hd (`1024x1024 →
-    /// 2048x2048, 2048x2048`), for providers with fixed sizes; empty otherwise.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sizes: Vec<String>,
-    pub takes_seed: bool,
-    pub takes_references: bool,
-    /// The price of one standard 1024x1024 image, in USD, when known.
-    pub price_per_image_usd: Option<f64>,
-    /// The price of one hd image, when the model makes them and the price is known.
-    pub hd_price_per_image_usd: Option<f64>,
-    /// Where a tabled price comes from and when it was checked (`0.25 CNY, 2026-12`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub price_source: Option<String>,
 }
 
 #[async_trait]
