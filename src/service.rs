@@ -1203,10 +1203,21 @@ impl Stage3Service {
                 backpressure.pause_for(delay).await;
                 retry_delay = Some(delay);
             }
-            drop(provider_slot);
+            // An answer sits in memory until it is decoded. Taking the decode permit before
+            // giving up the provider slot keeps the answers waiting for one to at most the
+            // concurrency, however fast the provider answers.
             let outcome = match answer {
-                Ok(image) => self.normalize(image.bytes, scene.spec.size).await,
-                Err(e) => Err(e),
+                Ok(image) => {
+                    let decoding = self.decode_permits.acquire().await.map_err(|e| {
+                        Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
+                    })?;
+                    drop(provider_slot);
+                    self.normalize(decoding, image.bytes, scene.spec.size).await
+                }
+                Err(e) => {
+                    drop(provider_slot);
+                    Err(e)
+                }
             };
             let error = match outcome {
                 Ok(image) => return Ok(image),
@@ -1234,14 +1245,15 @@ impl Stage3Service {
     }
 
     /// Decoding is CPU work: keep it off the async workers so other scenes' I/O flows, and
-    /// run no more decodes at once than there are cores. More would not finish sooner, but
+    /// run no more decodes at once than there are cores (`_decoding`, the caller's permit). More would not finish sooner, but
     /// each holds a full frame and its PNG (tens of MB at 2K), so they would only add memory.
-    async fn normalize(&self, bytes: bytes::Bytes, size: ImageSize) -> Result<NormalizedImage> {
+    async fn normalize(
+        &self,
+        _decoding: tokio::sync::SemaphorePermit<'_>,
+        bytes: bytes::Bytes,
+        size: ImageSize,
+    ) -> Result<NormalizedImage> {
         let limits = self.limits;
-        let _permit =
-            self.decode_permits.acquire().await.map_err(|e| {
-                Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
-            })?;
         tokio::task::spawn_blocking(move || normalize_image(bytes, size, &limits))
             .await
             .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?

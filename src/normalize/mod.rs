@@ -369,8 +369,12 @@ pub(crate) fn encode_png(
     max_bytes: u64,
 ) -> Result<Bytes> {
     let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    // A photo barely compresses at the fast level: room for the raw pixels and the filter
+    // bytes up front means no doubling (a 5.5 MB frame grew the buffer to 11 MB), and the
+    // spare room is handed back below, since the PNG is held until it is stored.
+    let raw = image.as_bytes().len();
     let mut out = BoundedBuffer {
-        bytes: Vec::with_capacity((image.as_bytes().len() / 2).min(max_bytes)),
+        bytes: Vec::with_capacity((raw + raw / 16 + 4096).min(max_bytes)),
         max: max_bytes,
         overflowed: false,
     };
@@ -397,6 +401,7 @@ pub(crate) fn encode_png(
         )));
     }
     written.map_err(|e| invalid(format!("could not encode the image as PNG: {e}")))?;
+    out.bytes.shrink_to_fit();
     Ok(Bytes::from(out.bytes))
 }
 
