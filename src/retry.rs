@@ -5,6 +5,12 @@
 //! `Retry-After` honoured when given, and a hard bound on attempts and on the deadline.
 //! When the provider says 429, [`Backpressure`] pauses the *whole batch*: scenes wait their
 //! turn instead of each hammering the provider with its own retries.
+//!
+//! The retry loops run on [`RetryPolicy`]: provider and storage calls with the policy
+//! `STAGE3_MAX_RETRIES` and its two delays configure, completion events with
+//! [`RetryPolicy::EVENTS`], story publishing with [`RetryPolicy::STORY_STORE`] and
+//! [`RetryPolicy::STORY_LISTING`]. Each caller keeps its own judgement of which failures
+//! are worth another try; the count, the waits and the deadline check are decided here.
 
 use std::future::Future;
 use std::time::Duration;
