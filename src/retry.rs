@@ -5,14 +5,21 @@
 //! `Retry-After` honoured when given, and a hard bound on attempts and on the deadline.
 //! When the provider says 429, [`Backpressure`] pauses the *whole batch*: scenes wait their
 //! turn instead of each hammering the provider with its own retries.
+//!
+//! The retry loops run on [`RetryPolicy`]: provider and storage calls with the policy
+//! `STAGE3_MAX_RETRIES` and its two delays configure, completion events with
+//! [`RetryPolicy::EVENTS`], story publishing with [`RetryPolicy::STORY_STORE`] and
+//! [`RetryPolicy::STORY_LISTING`]. Each caller keeps its own judgement of which failures
+//! are worth another try; the count, the waits and the deadline check are decided here.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::deadline::Deadline;
-use crate::error::Stage3Error;
+use crate::error::{Result, Stage3Error};
 
 /// How many times to try, and how long to wait in between (`Config::retry_policy` reads it
 /// from `STAGE3_MAX_RETRIES`, `STAGE3_RETRY_BASE_MS` and `STAGE3_RETRY_MAX_MS`).
@@ -25,13 +32,37 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait before retry number `retry` (1-based) after `error`: the provider's
-    /// `Retry-After` if it gave one (capped at `max_delay`), otherwise a uniformly random
-    /// delay in `[0, min(max_delay, base × 2^(retry-1))]` ("full jitter").
-    pub fn delay_before(&self, retry: u32, error: &Stage3Error) -> Duration {
-        if let Some(asked) = error.retry_after() {
-            return asked.min(self.max_delay);
-        }
+    /// Completion events (EventBridge entries and calls, webhook POSTs): 4 attempts, 200 ms
+    /// doubling to at most 2 s. Events are a report, so this is short — the batch's answer
+    /// must not wait long on them.
+    pub const EVENTS: RetryPolicy = RetryPolicy {
+        max_retries: 3,
+        base_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(2),
+    };
+
+    /// One store call of story publishing (a fragment, the manifest, the page, a LIST, a
+    /// GET, a DELETE): 3 attempts, 100 ms doubling, at most 400 ms. Short, because a story that cannot be
+    /// published costs no scene: its fragment is stored and the next batch merges it.
+    pub const STORY_STORE: RetryPolicy = RetryPolicy {
+        max_retries: 2,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(400),
+    };
+
+    /// The pause before another story publishing round when the store's listing lags
+    /// behind a write or a delete: 100 ms doubling to at most 1.6 s, one pause between each
+    /// two of the story's 8 rounds (`story::MAX_ROUNDS`), so a slow listing gets a few
+    /// seconds in all to catch up.
+    pub const STORY_LISTING: RetryPolicy = RetryPolicy {
+        max_retries: 7,
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(1600),
+    };
+
+    /// The wait before retry number `retry` (1-based) when nobody asked for one: a
+    /// uniformly random delay in `[0, min(max_delay, base × 2^(retry-1))]` ("full jitter").
+    pub fn backoff(&self, retry: u32) -> Duration {
         let exponent = retry.saturating_sub(1).min(30);
         let ceiling = self
             .base_delay
@@ -39,6 +70,15 @@ impl RetryPolicy {
             .min(self.max_delay);
         let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
         Duration::from_millis(fastrand::u64(0..=ceiling_ms))
+    }
+
+    /// The wait before retry number `retry` (1-based) after `error`: the provider's
+    /// `Retry-After` if it gave one (capped at `max_delay`), otherwise [`Self::backoff`].
+    pub fn delay_before(&self, retry: u32, error: &Stage3Error) -> Duration {
+        match error.retry_after() {
+            Some(asked) => asked.min(self.max_delay),
+            None => self.backoff(retry),
+        }
     }
 
     /// Whether `error` on attempt number `attempt` (1-based) should be tried again.
@@ -58,7 +98,69 @@ impl RetryPolicy {
         deadline: &Deadline,
         then_needed: Duration,
     ) -> bool {
-        self.should_retry(attempt, error) && deadline.allows(delay + then_needed)
+        error.is_transient() && self.allows_another(attempt, delay, deadline, then_needed)
+    }
+
+    /// [`Self::allows_retry`] for a failure its caller has already judged worth another
+    /// try: the events judge HTTP statuses and AWS error codes, which are no
+    /// [`Stage3Error`].
+    pub fn allows_another(
+        &self,
+        attempt: u32,
+        delay: Duration,
+        deadline: &Deadline,
+        then_needed: Duration,
+    ) -> bool {
+        attempt <= self.max_retries && deadline.allows(delay + then_needed)
+    }
+
+    /// After attempt `attempt` (1-based) failed in a way its caller judged passing: sleeps
+    /// the [`Self::backoff`] and answers true, or answers false at once when the retries are
+    /// spent or the wait would outlast `deadline`. Each attempt bounds its own time; this
+    /// only refuses to start a wait that cannot end in time.
+    pub async fn wait_to_retry(&self, attempt: u32, deadline: Deadline) -> bool {
+        let delay = self.backoff(attempt);
+        if !self.allows_another(attempt, delay, &deadline, Duration::ZERO) {
+            return false;
+        }
+        tokio::time::sleep(delay).await;
+        true
+    }
+
+    /// Runs `operation` until it succeeds, fails for good, or [`Self::allows_retry`] says
+    /// no more (retries spent, or the wait would outlast `deadline`); answers its last
+    /// outcome. Every retry is logged, with `what` naming the call. Each attempt bounds its
+    /// own time: nothing here cuts one short.
+    pub async fn run<T, F, Fut>(
+        &self,
+        deadline: Deadline,
+        what: &str,
+        mut operation: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let error = match operation().await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            let delay = self.delay_before(attempt, &error);
+            if !self.allows_retry(attempt, &error, delay, &deadline, Duration::ZERO) {
+                return Err(error);
+            }
+            tracing::warn!(
+                attempt,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                error_type = %error.error_type(),
+                error = %error,
+                "{what} failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
     }
 }
 
@@ -159,6 +261,118 @@ mod tests {
         assert!(policy().allows_retry(1, &transient, second, &deadline, second));
         assert!(!policy().allows_retry(1, &transient, second, &deadline, Duration::from_secs(20)));
         assert!(policy().allows_retry(1, &transient, second, &Deadline::NONE, Duration::MAX / 2));
+    }
+
+    #[test]
+    fn the_named_policies_keep_their_callers_timing() {
+        let timing = |policy: RetryPolicy| {
+            (
+                policy.max_retries + 1,
+                policy.base_delay.as_millis(),
+                policy.max_delay.as_millis(),
+            )
+        };
+        assert_eq!(timing(RetryPolicy::EVENTS), (4, 200, 2000));
+        assert_eq!(timing(RetryPolicy::STORY_STORE), (3, 100, 400));
+        assert_eq!(timing(RetryPolicy::STORY_LISTING), (8, 100, 1600));
+        for policy in [
+            RetryPolicy::EVENTS,
+            RetryPolicy::STORY_STORE,
+            RetryPolicy::STORY_LISTING,
+        ] {
+            for retry in 1..40 {
+                assert!(policy.backoff(retry) <= policy.max_delay);
+            }
+            assert!(policy.backoff(1) <= policy.base_delay);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_to_retry_stops_when_the_retries_are_spent_or_the_deadline_is_near() {
+        let policy = policy();
+        let started = Instant::now();
+        for attempt in 1..=3 {
+            assert!(policy.wait_to_retry(attempt, Deadline::NONE).await);
+        }
+        assert!(started.elapsed() <= Duration::from_millis(100 + 200 + 400));
+        assert!(!policy.wait_to_retry(4, Deadline::NONE).await);
+        // A wait is started only if it ends before the deadline; one that would not is
+        // refused at once, without sleeping.
+        let long_waits = RetryPolicy {
+            base_delay: Duration::from_secs(1),
+            ..policy
+        };
+        let deadline = Deadline::after(Duration::from_millis(50));
+        let mut refused = 0;
+        for _ in 0..20 {
+            let before = Instant::now();
+            if long_waits.wait_to_retry(1, deadline).await {
+                assert!(deadline.instant().is_some_and(|end| Instant::now() <= end));
+            } else {
+                assert!(before.elapsed().is_zero());
+                refused += 1;
+            }
+        }
+        // Each wait is drawn from 0..=1000 ms, so about 1 in 20 fits in 50 ms: twenty in a
+        // row fitting is next to impossible.
+        assert!(refused > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_retries_transient_failures_only_and_only_within_budget() {
+        let policy = policy();
+        let mut calls = 0;
+        let answer = policy
+            .run(Deadline::NONE, "a flaky call", || {
+                calls += 1;
+                let outcome = if calls < 3 {
+                    Err(Stage3Error::storage("SlowDown", true))
+                } else {
+                    Ok(calls)
+                };
+                async move { outcome }
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 3);
+
+        let mut calls = 0;
+        let err = policy
+            .run(Deadline::NONE, "a broken call", || {
+                calls += 1;
+                async { Err::<(), _>(Stage3Error::storage("SlowDown", true)) }
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(calls, 4, "the first attempt and max_retries more");
+
+        let mut calls = 0;
+        let err = policy
+            .run(Deadline::NONE, "a refused call", || {
+                calls += 1;
+                async { Err::<(), _>(Stage3Error::storage("AccessDenied", false)) }
+            })
+            .await
+            .unwrap_err();
+        assert!(!err.is_transient());
+        assert_eq!(calls, 1, "a permanent failure is not tried again");
+
+        // A Retry-After longer than the time left: the last failure comes back at once.
+        let mut calls = 0;
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let started = Instant::now();
+        let err = policy
+            .run(deadline, "a rate-limited call", || {
+                calls += 1;
+                let mut failure = ProviderFailure::new(Some(429), "slow down");
+                failure.retry_after = Some(Duration::from_millis(900));
+                async move { Err::<(), _>(Stage3Error::RateLimited(failure)) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Stage3Error::RateLimited(_)), "{err}");
+        assert_eq!(calls, 1);
+        assert!(started.elapsed().is_zero());
     }
 
     #[tokio::test(start_paused = true)]

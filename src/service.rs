@@ -1276,7 +1276,7 @@ impl Stage3Service {
     }
 
     /// Runs a storage operation, each attempt within `min(its timeout, time left)`, retrying
-    /// transient failures while the deadline allows.
+    /// transient failures while the deadline allows (the batch's [`RetryPolicy`]).
     async fn with_storage_retries<T, F, Fut>(
         &self,
         options: &RunOptions,
@@ -1287,28 +1287,12 @@ impl Stage3Service {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let call = operation();
-            match options.deadline.run(STORAGE_CALL_TIMEOUT, what, call).await {
-                Ok(value) => return Ok(value),
-                Err(error) => {
-                    let delay = self.retry.delay_before(attempt, &error);
-                    if !self.retry.allows_retry(
-                        attempt,
-                        &error,
-                        delay,
-                        &options.deadline,
-                        Duration::ZERO,
-                    ) {
-                        return Err(error);
-                    }
-                    tracing::warn!(attempt, error = %error, "storage failure while {what}; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        let deadline = options.deadline;
+        self.retry
+            .run(deadline, what, || {
+                deadline.run(STORAGE_CALL_TIMEOUT, what, operation())
+            })
+            .await
     }
 
     /// `image_url`: the CDN URL (signed if so configured) or what the store offers.

@@ -26,9 +26,10 @@ use aws_sdk_eventbridge::operation::put_events::PutEventsError;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
 
-use super::{Backoff, Event, EventSink, EVENT_SOURCE};
+use super::{Event, EventSink, EVENT_SOURCE};
 use crate::aws::AwsConfig;
 use crate::deadline::Deadline;
+use crate::retry::RetryPolicy;
 
 /// Entries per `PutEvents` call (EventBridge's limit).
 pub const MAX_ENTRIES_PER_CALL: usize = 10;
@@ -45,7 +46,7 @@ pub struct EventBridgeSink {
     client: Client,
     /// A bus name or ARN, as `PutEvents` takes it.
     bus: String,
-    backoff: Backoff,
+    retry: RetryPolicy,
 }
 
 impl fmt::Debug for EventBridgeSink {
@@ -93,12 +94,14 @@ impl EventBridgeSink {
         EventBridgeSink {
             client,
             bus: bus.to_string(),
-            backoff: Backoff::DEFAULT,
+            retry: RetryPolicy::EVENTS,
         }
     }
 
-    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
+    /// failures are retried stays this sink's own judgement.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -114,7 +117,7 @@ impl EventBridgeSink {
     /// Sends one chunk, retrying what may succeed later; answers how many were lost.
     async fn put_chunk(&self, chunk: &[Event], deadline: Deadline) -> usize {
         let mut pending: Vec<&Event> = chunk.iter().collect();
-        let mut retry = 0;
+        let mut attempt = 1;
         loop {
             let entries = pending.iter().map(|event| self.entry(event)).collect();
             let call = self.client.put_events().set_entries(Some(entries)).send();
@@ -176,16 +179,16 @@ impl EventBridgeSink {
             if pending.is_empty() {
                 return lost;
             }
-            retry += 1;
-            if retry >= self.backoff.attempts || !self.backoff.wait(retry, deadline).await {
+            if !self.retry.wait_to_retry(attempt, deadline).await {
                 tracing::warn!(
                     bus = %self.bus,
                     lost = pending.len(),
-                    attempts = retry,
+                    attempts = attempt,
                     "PutEvents: events still refused after every retry; they are lost"
                 );
                 return lost + pending.len();
             }
+            attempt += 1;
         }
     }
 }

@@ -14,8 +14,9 @@
 //!
 //! and fans them out to every configured [`EventSink`]: EventBridge ([`eventbridge`]) and a
 //! signed webhook ([`webhook`]). Events are a report, never part of the work: a sink that
-//! cannot deliver retries a few times, then logs and counts what it lost, and a stored
-//! scene stays stored whatever happens to its event.
+//! cannot deliver retries a few times ([`crate::retry::RetryPolicy::EVENTS`] unless told
+//! otherwise), then logs and counts what it lost, and a stored scene stays stored whatever
+//! happens to its event.
 //!
 //! Publishing has one time budget, so a receiver that accepts connections and never answers
 //! cannot hold the run: the Lambda function's is its invocation deadline, the CLI's is
@@ -289,43 +290,6 @@ impl EventPublisher {
     }
 }
 
-/// Retry timing shared by the sinks: a few quick attempts with full jitter. Events are a
-/// report, so this is short — the batch's answer must not wait long on them.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub attempts: u32,
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    pub const DEFAULT: Backoff = Backoff {
-        attempts: 4,
-        base: Duration::from_millis(200),
-        max: Duration::from_secs(2),
-    };
-
-    /// The wait before retry number `retry` (1-based): up to `base × 2^(retry-1)`, capped.
-    pub fn delay(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
-            .min(self.max);
-        ceiling.mul_f64(fastrand::f64())
-    }
-
-    /// Sleeps before retry number `retry`, or answers false when `deadline` would pass
-    /// first (then there is no time for another attempt).
-    pub async fn wait(&self, retry: u32, deadline: Deadline) -> bool {
-        let delay = self.delay(retry);
-        if !deadline.allows(delay) {
-            return false;
-        }
-        tokio::time::sleep(delay).await;
-        true
-    }
-}
-
 /// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with `…`.
 #[cfg(feature = "lambda")]
 pub(crate) fn shorten(text: &str, max: usize) -> String {
@@ -395,15 +359,6 @@ mod tests {
         assert_eq!(EventKind::SceneReady.webhook_type(), "scene.ready");
         assert_eq!(EventKind::SceneFailed.webhook_type(), "scene.failed");
         assert_eq!(EventKind::BatchDone.webhook_type(), "batch.done");
-    }
-
-    #[test]
-    fn backoff_stays_under_its_cap() {
-        let backoff = Backoff::DEFAULT;
-        for retry in 1..40 {
-            assert!(backoff.delay(retry) <= backoff.max);
-        }
-        assert!(backoff.delay(1) <= backoff.base);
     }
 
     #[test]

@@ -26,9 +26,10 @@ use hmac::{KeyInit, Mac};
 use reqwest::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 
 use super::WebhookSettings;
-use super::{Backoff, Event, EventKind, EventSink};
+use super::{Event, EventKind, EventSink};
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
+use crate::retry::RetryPolicy;
 use crate::secret::Secret;
 
 /// The header carrying the signature of the timestamp and the body.
@@ -85,7 +86,7 @@ pub struct WebhookSink {
     client: reqwest::Client,
     url: reqwest::Url,
     secret: Secret,
-    backoff: Backoff,
+    retry: RetryPolicy,
 }
 
 impl fmt::Debug for WebhookSink {
@@ -122,12 +123,14 @@ impl WebhookSink {
             client,
             url,
             secret: settings.secret.clone(),
-            backoff: Backoff::DEFAULT,
+            retry: RetryPolicy::EVENTS,
         })
     }
 
-    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
+    /// answers are retried stays this sink's own judgement.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -139,7 +142,7 @@ impl WebhookSink {
     /// POSTs one event with retries; answers whether it was delivered.
     async fn post(&self, event: &Event, deadline: Deadline) -> bool {
         let body = body(event);
-        let mut retry = 0;
+        let mut attempt = 1;
         loop {
             let timestamp = unix_now();
             let signature = signature(&self.secret, timestamp, body.as_bytes());
@@ -171,12 +174,12 @@ impl WebhookSink {
                 // Without the URL: it may carry a token.
                 Err(error) => format!("{}", error.without_url()),
             };
-            retry += 1;
-            if retry >= self.backoff.attempts || !self.backoff.wait(retry, deadline).await {
-                self.lost(event, &format!("{why} after {retry} attempt(s)"));
+            if !self.retry.wait_to_retry(attempt, deadline).await {
+                self.lost(event, &format!("{why} after {attempt} attempt(s)"));
                 return false;
             }
-            tracing::debug!(origin = %self.origin(), error = %why, retry, "webhook POST failed; retrying");
+            tracing::debug!(origin = %self.origin(), error = %why, retry = attempt, "webhook POST failed; retrying");
+            attempt += 1;
         }
     }
 

@@ -80,6 +80,7 @@ pub use thumbnail::{make_thumbnail, store_thumbnail, thumbnail_key, THUMBNAIL_MA
 
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
+use crate::retry::RetryPolicy;
 use crate::schema::{validate_story_id, BatchAnswer, Stage3Output, StoryError, StoryLinks};
 use crate::storage::{Fetched, ObjectMeta, ObjectStore};
 use crate::urls::UrlPolicy;
@@ -98,12 +99,12 @@ pub const GALLERY_META: ObjectMeta = ObjectMeta {
 /// Rounds of merge-and-check before giving up; each extra round needs another batch of
 /// the same story to have published in between (or a round that ran too long).
 const MAX_ROUNDS: usize = 8;
+// A lagging listing may pause the story between any two of its rounds.
+const _: () = assert!(RetryPolicy::STORY_LISTING.max_retries as usize + 1 == MAX_ROUNDS);
 /// Fragments fetched at once: each may hold up to [`MAX_FRAGMENT_BYTES`] in memory.
 const FETCH_CONCURRENCY: usize = 4;
 /// Merged fragments deleted at once.
 const DELETE_CONCURRENCY: usize = 8;
-/// Tries of one store call that failed transiently.
-const STORE_ATTEMPTS: u32 = 3;
 /// The largest fragment read: a batch's fragments are at most this (a 500-scene batch is
 /// about 1 MB); anything bigger was not written by us, and is skipped unread.
 pub const MAX_FRAGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -203,7 +204,8 @@ pub async fn publish_or_report(
     entries: Vec<ManifestEntry>,
     deadline: Deadline,
 ) -> StoryLinks {
-    let publishing = publish_story(store, urls, story_id, entries);
+    let settings = PublishSettings::default();
+    let publishing = publish_story_within(store, urls, story_id, entries, &settings, deadline);
     let outcome = deadline.within(publishing).await.unwrap_or_else(|| {
         Err(Stage3Error::DeadlineExceeded(
             "the invocation deadline came before the story was published; the next batch \
@@ -252,15 +254,30 @@ pub async fn publish_story_with(
     entries: Vec<ManifestEntry>,
     settings: &PublishSettings,
 ) -> Result<StoryLinks> {
+    publish_story_within(store, urls, story_id, entries, settings, Deadline::NONE).await
+}
+
+/// [`publish_story_with`] for a caller with a deadline: a store call that failed, or a
+/// listing that lags, is waited for only while the wait ends before `deadline`, so the
+/// story fails with the store's own error rather than sleep through the time left. The
+/// caller still bounds the whole (`Deadline::within`): nothing here cuts a call short.
+pub async fn publish_story_within(
+    store: &dyn ObjectStore,
+    urls: &UrlPolicy,
+    story_id: &str,
+    entries: Vec<ManifestEntry>,
+    settings: &PublishSettings,
+    deadline: Deadline,
+) -> Result<StoryLinks> {
     validate_story_id(story_id)?;
-    let own: HashSet<String> = write_fragments(store, story_id, &entries)
+    let own: HashSet<String> = write_fragments(store, story_id, &entries, deadline)
         .await?
         .into_iter()
         .collect();
     drop(entries);
 
     for round in 0..MAX_ROUNDS {
-        match publish_round(store, urls, story_id, &own, settings, round).await? {
+        match publish_round(store, urls, story_id, &own, settings, round, deadline).await? {
             Round::Again => continue,
             Round::Published {
                 deletable,
@@ -274,7 +291,16 @@ pub async fn publish_story_with(
                     batches,
                     "story manifest and page published"
                 );
-                compact(store, story_id, deletable, &own, now_ms, settings.grace).await;
+                compact(
+                    store,
+                    story_id,
+                    deletable,
+                    &own,
+                    now_ms,
+                    settings.grace,
+                    deadline,
+                )
+                .await;
                 return links(store, urls, story_id).await;
             }
         }
@@ -295,6 +321,7 @@ async fn write_fragments(
     store: &dyn ObjectStore,
     story_id: &str,
     entries: &[ManifestEntry],
+    deadline: Deadline,
 ) -> Result<Vec<String>> {
     let now = manifest::millis(SystemTime::now());
     let written_at = manifest::format_millis(now);
@@ -334,7 +361,11 @@ async fn write_fragments(
         let body = Bytes::from(serde_json::to_vec(&fragment).map_err(|e| {
             Stage3Error::storage(format!("cannot encode a story fragment: {e}"), false)
         })?);
-        retrying(|| store.put(&key, body.clone(), ObjectMeta::RECORD)).await?;
+        RetryPolicy::STORY_STORE
+            .run(deadline, "writing a story fragment", || {
+                store.put(&key, body.clone(), ObjectMeta::RECORD)
+            })
+            .await?;
         keys.push(key);
     }
     Ok(keys)
@@ -372,9 +403,10 @@ async fn publish_round(
     own: &HashSet<String>,
     settings: &PublishSettings,
     round: usize,
+    deadline: Deadline,
 ) -> Result<Round> {
     let started = tokio::time::Instant::now();
-    let listing = list_fragments(store, story_id).await?;
+    let listing = list_fragments(store, story_id, deadline).await?;
     let own_times: Vec<u64> = listing
         .iter()
         .filter(|f| own.contains(&f.key))
@@ -392,7 +424,7 @@ async fn publish_round(
             round,
             "own fragment not listed yet; listing again"
         );
-        tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
+        wait_for_listing(story_id, round, deadline).await?;
         return Ok(Round::Again);
     };
     let not_after_ms = now_ms.saturating_add(millis_of(settings.skew));
@@ -430,7 +462,7 @@ async fn publish_round(
     let mut merge = Merge::new();
     // Names of fragments the manifest has counted in `batches` already.
     let mut counted: HashSet<String> = HashSet::new();
-    if let Some(base) = read_base(store, story_id, not_after_ms).await? {
+    if let Some(base) = read_base(store, story_id, not_after_ms, deadline).await? {
         merge.batches = base.batches;
         merge.saw(base.updated_ms);
         counted.extend(base.fragments);
@@ -450,7 +482,7 @@ async fn publish_round(
     // `async fn` rather than a closure, so the round's future stays `Send`.)
     let pending: Vec<_> = chosen
         .into_iter()
-        .map(|fragment| read_listed(store, story_id, fragment))
+        .map(|fragment| read_listed(store, story_id, fragment, deadline))
         .collect();
     let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
     while let Some((fragment, read)) = reads.next().await {
@@ -481,7 +513,7 @@ async fn publish_round(
                     "a listed fragment was compacted meanwhile; reading the manifest again"
                 );
                 // A listing may lag behind a delete, as behind a write: give it a moment.
-                tokio::time::sleep(Duration::from_millis(100 << round.min(4))).await;
+                wait_for_listing(story_id, round, deadline).await?;
                 return Ok(Round::Again);
             }
         }
@@ -515,12 +547,20 @@ async fn publish_round(
         return Ok(Round::Again);
     }
     let (manifest_at, page_at) = (manifest_key(story_id), gallery_key(story_id));
-    retrying(|| store.put(&manifest_at, manifest_json.clone(), ObjectMeta::RECORD)).await?;
+    RetryPolicy::STORY_STORE
+        .run(deadline, "writing the story manifest", || {
+            store.put(&manifest_at, manifest_json.clone(), ObjectMeta::RECORD)
+        })
+        .await?;
     drop(manifest_json);
-    retrying(|| store.put(&page_at, page.clone(), GALLERY_META)).await?;
+    RetryPolicy::STORY_STORE
+        .run(deadline, "writing the storyboard page", || {
+            store.put(&page_at, page.clone(), GALLERY_META)
+        })
+        .await?;
     drop(page);
 
-    let after = list_fragments(store, story_id).await?;
+    let after = list_fragments(store, story_id, deadline).await?;
     if after.iter().any(|f| !seen.contains(f.key.as_str())) {
         tracing::info!(
             story_id,
@@ -552,11 +592,40 @@ fn millis_of(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Waits before the round after `round` (0-based) when the store's listing lags behind a
+/// write or a delete ([`RetryPolicy::STORY_LISTING`]). Refused when the wait would outlast
+/// `deadline`: sleeping through the time left would publish nothing either.
+async fn wait_for_listing(story_id: &str, round: usize, deadline: Deadline) -> Result<()> {
+    if round + 1 >= MAX_ROUNDS {
+        // No round follows: the story gives up without waiting.
+        return Ok(());
+    }
+    let attempt = u32::try_from(round + 1).unwrap_or(u32::MAX);
+    if RetryPolicy::STORY_LISTING
+        .wait_to_retry(attempt, deadline)
+        .await
+    {
+        return Ok(());
+    }
+    Err(Stage3Error::DeadlineExceeded(format!(
+        "story {story_id:?}: the store's listing lags behind its writes and the deadline \
+         leaves no time to wait for it; this batch's fragment is stored and the next batch \
+         of the story will merge it"
+    )))
+}
+
 /// The story's fragments, by store time then key. Only keys directly under the story's
 /// `batches/` with a fragment's name are fragments; anything else there is not read.
-async fn list_fragments(store: &dyn ObjectStore, story_id: &str) -> Result<Vec<Listing>> {
+async fn list_fragments(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    deadline: Deadline,
+) -> Result<Vec<Listing>> {
     let prefix = fragments_prefix(story_id);
-    let mut fragments: Vec<Listing> = retrying(|| store.list_objects(&prefix))
+    let mut fragments: Vec<Listing> = RetryPolicy::STORY_STORE
+        .run(deadline, "listing the story's fragments", || {
+            store.list_objects(&prefix)
+        })
         .await?
         .into_iter()
         .filter_map(|listed| {
@@ -589,14 +658,19 @@ async fn read_listed<'a>(
     store: &dyn ObjectStore,
     story_id: &str,
     fragment: &'a Listing,
+    deadline: Deadline,
 ) -> (&'a Listing, Result<FragmentRead>) {
-    (fragment, read_fragment(store, story_id, fragment).await)
+    (
+        fragment,
+        read_fragment(store, story_id, fragment, deadline).await,
+    )
 }
 
 async fn read_fragment(
     store: &dyn ObjectStore,
     story_id: &str,
     fragment: &Listing,
+    deadline: Deadline,
 ) -> Result<FragmentRead> {
     let key = fragment.key.as_str();
     if fragment.size > MAX_FRAGMENT_BYTES {
@@ -607,7 +681,10 @@ async fn read_fragment(
         );
         return Ok(FragmentRead::Useless);
     }
-    let bytes = match retrying(|| store.get(key, MAX_FRAGMENT_BYTES)).await? {
+    let read = RetryPolicy::STORY_STORE.run(deadline, "reading a story fragment", || {
+        store.get(key, MAX_FRAGMENT_BYTES)
+    });
+    let bytes = match read.await? {
         Fetched::Missing => return Ok(FragmentRead::Vanished),
         Fetched::TooLarge { size } => {
             tracing::warn!(
@@ -704,9 +781,13 @@ async fn read_base(
     store: &dyn ObjectStore,
     story_id: &str,
     not_after_ms: u64,
+    deadline: Deadline,
 ) -> Result<Option<Base>> {
     let key = manifest_key(story_id);
-    let bytes = match retrying(|| store.get(&key, MAX_MANIFEST_BYTES)).await? {
+    let read = RetryPolicy::STORY_STORE.run(deadline, "reading the story manifest", || {
+        store.get(&key, MAX_MANIFEST_BYTES)
+    });
+    let bytes = match read.await? {
         Fetched::Missing => return Ok(None),
         Fetched::TooLarge { size } => {
             tracing::warn!(
@@ -806,6 +887,7 @@ async fn compact(
     own: &HashSet<String>,
     now_ms: u64,
     grace: Duration,
+    deadline: Deadline,
 ) {
     let grace_ms = millis_of(grace);
     let old: Vec<String> = deletable
@@ -818,7 +900,7 @@ async fn compact(
     }
     let pending: Vec<_> = old
         .into_iter()
-        .map(|key| delete_fragment(store, key))
+        .map(|key| delete_fragment(store, key, deadline))
         .collect();
     let outcomes: Vec<bool> = stream::iter(pending)
         .buffer_unordered(DELETE_CONCURRENCY)
@@ -834,8 +916,11 @@ async fn compact(
 }
 
 /// Deletes one merged fragment; whether it went.
-async fn delete_fragment(store: &dyn ObjectStore, key: String) -> bool {
-    match retrying(|| store.delete(&key)).await {
+async fn delete_fragment(store: &dyn ObjectStore, key: String, deadline: Deadline) -> bool {
+    let deleting = RetryPolicy::STORY_STORE.run(deadline, "deleting a merged fragment", || {
+        store.delete(&key)
+    });
+    match deleting.await {
         Ok(()) => true,
         Err(error) => {
             tracing::warn!(
@@ -923,23 +1008,16 @@ async fn links(store: &dyn ObjectStore, urls: &UrlPolicy, story_id: &str) -> Res
     })
 }
 
-/// Runs a store call, trying a transient failure again after a short pause.
-pub(crate) async fn retrying<T, F, Fut>(mut operation: F) -> Result<T>
+/// Runs a store call with [`RetryPolicy::STORY_STORE`] and no deadline, for a caller that
+/// has none to give: the thumbnail upload, whose callers pass none down.
+pub(crate) async fn retrying<T, F, Fut>(operation: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let mut attempt = 1;
-    loop {
-        match operation().await {
-            Err(error) if error.is_transient() && attempt < STORE_ATTEMPTS => {
-                tracing::warn!(attempt, error = %error, "story storage failure; retrying");
-                tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(attempt - 1))).await;
-                attempt += 1;
-            }
-            outcome => return outcome,
-        }
-    }
+    RetryPolicy::STORY_STORE
+        .run(Deadline::NONE, "story storage", operation)
+        .await
 }
 
 /// `stage3 gallery`: rewrites `index.html` beside a manifest on the filesystem from the
@@ -1169,5 +1247,134 @@ mod tests {
         assert!(err.to_string().contains("not a story manifest"), "{err}");
         let err = rebuild_gallery(&dir.path().join("missing")).unwrap_err();
         assert_eq!(err.error_type(), ErrorType::InvalidRequest);
+    }
+
+    /// A memory store with one fault: every PUT fails transiently, or the listing never
+    /// shows what was written (a listing that lags for good).
+    struct Faulty {
+        inner: crate::storage::MemoryStore,
+        fault: Fault,
+        puts: std::sync::atomic::AtomicUsize,
+    }
+
+    #[derive(PartialEq)]
+    enum Fault {
+        FailingPuts,
+        LaggingListing,
+    }
+
+    impl Faulty {
+        fn new(fault: Fault) -> Self {
+            Faulty {
+                inner: crate::storage::MemoryStore::new(),
+                fault,
+                puts: Default::default(),
+            }
+        }
+
+        fn puts(&self) -> usize {
+            self.puts.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Faulty {
+        async fn put(
+            &self,
+            key: &str,
+            bytes: Bytes,
+            meta: ObjectMeta,
+        ) -> Result<crate::storage::ObjectInfo> {
+            self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.fault == Fault::FailingPuts {
+                return Err(Stage3Error::storage("SlowDown", true));
+            }
+            self.inner.put(key, bytes, meta).await
+        }
+        async fn put_new(
+            &self,
+            key: &str,
+            bytes: Bytes,
+            meta: ObjectMeta,
+        ) -> Result<crate::storage::Created> {
+            self.inner.put_new(key, bytes, meta).await
+        }
+        async fn get(&self, key: &str, limit: u64) -> Result<Fetched> {
+            self.inner.get(key, limit).await
+        }
+        async fn head(&self, key: &str) -> Result<Option<crate::storage::ObjectInfo>> {
+            self.inner.head(key).await
+        }
+        async fn delete(&self, key: &str) -> Result<()> {
+            self.inner.delete(key).await
+        }
+        fn location(&self, key: &str) -> String {
+            self.inner.location(key)
+        }
+        fn public_key(&self, key: &str) -> String {
+            self.inner.public_key(key)
+        }
+        async fn presigned_url(&self, key: &str) -> Result<Option<String>> {
+            self.inner.presigned_url(key).await
+        }
+        async fn list_objects(&self, prefix: &str) -> Result<Vec<crate::storage::Listed>> {
+            if self.fault == Fault::LaggingListing {
+                return Ok(Vec::new());
+            }
+            self.inner.list_objects(prefix).await
+        }
+    }
+
+    async fn publish_within(store: &Faulty, deadline: Deadline) -> Result<StoryLinks> {
+        let settings = PublishSettings::default();
+        publish_story_within(
+            store,
+            &UrlPolicy::Store,
+            "fox",
+            Vec::new(),
+            &settings,
+            deadline,
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_store_call_is_retried_only_while_the_deadline_allows() {
+        let store = Faulty::new(Fault::FailingPuts);
+        let err = publish_within(&store, Deadline::NONE).await.unwrap_err();
+        assert!(err.is_transient(), "the store's own error: {err}");
+        let attempts = RetryPolicy::STORY_STORE.max_retries as usize + 1;
+        assert_eq!(store.puts(), attempts);
+
+        let store = Faulty::new(Fault::FailingPuts);
+        let started = tokio::time::Instant::now();
+        let deadline = Deadline::after(Duration::from_millis(150));
+        let err = publish_within(&store, deadline).await.unwrap_err();
+        assert!(err.is_transient(), "the store's own error: {err}");
+        assert!(started.elapsed() <= Duration::from_millis(150));
+        assert!((1..=attempts).contains(&store.puts()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lagging_listing_is_waited_for_only_while_the_deadline_allows() {
+        let store = Faulty::new(Fault::LaggingListing);
+        let started = tokio::time::Instant::now();
+        let err = publish_within(&store, Deadline::NONE).await.unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::Storage);
+        assert!(err.to_string().contains("rounds"), "{err}");
+        // One pause between each two rounds, each under its ceiling: 100 ms doubling to 1.6 s.
+        let ceilings: u64 = (1..MAX_ROUNDS as u32)
+            .map(|retry| (100u64 << (retry - 1)).min(1600))
+            .sum();
+        assert!(started.elapsed() <= Duration::from_millis(ceilings));
+
+        // The first pause alone may take up to 100 ms, and all seven fitting in 100 ms is
+        // next to impossible: the story stops early, saying why.
+        let started = tokio::time::Instant::now();
+        let deadline = Deadline::after(Duration::from_millis(100));
+        let err = publish_within(&store, deadline).await.unwrap_err();
+        assert_eq!(err.error_type(), ErrorType::DeadlineExceeded, "{err}");
+        assert!(err.to_string().contains("listing lags"), "{err}");
+        assert!(started.elapsed() <= Duration::from_millis(100));
     }
 }

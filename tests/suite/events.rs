@@ -24,8 +24,9 @@ use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::eventbridge::EventBridgeSink;
 use stage3::events::webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use stage3::events::WebhookSettings;
-use stage3::events::{Backoff, EventPublisher, EventSink, StoryRef};
+use stage3::events::{EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
+use stage3::retry::RetryPolicy;
 use stage3::schema::BatchAnswer;
 use stage3::secret::Secret;
 use stage3::{GenerationRequest, Stage3Service};
@@ -35,10 +36,11 @@ const REFUSED: &str = "forbidden";
 /// Prompts containing this meet an overloaded provider, every time.
 const OVERLOADED: &str = "overloaded";
 
-const FAST: Backoff = Backoff {
-    attempts: 3,
-    base: Duration::from_millis(10),
-    max: Duration::from_millis(40),
+/// Three attempts, quickly: what the sinks retry, without the production waits.
+const FAST: RetryPolicy = RetryPolicy {
+    max_retries: 2,
+    base_delay: Duration::from_millis(10),
+    max_delay: Duration::from_millis(40),
 };
 
 /// An OpenRouter stand-in: an image for every prompt, except refused and overloaded ones.
@@ -116,7 +118,7 @@ async fn eventbridge_sink(moto: &Moto, bus: &str) -> EventBridgeSink {
     let shared = moto.sdk_config().await;
     let config = EventBridgeSink::configure(aws_sdk_eventbridge::config::Builder::from(&shared));
     EventBridgeSink::new(aws_sdk_eventbridge::Client::from_conf(config.build()), bus)
-        .with_backoff(FAST)
+        .with_retry(FAST)
 }
 
 /// The EventBridge envelopes a queue received, parsed.
@@ -250,7 +252,7 @@ async fn an_unreachable_eventbridge_is_retried_then_counted_lost() {
         aws_sdk_eventbridge::Client::from_conf(config.build()),
         "bus",
     )
-    .with_backoff(FAST);
+    .with_retry(FAST);
     let events = stage3::events::batch_events(&BatchAnswer::default(), None);
     let started = Instant::now();
     assert_eq!(sink.deliver(&events, Deadline::NONE).await, 1);
@@ -560,7 +562,7 @@ fn webhook(server: &MockServer, path: &str) -> WebhookSink {
         secret: Secret::new(WEBHOOK_SECRET),
     })
     .unwrap()
-    .with_backoff(FAST)
+    .with_retry(FAST)
 }
 
 /// Now, in Unix seconds, as a receiver's clock reads it.
@@ -854,7 +856,7 @@ async fn a_429_is_retried_and_a_silent_webhook_times_out() {
         Duration::from_millis(200),
     )
     .unwrap()
-    .with_backoff(FAST);
+    .with_retry(FAST);
     let started = Instant::now();
     assert_eq!(sink.deliver(&events, Deadline::NONE).await, 1);
     assert!(
@@ -916,10 +918,10 @@ async fn the_webhook_secret_and_url_token_never_reach_a_trace_log() {
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains(WEBHOOK_SECRET));
-    // Retried: every event was tried Backoff::DEFAULT.attempts times.
+    // Retried: every event was tried once and RetryPolicy::EVENTS.max_retries times more.
     assert_eq!(
         server.received_requests().await.unwrap().len(),
-        2 * Backoff::DEFAULT.attempts as usize
+        2 * (RetryPolicy::EVENTS.max_retries as usize + 1)
     );
 }
 
