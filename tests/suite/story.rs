@@ -692,6 +692,9 @@ async fn a_planted_fragment_brings_no_foreign_link_cost_or_date_and_gallery_stil
         )
         .await
         .unwrap();
+    // Stories order by the store's time, and file times tick coarsely (a few ms): apart
+    // by more than a tick, the planted fragment is surely the older one.
+    tokio::time::sleep(Duration::from_millis(30)).await;
     story::publish_story(&store, &UrlPolicy::Store, "fox", vec![entry("s3")])
         .await
         .unwrap();
