@@ -52,7 +52,7 @@ impl AwsConfig {
     /// `https://sqs.REGION.amazonaws.com/…`), else `us-east-1`. Giving a client its region
     /// up front keeps its start-up free of the instance-metadata lookup the default
     /// region chain would make.
-    pub fn region_for(&self, target: Option<&str>) -> String {
+    pub(crate) fn region_for(&self, target: Option<&str>) -> String {
         if let Some(region) = &self.region {
             return region.clone();
         }

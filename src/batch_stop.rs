@@ -53,7 +53,7 @@ impl BatchStop {
     }
 
     /// A stop that also refuses calls once spending would pass `max_usd`.
-    pub fn with_budget(max_usd: Option<f64>) -> Self {
+    pub(crate) fn with_budget(max_usd: Option<f64>) -> Self {
         let stop = BatchStop::new();
         stop.limit_spending(max_usd);
         stop
@@ -83,7 +83,7 @@ impl BatchStop {
 
     /// Stops every later call to `provider` with `error`: its account refused one (a 401
     /// or 402), and would refuse the others the same way. The first cause wins.
-    pub fn stop_provider(&self, provider: ProviderKind, error: Stage3Error) {
+    pub(crate) fn stop_provider(&self, provider: ProviderKind, error: Stage3Error) {
         let mut refused = locked(&self.0.refused_providers);
         if !refused.iter().any(|(kind, _)| *kind == provider) {
             tracing::warn!(
@@ -98,7 +98,7 @@ impl BatchStop {
 
     /// `Ok` while calls to `provider` may start: the batch is not stopped and the
     /// provider's account has not refused a call.
-    pub fn check_provider(&self, provider: ProviderKind) -> Result<()> {
+    pub(crate) fn check_provider(&self, provider: ProviderKind) -> Result<()> {
         self.check()?;
         match locked(&self.0.refused_providers)
             .iter()
@@ -133,7 +133,7 @@ impl BatchStop {
     }
 
     /// Sets the budget unless one is set already.
-    pub fn limit_spending(&self, max_usd: Option<f64>) {
+    pub(crate) fn limit_spending(&self, max_usd: Option<f64>) {
         let mut spending = locked(&self.0.spending);
         if spending.max_usd.is_none() {
             spending.max_usd = max_usd;

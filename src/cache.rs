@@ -36,7 +36,7 @@ const KEY_SCHEME: &str = "stage3/v1";
 /// Hex digits of a hash used in keys: 64 bits, plenty per scene.
 const KEY_HASH_CHARS: usize = 16;
 /// Records are a few kilobytes; anything bigger was not written by us.
-pub const MAX_RECORD_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_RECORD_BYTES: u64 = 1024 * 1024;
 /// A label's producer or propagator is an id or a name, never a page of text.
 const MAX_LABEL_FIELD_CHARS: usize = 256;
 
@@ -108,12 +108,12 @@ pub fn image_key(scene_id: &str, content_sha256: &str) -> String {
 /// The first hex digits of a hash, as keys carry them. Hashes read from a record are
 /// checked to be whole SHA-256s before any key is made of them ([`is_sha256`]); this never
 /// slices, so a short one still cannot panic.
-pub fn short_hash(hash: &str) -> &str {
+pub(crate) fn short_hash(hash: &str) -> &str {
     hash.get(..KEY_HASH_CHARS).unwrap_or(hash)
 }
 
 /// Whether `text` is a SHA-256 as this service writes one: 64 lowercase hex digits.
-pub fn is_sha256(text: &str) -> bool {
+pub(crate) fn is_sha256(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
@@ -284,7 +284,7 @@ fn png_dimensions(png: &[u8]) -> Option<(u32, u32)> {
 
 /// Writes the record of a result whose image is already stored. URLs are left out: they are
 /// computed for each answer (a presigned or signed URL expires), never stored.
-pub async fn save_record(
+pub(crate) async fn save_record(
     store: &dyn ObjectStore,
     keys: &ResultKeys,
     output: &Stage3Output,

@@ -48,7 +48,7 @@ pub const DEFAULT_ARK_MODEL: &str = "doubao-seedream-4-5-251128";
 /// DashScope's default: Qwen-Image Plus, the middle of its three models in price.
 pub const DEFAULT_DASHSCOPE_MODEL: &str = "qwen-image-plus";
 /// S3 presigned URLs cannot outlive seven days (SigV4's limit).
-pub const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -358,7 +358,7 @@ fn provider_settings(vars: &Vars<'_>) -> Result<ProviderSettings> {
 }
 
 /// The file the CLI reads variables from: `.env` in the working directory.
-pub const DOTENV_FILE: &str = ".env";
+pub(crate) const DOTENV_FILE: &str = ".env";
 
 /// Loads `./.env` of the working directory into the process environment, values already
 /// in the environment winning; a missing file is no error. Only this one file: a search

@@ -44,7 +44,7 @@ impl CallBudget {
     }
 
     /// Whether the deadline, not the call's own timeout, set the budget.
-    pub fn cut_by_deadline(&self) -> bool {
+    pub(crate) fn cut_by_deadline(&self) -> bool {
         self.cut_by_deadline
     }
 
@@ -61,7 +61,7 @@ impl CallBudget {
     /// The error for a call that ran out of this budget: `deadline_exceeded` when the
     /// deadline set it (the run is out of time, not the provider or store slow), else
     /// `timeout`.
-    pub fn expired(&self, what: &str) -> Stage3Error {
+    pub(crate) fn expired(&self, what: &str) -> Stage3Error {
         if self.cut_by_deadline {
             Stage3Error::DeadlineExceeded(format!(
                 "{what} was cut short by the deadline after {} ms",

@@ -263,7 +263,7 @@ impl Stage3Error {
     }
 
     /// What the provider said, for the failures that carry it.
-    pub fn provider_failure(&self) -> Option<&ProviderFailure> {
+    pub(crate) fn provider_failure(&self) -> Option<&ProviderFailure> {
         match self {
             Stage3Error::Auth(f)
             | Stage3Error::InsufficientCredits(f)
@@ -278,7 +278,7 @@ impl Stage3Error {
 
     /// [`Stage3Error::provider_failure`], to add what the caller knows (a `Retry-After`, a
     /// billed cost).
-    pub fn provider_failure_mut(&mut self) -> Option<&mut ProviderFailure> {
+    pub(crate) fn provider_failure_mut(&mut self) -> Option<&mut ProviderFailure> {
         match self {
             Stage3Error::Auth(f)
             | Stage3Error::InsufficientCredits(f)
@@ -293,7 +293,7 @@ impl Stage3Error {
 
     /// The same cause, told to a scene that never called: a batch stopped by `self` (a 401,
     /// a 402, the budget, Ctrl-C) fails its remaining scenes with the same `error_type`.
-    pub fn for_unstarted_scene(&self) -> Stage3Error {
+    pub(crate) fn for_unstarted_scene(&self) -> Stage3Error {
         const NOT_STARTED: &str = "not started: the batch stopped calling the provider after";
         let retold = |f: &ProviderFailure| ProviderFailure {
             message: format!("{NOT_STARTED} {}", f.message),

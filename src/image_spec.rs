@@ -220,7 +220,7 @@ impl ImageSpec {
     /// The prompt `provider` is sent: the folded text, or for a provider with a
     /// negative-prompt field the text without negatives and the negatives apart. What is
     /// sent is what the request hash and `generation_params.prompt` say.
-    pub fn prompt_for(&self, provider: ProviderKind) -> SentPrompt<'_> {
+    pub(crate) fn prompt_for(&self, provider: ProviderKind) -> SentPrompt<'_> {
         if provider.takes_negative_prompt() {
             SentPrompt {
                 prompt: &self.positive_prompt,
@@ -236,7 +236,7 @@ impl ImageSpec {
 
     /// The references as recorded in an output: an https URL as is, an inline image by its
     /// hash, so a record never carries megabytes of base64.
-    pub fn recorded_references(&self) -> Vec<String> {
+    pub(crate) fn recorded_references(&self) -> Vec<String> {
         self.references
             .iter()
             .map(|url| match url.split_once(";base64,") {

@@ -63,7 +63,7 @@ impl AppliedLabels {
 }
 
 /// Where the unlabelled source of a visibly marked image is kept.
-pub fn source_key(scene_id: &str, source_sha256: &str) -> String {
+pub(crate) fn source_key(scene_id: &str, source_sha256: &str) -> String {
     // Never sliced: a hash read from an edited record may be short (records are checked,
     // but a key must not be able to panic).
     let short = source_sha256.get(..16).unwrap_or(source_sha256);
@@ -130,7 +130,7 @@ pub fn publish(
 
 /// The unlabelled source recovered from a published image that has no drawn mark: the
 /// same bytes minus the label chunk. Checked against the recorded hash.
-pub fn source_of_unmarked(published: &[u8], applied: &AppliedLabels) -> Result<Bytes> {
+pub(crate) fn source_of_unmarked(published: &[u8], applied: &AppliedLabels) -> Result<Bytes> {
     let source = strip_aigc_label(published)?;
     if hex::encode(Sha256::digest(&source)) != applied.source_sha256 {
         return Err(Stage3Error::InvalidImage(
@@ -225,10 +225,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(relabelled.png, published.png);
-        assert_eq!(
-            crate::normalize::aigc::count_aigc_labels(&relabelled.png),
-            1
-        );
+        assert_eq!(crate::normalize::count_aigc_labels(&relabelled.png), 1);
     }
 
     #[test]

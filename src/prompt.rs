@@ -50,11 +50,6 @@ pub struct ComposedPrompt {
     pub negative: String,
 }
 
-/// Composes the prompt for `request` and checks it against `max_chars`.
-pub fn compose_prompt(request: &GenerationRequest, max_chars: usize) -> Result<String> {
-    compose(request, max_chars).map(|composed| composed.folded)
-}
-
 /// Composes both forms of the prompt for `request`; the folded one, the longest, is checked
 /// against `max_chars`.
 pub fn compose(request: &GenerationRequest, max_chars: usize) -> Result<ComposedPrompt> {
@@ -151,6 +146,11 @@ fn is_chinese(text: &str) -> bool {
 mod tests {
     use super::*;
     use crate::schema::Stage2Output;
+
+    /// The folded prompt, as most providers are sent it.
+    fn compose_prompt(request: &GenerationRequest, max_chars: usize) -> Result<String> {
+        compose(request, max_chars).map(|composed| composed.folded)
+    }
 
     fn request(prompt: &str, tags: &[&str], negative: &str) -> GenerationRequest {
         Stage2Output {

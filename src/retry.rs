@@ -44,7 +44,7 @@ impl RetryPolicy {
     /// One store call of story publishing (a fragment, the manifest, the page, a LIST, a
     /// GET, a DELETE): 3 attempts, 100 ms doubling, at most 400 ms. Short, because a story that cannot be
     /// published costs no scene: its fragment is stored and the next batch merges it.
-    pub const STORY_STORE: RetryPolicy = RetryPolicy {
+    pub(crate) const STORY_STORE: RetryPolicy = RetryPolicy {
         max_retries: 2,
         base_delay: Duration::from_millis(100),
         max_delay: Duration::from_millis(400),
@@ -54,7 +54,7 @@ impl RetryPolicy {
     /// behind a write or a delete: 100 ms doubling to at most 1.6 s, one pause between each
     /// two of the story's 8 rounds (`story::MAX_ROUNDS`), so a slow listing gets a few
     /// seconds in all to catch up.
-    pub const STORY_LISTING: RetryPolicy = RetryPolicy {
+    pub(crate) const STORY_LISTING: RetryPolicy = RetryPolicy {
         max_retries: 7,
         base_delay: Duration::from_millis(100),
         max_delay: Duration::from_millis(1600),
@@ -74,23 +74,18 @@ impl RetryPolicy {
 
     /// The wait before retry number `retry` (1-based) after `error`: the provider's
     /// `Retry-After` if it gave one (capped at `max_delay`), otherwise [`Self::backoff`].
-    pub fn delay_before(&self, retry: u32, error: &Stage3Error) -> Duration {
+    pub(crate) fn delay_before(&self, retry: u32, error: &Stage3Error) -> Duration {
         match error.retry_after() {
             Some(asked) => asked.min(self.max_delay),
             None => self.backoff(retry),
         }
     }
 
-    /// Whether `error` on attempt number `attempt` (1-based) should be tried again.
-    pub fn should_retry(&self, attempt: u32, error: &Stage3Error) -> bool {
-        error.is_transient() && attempt <= self.max_retries
-    }
-
     /// The one rule of every retry loop (provider calls, storage calls): try again after
     /// `error` on attempt `attempt` only if it is transient, the retries are not spent, and
     /// the wait of `delay` plus what the next attempt needs (`then_needed`) fit before the
     /// deadline — a retry that cannot finish is paid for and thrown away.
-    pub fn allows_retry(
+    pub(crate) fn allows_retry(
         &self,
         attempt: u32,
         error: &Stage3Error,
@@ -104,7 +99,7 @@ impl RetryPolicy {
     /// [`Self::allows_retry`] for a failure its caller has already judged worth another
     /// try: the events judge HTTP statuses and AWS error codes, which are no
     /// [`Stage3Error`].
-    pub fn allows_another(
+    pub(crate) fn allows_another(
         &self,
         attempt: u32,
         delay: Duration,
@@ -118,7 +113,7 @@ impl RetryPolicy {
     /// the [`Self::backoff`] and answers true, or answers false at once when the retries are
     /// spent or the wait would outlast `deadline`. Each attempt bounds its own time; this
     /// only refuses to start a wait that cannot end in time.
-    pub async fn wait_to_retry(&self, attempt: u32, deadline: Deadline) -> bool {
+    pub(crate) async fn wait_to_retry(&self, attempt: u32, deadline: Deadline) -> bool {
         let delay = self.backoff(attempt);
         if !self.allows_another(attempt, delay, &deadline, Duration::ZERO) {
             return false;
@@ -167,7 +162,7 @@ impl RetryPolicy {
 /// A pause shared by every scene in flight: after a 429, nobody calls the provider until
 /// the pause is over.
 #[derive(Debug)]
-pub struct Backpressure {
+pub(crate) struct Backpressure {
     resume_at: Mutex<Option<Instant>>,
 }
 
@@ -186,7 +181,7 @@ impl Backpressure {
 
     /// Asks every caller of [`Backpressure::wait`] to hold off for `delay` from now. A
     /// shorter pause never cuts a longer one short.
-    pub async fn pause_for(&self, delay: Duration) {
+    pub(crate) async fn pause_for(&self, delay: Duration) {
         let until = Instant::now() + delay;
         let mut resume_at = self.resume_at.lock().await;
         if resume_at.is_none_or(|current| current < until) {
@@ -200,14 +195,6 @@ impl Backpressure {
         if let Some(until) = until {
             tokio::time::sleep_until(until).await;
         }
-    }
-
-    /// When the current pause ends, if there is one in the future.
-    pub async fn paused_until(&self) -> Option<Instant> {
-        self.resume_at
-            .lock()
-            .await
-            .filter(|until| *until > Instant::now())
     }
 }
 
@@ -251,13 +238,13 @@ mod tests {
     fn only_transient_errors_are_retried_and_only_within_budget() {
         let transient = Stage3Error::ProviderUnavailable(ProviderFailure::new(Some(503), "x"));
         let permanent = Stage3Error::Auth(ProviderFailure::new(Some(401), "x"));
-        assert!(policy().should_retry(1, &transient));
-        assert!(policy().should_retry(3, &transient));
-        assert!(!policy().should_retry(4, &transient));
-        assert!(!policy().should_retry(1, &permanent));
+        let (none, second) = (Duration::ZERO, Duration::from_secs(1));
+        assert!(policy().allows_retry(1, &transient, none, &Deadline::NONE, none));
+        assert!(policy().allows_retry(3, &transient, none, &Deadline::NONE, none));
+        assert!(!policy().allows_retry(4, &transient, none, &Deadline::NONE, none));
+        assert!(!policy().allows_retry(1, &permanent, none, &Deadline::NONE, none));
         // The deadline leaves room for the wait but not for the next attempt.
         let deadline = Deadline::after(Duration::from_secs(10));
-        let second = Duration::from_secs(1);
         assert!(policy().allows_retry(1, &transient, second, &deadline, second));
         assert!(!policy().allows_retry(1, &transient, second, &deadline, Duration::from_secs(20)));
         assert!(policy().allows_retry(1, &transient, second, &Deadline::NONE, Duration::MAX / 2));
@@ -383,6 +370,9 @@ mod tests {
         let started = Instant::now();
         pressure.wait().await;
         assert!(started.elapsed() >= Duration::from_secs(5));
-        assert!(pressure.paused_until().await.is_none());
+        // The pause is over: a later waiter passes at once.
+        let again = Instant::now();
+        pressure.wait().await;
+        assert!(again.elapsed().is_zero());
     }
 }

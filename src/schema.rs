@@ -324,7 +324,7 @@ pub fn validate_model(model: &str) -> std::result::Result<(), String> {
 /// bidirectional overrides, embeddings and isolates that make text display other than it
 /// reads (U+202A–U+202E, U+2066–U+2069). Borrowed when there is nothing to remove, so the
 /// prompts of existing requests — and their cache keys — are unchanged.
-pub fn clean_text(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn clean_text(text: &str) -> std::borrow::Cow<'_, str> {
     let unwanted = |c: char| {
         (c.is_control() && c != '\n' && c != '\t')
             || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')

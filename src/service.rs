@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use crate::batch_stop::BatchStop;
+use crate::batch_stop::BatchStop;
 use crate::cache::{self, Claim, ClaimLease, ClaimTiming, ResultKeys};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
@@ -50,12 +50,12 @@ use crate::urls::{QiniuSigner, UrlPolicy};
 
 /// A provider call is not started with less time than this left before the deadline:
 /// images take seconds at best, and a call cut short is paid for and thrown away.
-pub const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
+pub(crate) const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
 /// Time kept back from the provider for storing the image and its record.
-pub const STORAGE_RESERVE: Duration = Duration::from_secs(2);
+pub(crate) const STORAGE_RESERVE: Duration = Duration::from_secs(2);
 /// The longest one storage call may take, deadline permitting: a little over the S3
 /// client's own operation timeout, so its clearer error wins when it fires first.
-pub const STORAGE_CALL_TIMEOUT: Duration = Duration::from_secs(65);
+pub(crate) const STORAGE_CALL_TIMEOUT: Duration = Duration::from_secs(65);
 /// How often a worker waiting for another worker's result looks for it.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
 

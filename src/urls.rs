@@ -69,7 +69,7 @@ impl QiniuSigner {
     }
 
     /// `url` signed to expire `ttl` after `now`.
-    pub fn sign_for(&self, url: &str, now: SystemTime) -> String {
+    pub(crate) fn sign_for(&self, url: &str, now: SystemTime) -> String {
         let expires = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -100,7 +100,7 @@ fn url_path(url: &str) -> &str {
 
 /// Percent-encodes a key for a URL path: RFC 3986 unreserved characters and `/` stay, every
 /// other byte of the UTF-8 text becomes `%XX` (what Qiniu's `url_encode` does).
-pub fn encode_path(path: &str) -> String {
+pub(crate) fn encode_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for byte in path.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {

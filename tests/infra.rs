@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use stage3::events::dead_letter::DeadLetterQueue;
-use stage3::events::eventbridge::EventBridgeSink;
+use stage3::events::EventBridgeSink;
 use stage3::storage::S3Store;
 
 fn repository_file(relative: &str) -> String {

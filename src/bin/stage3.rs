@@ -19,13 +19,14 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use stage3::batch::{BatchOptions, BatchProgress};
+use stage3::batch_stop::BatchStop;
 use stage3::config::{self, Config, Overrides};
 use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
 use stage3::image_spec::ProviderKind;
 use stage3::provider::{ModelListing, Providers};
 use stage3::schema::{read_submission, ImageQuality, ImageSize, RequestOptions};
-use stage3::service::{BatchStop, RunOptions, Stage3Service};
+use stage3::service::{RunOptions, Stage3Service};
 use stage3::{telemetry, Stage3Error};
 
 #[derive(Parser)]

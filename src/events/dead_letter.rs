@@ -29,11 +29,11 @@ use crate::aws::AwsConfig;
 use crate::error::ErrorType;
 
 /// Longest an `error_message` attribute gets: the whole story is in the logs.
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 500;
+pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 500;
 /// Longest a `scene_id` attribute gets (a record may carry a batch of failed scenes).
-pub const MAX_SCENE_IDS_BYTES: usize = 1000;
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const MAX_SCENE_IDS_BYTES: usize = 1000;
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a message is dead: what its attributes say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,7 @@ impl DeadLetterQueue {
 
     /// Builds the SQS client for `queue_url` on the shared AWS configuration, in the
     /// region [`AwsConfig::region_for`] chooses. Call once, at start-up.
-    pub async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Self {
+    pub(crate) async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Self {
         let config = Self::configure(aws_sdk_sqs::config::Builder::from(aws.sdk_config().await))
             .region(Region::new(aws.region_for(Some(queue_url))));
         DeadLetterQueue::new(Client::from_conf(config.build()), queue_url)
@@ -149,7 +149,7 @@ fn string_attribute(value: &str) -> Result<MessageAttributeValue, String> {
 /// Whether `error` will fail the same way however often the message is redelivered: not
 /// transient, and not a matter of the invocation's time (`deadline_exceeded`) or of an
 /// interrupted run (`cancelled`). Invalid bodies count: a malformed body never gets better.
-pub fn is_permanent(error: &crate::error::Stage3Error) -> bool {
+pub(crate) fn is_permanent(error: &crate::error::Stage3Error) -> bool {
     !error.is_transient()
         && !matches!(
             error.error_type(),

@@ -32,13 +32,13 @@ use crate::deadline::Deadline;
 use crate::retry::RetryPolicy;
 
 /// Entries per `PutEvents` call (EventBridge's limit).
-pub const MAX_ENTRIES_PER_CALL: usize = 10;
+pub(crate) const MAX_ENTRIES_PER_CALL: usize = 10;
 /// Bytes of entries per `PutEvents` call: EventBridge's 256 KB, less a little for safety.
-pub const MAX_BYTES_PER_CALL: usize = 256 * 1024 - 1024;
+pub(crate) const MAX_BYTES_PER_CALL: usize = 256 * 1024 - 1024;
 /// Longest wait for a TCP (and TLS) connection to EventBridge.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest one `PutEvents` call may take.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An [`EventSink`] over one EventBridge bus.
 #[derive(Clone)]
@@ -65,7 +65,7 @@ impl EventBridgeSink {
 
     /// Builds the client for `bus` on the shared AWS configuration, in the region
     /// [`AwsConfig::region_for`] chooses. Call once, at start-up.
-    pub async fn from_aws(bus: &str, aws: &AwsConfig) -> Self {
+    pub(crate) async fn from_aws(bus: &str, aws: &AwsConfig) -> Self {
         let config = Self::configure(aws_sdk_eventbridge::config::Builder::from(
             aws.sdk_config().await,
         ))
@@ -229,14 +229,14 @@ impl EventSink for EventBridgeSink {
 
 /// An entry's size as EventBridge counts it against the 256 KB limit: source, detail-type
 /// and detail in UTF-8 bytes (no `Time` or `Resources` are sent).
-pub fn entry_size(event: &Event) -> usize {
+pub(crate) fn entry_size(event: &Event) -> usize {
     EVENT_SOURCE.len() + event.kind.detail_type().len() + event.data.len()
 }
 
 /// Splits entries of the given sizes into consecutive calls of at most
 /// [`MAX_ENTRIES_PER_CALL`] entries and [`MAX_BYTES_PER_CALL`] bytes, in order. Every
 /// size must be at most [`MAX_BYTES_PER_CALL`].
-pub fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
+pub(crate) fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
     let mut chunks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (index, size) in sizes.iter().enumerate() {

@@ -28,11 +28,13 @@
 
 #[cfg(feature = "lambda")]
 pub mod dead_letter;
-pub mod eventbridge;
+mod eventbridge;
 mod settings;
-pub mod webhook;
+mod webhook;
 
+pub use eventbridge::EventBridgeSink;
 pub use settings::{EventSettings, WebhookSettings};
+pub use webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,7 +95,7 @@ impl EventKind {
     }
 
     /// The webhook body's `type`.
-    pub fn webhook_type(self) -> &'static str {
+    pub(crate) fn webhook_type(self) -> &'static str {
         match self {
             EventKind::SceneReady => "scene.ready",
             EventKind::SceneFailed => "scene.failed",

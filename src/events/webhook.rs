@@ -41,10 +41,10 @@ pub const TIMESTAMP_HEADER: &str = "X-Stage3-Timestamp";
 /// soon worthless.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// The header naming the event's type, so a receiver can route before parsing.
-pub const EVENT_HEADER: &str = "X-Stage3-Event";
+pub(crate) const EVENT_HEADER: &str = "X-Stage3-Event";
 /// Longest one POST may take, connect to last byte.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// POSTs in flight at once.
 const CONCURRENCY: usize = 8;
 

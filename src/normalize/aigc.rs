@@ -30,14 +30,14 @@ use super::invalid;
 use crate::error::Result;
 
 /// The `iTXt` keyword under which a PNG carries its XMP packet.
-pub const XMP_KEYWORD: &[u8] = b"XML:com.adobe.xmp";
+pub(crate) const XMP_KEYWORD: &[u8] = b"XML:com.adobe.xmp";
 /// The keyword of the label's earlier, non-standard form: a bare `AIGC` text chunk. Still
 /// recognised, to replace it.
-pub const LEGACY_AIGC_KEYWORD: &[u8] = b"AIGC";
+pub(crate) const LEGACY_AIGC_KEYWORD: &[u8] = b"AIGC";
 /// The TC260 namespace of the implicit label.
-pub const TC260_NAMESPACE: &str = "http://www.tc260.org.cn/ns/AIGC/1.0/";
+pub(crate) const TC260_NAMESPACE: &str = "http://www.tc260.org.cn/ns/AIGC/1.0/";
 /// IPTC's digital source type for media made by a trained model.
-pub const TRAINED_ALGORITHMIC_MEDIA: &str =
+pub(crate) const TRAINED_ALGORITHMIC_MEDIA: &str =
     "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia";
 
 /// The label's fields, serialised in the order the standard lists them.
@@ -84,13 +84,13 @@ impl AigcLabel {
     }
 
     /// The label as the JSON text of the chunk.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 
     /// The XMP packet carrying the label: the TC260 element and IPTC's digital source
     /// type in one `rdf:Description`.
-    pub fn to_xmp(&self) -> String {
+    pub(crate) fn to_xmp(&self) -> String {
         format!(
             "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n\
              <x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n\

@@ -35,18 +35,18 @@ use super::invalid;
 use crate::error::Result;
 
 /// The 8 bytes every PNG starts with.
-pub const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+pub(crate) const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
 
 /// The largest colour profile kept, compressed in the chunk and inflated alike. Real
 /// profiles are small (sRGB and Display P3 are 0.5–60 KB; large print profiles a few
 /// hundred KB); a bigger one in a generated image is padding or a bomb, and costs memory
 /// in every reader that opens the file.
-pub const MAX_ICC_PROFILE_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_ICC_PROFILE_BYTES: usize = 1024 * 1024;
 
 /// The ancillary chunks kept, each with the largest data it may carry: the ones that change
 /// how the stored pixels are displayed (transparency, gamma, chromaticities, colour space,
 /// profile, significant bits, background, pixel density). Sizes follow the PNG specification.
-pub const ALLOWED_ANCILLARY: &[(&[u8; 4], usize)] = &[
+pub(crate) const ALLOWED_ANCILLARY: &[(&[u8; 4], usize)] = &[
     (b"tRNS", 256),
     (b"gAMA", 4),
     (b"cHRM", 32),
@@ -78,7 +78,7 @@ impl Chunk<'_> {
     }
 
     /// Critical chunks have an upper-case first letter; a reader must understand them.
-    pub fn is_critical(&self) -> bool {
+    pub(crate) fn is_critical(&self) -> bool {
         self.kind[0].is_ascii_uppercase()
     }
 
@@ -181,7 +181,7 @@ pub struct ChunkReport {
 
 impl ChunkReport {
     /// The dropped chunk types, comma-separated, for a log line.
-    pub fn dropped_names(&self) -> String {
+    pub(crate) fn dropped_names(&self) -> String {
         let mut names: Vec<String> = self
             .dropped
             .iter()
@@ -207,7 +207,7 @@ impl ChunkReport {
 /// The PNG to validate and store: the critical chunks and the allowed ancillary ones, from
 /// the signature to `IEND`. Returns `png` itself (a zero-copy slice) when nothing is dropped;
 /// otherwise one pass copies the kept chunks into a buffer no larger than the input.
-pub fn keep_checked_chunks(png: Bytes) -> Result<(Bytes, ChunkReport)> {
+pub(crate) fn keep_checked_chunks(png: Bytes) -> Result<(Bytes, ChunkReport)> {
     let mut report = ChunkReport::default();
     // Filled from the first dropped chunk on; until then, the kept chunks are a prefix.
     let mut copy: Option<Vec<u8>> = None;
@@ -272,7 +272,7 @@ fn ancillary_allowed(chunk: &Chunk<'_>) -> bool {
 /// Whether an `iCCP` chunk's data (name, NUL, method 0, zlib stream) holds a whole profile
 /// of at most [`MAX_ICC_PROFILE_BYTES`]. The inflate streams through a fixed 32 KiB window
 /// and stops at the bound, so a bomb costs that window and a moment, never its claimed size.
-pub fn icc_profile_within_bound(data: &[u8]) -> bool {
+pub(crate) fn icc_profile_within_bound(data: &[u8]) -> bool {
     let Some(nul) = data.iter().position(|&b| b == 0) else {
         return false;
     };
@@ -285,7 +285,7 @@ pub fn icc_profile_within_bound(data: &[u8]) -> bool {
 
 /// The inflated size of a complete zlib stream, if it is at most `max` bytes; `None` for a
 /// larger, truncated or corrupt stream. Memory: the inflater's state and a 32 KiB buffer.
-pub fn inflated_size_within(zlib: &[u8], max: usize) -> Option<usize> {
+pub(crate) fn inflated_size_within(zlib: &[u8], max: usize) -> Option<usize> {
     let mut state = InflateState::new_boxed(DataFormat::Zlib);
     let mut window = vec![0u8; 32 * 1024];
     let mut input = zlib;
@@ -307,7 +307,7 @@ pub fn inflated_size_within(zlib: &[u8], max: usize) -> Option<usize> {
 }
 
 /// The CRC-32 a chunk carries: over its type and data.
-pub fn chunk_crc(kind: &[u8; 4], data: &[u8]) -> u32 {
+pub(crate) fn chunk_crc(kind: &[u8; 4], data: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(kind);
     hasher.update(data);
@@ -315,7 +315,7 @@ pub fn chunk_crc(kind: &[u8; 4], data: &[u8]) -> u32 {
 }
 
 /// Appends a whole chunk — length, type, data, CRC — to `out`.
-pub fn write_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) -> Result<()> {
+pub(crate) fn write_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) -> Result<()> {
     let length = u32::try_from(data.len())
         .ok()
         .filter(|&n| n <= 0x7FFF_FFFF)

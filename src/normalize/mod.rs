@@ -12,8 +12,8 @@
 //! (decompression bombs, aspect ratio) — so most bad images are refused before a single
 //! pixel is decoded, and the blank-image test samples a grid instead of walking every pixel.
 
-pub mod aigc;
-pub mod chunks;
+mod aigc;
+mod chunks;
 #[cfg(test)]
 pub(crate) mod test_png;
 
@@ -30,8 +30,11 @@ use sha2::{Digest, Sha256};
 use crate::error::{Result, Stage3Error};
 use crate::schema::ImageSize;
 
-pub use aigc::{insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel};
-pub use chunks::{ChunkReport, MAX_ICC_PROFILE_BYTES};
+pub use aigc::{
+    count_aigc_labels, insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel,
+};
+pub use chunks::ChunkReport;
+pub(crate) use chunks::MAX_ICC_PROFILE_BYTES;
 
 /// The default `STAGE3_MAX_IMAGE_PIXELS`: 4096 x 4096, the largest image any provider we
 /// call draws (Seedream's 4K tier for `hd`, 16.7 MP; OpenRouter's largest ask is "2K",

@@ -6,7 +6,7 @@ use image::codecs::png::PngEncoder;
 use image::{ImageEncoder, RgbImage};
 
 /// A plain bitwise CRC-32, independent of the one the code under test uses.
-pub fn crc32(parts: &[&[u8]]) -> u32 {
+pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
     let mut crc = !0u32;
     for byte in parts.iter().flat_map(|p| p.iter()) {
         crc ^= u32::from(*byte);
@@ -42,7 +42,7 @@ pub fn parts(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
     out
 }
 
-pub fn assemble(chunks: &[([u8; 4], Vec<u8>)]) -> Bytes {
+pub(crate) fn assemble(chunks: &[([u8; 4], Vec<u8>)]) -> Bytes {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
     for (kind, data) in chunks {
         out.extend(chunk(kind, data));
@@ -50,7 +50,7 @@ pub fn assemble(chunks: &[([u8; 4], Vec<u8>)]) -> Bytes {
     Bytes::from(out)
 }
 
-pub fn ihdr(width: u32, height: u32, color_type: u8, interlace: u8) -> Vec<u8> {
+pub(crate) fn ihdr(width: u32, height: u32, color_type: u8, interlace: u8) -> Vec<u8> {
     let mut data = width.to_be_bytes().to_vec();
     data.extend_from_slice(&height.to_be_bytes());
     data.extend_from_slice(&[8, color_type, 0, 0, interlace]);
@@ -58,7 +58,7 @@ pub fn ihdr(width: u32, height: u32, color_type: u8, interlace: u8) -> Vec<u8> {
 }
 
 /// A zlib stream of stored (uncompressed) blocks: enough to hand-build any PNG.
-pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
+pub(crate) fn zlib_stored(data: &[u8]) -> Vec<u8> {
     let mut out = vec![0x78, 0x01];
     let blocks: Vec<&[u8]> = data.chunks(65_535).collect();
     for (i, block) in blocks.iter().enumerate() {
@@ -78,7 +78,7 @@ pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
 }
 
 /// A picture with real content: a gradient under per-pixel noise.
-pub fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
+pub(crate) fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
     let mut rng = fastrand::Rng::with_seed(seed);
     RgbImage::from_fn(width, height, |x, y| {
         let base = ((x + y) * 255 / (width + height)) as u8;
@@ -104,7 +104,7 @@ pub fn noisy_png(width: u32, height: u32) -> Bytes {
 }
 
 /// An `iCCP` chunk's data: profile name, NUL, method 0, the profile deflated.
-pub fn iccp(name: &[u8], profile: &[u8]) -> Vec<u8> {
+pub(crate) fn iccp(name: &[u8], profile: &[u8]) -> Vec<u8> {
     let mut data = name.to_vec();
     data.extend_from_slice(&[0, 0]);
     data.extend(miniz_oxide::deflate::compress_to_vec_zlib(profile, 9));
@@ -112,7 +112,7 @@ pub fn iccp(name: &[u8], profile: &[u8]) -> Vec<u8> {
 }
 
 /// An `iCCP` chunk's data whose profile inflates to `inflated` bytes of zeros.
-pub fn iccp_bomb(inflated: usize) -> Vec<u8> {
+pub(crate) fn iccp_bomb(inflated: usize) -> Vec<u8> {
     iccp(b"ICC Profile", &vec![0; inflated])
 }
 
@@ -128,7 +128,7 @@ fn fctl(sequence: u32, width: u32, height: u32) -> Vec<u8> {
 
 /// A two-frame APNG whose first frame is the default image (a noisy 256x256 picture) and
 /// whose second frame is one flat colour, and the still PNG that is its first frame.
-pub fn apng_with_second_frame() -> (Bytes, Bytes) {
+pub(crate) fn apng_with_second_frame() -> (Bytes, Bytes) {
     let (width, height) = (256, 256);
     let still = noisy_png(width, height);
     let still_parts = parts(&still);
@@ -156,7 +156,7 @@ pub fn apng_with_second_frame() -> (Bytes, Bytes) {
 /// Runs `script` in Python with Pillow on `png` (saved to a file whose path is
 /// `sys.argv[1]`) and returns what it printed, or `None` when python3 with Pillow is not
 /// installed (`.ci/run` installs it). A script that fails fails the test.
-pub fn with_pillow(png: &[u8], script: &str) -> Option<String> {
+pub(crate) fn with_pillow(png: &[u8], script: &str) -> Option<String> {
     let has_pillow = std::process::Command::new("python3")
         .args(["-c", "import PIL, defusedxml"])
         .output()
@@ -182,7 +182,7 @@ pub fn with_pillow(png: &[u8], script: &str) -> Option<String> {
 
 /// exiftool's reading of `png`: every tag as `{"GROUP:Tag": value}` (`exiftool -j -G1`), or
 /// `None` when exiftool is not installed (`.ci/run` installs it).
-pub fn with_exiftool(png: &[u8]) -> Option<serde_json::Value> {
+pub(crate) fn with_exiftool(png: &[u8]) -> Option<serde_json::Value> {
     let installed = std::process::Command::new("exiftool")
         .arg("-ver")
         .output()

@@ -30,7 +30,7 @@ pub(super) struct AddressPolicy {
 
 impl AddressPolicy {
     /// Whether `ip` is a public address (or loopback, when allowed for tests).
-    pub fn permits(self, ip: IpAddr) -> bool {
+    pub(crate) fn permits(self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
@@ -45,7 +45,7 @@ impl AddressPolicy {
     }
 
     /// Checks a URL's host when it is a literal address (names go through the resolver).
-    pub fn check_url(self, url: &Url) -> Result<(), String> {
+    pub(crate) fn check_url(self, url: &Url) -> Result<(), String> {
         let literal = url
             .host_str()
             .map(|host| host.trim_start_matches('[').trim_end_matches(']'))

@@ -141,7 +141,7 @@ impl ApiClient {
         })
     }
 
-    pub fn has_key(&self) -> bool {
+    pub(crate) fn has_key(&self) -> bool {
         self.key.is_some()
     }
 
@@ -151,7 +151,7 @@ impl ApiClient {
 
     /// POSTs `body` to `{base}{path}` within the call's budget: the 2xx answer's body, read
     /// within the cap, or the error answer for the provider to classify.
-    pub async fn post_json(
+    pub(crate) async fn post_json(
         &self,
         path: &str,
         body: &impl Serialize,
@@ -195,7 +195,7 @@ impl ApiClient {
 
     /// GETs `{base}{path}` without the key (a discovery path: a catalogue), within
     /// `timeout` and `limit`; a failure is described, not classified.
-    pub async fn get_unauthenticated(
+    pub(crate) async fn get_unauthenticated(
         &self,
         path: &str,
         timeout: Duration,
@@ -246,7 +246,7 @@ impl ApiClient {
 
     /// Provider text made safe to show: the key scrubbed, one line, at most a few hundred
     /// characters.
-    pub fn provider_text(&self, text: &str) -> String {
+    pub(crate) fn provider_text(&self, text: &str) -> String {
         let key = self.key.as_ref().map(|k| k.expose().trim()).unwrap_or("");
         let scrubbed = if !key.is_empty() && text.contains(key) {
             Cow::Owned(text.replace(key, "[redacted]"))
@@ -258,7 +258,7 @@ impl ApiClient {
 
     /// Parses a 2xx body as `T`, or says where it is not what was expected (a malformed
     /// answer, worth one more try).
-    pub fn parse_answer<'a, T: Deserialize<'a>>(&self, body: &'a [u8]) -> Result<T> {
+    pub(crate) fn parse_answer<'a, T: Deserialize<'a>>(&self, body: &'a [u8]) -> Result<T> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
             let path = shorten(&e.path().to_string());
@@ -298,7 +298,11 @@ impl ApiClient {
     /// An image given by URL: a `data:` URL is decoded; an `https` URL is fetched with the
     /// image client (public addresses only), the same cap and the remaining budget; plain
     /// `http` is refused (anyone on the path could swap the picture).
-    pub async fn fetch_image_url(&self, url: &str, budget: &CallBudget) -> Result<ProviderImage> {
+    pub(crate) async fn fetch_image_url(
+        &self,
+        url: &str,
+        budget: &CallBudget,
+    ) -> Result<ProviderImage> {
         let scheme = url.split_once(':').map(|(scheme, _)| scheme).unwrap_or("");
         if scheme.eq_ignore_ascii_case("data") {
             return decode_inline_image(url);

@@ -84,7 +84,7 @@ pub struct PlannedModel {
 
 impl Plan {
     /// The estimate of the first model, the one expected to serve.
-    pub fn estimate_usd(&self) -> Option<f64> {
+    pub(crate) fn estimate_usd(&self) -> Option<f64> {
         self.models.first().and_then(|m| m.estimate_usd)
     }
 }

@@ -72,7 +72,7 @@ impl Providers {
     }
 
     /// The provider of a model written without `PROVIDER:`.
-    pub fn default_kind(&self) -> ProviderKind {
+    pub(crate) fn default_kind(&self) -> ProviderKind {
         self.default
     }
 
@@ -84,7 +84,7 @@ impl Providers {
 
     /// Whether `kind` can be called: its key is set (or it needs none). `Err(config)`
     /// names the missing variable.
-    pub fn callable(&self, kind: ProviderKind) -> Result<()> {
+    pub(crate) fn callable(&self, kind: ProviderKind) -> Result<()> {
         match self.settings.key_of(kind) {
             Some((variable, false)) if !self.checks_only && !self.injected.contains(&kind) => {
                 Err(Stage3Error::config(format!("{variable} is not set")))

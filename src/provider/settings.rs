@@ -91,7 +91,7 @@ pub struct ProviderSettings {
 impl ProviderSettings {
     /// The variable holding `kind`'s key, and whether it is set; `None` for a provider
     /// that needs none.
-    pub fn key_of(&self, kind: ProviderKind) -> Option<(&'static str, bool)> {
+    pub(crate) fn key_of(&self, kind: ProviderKind) -> Option<(&'static str, bool)> {
         let set =
             |key: &Option<Secret>| key.as_ref().is_some_and(|k| !k.expose().trim().is_empty());
         match kind {

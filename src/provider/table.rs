@@ -87,7 +87,7 @@ impl ModelTable {
     }
 
     /// Models whose id starts with `prefix` are checked against `row` (with its id).
-    pub fn with_alias(mut self, prefix: &'static str, row: TabledModel) -> Self {
+    pub(crate) fn with_alias(mut self, prefix: &'static str, row: TabledModel) -> Self {
         self.alias = Some((prefix, row));
         self
     }

@@ -42,12 +42,12 @@ impl ObjectMeta {
     };
     /// The unlabelled source of a visibly labelled image: kept for relabelling, never
     /// meant for the public.
-    pub const SOURCE: ObjectMeta = ObjectMeta {
+    pub(crate) const SOURCE: ObjectMeta = ObjectMeta {
         content_type: "image/png",
         cache_control: "private, no-store",
     };
     /// A worker's claim on a scene it is generating; never worth caching anywhere.
-    pub const CLAIM: ObjectMeta = ObjectMeta {
+    pub(crate) const CLAIM: ObjectMeta = ObjectMeta {
         content_type: "application/json",
         cache_control: "no-store",
     };

@@ -28,9 +28,9 @@ use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
 
 /// Longest wait for a TCP (and TLS) connection to the endpoint.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a whole S3 call may take; a 2K PNG is a few MB, so this is generous.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Error codes that mean "the server is busy or hiccuped", whatever the HTTP status.
 const TRANSIENT_CODES: &[&str] = &[

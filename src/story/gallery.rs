@@ -43,7 +43,7 @@ impl PageLinks {
 /// The origin (`scheme://host[:port]`) of a CDN base URL such as
 /// `https://img.example.com/stories`, for the page's `img-src`; `None` for anything that is
 /// not a plain http(s) origin, which then is not allowed.
-pub fn image_origin(base: &str) -> Option<String> {
+pub(crate) fn image_origin(base: &str) -> Option<String> {
     let (scheme, rest) = base.split_once("://")?;
     if !matches!(scheme, "https" | "http") {
         return None;
@@ -64,7 +64,7 @@ pub fn image_origin(base: &str) -> Option<String> {
 const TO_STORE_ROOT: &str = "../../";
 
 /// Renders the storyboard page of `manifest`, linking as `links` says.
-pub fn render(manifest: &Manifest, links: &PageLinks) -> String {
+pub(crate) fn render(manifest: &Manifest, links: &PageLinks) -> String {
     let mut page = String::with_capacity(4096 + manifest.scenes.len() * 1024);
     let story = escape(&manifest.story_id);
     let totals = &manifest.totals;

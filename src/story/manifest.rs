@@ -31,27 +31,27 @@ use crate::schema::{validate_scene_id, ImageSize, Stage3Output};
 /// from, which is what lets a manifest stand in for fragments that were deleted.
 pub const MANIFEST_FORMAT: u32 = 2;
 /// The format of batch fragments (unchanged since the first version).
-pub const FRAGMENT_FORMAT: u32 = 1;
+pub(crate) const FRAGMENT_FORMAT: u32 = 1;
 
 /// The longest prompt an entry may carry, in characters (the default prompt limit).
-pub const MAX_PROMPT_CHARS: usize = crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
+pub(crate) const MAX_PROMPT_CHARS: usize = crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
 /// The longest failure message, in characters (as in batch answers).
-pub const MAX_MESSAGE_CHARS: usize = crate::schema::MAX_FAILURE_MESSAGE_CHARS;
+pub(crate) const MAX_MESSAGE_CHARS: usize = crate::schema::MAX_FAILURE_MESSAGE_CHARS;
 /// The longest model name, in characters.
-pub const MAX_MODEL_CHARS: usize = 200;
+pub(crate) const MAX_MODEL_CHARS: usize = 200;
 const MAX_ERROR_TYPE_CHARS: usize = 64;
 /// The most one image may have cost: real images cost cents; a larger figure is forged or
 /// broken, and would make the story's total meaningless (or infinite).
-pub const MAX_SCENE_COST_USD: f64 = 1_000.0;
+pub(crate) const MAX_SCENE_COST_USD: f64 = 1_000.0;
 /// The largest width or height an entry may claim.
 const MAX_IMAGE_SIDE: u32 = 16_384;
 /// The most entries read from one fragment; a batch's own fragments never hold more.
-pub const MAX_FRAGMENT_ENTRIES: usize = 1_000;
+pub(crate) const MAX_FRAGMENT_ENTRIES: usize = 1_000;
 /// The most scenes a story holds; entries for further scenes are skipped.
-pub const MAX_STORY_SCENES: usize = 10_000;
+pub(crate) const MAX_STORY_SCENES: usize = 10_000;
 /// The most bytes of entries (as compact JSON) a story holds, so that a manifest this code
 /// writes always stays under the size it reads back (`super::MAX_MANIFEST_BYTES`).
-pub const MAX_STORY_BYTES: usize = 24 * 1024 * 1024;
+pub(crate) const MAX_STORY_BYTES: usize = 24 * 1024 * 1024;
 /// The most fragment names a manifest's `fragments` list is read with.
 const MAX_FRAGMENT_NAMES: usize = 10_000;
 
@@ -248,7 +248,7 @@ impl ManifestEntry {
     /// public, and links are rebuilt from keys), text cut to the bounds every reader
     /// checks, and a cost no reader would accept left out — so that the batch's own
     /// entries always pass [`check_entry`].
-    pub fn to_scene_entry(&self) -> SceneEntry {
+    pub(crate) fn to_scene_entry(&self) -> SceneEntry {
         SceneEntry {
             scene_id: self.scene_id.clone(),
             status: self.status,
@@ -302,7 +302,7 @@ pub struct Fragment<'a> {
 
 /// Whether `name` is a fragment's name as this service writes them:
 /// `{13 digits}-{16 lowercase hex digits}.json`.
-pub fn is_fragment_name(name: &str) -> bool {
+pub(crate) fn is_fragment_name(name: &str) -> bool {
     let Some(stem) = name.strip_suffix(".json") else {
         return false;
     };
@@ -318,7 +318,7 @@ fn is_lower_hex(text: &str, digits: usize) -> bool {
 
 /// Whether `key` is the image key this service gives a scene: `{scene_id}-{16 hex}.png`,
 /// flat at the store's root — so nothing with `/`, `..`, `\` or a scheme.
-pub fn is_image_key_of(scene_id: &str, key: &str) -> bool {
+pub(crate) fn is_image_key_of(scene_id: &str, key: &str) -> bool {
     key.strip_prefix(scene_id)
         .and_then(|rest| rest.strip_prefix('-'))
         .and_then(|rest| rest.strip_suffix(".png"))
@@ -340,7 +340,7 @@ pub fn millis(time: SystemTime) -> u64 {
 }
 
 /// RFC 3339 UTC with milliseconds (`updated_at`).
-pub fn format_millis(ms: u64) -> String {
+pub(crate) fn format_millis(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -404,7 +404,7 @@ struct RawEntry {
 
 /// Checks one entry of a fragment or manifest, as read from the store; the reason when it
 /// must be skipped.
-pub fn check_entry(value: Value, stamp: Stamp<'_>) -> Result<Checked, String> {
+pub(crate) fn check_entry(value: Value, stamp: Stamp<'_>) -> Result<Checked, String> {
     let raw: RawEntry = serde_json::from_value(value).map_err(|e| format!("not an entry: {e}"))?;
     validate_scene_id(&raw.scene_id).map_err(|e| e.to_string())?;
     let scene_id = raw.scene_id;
@@ -551,7 +551,7 @@ pub struct Header {
 /// of `scenes` is handed to `on_entry` as it is parsed (up to `max_entries`; the rest are
 /// skipped unparsed and counted), and every other field but the few in [`Header`] is
 /// skipped. Fields may come in any order, so what the header says is checked afterwards.
-pub fn read_document<'de, D: Deserializer<'de>>(
+pub(crate) fn read_document<'de, D: Deserializer<'de>>(
     deserializer: D,
     max_entries: usize,
     on_entry: &mut dyn FnMut(Value),
@@ -680,7 +680,7 @@ impl<'de> Visitor<'de> for Names<'_> {
 
 /// What a document's header says about its use: whether it is of this story and of a
 /// format this code reads.
-pub fn header_problem(
+pub(crate) fn header_problem(
     header: &Header,
     story_id: &str,
     accepted_formats: std::ops::RangeInclusive<u64>,
@@ -728,7 +728,7 @@ impl Merge {
     /// fragment name (an entry of the same fragment replaces an earlier one of it). `false`
     /// when a cap refused it: a new scene past [`MAX_STORY_SCENES`], or an entry that would
     /// take the story past [`MAX_STORY_BYTES`].
-    pub fn offer(&mut self, checked: Checked) -> bool {
+    pub(crate) fn offer(&mut self, checked: Checked) -> bool {
         let Checked { entry, at_ms } = checked;
         self.saw(at_ms);
         let size = json_size(&entry);

@@ -61,9 +61,9 @@
 //! [`MAX_FRAGMENT_BYTES`] are skipped unread, documents are parsed entry by entry, and the
 //! story keeps at most [`manifest::MAX_STORY_SCENES`] scenes.
 
-pub mod gallery;
-pub mod manifest;
-pub mod thumbnail;
+mod gallery;
+mod manifest;
+mod thumbnail;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -76,7 +76,8 @@ pub use gallery::PageLinks;
 pub use manifest::{
     Manifest, ManifestEntry, SceneEntry, SceneStatus, StoryScene, StoryTotals, MANIFEST_FORMAT,
 };
-pub use thumbnail::{make_thumbnail, store_thumbnail, thumbnail_key, THUMBNAIL_MAX_SIDE};
+pub(crate) use thumbnail::store_thumbnail;
+pub use thumbnail::thumbnail_key;
 
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
@@ -91,7 +92,7 @@ use manifest::{
 
 /// The storyboard page: read by browsers straight from the bucket or CDN, and rewritten by
 /// every batch, so never cached for long.
-pub const GALLERY_META: ObjectMeta = ObjectMeta {
+pub(crate) const GALLERY_META: ObjectMeta = ObjectMeta {
     content_type: "text/html; charset=utf-8",
     cache_control: "no-cache",
 };
@@ -107,10 +108,10 @@ const FETCH_CONCURRENCY: usize = 4;
 const DELETE_CONCURRENCY: usize = 8;
 /// The largest fragment read: a batch's fragments are at most this (a 500-scene batch is
 /// about 1 MB); anything bigger was not written by us, and is skipped unread.
-pub const MAX_FRAGMENT_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_FRAGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// The largest `manifest.json` read back as a base: above what this code can write
 /// ([`manifest::MAX_STORY_BYTES`] of entries, plus indentation).
-pub const MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 32 * 1024 * 1024;
 /// The largest manifest `stage3 gallery` reads (streamed from the file, entry by entry).
 const MAX_GALLERY_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// Room kept in a fragment for everything but its entries.
@@ -161,7 +162,10 @@ pub fn fragments_prefix(story_id: &str) -> String {
 }
 
 /// The manifest entries of a batch answer, in the order of `scenes`.
-pub fn entries_from_answer(scenes: &[StoryScene], answer: &BatchAnswer) -> Vec<ManifestEntry> {
+pub(crate) fn entries_from_answer(
+    scenes: &[StoryScene],
+    answer: &BatchAnswer,
+) -> Vec<ManifestEntry> {
     scenes
         .iter()
         .filter_map(|scene| {
@@ -179,7 +183,7 @@ pub fn entries_from_answer(scenes: &[StoryScene], answer: &BatchAnswer) -> Vec<M
 
 /// The manifest entries of scenes and their outcomes, as [`crate::service::Stage3Service::run_scenes`]
 /// returns them (one outcome per scene, same order).
-pub fn entries_from_outcomes(
+pub(crate) fn entries_from_outcomes(
     scenes: &[StoryScene],
     outcomes: &[std::result::Result<Stage3Output, Stage3Error>],
 ) -> Vec<ManifestEntry> {
@@ -197,7 +201,7 @@ pub fn entries_from_outcomes(
 
 /// [`publish_story`], with a failure (or running past `deadline`) turned into
 /// [`StoryLinks::story_error`] and logged: a story never fails its batch.
-pub async fn publish_or_report(
+pub(crate) async fn publish_or_report(
     store: &dyn ObjectStore,
     urls: &UrlPolicy,
     story_id: &str,
@@ -261,7 +265,7 @@ pub async fn publish_story_with(
 /// listing that lags, is waited for only while the wait ends before `deadline`, so the
 /// story fails with the store's own error rather than sleep through the time left. The
 /// caller still bounds the whole (`Deadline::within`): nothing here cuts a call short.
-pub async fn publish_story_within(
+pub(crate) async fn publish_story_within(
     store: &dyn ObjectStore,
     urls: &UrlPolicy,
     story_id: &str,

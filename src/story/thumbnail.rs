@@ -19,7 +19,7 @@ use crate::error::{Result, Stage3Error};
 use crate::storage::{ObjectMeta, ObjectStore};
 
 /// The longest side of a stored thumbnail, in pixels: sharp in a grid card of ~300 CSS px.
-pub const THUMBNAIL_MAX_SIDE: u32 = 320;
+pub(crate) const THUMBNAIL_MAX_SIDE: u32 = 320;
 
 /// The keyword of the `iTXt` chunk carrying the implicit label, in XMP (docs/design.md §2).
 const AIGC_KEYWORD: &str = "XML:com.adobe.xmp";
@@ -30,7 +30,7 @@ const MAX_SOURCE_PIXELS: u64 = 40_000_000;
 /// Where the thumbnails live: a folder of their own beside the images, under the image's
 /// own name, so whatever lists or globs the images (`*.png` in the output directory, the
 /// record/image pairing checks) never takes a thumbnail for an image.
-pub const THUMBNAIL_FOLDER: &str = "thumbnails/";
+pub(crate) const THUMBNAIL_FOLDER: &str = "thumbnails/";
 
 /// The key of the thumbnail of the image stored under `image_key`:
 /// `scene_001-9c1e4f0a2b7d3e55.png` → `thumbnails/scene_001-9c1e4f0a2b7d3e55.png`. Image
@@ -42,7 +42,7 @@ pub fn thumbnail_key(image_key: &str) -> String {
 /// Makes the thumbnail of the image already stored under `image_key` from its PNG bytes and
 /// stores it beside it; returns the thumbnail's key. Decoding is CPU work, so it runs on a
 /// blocking thread, once; a transient storage failure of the upload is tried again.
-pub async fn store_thumbnail(
+pub(crate) async fn store_thumbnail(
     store: &dyn ObjectStore,
     image_key: &str,
     png: Bytes,
@@ -57,7 +57,7 @@ pub async fn store_thumbnail(
 
 /// The size of the thumbnail of a `width` × `height` image: the longest side at most
 /// `max_side`, the aspect kept, never enlarged, never zero.
-pub fn thumbnail_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+pub(crate) fn thumbnail_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
     let max_side = max_side.max(1);
     let longest = width.max(height);
     if longest <= max_side {
@@ -74,7 +74,7 @@ pub fn thumbnail_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
 /// Decodes `png`, shrinks it so its longest side is at most `max_side` (area average), and
 /// encodes the result as an 8-bit PNG of the same colour type, with the source's `AIGC`
 /// label chunk. An image already small enough is re-encoded at its own size.
-pub fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
+pub(crate) fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
     let invalid = |e: png::DecodingError| Stage3Error::InvalidImage(format!("thumbnail: {e}"));
     let mut decoder = png::Decoder::new_with_limits(
         Cursor::new(png),

@@ -14,9 +14,10 @@
 use std::sync::OnceLock;
 
 /// Height of every glyph and of a line, in font units (pixels of the bitmaps).
-pub const EM: u32 = 16;
+pub(crate) const EM: u32 = 16;
 /// Font units below the baseline: Unifont's descenders (g, p, y) reach rows 14 and 15.
-pub const DESCENT: u32 = 2;
+#[cfg(test)]
+pub(crate) const DESCENT: u32 = 2;
 
 const DATA: &[u8] = include_bytes!("../../assets/fonts/unifont-subset.bin.z");
 const MAGIC: &[u8; 8] = b"UNIFSUB1";
@@ -136,7 +137,7 @@ impl Font {
     }
 
     /// The glyph for `ch` if the font has one.
-    pub fn glyph(&self, ch: char) -> Option<Glyph> {
+    pub(crate) fn glyph(&self, ch: char) -> Option<Glyph> {
         let code = u32::from(ch);
         let index = self
             .runs
@@ -168,7 +169,7 @@ impl Font {
 
     /// What `ch` draws: its glyph, nothing for invisible characters (controls, combining
     /// marks, zero-width joiners, variation selectors), or the replacement box.
-    pub fn glyph_or_box(&self, ch: char) -> Glyph {
+    pub(crate) fn glyph_or_box(&self, ch: char) -> Glyph {
         if is_invisible(ch) {
             return Glyph::EMPTY;
         }
@@ -177,12 +178,14 @@ impl Font {
     }
 
     /// The box drawn for characters the font lacks.
-    pub fn replacement_box(wide: bool) -> Glyph {
+    #[cfg(test)]
+    pub(crate) fn replacement_box(wide: bool) -> Glyph {
         Glyph::replacement(wide)
     }
 
     /// How many glyphs the font has.
-    pub fn glyph_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn glyph_count(&self) -> usize {
         self.runs
             .iter()
             .map(|run| (run.last - run.first + 1) as usize)
@@ -204,7 +207,7 @@ fn is_invisible(ch: char) -> bool {
 }
 
 /// Whether `ch` is full width: the East Asian scripts, fullwidth forms and emoji.
-pub fn is_wide(ch: char) -> bool {
+pub(crate) fn is_wide(ch: char) -> bool {
     matches!(u32::from(ch),
         0x1100..=0x115F
         | 0x2E80..=0x303E

@@ -12,20 +12,20 @@
 mod font;
 mod visible_label;
 
-pub use font::{font, is_wide, Font, Glyph, DESCENT, EM};
-pub use visible_label::{
-    stamp_visible_label, stamp_visible_label_rgb, LabelPlacement, VISIBLE_LABEL_TEXT,
-};
+pub use font::{font, Font, Glyph};
+pub(crate) use font::{is_wide, EM};
+pub use visible_label::LabelPlacement;
+pub(crate) use visible_label::{stamp_visible_label, stamp_visible_label_rgb};
 
 /// The smallest size text is drawn at, in pixels per em: the bitmaps' own size.
-pub const MIN_PX: u32 = EM;
+pub(crate) const MIN_PX: u32 = EM;
 /// The largest size, in pixels per em; larger requests are drawn at this size.
-pub const MAX_PX: u32 = 1024;
+pub(crate) const MAX_PX: u32 = 1024;
 /// The widest line [`Mask::line`] draws, in pixels.
-pub const MAX_LINE_WIDTH: u32 = 16_384;
+pub(crate) const MAX_LINE_WIDTH: u32 = 16_384;
 
 /// Width of `text` in font units (1/16 em).
-pub fn advance_units(text: &str) -> u32 {
+pub(crate) fn advance_units(text: &str) -> u32 {
     let font = font();
     text.chars().map(|ch| font.glyph_or_box(ch).width).sum()
 }
@@ -45,7 +45,7 @@ fn clamp_px(px: u32) -> u32 {
 
 /// The largest size, at most `max_px`, at which `text` fits in `width` pixels on one line;
 /// `None` when it does not fit even at [`MIN_PX`].
-pub fn fitting_px(text: &str, width: u32, max_px: u32) -> Option<u32> {
+pub(crate) fn fitting_px(text: &str, width: u32, max_px: u32) -> Option<u32> {
     let units = advance_units(text).max(1);
     let px = (u64::from(width) * u64::from(EM) / u64::from(units)).min(u64::from(max_px)) as u32;
     (px >= MIN_PX).then_some(px.min(MAX_PX))
@@ -166,7 +166,7 @@ fn pieces(text: &str) -> Vec<Piece> {
 /// at spaces, between CJK characters (keeping closing punctuation off a line's start and
 /// opening punctuation off its end) and, for a word longer than a line, anywhere. What does
 /// not fit ends in "…". Whitespace runs (newlines too) count as one space.
-pub fn wrap(text: &str, px: u32, max_width: u32, max_lines: usize) -> Vec<String> {
+pub(crate) fn wrap(text: &str, px: u32, max_width: u32, max_lines: usize) -> Vec<String> {
     let px = clamp_px(px);
     // Room for at least two full-width characters, so every line makes progress.
     let room = (u64::from(max_width) * u64::from(EM) / u64::from(px)).max(2 * 16) as u32;
@@ -339,7 +339,7 @@ impl Mask {
 
     /// The smallest rectangle `(left, top, right, bottom)` (exclusive ends) holding every
     /// pixel whose coverage is at least `threshold`.
-    pub fn ink_bounds(&self, threshold: u8) -> Option<(u32, u32, u32, u32)> {
+    pub(crate) fn ink_bounds(&self, threshold: u8) -> Option<(u32, u32, u32, u32)> {
         let mut bounds: Option<(u32, u32, u32, u32)> = None;
         for y in 0..self.height {
             for x in 0..self.width {
@@ -512,7 +512,7 @@ impl<'a> Surface<'a> {
 
     /// Paints `mask` with its top-left corner at (`x`, `y`) (which may be off the surface)
     /// in `colour` at `opacity`.
-    pub fn paint(&mut self, mask: &Mask, x: i64, y: i64, colour: [u8; 3], opacity: u8) {
+    pub(crate) fn paint(&mut self, mask: &Mask, x: i64, y: i64, colour: [u8; 3], opacity: u8) {
         for my in 0..mask.height {
             let ty = y + i64::from(my);
             if ty < 0 || ty >= i64::from(self.height) {
@@ -530,7 +530,15 @@ impl<'a> Surface<'a> {
     }
 
     /// Fills a rectangle (clipped to the surface) with `colour` at `opacity`.
-    pub fn fill_rect(&mut self, x: u32, y: u32, w: u32, h: u32, colour: [u8; 3], opacity: u8) {
+    pub(crate) fn fill_rect(
+        &mut self,
+        x: u32,
+        y: u32,
+        w: u32,
+        h: u32,
+        colour: [u8; 3],
+        opacity: u8,
+    ) {
         let x_end = x.saturating_add(w).min(self.width);
         let y_end = y.saturating_add(h).min(self.height);
         for ty in y.min(y_end)..y_end {

@@ -15,7 +15,7 @@ use image::{RgbImage, RgbaImage};
 use super::{Mask, Surface, MAX_PX, MIN_PX};
 
 /// The mark's text.
-pub const VISIBLE_LABEL_TEXT: &str = "AI生成";
+pub(crate) const VISIBLE_LABEL_TEXT: &str = "AI生成";
 /// Least ink height of the text, in percent of the image's short side.
 const HEIGHT_PERCENT: u32 = 6;
 /// Distance from the image's edges to the plate, in percent of the short side.
@@ -37,14 +37,14 @@ pub struct LabelPlacement {
 
 /// Draws the mark on an RGBA picture (transparent parts become opaque under the plate).
 /// Returns `None`, drawing nothing, for an empty picture.
-pub fn stamp_visible_label(image: &mut RgbaImage) -> Option<LabelPlacement> {
+pub(crate) fn stamp_visible_label(image: &mut RgbaImage) -> Option<LabelPlacement> {
     let (width, height) = image.dimensions();
     let mut surface = Surface::new(image, width, height, 4)?;
     stamp(&mut surface)
 }
 
 /// Draws the mark on an RGB picture; see [`stamp_visible_label`].
-pub fn stamp_visible_label_rgb(image: &mut RgbImage) -> Option<LabelPlacement> {
+pub(crate) fn stamp_visible_label_rgb(image: &mut RgbImage) -> Option<LabelPlacement> {
     let (width, height) = image.dimensions();
     let mut surface = Surface::new(image, width, height, 3)?;
     stamp(&mut surface)

@@ -412,7 +412,7 @@ async fn images_labelled_in_the_earlier_form_are_relabelled_without_a_call() {
     let published = std::fs::read(&relabelled.image_path).unwrap();
     let label = stage3::normalize::read_aigc_label(&published).expect("the TC260 XMP label");
     assert_eq!(label.produce_id, source_sha);
-    assert_eq!(stage3::normalize::aigc::count_aigc_labels(&published), 1);
+    assert_eq!(stage3::normalize::count_aigc_labels(&published), 1);
     assert!(
         !published.windows(5).any(|w| w == b"AIGC\0"),
         "no AIGC text chunk remains"

@@ -21,9 +21,10 @@ use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter
 use crate::support::stage3_command;
 use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
-use stage3::events::eventbridge::EventBridgeSink;
-use stage3::events::webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use stage3::events::WebhookSettings;
+use stage3::events::{
+    EventBridgeSink, WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
 use stage3::events::{EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
 use stage3::retry::RetryPolicy;

@@ -1313,7 +1313,7 @@ mod real {
         let out = tempfile::tempdir().unwrap();
         let service = service(&server, out.path(), CHAT).await;
         let scene = service.prepare(scene("refused")).unwrap();
-        let stop = stage3::service::BatchStop::new();
+        let stop = stage3::batch_stop::BatchStop::new();
         let options = stage3::RunOptions {
             stop: Some(stop.clone()),
             ..Default::default()

@@ -53,7 +53,7 @@ pub(super) enum ParamSpec {
 
 impl CatalogueModel {
     /// Whether the model takes reference images (`input_references`, or image input).
-    pub fn takes_references(&self) -> bool {
+    pub(crate) fn takes_references(&self) -> bool {
         self.takes("input_references") || self.input_modalities.iter().any(|m| m == "image")
     }
 
@@ -161,7 +161,7 @@ impl Catalogue {
     }
 
     /// The model's description from the last good read, without any I/O.
-    pub fn cached_model(&self, id: &str) -> Option<CatalogueModel> {
+    pub(crate) fn cached_model(&self, id: &str) -> Option<CatalogueModel> {
         self.snapshot
             .read()
             .ok()

@@ -34,7 +34,7 @@ pub(super) struct ErrorDetails {
 }
 
 impl ErrorDetails {
-    pub fn described(message: impl Into<String>) -> Self {
+    pub(crate) fn described(message: impl Into<String>) -> Self {
         ErrorDetails {
             message: Some(shorten(&message.into())),
             ..ErrorDetails::default()
@@ -54,7 +54,7 @@ pub(super) struct Availability {
 impl Availability {
     /// OpenRouter says to trust `retryable` over the code; a missing flag falls back to the
     /// documented retryable codes.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         let documented = matches!(
             self.code.as_deref(),
             Some("capacity_exhausted" | "temporarily_unavailable")

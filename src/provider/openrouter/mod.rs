@@ -94,7 +94,7 @@ impl OpenRouterProvider {
 
     /// A client for the catalogue alone (`stage3 models`, `stage3 validate`) when no key is
     /// set: [`ImageProvider::generate`] on it fails with a configuration error.
-    pub fn for_catalogue(settings: &OpenRouterSettings) -> Result<Self> {
+    pub(crate) fn for_catalogue(settings: &OpenRouterSettings) -> Result<Self> {
         let mut headers = HeaderMap::new();
         for (name, variable, value) in [
             ("http-referer", "STAGE3_HTTP_REFERER", &settings.referer),
@@ -127,7 +127,7 @@ impl OpenRouterProvider {
 
     /// The image models of the catalogue with what `--model` users need to choose: sizes,
     /// qualities and the price of one image. Fails when the catalogue cannot be read.
-    pub async fn image_models(&self) -> Result<Vec<ModelListing>> {
+    pub(crate) async fn image_models(&self) -> Result<Vec<ModelListing>> {
         let models = self.fetch_models().await.map_err(|why| {
             Stage3Error::ProviderUnavailable(ProviderFailure::new(
                 None,
