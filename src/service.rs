@@ -38,12 +38,12 @@ use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ModelRef, ProviderKind, SpecSettings};
 use crate::labels;
-use crate::normalize::{normalize_image, ImageLimits, NormalizedImage};
+use crate::normalize::{normalize_image, ImageLimits, SourceFormat};
 use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest, ImageSize,
-    SceneFailure, Stage3Output, Submission,
+    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest, SceneFailure,
+    Stage3Output, Submission,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
 use crate::urls::{QiniuSigner, UrlPolicy};
@@ -839,7 +839,7 @@ impl Stage3Service {
             .label(scene, source.clone(), applied.source_sha256.clone())
             .await?;
         Ok(Some(
-            self.store_image(scene, &published, &source, options)
+            self.store_image(scene, &published, Some(&source), options)
                 .await?,
         ))
     }
@@ -874,10 +874,10 @@ impl Stage3Service {
         &self,
         scene: &PreparedScene,
         published: &labels::Published,
-        source: &bytes::Bytes,
+        source: Option<&bytes::Bytes>,
         options: &RunOptions,
     ) -> Result<StoredImage> {
-        if published.applied.visible {
+        if let Some(source) = source.filter(|_| published.applied.visible) {
             let key = labels::source_key(scene.scene_id(), &published.applied.source_sha256);
             let created = self
                 .with_storage_retries(options, "storing the unlabelled source", || {
@@ -919,12 +919,9 @@ impl Stage3Service {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let generated = self.generate_with_retries(scene, options).await?;
-        let source = generated.image;
-        let published = self
-            .label(scene, source.png.clone(), source.content_sha256.clone())
-            .await?;
+        let image = generated.image;
         let stored = self
-            .store_image(scene, &published, &source.png, options)
+            .store_image(scene, &image.published, image.source.as_ref(), options)
             .await?;
 
         let mut params = self.params_for(scene, &generated.model);
@@ -933,20 +930,21 @@ impl Stage3Service {
         params.bytes = stored.published.png.len() as u64;
         params.etag = stored.etag;
         params.aigc_label = Some(stored.published.applied);
-        params.source_format = source.source_format.as_str().to_string();
+        params.source_format = image.source_format.as_str().to_string();
         params.attempts = generated.attempts;
         params.started_at = rfc3339(started_at);
         params.finished_at = rfc3339(SystemTime::now());
         params.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let (thumbnail_path, thumbnail_url) = self
-            .store_thumbnail(&stored.image_key, &stored.published.png)
-            .await?;
+        let (thumbnail_path, thumbnail_url) = match image.thumbnail {
+            Some(thumbnail) => self.put_thumbnail(&stored.image_key, thumbnail).await?,
+            None => (None, None),
+        };
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
             image_path: self.store.location(&stored.image_key),
             image_url: self.image_url(&stored.image_key).await?,
-            width: source.width,
-            height: source.height,
+            width: image.width,
+            height: image.height,
             generation_params: params,
             thumbnail_path,
             thumbnail_url,
@@ -975,6 +973,27 @@ impl Stage3Service {
                 .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
                 .ok()
         };
+        self.thumbnail_links(stored).await
+    }
+
+    /// Stores a thumbnail made in the image's CPU pass; as [`Self::store_thumbnail`].
+    async fn put_thumbnail(
+        &self,
+        image_key: &str,
+        thumbnail: bytes::Bytes,
+    ) -> Result<(Option<String>, Option<String>)> {
+        let stored = crate::story::put_thumbnail(self.store.as_ref(), image_key, thumbnail)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
+            .ok();
+        self.thumbnail_links(stored).await
+    }
+
+    /// Where a stored thumbnail is, and its URL.
+    async fn thumbnail_links(
+        &self,
+        stored: Option<String>,
+    ) -> Result<(Option<String>, Option<String>)> {
         Ok(match stored {
             Some(key) => (Some(self.store.location(&key)), self.image_url(&key).await?),
             None => (None, None),
@@ -1135,7 +1154,7 @@ impl Stage3Service {
         options: &RunOptions,
         stop: &BatchStop,
         tally: &mut CallTally,
-    ) -> Result<NormalizedImage> {
+    ) -> Result<Processed> {
         let kind = planned.model.provider;
         let provider = self.providers.get(kind)?;
         let backpressure = &self.backpressure[&kind];
@@ -1212,7 +1231,7 @@ impl Stage3Service {
                         Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
                     })?;
                     drop(provider_slot);
-                    self.normalize(decoding, image.bytes, scene.spec.size).await
+                    self.process(decoding, image.bytes, scene).await
                 }
                 Err(e) => {
                     drop(provider_slot);
@@ -1247,16 +1266,42 @@ impl Stage3Service {
     /// Decoding is CPU work: keep it off the async workers so other scenes' I/O flows, and
     /// run no more decodes at once than there are cores (`_decoding`, the caller's permit). More would not finish sooner, but
     /// each holds a full frame and its PNG (tens of MB at 2K), so they would only add memory.
-    async fn normalize(
+    ///
+    /// One pass per image, under that one permit: the answer is checked and converted,
+    /// labelled, and its thumbnail made, so a scene that starts on its pixels finishes
+    /// with them before the next answer is decoded — no finished PNG waits in memory for
+    /// a second turn at a decoder, as every one of a batch's did when the thumbnail queued
+    /// behind the other scenes' answers.
+    async fn process(
         &self,
         _decoding: tokio::sync::SemaphorePermit<'_>,
         bytes: bytes::Bytes,
-        size: ImageSize,
-    ) -> Result<NormalizedImage> {
+        scene: &PreparedScene,
+    ) -> Result<Processed> {
         let limits = self.limits;
-        tokio::task::spawn_blocking(move || normalize_image(bytes, size, &limits))
-            .await
-            .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?
+        let size = scene.spec.size;
+        let settings = self.config.labels.clone();
+        let propagate_id = scene.keys.record.trim_end_matches(".json").to_string();
+        tokio::task::spawn_blocking(move || {
+            let image = normalize_image(bytes, size, &limits)?;
+            let published =
+                labels::publish(&image.png, &image.content_sha256, &settings, &propagate_id)?;
+            let thumbnail =
+                crate::story::make_thumbnail(&published.png, crate::story::THUMBNAIL_MAX_SIDE)
+                    .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not made"))
+                    .ok();
+            Ok(Processed {
+                width: image.width,
+                height: image.height,
+                source_format: image.source_format,
+                // Kept only where it is stored: beside a visibly marked image.
+                source: published.applied.visible.then_some(image.png),
+                published,
+                thumbnail,
+            })
+        })
+        .await
+        .map_err(|e| Stage3Error::InvalidImage(format!("image decoding panicked: {e}")))?
     }
 
     /// The budget of the next provider call: its own timeout, or what the deadline leaves
@@ -1307,8 +1352,20 @@ struct StoredImage {
     etag: Option<String>,
 }
 
+/// An image after its one CPU pass ([`Stage3Service::process`]).
+struct Processed {
+    width: u32,
+    height: u32,
+    source_format: SourceFormat,
+    /// The unlabelled PNG, when a visible mark was drawn (it is stored beside the image).
+    source: Option<bytes::Bytes>,
+    published: labels::Published,
+    /// The gallery thumbnail of the published image; `None` if it could not be made.
+    thumbnail: Option<bytes::Bytes>,
+}
+
 struct Generated {
-    image: NormalizedImage,
+    image: Processed,
     cost: Option<f64>,
     attempts: u32,
     /// The model that made the image.

@@ -76,8 +76,8 @@ pub use gallery::PageLinks;
 pub use manifest::{
     Manifest, ManifestEntry, SceneEntry, SceneStatus, StoryScene, StoryTotals, MANIFEST_FORMAT,
 };
-pub(crate) use thumbnail::store_thumbnail;
 pub use thumbnail::thumbnail_key;
+pub(crate) use thumbnail::{make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE};
 
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};

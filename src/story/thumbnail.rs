@@ -50,6 +50,16 @@ pub(crate) async fn store_thumbnail(
     let thumbnail = tokio::task::spawn_blocking(move || make_thumbnail(&png, THUMBNAIL_MAX_SIDE))
         .await
         .map_err(|e| Stage3Error::InvalidImage(format!("thumbnail task failed: {e}")))??;
+    put_thumbnail(store, image_key, thumbnail).await
+}
+
+/// Stores a thumbnail already made ([`make_thumbnail`]) beside the image stored under
+/// `image_key`; returns the thumbnail's key.
+pub(crate) async fn put_thumbnail(
+    store: &dyn ObjectStore,
+    image_key: &str,
+    thumbnail: Bytes,
+) -> Result<String> {
     let key = thumbnail_key(image_key);
     super::retrying(|| store.put(&key, thumbnail.clone(), ObjectMeta::PNG)).await?;
     Ok(key)
