@@ -110,14 +110,18 @@ impl Stage3Service {
     ) -> Result<BatchRun> {
         let story_id = submission.story_id().map(str::to_string);
         let scenes = self.prepare_submission(submission)?;
-        self.check_batch(&scenes).await?;
+        // The store first: a stored scene needs no catalogue, no estimate and no call.
+        let lookup = self.look_up(&scenes, &options.run).await;
+        self.check_batch_with(&scenes, &lookup).await?;
         let story_scenes = story_id.as_ref().map(|_| story_scenes(&scenes));
         progress.started(scenes.len());
         let on_done =
             |scene_id: &str, outcome: std::result::Result<&Stage3Output, &Stage3Error>| {
                 progress.scene_done(scene_id, outcome)
             };
-        let mut answer = self.run_batch(scenes, &options.run, &on_done).await;
+        let mut answer = self
+            .run_batch_with(scenes, &lookup, &options.run, &on_done)
+            .await;
         if let (Some(story_id), Some(story_scenes)) = (story_id, story_scenes) {
             let entries = story::entries_from_answer(&story_scenes, &answer);
             answer.story = Some(
@@ -146,9 +150,16 @@ impl Stage3Service {
         request: GenerationRequest,
         options: &BatchOptions,
     ) -> Result<Stage3Output> {
-        let scene = self.prepare(request)?;
-        self.check_batch(std::slice::from_ref(&scene)).await?;
-        let outcome = self.run_scene(&scene, &options.run).await;
+        let scenes = [self.prepare(request)?];
+        let lookup = self.look_up(&scenes, &options.run).await;
+        self.check_batch_with(&scenes, &lookup).await?;
+        let outcome = self
+            .run_scenes_with(&scenes, &lookup, &options.run, &|_, _| {})
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(Stage3Error::Internal("no outcome for the scene".into())));
+        let [scene] = scenes;
         if options.events.is_enabled() {
             let event = match &outcome {
                 Ok(output) => Event::scene_ready(output),
@@ -187,9 +198,13 @@ impl Stage3Service {
             prepared.push(entry);
         }
 
-        let plan = self.plan_batch(&scenes).await;
+        let lookup = self.look_up(&scenes, &options.run).await;
+        let plan = self.plan_batch_with(&scenes, &lookup).await;
         let outcomes = match self.check_budget(&plan) {
-            Ok(()) => self.run_scenes(&scenes, &options.run, &|_, _| {}).await,
+            Ok(()) => {
+                self.run_scenes_with(&scenes, &lookup, &options.run, &|_, _| {})
+                    .await
+            }
             Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
         };
 

@@ -103,6 +103,38 @@ impl BatchPlan {
     }
 }
 
+/// What the store already holds for a batch's scenes, looked up before anything is planned
+/// ([`Stage3Service::look_up`]): a scene served from the store needs no catalogue, no
+/// price and no provider call, so a batch whose every scene is stored makes no provider
+/// request at all.
+#[derive(Debug, Default)]
+pub struct CacheLookup {
+    found: Vec<Found>,
+}
+
+#[derive(Debug, Clone)]
+enum Found {
+    Hit(Box<Stage3Output>),
+    Miss,
+    /// The lookup failed (storage unreachable, say): the scene looks again when it runs,
+    /// rather than pay for an image that may be stored.
+    Unknown,
+}
+
+impl CacheLookup {
+    fn get(&self, index: usize) -> &Found {
+        self.found.get(index).unwrap_or(&Found::Unknown)
+    }
+
+    /// How many scenes the store already answers.
+    pub fn hits(&self) -> usize {
+        self.found
+            .iter()
+            .filter(|found| matches!(found, Found::Hit(_)))
+            .count()
+    }
+}
+
 /// A request that passed validation, with everything derived from it: its image spec, the
 /// hash that identifies it, and the keys its result lives under.
 #[derive(Debug, Clone)]
@@ -380,6 +412,16 @@ impl Stage3Service {
     /// Checks and prices every scene before any call (identical scenes once). Costs nothing;
     /// the provider may read its catalogue the first time.
     pub async fn plan_batch(&self, scenes: &[PreparedScene]) -> BatchPlan {
+        self.plan_batch_with(scenes, &CacheLookup::default()).await
+    }
+
+    /// [`Self::plan_batch`], planning only the scenes `lookup` did not find stored: a
+    /// stored scene is served by its own model at no cost.
+    pub(crate) async fn plan_batch_with(
+        &self,
+        scenes: &[PreparedScene],
+        lookup: &CacheLookup,
+    ) -> BatchPlan {
         let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
         let mut plans: Vec<Result<Plan>> = Vec::with_capacity(scenes.len());
         let mut total = 0.0;
@@ -391,7 +433,15 @@ impl Stage3Service {
                 continue;
             }
             seen.insert(key, plans.len());
-            let plan = self.plan_scene(scene).await;
+            let plan = match lookup.get(plans.len()) {
+                Found::Hit(_) => Ok(Plan {
+                    models: vec![PlannedModel {
+                        model: scene.spec.model.clone(),
+                        estimate_usd: Some(0.0),
+                    }],
+                }),
+                Found::Miss | Found::Unknown => self.plan_scene(scene).await,
+            };
             match plan.as_ref().map(Plan::estimate_usd) {
                 Ok(Some(estimate)) => total += estimate,
                 Ok(None) => unpriced += 1,
@@ -436,7 +486,16 @@ impl Stage3Service {
     /// (`invalid_request`, naming the scene) or the estimate passes the budget
     /// (`budget_exceeded`). Nothing is spent either way.
     pub async fn check_batch(&self, scenes: &[PreparedScene]) -> Result<BatchPlan> {
-        let plan = self.plan_batch(scenes).await;
+        self.check_batch_with(scenes, &CacheLookup::default()).await
+    }
+
+    /// [`Self::check_batch`] for the scenes `lookup` did not find stored.
+    pub(crate) async fn check_batch_with(
+        &self,
+        scenes: &[PreparedScene],
+        lookup: &CacheLookup,
+    ) -> Result<BatchPlan> {
+        let plan = self.plan_batch_with(scenes, lookup).await;
         if let Some(invalid) = plan.first_invalid(scenes) {
             return Err(invalid);
         }
@@ -483,9 +542,24 @@ impl Stage3Service {
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
-        let plan = self.plan_batch(&scenes).await;
+        let lookup = self.look_up(&scenes, options).await;
+        self.run_batch_with(scenes, &lookup, options, on_done).await
+    }
+
+    /// [`Self::run_batch`] after the cache was looked up ([`Self::look_up`]).
+    pub(crate) async fn run_batch_with(
+        &self,
+        scenes: Vec<PreparedScene>,
+        lookup: &CacheLookup,
+        options: &RunOptions,
+        on_done: SceneCallback<'_>,
+    ) -> BatchAnswer {
+        let plan = self.plan_batch_with(&scenes, lookup).await;
         let outcomes = match self.check_budget(&plan) {
-            Ok(()) => self.run_scenes(&scenes, options, on_done).await,
+            Ok(()) => {
+                self.run_scenes_with(&scenes, lookup, options, on_done)
+                    .await
+            }
             Err(refusal) => scenes
                 .iter()
                 .map(|scene| {
@@ -523,6 +597,49 @@ impl Stage3Service {
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> Vec<Result<Stage3Output>> {
+        self.run_scenes_with(scenes, &CacheLookup::default(), options, on_done)
+            .await
+    }
+
+    /// Looks every scene up in the store (identical scenes once), before anything is
+    /// planned or called. With `force`, nothing is looked up.
+    pub async fn look_up(&self, scenes: &[PreparedScene], options: &RunOptions) -> CacheLookup {
+        if options.force.unwrap_or(self.config.force) {
+            return CacheLookup {
+                found: vec![Found::Miss; scenes.len()],
+            };
+        }
+        let (unique, slots) = unique_scenes(scenes);
+        let found: Vec<Found> = stream::iter(unique)
+            .map(|scene| async move {
+                let span = tracing::info_span!("scene", scene_id = %scene.scene_id());
+                // A bug on an edited record fails no batch here either: the scene looks
+                // again, isolated, when it runs.
+                let lookup =
+                    std::panic::AssertUnwindSafe(self.cached(scene, options).instrument(span));
+                match futures::FutureExt::catch_unwind(lookup).await {
+                    Ok(Ok(Some(hit))) => Found::Hit(Box::new(hit)),
+                    Ok(Ok(None)) => Found::Miss,
+                    Ok(Err(_)) | Err(_) => Found::Unknown,
+                }
+            })
+            .buffered(self.config.concurrency * 2)
+            .collect()
+            .await;
+        CacheLookup {
+            found: slots.into_iter().map(|slot| found[slot].clone()).collect(),
+        }
+    }
+
+    /// [`Self::run_scenes`] after the cache was looked up: a stored scene is answered from
+    /// `lookup`, a missing one generated without looking again.
+    pub(crate) async fn run_scenes_with(
+        &self,
+        scenes: &[PreparedScene],
+        lookup: &CacheLookup,
+        options: &RunOptions,
+        on_done: SceneCallback<'_>,
+    ) -> Vec<Result<Stage3Output>> {
         // One brake for the whole batch: a 401/402 or the budget stops every scene's calls.
         let stop = options.stop.clone().unwrap_or_default();
         stop.limit_spending(self.config.max_cost_usd);
@@ -530,28 +647,28 @@ impl Stage3Service {
             stop: Some(stop),
             ..options.clone()
         };
-        let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut unique: Vec<&PreparedScene> = Vec::new();
-        let slots: Vec<usize> = scenes
-            .iter()
-            .map(|scene| {
-                *first_index
-                    .entry((scene.scene_id(), scene.request_hash.as_str()))
-                    .or_insert_with(|| {
-                        unique.push(scene);
-                        unique.len() - 1
-                    })
-            })
-            .collect();
+        let (unique, slots) = unique_scenes(scenes);
+        // The first of identical scenes stands for them all, and its lookup with it.
+        let mut firsts = vec![0; unique.len()];
+        for (index, slot) in slots.iter().enumerate().rev() {
+            firsts[*slot] = index;
+        }
 
         // Unordered, so a slow scene never holds a free slot hostage (`buffered` would wait
         // for the oldest scene before starting the next); the order is restored after.
         let mut outcomes: Vec<(usize, Result<Stage3Output>)> =
             stream::iter(unique.into_iter().enumerate())
-                .map(|(index, scene)| async move {
-                    let outcome = self.run_scene(scene, options).await;
-                    on_done(scene.scene_id(), outcome.as_ref());
-                    (index, outcome)
+                .map(|(index, scene)| {
+                    let found = lookup.get(firsts[index]);
+                    async move {
+                        let outcome = match found {
+                            Found::Hit(hit) => Ok(hit.as_ref().clone()),
+                            Found::Miss => self.run_scene_with(scene, options, false).await,
+                            Found::Unknown => self.run_scene_with(scene, options, true).await,
+                        };
+                        on_done(scene.scene_id(), outcome.as_ref());
+                        (index, outcome)
+                    }
                 })
                 .buffer_unordered(self.config.concurrency * 2)
                 .collect()
@@ -574,9 +691,20 @@ impl Stage3Service {
         scene: &PreparedScene,
         options: &RunOptions,
     ) -> Result<Stage3Output> {
+        self.run_scene_with(scene, options, true).await
+    }
+
+    /// [`Self::run_scene`]; `look_up_first: false` when the batch's lookup found nothing.
+    async fn run_scene_with(
+        &self,
+        scene: &PreparedScene,
+        options: &RunOptions,
+        look_up_first: bool,
+    ) -> Result<Stage3Output> {
         let span = tracing::info_span!("scene", scene_id = %scene.scene_id());
         async {
-            let isolated = std::panic::AssertUnwindSafe(self.run_scene_inner(scene, options));
+            let isolated =
+                std::panic::AssertUnwindSafe(self.run_scene_inner(scene, options, look_up_first));
             let result = match futures::FutureExt::catch_unwind(isolated).await {
                 Ok(result) => result,
                 Err(panic) => {
@@ -611,9 +739,10 @@ impl Stage3Service {
         &self,
         scene: &PreparedScene,
         options: &RunOptions,
+        look_up_first: bool,
     ) -> Result<Stage3Output> {
         let force = options.force.unwrap_or(self.config.force);
-        if !force {
+        if !force && look_up_first {
             if let Some(hit) = self.cached(scene, options).await? {
                 return Ok(hit);
             }
@@ -1350,6 +1479,25 @@ struct StoredImage {
     image_key: String,
     published: labels::Published,
     etag: Option<String>,
+}
+
+/// The distinct scenes of a batch (identical requests for the same scene once), and for
+/// each scene the index of its distinct one.
+fn unique_scenes(scenes: &[PreparedScene]) -> (Vec<&PreparedScene>, Vec<usize>) {
+    let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut unique: Vec<&PreparedScene> = Vec::new();
+    let slots = scenes
+        .iter()
+        .map(|scene| {
+            *first_index
+                .entry((scene.scene_id(), scene.request_hash.as_str()))
+                .or_insert_with(|| {
+                    unique.push(scene);
+                    unique.len() - 1
+                })
+        })
+        .collect();
+    (unique, slots)
 }
 
 /// An image after its one CPU pass ([`Stage3Service::process`]).

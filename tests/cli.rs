@@ -1476,3 +1476,29 @@ fn cache_hits_show_in_the_progress() {
         "{second}"
     );
 }
+
+/// A rerun whose every scene is stored asks the provider nothing: no catalogue read, no
+/// image call — the store is looked up before anything is planned.
+#[tokio::test]
+async fn a_fully_cached_rerun_makes_no_provider_request() {
+    let server = stand_in_answering(ImageFormat::Png, "image/png").await;
+    let work = tempfile::tempdir().unwrap();
+    let input = write_input(work.path(), &scenes());
+    let args = ["generate", input.to_str().unwrap()];
+    let first = run_stage3(&server, work.path(), &args, &[]).await;
+    assert_eq!(first.status.code(), Some(0));
+    let (calls, catalogue) = (server.total_calls(), server.catalogue_requests().len());
+    assert_eq!(calls, 2);
+    assert!(catalogue > 0, "the first run checks its model in the catalogue");
+
+    let second = run_stage3(&server, work.path(), &args, &[]).await;
+    assert_eq!(second.status.code(), Some(0));
+    let answer: Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(answer["summary"]["from_cache"], 2, "{answer}");
+    assert_eq!(server.total_calls(), calls, "no image call");
+    assert_eq!(
+        server.catalogue_requests().len(),
+        catalogue,
+        "no catalogue read"
+    );
+}
