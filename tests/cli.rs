@@ -1489,7 +1489,10 @@ async fn a_fully_cached_rerun_makes_no_provider_request() {
     assert_eq!(first.status.code(), Some(0));
     let (calls, catalogue) = (server.total_calls(), server.catalogue_requests().len());
     assert_eq!(calls, 2);
-    assert!(catalogue > 0, "the first run checks its model in the catalogue");
+    assert!(
+        catalogue > 0,
+        "the first run checks its model in the catalogue"
+    );
 
     let second = run_stage3(&server, work.path(), &args, &[]).await;
     assert_eq!(second.status.code(), Some(0));

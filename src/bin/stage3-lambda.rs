@@ -17,16 +17,17 @@ async fn main() -> ExitCode {
     // Built before the first event, outside any invocation: the HTTP connection pool and
     // the S3 client are reused by every event this sandbox serves. A bad configuration
     // fails the init phase, where Lambda reports it as `Runtime.ExitError` with our message.
-    // The event and dead-letter clients too: built here, without any network call.
+    // The event and dead-letter clients wait for the first invocation (`LazyOutlets`), so
+    // the init phase loads no AWS profile for them.
     // The configuration is the function's environment alone: no `.env` is looked for, so a
     // file in the deployment package or the working directory cannot change where keys go.
     let built = match Config::from_env() {
-        Ok(config) => match lambda::Outlets::from_settings(&config.events, &config.aws).await {
-            Ok(outlets) => Stage3Service::from_config(config)
+        Ok(config) => {
+            let outlets = lambda::LazyOutlets::new(config.events.clone(), config.aws.clone());
+            Stage3Service::from_config(config)
                 .await
-                .map(|service| (service, outlets)),
-            Err(e) => Err(e),
-        },
+                .map(|service| (service, outlets))
+        }
         Err(e) => Err(e),
     };
     let (service, outlets) = match built {
@@ -41,7 +42,7 @@ async fn main() -> ExitCode {
 
     let (service, outlets) = (&service, &outlets);
     let handler = service_fn(move |event: LambdaEvent<Value>| {
-        lambda::handle_invocation_with(service, outlets, event)
+        lambda::handle_invocation_lazily(service, outlets, event)
     });
     match lambda_runtime::run(handler).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,6 +72,39 @@ impl Outlets {
     }
 }
 
+/// The [`Outlets`], built when the first invocation needs them rather than at start-up:
+/// the init phase then loads no AWS configuration (which reads the profile files) and
+/// builds no EventBridge, SQS or webhook client. The settings were checked when the
+/// configuration was read, so building cannot fail on them later.
+#[derive(Debug)]
+pub struct LazyOutlets {
+    settings: EventSettings,
+    aws: AwsConfig,
+    built: tokio::sync::OnceCell<Outlets>,
+}
+
+impl LazyOutlets {
+    pub fn new(settings: EventSettings, aws: AwsConfig) -> Self {
+        LazyOutlets {
+            settings,
+            aws,
+            built: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Whether the first invocation has built them yet.
+    pub fn is_built(&self) -> bool {
+        self.built.initialized()
+    }
+
+    /// The outlets, built on the first call and shared by every later one.
+    pub async fn get(&self) -> Result<&Outlets> {
+        self.built
+            .get_or_try_init(|| Outlets::from_settings(&self.settings, &self.aws))
+            .await
+    }
+}
+
 /// What kind of event a payload is, decided by [`classify`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -166,7 +199,21 @@ pub async fn handle_invocation(
     handle_invocation_with(service, &Outlets::default(), event).await
 }
 
-/// [`handle_invocation`] with events and the dead-letter queue: what `stage3-lambda` runs.
+/// [`handle_invocation_with`], the outlets built on the first invocation: what
+/// `stage3-lambda` runs.
+pub async fn handle_invocation_lazily(
+    service: &Stage3Service,
+    outlets: &LazyOutlets,
+    event: LambdaEvent<Value>,
+) -> std::result::Result<Value, Diagnostic> {
+    let outlets = outlets.get().await.map_err(|error| {
+        tracing::error!(error = %error, "the event and dead-letter clients could not be built");
+        diagnostic(&error)
+    })?;
+    handle_invocation_with(service, outlets, event).await
+}
+
+/// [`handle_invocation`] with events and the dead-letter queue.
 pub async fn handle_invocation_with(
     service: &Stage3Service,
     outlets: &Outlets,

@@ -551,6 +551,26 @@ async fn without_a_dead_letter_queue_permanent_failures_are_redelivered_as_befor
     assert_eq!(batch_item_failures(&answer), ["m-malformed", "m-refused"]);
 }
 
+/// The function's start-up builds no event client: the outlets are built by the first
+/// invocation that asks for them, once, and shared by every later one.
+#[tokio::test]
+async fn the_outlets_are_built_on_first_use_and_kept() {
+    let lazy = lambda::LazyOutlets::new(
+        stage3::events::EventSettings {
+            webhook: Some(WebhookSettings {
+                url: "https://hooks.example/stage3".into(),
+                secret: Secret::new(WEBHOOK_SECRET),
+            }),
+            ..Default::default()
+        },
+        stage3::aws::AwsConfig::default(),
+    );
+    assert!(!lazy.is_built());
+    let first = lazy.get().await.unwrap();
+    assert!(first.events.is_enabled() && lazy.is_built());
+    assert!(std::ptr::eq(first, lazy.get().await.unwrap()));
+}
+
 // ---------------------------------------------------------------------------------------
 // The webhook
 // ---------------------------------------------------------------------------------------
