@@ -537,6 +537,15 @@ pub struct BatchSummary {
 }
 
 impl BatchAnswer {
+    /// Every scene stored, and the story (if the batch names one) published.
+    pub fn is_complete(&self) -> bool {
+        self.failures.is_empty()
+            && self
+                .story
+                .as_ref()
+                .is_none_or(|story| story.story_error.is_none())
+    }
+
     /// Recomputes [`BatchAnswer::summary`] from the lists, keeping the estimate.
     pub fn summarize(&mut self) {
         let from_cache = self.results.iter().filter(|r| r.from_cache).count();

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::batch::{BatchOptions, BatchProgress};
+use stage3::batch::{BatchOptions, BatchProgress, BatchRun};
 use stage3::batch_stop::BatchStop;
 use stage3::config::{self, Config, Overrides};
 use stage3::deadline::Deadline;
@@ -57,7 +57,7 @@ enum Command {
     Models {
         /// openrouter (its catalogue), ark or dashscope (their tables); default
         /// STAGE3_PROVIDER.
-        #[arg(long, value_parser = parse_provider)]
+        #[arg(long)]
         provider: Option<ProviderKind>,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -78,16 +78,16 @@ struct GenerateArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Image size for every scene: 1024x1024, 1792x1024 or 1024x1792 (overrides the input).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long)]
     size: Option<ImageSize>,
     /// Quality for every scene: standard or hd (overrides the input).
-    #[arg(long, value_parser = parse_quality)]
+    #[arg(long)]
     quality: Option<ImageQuality>,
     /// Scenes in flight at the provider at once (STAGE3_CONCURRENCY).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: Option<u16>,
     /// openrouter, ark, dashscope or placeholder (STAGE3_PROVIDER).
-    #[arg(long, value_parser = parse_provider)]
+    #[arg(long)]
     provider: Option<ProviderKind>,
     /// The model for every scene, `MODEL` or `PROVIDER:MODEL` (overrides the input and
     /// STAGE3_MODEL).
@@ -104,18 +104,6 @@ struct GenerateArgs {
     /// spending would (STAGE3_MAX_COST_USD).
     #[arg(long, value_name = "USD")]
     max_cost: Option<String>,
-}
-
-fn parse_size(s: &str) -> Result<ImageSize, String> {
-    s.parse().map_err(|e: Stage3Error| e.to_string())
-}
-
-fn parse_quality(s: &str) -> Result<ImageQuality, String> {
-    s.parse().map_err(|e: Stage3Error| e.to_string())
-}
-
-fn parse_provider(s: &str) -> Result<ProviderKind, String> {
-    s.parse()
 }
 
 const EXIT_SOME_FAILED: u8 = 1;
@@ -195,40 +183,14 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     };
     let run = service.run(submission, &options, &progress).await?;
     interrupts.abort();
-    let answer = run.answer;
-    progress.finish(&answer);
-    if let Some(story) = &answer.story {
-        match (&story.story_error, &story.gallery_path) {
-            (Some(e), _) => eprintln!(
-                "story {}: not published [{}] {}",
-                story.story_id, e.error_type, e.message
-            ),
-            (None, Some(page)) => eprintln!("story {}: {page}", story.story_id),
-            (None, None) => {}
-        }
-    }
-    if options.events.is_enabled() {
-        eprintln!(
-            "events: {} delivered, {} lost",
-            run.events.delivered, run.events.lost
-        );
-    }
-
-    let json = serde_json::to_string_pretty(&answer).expect("batch answer serializes");
+    progress.finish(&run, options.events.is_enabled());
+    let json = serde_json::to_string_pretty(&run.answer).expect("batch answer serializes");
     println!("{json}");
-    let story_failed = answer
-        .story
-        .as_ref()
-        .is_some_and(|s| s.story_error.is_some());
-    Ok(
-        if matches!(stop.reason(), Some(Stage3Error::Cancelled(_))) {
-            ExitCode::from(EXIT_INTERRUPTED)
-        } else if answer.failures.is_empty() && !story_failed {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(EXIT_SOME_FAILED)
-        },
-    )
+    Ok(match stop.reason() {
+        Some(Stage3Error::Cancelled(_)) => ExitCode::from(EXIT_INTERRUPTED),
+        _ if run.answer.is_complete() => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_SOME_FAILED),
+    })
 }
 
 /// The first Ctrl-C stops the batch from starting provider calls: calls in flight finish and
@@ -349,14 +311,32 @@ impl BatchProgress for Progress {
 }
 
 impl Progress {
-    fn finish(&self, answer: &stage3::BatchAnswer) {
+    /// The closing lines: the counts, the story's page, the events' fate.
+    fn finish(&self, run: &BatchRun, events_enabled: bool) {
         if let Some(bar) = self.bar.get().and_then(Option::as_ref) {
             bar.finish_and_clear();
         }
-        let summary = &answer.summary;
+        let summary = &run.answer.summary;
         eprintln!(
             "done: {} succeeded ({} from the cache), {} failed",
             summary.succeeded, summary.from_cache, summary.failed
         );
+        if let Some(story) = &run.answer.story {
+            match (&story.story_error, &story.gallery_path) {
+                (Some(e), _) => eprintln!(
+                    "story {}: not published [{}] {}",
+                    story.story_id, e.error_type, e.message
+                ),
+                (None, Some(page)) => eprintln!("story {}: {page}", story.story_id),
+                (None, None) => {}
+            }
+        }
+        if events_enabled {
+            let events = &run.events;
+            eprintln!(
+                "events: {} delivered, {} lost",
+                events.delivered, events.lost
+            );
+        }
     }
 }
