@@ -33,7 +33,8 @@
 //! - [`telemetry`]: `tracing` set-up for the binaries.
 //! - [`error`]: the error type and its stable `error_type` identifiers.
 //!
-//! The binaries `stage3` (CLI) and `stage3-lambda` are thin shells over [`service`].
+//! The binaries `stage3` (CLI, feature `cli`) and `stage3-lambda` (feature `lambda`) are thin
+//! shells over [`service`]; both features are on by default.
 
 pub mod aws;
 pub mod batch_stop;
