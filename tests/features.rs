@@ -1,4 +1,5 @@
-//! What each cargo feature brings into the build.
+//! What each cargo feature brings into the build, and what `cargo lambda build` is asked
+//! for.
 //!
 //! `stage3-lambda` is built with `--no-default-features --features lambda`: the command
 //! line's crates (argument parsing, progress bars, `.env` loading) belong to the `cli`
@@ -89,5 +90,24 @@ fn cargo_lambda_builds_the_function_with_the_lambda_feature_alone() {
         package["metadata"]["lambda"]["bin"]["stage3-lambda"]["build"],
         json!({"no_default_features": true, "features": ["lambda"]}),
         "Cargo.toml's [package.metadata.lambda.bin.stage3-lambda.build]"
+    );
+}
+
+/// Left unnamed, `panic` is "unwind" for cargo but "abort" for `cargo lambda build`, which
+/// adds it to a release profile that names none: a handler's panic would then kill the
+/// sandbox instead of failing one invocation. Read as text: no TOML parser is in the build.
+#[test]
+fn the_release_profile_keeps_unwinding_under_cargo_lambda() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .expect("Cargo.toml");
+    let (_, release) = manifest
+        .split_once("\n[profile.release]\n")
+        .expect("a [profile.release] section");
+    let section = release.split("\n[").next().unwrap_or(release);
+    assert!(
+        section
+            .lines()
+            .any(|line| line.trim() == r#"panic = "unwind""#),
+        "[profile.release] must say panic = \"unwind\": {section}"
     );
 }
