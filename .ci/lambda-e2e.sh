@@ -183,7 +183,9 @@ if [[ "${STAGE3_E2E_SKIP_BUILD:-}" == 1 ]]; then
 fi
 
 # x86_64 only: the aarch64 standard library cannot be downloaded here. `sam build` runs the
-# same `cargo lambda build --release` (with --arm64 for the default architecture).
+# same `cargo lambda build --release` (with --arm64 for the default architecture). No feature
+# flags, as sam gives none: Cargo.toml's [package.metadata.lambda.bin.stage3-lambda.build]
+# makes this the `--no-default-features --features lambda` build, without the CLI's crates.
 echo "lambda-e2e: cargo lambda build --release"
 cargo lambda build --release --bin stage3-lambda --output-format zip
 target_dir="${CARGO_TARGET_DIR:-target}"

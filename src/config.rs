@@ -163,7 +163,8 @@ impl Config {
     }
 
     /// Reads the process environment, and nothing else: no file is opened. The Lambda
-    /// function configures itself this way; the CLI first calls [`load_dotenv`].
+    /// function configures itself this way; the CLI first calls `load_dotenv` (feature
+    /// `cli`).
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -358,6 +359,7 @@ fn provider_settings(vars: &Vars<'_>) -> Result<ProviderSettings> {
 }
 
 /// The file the CLI reads variables from: `.env` in the working directory.
+#[cfg(feature = "cli")]
 pub(crate) const DOTENV_FILE: &str = ".env";
 
 /// Loads `./.env` of the working directory into the process environment, values already
@@ -366,7 +368,9 @@ pub(crate) const DOTENV_FILE: &str = ".env";
 /// the CLI had looked at, point `OPENROUTER_BASE_URL` elsewhere and send the key there.
 /// Only the CLI calls this, and before it starts any thread (it sets variables); the
 /// Lambda function's configuration is its environment alone. Answers whether a file was
-/// read.
+/// read. Only in builds with the `cli` feature: the Lambda build has no `.env` reader at
+/// all, so nothing in it can start reading one.
+#[cfg(feature = "cli")]
 pub fn load_dotenv() -> Result<bool> {
     match dotenvy::from_path(DOTENV_FILE) {
         Ok(()) => Ok(true),

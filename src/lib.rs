@@ -46,6 +46,9 @@
 //! - [`deadline`]: the time budget every provider, download and storage call runs under.
 //! - [`error`]: the error type and its stable `error_type` identifiers.
 //! - [`secret`]: keys that never print.
+//!
+//! The binaries `stage3` (feature `cli`) and `stage3-lambda` (feature `lambda`) are the
+//! shells; both features are on by default.
 
 pub mod aws;
 pub mod batch;

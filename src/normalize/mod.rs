@@ -708,33 +708,6 @@ mod tests {
         }
     }
 
-    /// An Adam7-interlaced RGB PNG, which the `png` encoder cannot write.
-    fn interlaced_png(image: &RgbImage) -> Bytes {
-        const PASSES: [(u32, u32, u32, u32); 7] = [
-            (0, 0, 8, 8),
-            (4, 0, 8, 8),
-            (0, 4, 4, 8),
-            (2, 0, 4, 4),
-            (0, 2, 2, 4),
-            (1, 0, 2, 2),
-            (0, 1, 1, 2),
-        ];
-        let mut raw = Vec::new();
-        for (x0, y0, dx, dy) in PASSES {
-            for y in (y0..image.height()).step_by(dy as usize) {
-                raw.push(0); // filter: none
-                for x in (x0..image.width()).step_by(dx as usize) {
-                    raw.extend_from_slice(&image.get_pixel(x, y).0);
-                }
-            }
-        }
-        assemble(&[
-            (*b"IHDR", ihdr(image.width(), image.height(), 2, 1)),
-            (*b"IDAT", zlib_stored(&raw)),
-            (*b"IEND", Vec::new()),
-        ])
-    }
-
     #[test]
     fn sniffs_each_format_from_its_magic_bytes() {
         assert_eq!(
@@ -806,13 +779,13 @@ mod tests {
 
     #[test]
     fn an_interlaced_png_is_sampled_from_its_full_rows() {
-        let png = interlaced_png(&noisy_rgb(200, 200, 5));
+        let png = adam7_png(&noisy_rgb(200, 200, 5));
         let normalized = normalize_image(png.clone(), ImageSize::Square, &LIMITS).unwrap();
         assert_eq!(normalized.png, png);
 
         let flat = RgbImage::from_pixel(200, 200, image::Rgb([90, 90, 90]));
         let message = error_message(normalize_image(
-            interlaced_png(&flat),
+            adam7_png(&flat),
             ImageSize::Square,
             &LIMITS,
         ));

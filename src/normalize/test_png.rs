@@ -77,6 +77,39 @@ pub(crate) fn zlib_stored(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An Adam7-interlaced RGB PNG, which the `png` encoder cannot write: each pass's
+/// scanlines with filter type 0, in stored zlib blocks.
+pub fn adam7_png(image: &RgbImage) -> Bytes {
+    const PASSES: [(u32, u32, u32, u32); 7] = [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ];
+    let mut raw = Vec::new();
+    for (x0, y0, dx, dy) in PASSES {
+        // A pass that no column of a narrow image falls in has no scanlines at all, not
+        // empty ones with a filter byte each.
+        if x0 >= image.width() {
+            continue;
+        }
+        for y in (y0..image.height()).step_by(dy as usize) {
+            raw.push(0); // filter: none
+            for x in (x0..image.width()).step_by(dx as usize) {
+                raw.extend_from_slice(&image.get_pixel(x, y).0);
+            }
+        }
+    }
+    assemble(&[
+        (*b"IHDR", ihdr(image.width(), image.height(), 2, 1)),
+        (*b"IDAT", zlib_stored(&raw)),
+        (*b"IEND", Vec::new()),
+    ])
+}
+
 /// A picture with real content: a gradient under per-pixel noise.
 pub(crate) fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
     let mut rng = fastrand::Rng::with_seed(seed);

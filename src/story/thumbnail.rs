@@ -258,6 +258,7 @@ impl Shrinker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::normalize::test_png::adam7_png;
 
     fn encode(
         width: u32,
@@ -402,67 +403,6 @@ mod tests {
         }
     }
 
-    /// An Adam7-interlaced RGB PNG built by hand (the `png` encoder cannot write one):
-    /// stored zlib blocks, filter type 0 on every row.
-    fn adam7_rgb(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
-        const PASSES: [(u32, u32, u32, u32); 7] = [
-            (0, 0, 8, 8),
-            (4, 0, 8, 8),
-            (0, 4, 4, 8),
-            (2, 0, 4, 4),
-            (0, 2, 2, 4),
-            (1, 0, 2, 2),
-            (0, 1, 1, 2),
-        ];
-        let mut raw = Vec::new();
-        for (x0, y0, dx, dy) in PASSES {
-            if x0 >= width {
-                continue;
-            }
-            for y in (y0..height).step_by(dy as usize) {
-                raw.push(0);
-                for x in (x0..width).step_by(dx as usize) {
-                    let at = ((y * width + x) * 3) as usize;
-                    raw.extend_from_slice(&rgb[at..at + 3]);
-                }
-            }
-        }
-        let mut zlib = vec![0x78, 0x01, 1];
-        let length = raw.len() as u16;
-        zlib.extend_from_slice(&length.to_le_bytes());
-        zlib.extend_from_slice(&(!length).to_le_bytes());
-        zlib.extend_from_slice(&raw);
-        let (mut a, mut b) = (1u32, 0u32);
-        for byte in &raw {
-            a = (a + u32::from(*byte)) % 65_521;
-            b = (b + a) % 65_521;
-        }
-        zlib.extend_from_slice(&((b << 16) | a).to_be_bytes());
-
-        let mut ihdr = width.to_be_bytes().to_vec();
-        ihdr.extend_from_slice(&height.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 1]);
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (kind, data) in [(*b"IHDR", ihdr), (*b"IDAT", zlib), (*b"IEND", Vec::new())] {
-            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            let mut crc = 0xFFFF_FFFFu32;
-            for &byte in kind.iter().chain(&data) {
-                crc ^= u32::from(byte);
-                for _ in 0..8 {
-                    crc = if crc & 1 == 1 {
-                        (crc >> 1) ^ 0xEDB8_8320
-                    } else {
-                        crc >> 1
-                    };
-                }
-            }
-            out.extend_from_slice(&kind);
-            out.extend_from_slice(&data);
-            out.extend_from_slice(&(!crc).to_be_bytes());
-        }
-        out
-    }
-
     #[test]
     fn interlaced_sources_shrink_to_the_same_thumbnail() {
         let (width, height) = (40u32, 24u32);
@@ -470,7 +410,7 @@ mod tests {
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         let plain = encode(width, height, png::ColorType::Rgb, &rgb, None);
-        let interlaced = adam7_rgb(width, height, &rgb);
+        let interlaced = adam7_png(&image::RgbImage::from_raw(width, height, rgb).unwrap());
         assert_eq!(
             decode(&make_thumbnail(&interlaced, 10).unwrap()).1,
             decode(&make_thumbnail(&plain, 10).unwrap()).1

@@ -495,10 +495,11 @@ async fn a_panic_on_one_scene_fails_it_alone() {
 async fn a_claim_outlives_its_lease_while_its_holder_works() {
     let out = tempfile::tempdir().unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(FsStore::new(out.path()).unwrap());
-    let provider = Arc::new(ScriptedProvider::placeholder(Duration::from_millis(1500)));
+    // Real time, with margins for a loaded machine: each renewal has 900 ms to land.
+    let provider = Arc::new(ScriptedProvider::placeholder(Duration::from_millis(3000)));
     let timing = ClaimTiming {
-        ttl: Duration::from_millis(500),
-        renew_every: Duration::from_millis(150),
+        ttl: Duration::from_millis(1000),
+        renew_every: Duration::from_millis(100),
     };
     let config = TestConfig::new().out(out.path());
     let a = config
@@ -509,7 +510,7 @@ async fn a_claim_outlives_its_lease_while_its_holder_works() {
         .with_claim_timing(timing);
     let (left, right) = tokio::join!(a.generate_scene_image(request("s1")), async {
         // Past the first lease: without renewals the claim would have lapsed by now.
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        tokio::time::sleep(Duration::from_millis(1800)).await;
         b.generate_scene_image(request("s1")).await
     });
     assert!(!left.unwrap().from_cache);

@@ -18,6 +18,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::support::config::TestConfig;
 use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use crate::support::sqs::{sqs_event, sqs_record};
 use crate::support::stage3_command;
 use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
@@ -316,19 +317,6 @@ async fn the_cli_publishes_to_the_bus_its_environment_names() {
 // The dead-letter queue (Lambda, SQS)
 // ---------------------------------------------------------------------------------------
 
-fn sqs_record(message_id: &str, body: &str) -> Value {
-    json!({
-        "messageId": message_id,
-        "receiptHandle": format!("handle-{message_id}"),
-        "body": body,
-        "attributes": {"ApproximateReceiveCount": "1"},
-        "messageAttributes": {},
-        "eventSource": "aws:sqs",
-        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:stage3-requests",
-        "awsRegion": "us-east-1"
-    })
-}
-
 fn scene_body(scene_id: &str, prompt: &str) -> String {
     json!({"scene_id": scene_id, "image_prompt": prompt}).to_string()
 }
@@ -373,14 +361,9 @@ impl SqsHarness {
 
     async fn handle(&self, outlets: &Outlets, records: Vec<Value>) -> Value {
         let deadline = Deadline::after(Duration::from_secs(600));
-        lambda::handle_with(
-            &self.service,
-            outlets,
-            json!({"Records": records}),
-            deadline,
-        )
-        .await
-        .unwrap()
+        lambda::handle_with(&self.service, outlets, sqs_event(records), deadline)
+            .await
+            .unwrap()
     }
 }
 

@@ -1,98 +1,55 @@
 //! The Lambda adapter, driven directly: every event shape and every sample in `events/`,
 //! against a real filesystem store and a provider that hands back real PNG bytes.
 //!
-//! The provider here is test-only so the tests can count calls (idempotency) and refuse
-//! chosen prompts (partial failures); everything after it — normalisation, storage, the
-//! cache — is the real service.
+//! The provider is the tests' scripted one, so the tests can count calls (idempotency) and
+//! refuse chosen prompts (partial failures); everything after it — normalisation, storage,
+//! the cache — is the real service.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
 
 use crate::support::config::TestConfig;
+use crate::support::scripted_provider::{content_refused, Answer, ScriptedProvider};
+use crate::support::sqs::{sqs_event, sqs_record};
 use stage3::deadline::Deadline;
-use stage3::error::{ErrorType, ProviderFailure, Result};
-use stage3::image_spec::ProviderKind;
+use stage3::error::ErrorType;
 use stage3::lambda::{self, EventKind};
-use stage3::provider::{ImageProvider, ImageRequest, ProviderIdentity, ProviderImage};
-use stage3::schema::{BatchAnswer, ImageSize, Stage3Output};
+use stage3::schema::{BatchAnswer, Stage3Output};
 use stage3::storage::FsStore;
 use stage3::{Stage3Error, Stage3Service};
 
 /// Prompts containing this word are refused as a provider's moderation would (403).
 const REFUSED_WORD: &str = "forbidden";
 
-/// Answers every prompt with a striped PNG of the requested size, and counts its calls.
-#[derive(Default)]
-struct FixedPngProvider {
-    calls: AtomicUsize,
-    prompts: Mutex<Vec<String>>,
-}
+/// What each image is billed at, so the summary's cost can be checked.
+const IMAGE_COST_USD: f64 = 0.039;
 
-impl FixedPngProvider {
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl ImageProvider for FixedPngProvider {
-    fn identity(&self) -> ProviderIdentity {
-        ProviderIdentity {
-            kind: ProviderKind::Placeholder,
-            variant: Some("fixed-png"),
+/// Draws every prompt at a price, except those containing [`REFUSED_WORD`], and notes
+/// every call.
+fn provider() -> ScriptedProvider {
+    ScriptedProvider::by_prompt(|prompt| {
+        if prompt.contains(REFUSED_WORD) {
+            Answer::error(content_refused())
+        } else {
+            Answer::image().costing(IMAGE_COST_USD)
         }
-    }
-
-    async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.prompts
-            .lock()
-            .unwrap()
-            .push(request.prompt().to_string());
-        if request.prompt().contains(REFUSED_WORD) {
-            let mut failure = ProviderFailure::new(Some(403), "the prompt was flagged");
-            failure.provider_error_type = Some("content_policy_violation".into());
-            return Err(Stage3Error::ContentPolicy(failure));
-        }
-        Ok(ProviderImage {
-            bytes: png_of(request.spec.size),
-            claimed_media_type: Some("image/png".into()),
-            cost: Some(0.039),
-        })
-    }
-}
-
-/// A striped PNG: a solid one would be refused as blank by the normaliser's validation.
-fn png_of(size: ImageSize) -> Bytes {
-    let (width, height) = size.dimensions();
-    let image = image::RgbImage::from_fn(width, height, |x, y| {
-        let shade = (((x / 16) + (y / 16)) % 2 * 120) as u8;
-        image::Rgb([230 - shade / 2, 140, 40 + shade])
-    });
-    let mut png = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut png, image::ImageFormat::Png)
-        .expect("encode a PNG");
-    Bytes::from(png.into_inner())
+    })
 }
 
 struct Harness {
     dir: tempfile::TempDir,
-    provider: Arc<FixedPngProvider>,
+    provider: Arc<ScriptedProvider>,
     service: Stage3Service,
 }
 
 impl Harness {
     fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let provider = Arc::new(FixedPngProvider::default());
+        let provider = Arc::new(provider());
         let store = Arc::new(FsStore::new(dir.path()).unwrap());
         let service = TestConfig::new()
             .out(dir.path())
@@ -138,23 +95,6 @@ fn sample_names() -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-fn sqs_record(message_id: &str, body: &str) -> Value {
-    json!({
-        "messageId": message_id,
-        "receiptHandle": format!("handle-{message_id}"),
-        "body": body,
-        "attributes": {"ApproximateReceiveCount": "1"},
-        "messageAttributes": {},
-        "eventSource": "aws:sqs",
-        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:stage3-requests",
-        "awsRegion": "us-east-1"
-    })
-}
-
-fn sqs_event(records: Vec<Value>) -> Value {
-    json!({ "Records": records })
 }
 
 fn scene(id: &str, prompt: &str) -> Value {
@@ -582,8 +522,8 @@ async fn a_record_fails_when_any_of_its_scenes_fails_and_only_that_scene_reruns(
     let answer = harness.handle(redelivery).await.unwrap();
     assert_eq!(failed_ids(&answer), ["story-a"]);
     assert_eq!(harness.provider.calls(), 5);
-    let last_prompt = harness.provider.prompts.lock().unwrap().last().cloned();
-    assert!(last_prompt.unwrap().contains(REFUSED_WORD));
+    let last_call = harness.provider.started().pop().unwrap();
+    assert!(last_call.prompt.contains(REFUSED_WORD));
 }
 
 #[tokio::test]
@@ -617,7 +557,7 @@ async fn sqs_and_batch_answers_carry_the_summary() {
     assert_eq!(summary["succeeded"], 3, "{answer}");
     assert_eq!(summary["failed"], 0);
     let cost = summary["cost_usd"].as_f64().unwrap();
-    assert!((cost - 3.0 * 0.039).abs() < 1e-9, "{summary}");
+    assert!((cost - 3.0 * IMAGE_COST_USD).abs() < 1e-9, "{summary}");
     assert!(
         summary.get("estimated_cost_usd").is_none(),
         "this provider knows no prices: {summary}"
@@ -666,7 +606,7 @@ async fn an_edited_record_in_a_mixed_sqs_batch_loses_no_scene() {
 #[tokio::test]
 async fn an_answer_past_six_megabytes_drops_the_prompt_echo_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let provider = Arc::new(FixedPngProvider::default());
+    let provider = Arc::new(provider());
     let store = Arc::new(FsStore::new(dir.path()).unwrap());
     let service = TestConfig::new()
         .out(dir.path())

@@ -14,6 +14,7 @@ use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
 use crate::support::slow_store::SlowStore;
+use crate::support::sqs::{sqs_event, sqs_record};
 use crate::support::stage3_command;
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -1373,19 +1374,6 @@ fn lambda_service(target: &S3Target) -> stage3::Stage3Service {
     )
 }
 
-fn sqs_record(message_id: &str, body: &Value) -> Value {
-    json!({
-        "messageId": message_id,
-        "receiptHandle": format!("handle-{message_id}"),
-        "body": body.to_string(),
-        "attributes": {"ApproximateReceiveCount": "1"},
-        "messageAttributes": {},
-        "eventSource": "aws:sqs",
-        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:stage3-requests",
-        "awsRegion": "us-east-1"
-    })
-}
-
 fn lambda_scene(id: &str) -> Value {
     json!({"scene_id": id, "image_prompt": format!("{id}: a lantern in the fog")})
 }
@@ -1396,11 +1384,14 @@ async fn two_lambda_invocations_of_one_story_finishing_together_lose_nothing() {
     // Two invocations, as two Lambda sandboxes: each its own service and S3 client.
     let (first, second) = (lambda_service(&target), lambda_service(&target));
     let direct = json!({"story_id": "tale", "scenes": [lambda_scene("d1"), lambda_scene("d2")]});
-    let queued = json!({"Records": [
-        sqs_record("m1", &json!({"story_id": "tale", "scenes": [lambda_scene("q1")]})),
-        sqs_record("m2", &json!({"story_id": "tale", "scenes": [lambda_scene("q2"), lambda_scene("q3")]})),
-        sqs_record("m3", &json!({"scenes": [lambda_scene("loose")]})),
-    ]});
+    let one = json!({"story_id": "tale", "scenes": [lambda_scene("q1")]});
+    let two = json!({"story_id": "tale", "scenes": [lambda_scene("q2"), lambda_scene("q3")]});
+    let loose = json!({"scenes": [lambda_scene("loose")]});
+    let queued = sqs_event(vec![
+        sqs_record("m1", &one.to_string()),
+        sqs_record("m2", &two.to_string()),
+        sqs_record("m3", &loose.to_string()),
+    ]);
     let (direct_answer, queue_answer) = tokio::join!(
         stage3::lambda::handle(&first, direct, Deadline::NONE),
         stage3::lambda::handle(&second, queued, Deadline::NONE)

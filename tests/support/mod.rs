@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: one way to configure the service, real servers
 //! on loopback (an S3 server, a scripted OpenRouter stand-in, over HTTP or HTTPS), an
 //! in-process scripted provider for tests on a paused clock, a store whose writes wait at a
-//! gate, a store whose reads are slow, and real image bytes.
+//! gate, a store whose reads are slow, SQS events, and real image bytes.
 //!
 //! Each test binary includes this module and uses a different part of it, so the parts a
 //! given binary leaves unused are not dead code.
@@ -16,6 +16,7 @@ pub mod scripted_china;
 pub mod scripted_openrouter;
 pub mod scripted_provider;
 pub mod slow_store;
+pub mod sqs;
 pub mod tls;
 
 use std::io::Cursor;

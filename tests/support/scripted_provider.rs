@@ -1,5 +1,6 @@
-//! The tests' in-process provider: every call is answered as a script says (an image, or
-//! an error such as a 429 with its `Retry-After`), after a scripted latency, and noted.
+//! The tests' in-process provider: every call is answered as a script says (an image, at a
+//! price if it likes, or an error such as a 429 with its `Retry-After` or a 403 refusal),
+//! chosen by scene or by prompt, after a scripted latency, and noted.
 //! Wrapped around the real placeholder, its images are real, distinct PNGs per request;
 //! `varying` makes every call's bytes differ (a model never draws the same picture twice).
 //!
@@ -25,6 +26,8 @@ use tokio::time::Instant;
 pub struct Answer {
     outcome: Outcome,
     latency: Duration,
+    /// The price the provider reports for an image; `None` keeps the outcome's own.
+    cost: Option<f64>,
 }
 
 enum Outcome {
@@ -64,10 +67,19 @@ impl Answer {
         Answer { latency, ..self }
     }
 
+    /// The same image, billed at `usd` (the placeholder's drawings are free).
+    pub fn costing(self, usd: f64) -> Answer {
+        Answer {
+            cost: Some(usd),
+            ..self
+        }
+    }
+
     fn now(outcome: Outcome) -> Answer {
         Answer {
             outcome,
             latency: Duration::ZERO,
+            cost: None,
         }
     }
 }
@@ -84,18 +96,27 @@ pub fn insufficient_credits() -> Stage3Error {
     Stage3Error::InsufficientCredits(ProviderFailure::new(Some(402), "Insufficient credits"))
 }
 
+/// A 403 moderation refusal, as the OpenRouter client reports one.
+pub fn content_refused() -> Stage3Error {
+    let mut failure = ProviderFailure::new(Some(403), "the prompt was flagged");
+    failure.provider_error_type = Some("content_policy_violation".into());
+    Stage3Error::ContentPolicy(failure)
+}
+
 /// One call as the provider saw it start.
 #[derive(Debug, Clone)]
 pub struct Call {
     pub scene_id: String,
+    /// The full prompt sent, style tags and all.
+    pub prompt: String,
     pub at: Instant,
 }
 
-type Script = Box<dyn Fn(&str, usize) -> Answer + Send + Sync>;
+/// Given the request and how many calls its scene made before, the answer.
+type Script = Box<dyn Fn(&ImageRequest<'_>, usize) -> Answer + Send + Sync>;
 
 pub struct ScriptedProvider {
     inner: PlaceholderProvider,
-    /// Given the scene and how many calls that scene made before, the answer.
     script: Script,
     calls: Mutex<Vec<Call>>,
     in_flight: Arc<AtomicUsize>,
@@ -106,9 +127,23 @@ pub struct ScriptedProvider {
 impl ScriptedProvider {
     /// Answers the `nth` call (0-based) for a scene with `script(scene_id, nth)`.
     pub fn new(script: impl Fn(&str, usize) -> Answer + Send + Sync + 'static) -> Self {
+        ScriptedProvider::scripted(Box::new(move |request: &ImageRequest<'_>, nth| {
+            script(request.scene_id, nth)
+        }))
+    }
+
+    /// Answers every call with `script(prompt)`, the full prompt sent: for tests where one
+    /// scene id stands for different requests.
+    pub fn by_prompt(script: impl Fn(&str) -> Answer + Send + Sync + 'static) -> Self {
+        ScriptedProvider::scripted(Box::new(move |request: &ImageRequest<'_>, _| {
+            script(request.prompt())
+        }))
+    }
+
+    fn scripted(script: Script) -> Self {
         ScriptedProvider {
             inner: PlaceholderProvider::new(),
-            script: Box::new(script),
+            script,
             calls: Mutex::new(Vec::new()),
             in_flight: Arc::new(AtomicUsize::new(0)),
             max_in_flight: AtomicUsize::new(0),
@@ -151,6 +186,20 @@ impl ScriptedProvider {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Call>> {
         self.calls.lock().unwrap()
     }
+
+    /// The placeholder's drawing for the request; with `varying`, for call `number`.
+    async fn draw(&self, request: &ImageRequest<'_>, number: usize) -> Result<ProviderImage> {
+        if !self.varying {
+            return self.inner.generate(request).await;
+        }
+        let mut spec = request.spec.clone();
+        spec.seed = Some(spec.seed.unwrap_or(0).wrapping_add(1000 + number as i64));
+        let varied = ImageRequest {
+            spec: &spec,
+            ..*request
+        };
+        self.inner.generate(&varied).await
+    }
 }
 
 /// Counts a call out of flight however it ends, cancelled included.
@@ -169,13 +218,14 @@ impl ImageProvider for ScriptedProvider {
     }
 
     async fn generate(&self, request: &ImageRequest<'_>) -> Result<ProviderImage> {
-        // Scripts choose by scene; the rest of the request goes to the placeholder as is.
+        // Scripts choose by scene or by prompt; the request goes to the placeholder as is.
         let scene_id = request.scene_id;
         let (number, nth) = {
             let mut calls = self.lock();
             let nth = calls.iter().filter(|c| c.scene_id == scene_id).count();
             calls.push(Call {
                 scene_id: scene_id.to_string(),
+                prompt: request.prompt().to_string(),
                 at: Instant::now(),
             });
             (calls.len() - 1, nth)
@@ -185,29 +235,21 @@ impl ImageProvider for ScriptedProvider {
         self.max_in_flight
             .fetch_max(now_in_flight, Ordering::SeqCst);
 
-        let answer = (self.script)(scene_id, nth);
+        let answer = (self.script)(request, nth);
         tokio::time::sleep(answer.latency).await;
-        match answer.outcome {
-            Outcome::Drawing => {}
-            Outcome::Png(bytes) => {
-                return Ok(ProviderImage {
-                    bytes,
-                    claimed_media_type: Some("image/png".into()),
-                    cost: None,
-                })
-            }
+        let mut image = match answer.outcome {
+            Outcome::Drawing => self.draw(request, number).await?,
+            Outcome::Png(bytes) => ProviderImage {
+                bytes,
+                claimed_media_type: Some("image/png".into()),
+                cost: None,
+            },
             Outcome::Error(error) => return Err(error),
             Outcome::Panic(message) => panic!("{message}"),
+        };
+        if answer.cost.is_some() {
+            image.cost = answer.cost;
         }
-        if self.varying {
-            let mut spec = request.spec.clone();
-            spec.seed = Some(spec.seed.unwrap_or(0).wrapping_add(1000 + number as i64));
-            let varied = ImageRequest {
-                spec: &spec,
-                ..*request
-            };
-            return self.inner.generate(&varied).await;
-        }
-        self.inner.generate(request).await
+        Ok(image)
     }
 }
