@@ -681,6 +681,25 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
     Ok(submission)
 }
 
+/// The length of `value` as compact JSON, counted without building the text.
+pub fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Our contracts are plain fields with string keys: writing them to a counter cannot
+    // fail, and if it did the count would stay a lower bound.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
 /// Reads a submission from a file, or from standard input when `path` is `-`.
 pub fn read_submission(path: &std::path::Path, max_batch: usize) -> Result<Submission> {
     let bytes = if path.as_os_str() == "-" {

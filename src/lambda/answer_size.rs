@@ -68,22 +68,7 @@ pub fn fit(answer: &mut Value, budget: usize) {
 
 /// The length of `value` as JSON, without building the text.
 pub fn serialized_len(value: &Value) -> usize {
-    let mut counter = ByteCounter(0);
-    // Writing a `Value` to a sink that cannot fail cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
-}
-
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    crate::schema::json_len(value)
 }
 
 /// Every result object: the entries of a batch's `results`, or a single answer itself.

@@ -799,20 +799,7 @@ impl Merge {
 
 /// The length of `entry` as compact JSON.
 pub(crate) fn json_size(entry: &SceneEntry) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Writing plain fields to a counter cannot fail; if it did, the size stays a lower bound.
-    let _ = serde_json::to_writer(&mut counter, entry);
-    counter.0
+    crate::schema::json_len(entry)
 }
 
 #[cfg(test)]
