@@ -90,6 +90,11 @@ pub struct ResultKeys {
 }
 
 impl ResultKeys {
+    /// What the keys share (`{scene}-{hash16}`): the `PropagateID` a label carries.
+    pub(crate) fn stem(&self) -> &str {
+        self.record.trim_end_matches(".json")
+    }
+
     pub fn new(scene_id: &str, request_hash: &str) -> Self {
         let stem = format!("{scene_id}-{}", short_hash(request_hash));
         ResultKeys {
@@ -349,9 +354,9 @@ impl ClaimBody {
         ClaimBody {
             owner: owner.to_owned(),
             expires_at_ms: now_ms().saturating_add(ttl.as_millis() as u64),
-            boot_id: here.boot_id,
-            pid_namespace: here.pid_namespace,
-            host: here.host,
+            boot_id: here.boot_id.clone(),
+            pid_namespace: here.pid_namespace.clone(),
+            host: here.host.clone(),
             pid: Some(std::process::id()),
         }
     }
@@ -396,7 +401,14 @@ struct Holder {
 }
 
 impl Holder {
-    fn here() -> Holder {
+    /// Read once per process: every claim, renewal and check of a holder asks, and none
+    /// of the three changes while the process runs.
+    fn here() -> &'static Holder {
+        static HERE: std::sync::OnceLock<Holder> = std::sync::OnceLock::new();
+        HERE.get_or_init(Holder::read)
+    }
+
+    fn read() -> Holder {
         let read = |path: &str| {
             std::fs::read_to_string(path)
                 .ok()

@@ -125,14 +125,6 @@ impl CacheLookup {
     fn get(&self, index: usize) -> &Found {
         self.found.get(index).unwrap_or(&Found::Unknown)
     }
-
-    /// How many scenes the store already answers.
-    pub fn hits(&self) -> usize {
-        self.found
-            .iter()
-            .filter(|found| matches!(found, Found::Hit(_)))
-            .count()
-    }
 }
 
 /// A request that passed validation, with everything derived from it: its image spec, the
@@ -982,7 +974,7 @@ impl Stage3Service {
         source_sha256: String,
     ) -> Result<labels::Published> {
         let settings = self.config.labels.clone();
-        let propagate_id = scene.keys.record.trim_end_matches(".json").to_string();
+        let propagate_id = scene.keys.stem().to_string();
         if !settings.visible {
             return labels::publish(&source, &source_sha256, &settings, &propagate_id);
         }
@@ -1410,7 +1402,7 @@ impl Stage3Service {
         let limits = self.limits;
         let size = scene.spec.size;
         let settings = self.config.labels.clone();
-        let propagate_id = scene.keys.record.trim_end_matches(".json").to_string();
+        let propagate_id = scene.keys.stem().to_string();
         tokio::task::spawn_blocking(move || {
             let image = normalize_image(bytes, size, &limits)?;
             let published =
