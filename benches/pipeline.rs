@@ -39,10 +39,10 @@ use std::time::{Duration, Instant};
 
 use image::{ImageBuffer, ImageFormat, Rgb};
 use scripted_openrouter::{Reply, ScriptedOpenRouter};
-use stage3::normalize::{insert_aigc_label, AigcLabel};
-use stage3::schema::{GenerationRequest, ImageSize, Stage2Output};
 use stage3::storage::{FsStore, ObjectStore};
+use stage3::{insert_aigc_label, AigcLabel};
 use stage3::{Config, RunOptions, Stage3Service};
+use stage3::{GenerationRequest, ImageSize, Stage2Output};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 

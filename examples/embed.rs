@@ -1,8 +1,8 @@
 //! The README's library example, compiled with the tests so it cannot drift from the API.
 //! Run it offline with `STAGE3_PROVIDER=placeholder cargo run --example embed`.
 
-use stage3::batch::BatchOptions;
-use stage3::schema::parse_submission;
+use stage3::parse_submission;
+use stage3::BatchOptions;
 use stage3::{Config, Stage3Error, Stage3Service};
 
 #[tokio::main]

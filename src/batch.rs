@@ -62,7 +62,7 @@ pub struct BatchRun {
 
 /// One submission of [`Stage3Service::run_queued`]: each scene's id and outcome, in order,
 /// or why the submission was refused before anything ran.
-pub type QueuedOutcome = Result<Vec<(String, Result<Stage3Output>)>>;
+pub(crate) type QueuedOutcome = Result<Vec<(String, Result<Stage3Output>)>>;
 
 /// What [`Stage3Service::run_queued`] did: each submission's outcomes, and the estimate
 /// made before the batch started, when prices were known.
@@ -199,7 +199,7 @@ impl Stage3Service {
         }
 
         let lookup = self.look_up(&scenes, &options.run).await;
-        let plan = self.plan_batch_with(&scenes, &lookup).await;
+        let plan = self.plan_batch(&scenes, &lookup).await;
         let outcomes = match self.check_budget(&plan) {
             Ok(()) => {
                 self.run_scenes_with(&scenes, &lookup, &options.run, &|_, _| {})

@@ -43,7 +43,7 @@ const MAX_LABEL_FIELD_CHARS: usize = 256;
 /// The request hash: everything that determines the generated image — who draws it
 /// (`provider`, the provider of the spec's model) and what is drawn (`spec`, with the
 /// prompt exactly as that provider is sent it) — hashed with SHA-256, in lowercase hex.
-pub fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
+pub(crate) fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
     /// The hashed encoding. Its field order and spelling are the key scheme: changing them
     /// re-keys every stored result, so do it only with a new `KEY_SCHEME`.
     #[derive(Serialize)]
@@ -106,7 +106,7 @@ impl ResultKeys {
 }
 
 /// The published key of a PNG: the scene and the first hex digits of its SHA-256.
-pub fn image_key(scene_id: &str, content_sha256: &str) -> String {
+pub(crate) fn image_key(scene_id: &str, content_sha256: &str) -> String {
     format!("{scene_id}-{}.png", short_hash(content_sha256))
 }
 
@@ -124,7 +124,7 @@ pub(crate) fn is_sha256(text: &str) -> bool {
 
 /// What a hit must agree with: the request, and what an image of it can look like.
 #[derive(Debug, Clone, Copy)]
-pub struct Expected<'a> {
+pub(crate) struct Expected<'a> {
     pub scene_id: &'a str,
     pub request_hash: &'a str,
     pub size: ImageSize,
@@ -135,14 +135,14 @@ pub struct Expected<'a> {
 
 /// A stored result that passed every check, with the key its image really lives under.
 #[derive(Debug, Clone)]
-pub struct Verified {
+pub(crate) struct Verified {
     pub record: Stage3Output,
     pub image_key: String,
 }
 
 /// Looks up a finished result and verifies it. Anything that does not check out is a miss
 /// (logged), and the scene is generated again; only a store failure is an error.
-pub async fn lookup(
+pub(crate) async fn lookup(
     store: &dyn ObjectStore,
     keys: &ResultKeys,
     expected: &Expected<'_>,
@@ -328,7 +328,7 @@ impl Default for ClaimTiming {
 /// The furthest expiry a claim may state: the longest lease any version of stage3 wrote
 /// (30 minutes) plus a minute of clock skew. A claim that says later is garbage — a
 /// neighbour's edit or a broken clock — and would otherwise block its scene for good.
-pub const MAX_CLAIM_EXPIRY: Duration = Duration::from_secs(31 * 60);
+pub(crate) const MAX_CLAIM_EXPIRY: Duration = Duration::from_secs(31 * 60);
 
 /// A worker's claim on a request it is generating.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -428,13 +428,13 @@ impl Holder {
 
 /// The proof that this worker holds a claim: its random owner token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimLease {
+pub(crate) struct ClaimLease {
     owner: String,
 }
 
 /// The answer to [`claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
+pub(crate) enum Claim {
     /// This worker holds the claim and generates the scene.
     Owned(ClaimLease),
     /// Another worker does; its claim lapses in `expires_in` unless it finishes first.
@@ -443,7 +443,11 @@ pub enum Claim {
 
 /// Tries to become the one worker generating this request. A lapsed claim (its worker died),
 /// or one whose expiry is further than any lease we grant, is taken over.
-pub async fn claim(store: &dyn ObjectStore, keys: &ResultKeys, ttl: Duration) -> Result<Claim> {
+pub(crate) async fn claim(
+    store: &dyn ObjectStore,
+    keys: &ResultKeys,
+    ttl: Duration,
+) -> Result<Claim> {
     let lease = ClaimLease {
         owner: format!("{:016x}", fastrand::u64(..)),
     };
@@ -473,7 +477,7 @@ pub async fn claim(store: &dyn ObjectStore, keys: &ResultKeys, ttl: Duration) ->
 
 /// Extends a claim this worker still holds by `ttl` from now. `false` when it is no longer
 /// ours (it lapsed and another worker took it over): the caller goes on, and both pay.
-pub async fn renew(
+pub(crate) async fn renew(
     store: &dyn ObjectStore,
     keys: &ResultKeys,
     lease: &ClaimLease,
@@ -493,7 +497,11 @@ pub async fn renew(
 
 /// Gives up a claim, so waiting workers stop waiting — only while it is still this
 /// worker's: a claim another worker took over after ours lapsed is theirs to release.
-pub async fn release(store: &dyn ObjectStore, keys: &ResultKeys, lease: &ClaimLease) -> Result<()> {
+pub(crate) async fn release(
+    store: &dyn ObjectStore,
+    keys: &ResultKeys,
+    lease: &ClaimLease,
+) -> Result<()> {
     match read_claim(store, keys).await? {
         Some(held) if held.owner == lease.owner => store.delete(&keys.claim).await,
         _ => Ok(()),

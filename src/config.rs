@@ -33,20 +33,20 @@ use crate::secret::Secret;
 use crate::storage::{S3Credentials, S3Settings, StorageKind, StorageSettings};
 use crate::urls::CdnSigning;
 
-pub const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
+pub(crate) const DEFAULT_BASE_URL: &str = "https://openrouter.ai/api/v1";
 /// Volcengine Ark's Beijing region (docs/design.md §3).
-pub const DEFAULT_ARK_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";
+pub(crate) const DEFAULT_ARK_BASE_URL: &str = "https://ark.cn-beijing.volces.com/api/v3";
 /// DashScope's Beijing region; Singapore is `https://dashscope-intl.aliyuncs.com/api/v1`
 /// (keys are per region).
-pub const DEFAULT_DASHSCOPE_BASE_URL: &str = "https://dashscope.aliyuncs.com/api/v1";
+pub(crate) const DEFAULT_DASHSCOPE_BASE_URL: &str = "https://dashscope.aliyuncs.com/api/v1";
 /// OpenRouter's image guide calls it "a strong default" (docs/design.md §3); the catalogue
 /// is checked before the first call, so a retirement is an error naming alternatives (and
 /// `STAGE3_MODEL_FALLBACKS` serve), never a batch of paid failures.
 pub const DEFAULT_MODEL: &str = "google/gemini-3.1-flash-image";
 /// Ark's default: Seedream 4.5, the current model of its table (`stage3 models --provider ark`).
-pub const DEFAULT_ARK_MODEL: &str = "doubao-seedream-4-5-251128";
+pub(crate) const DEFAULT_ARK_MODEL: &str = "doubao-seedream-4-5-251128";
 /// DashScope's default: Qwen-Image Plus, the middle of its three models in price.
-pub const DEFAULT_DASHSCOPE_MODEL: &str = "qwen-image-plus";
+pub(crate) const DEFAULT_DASHSCOPE_MODEL: &str = "qwen-image-plus";
 /// S3 presigned URLs cannot outlive seven days (SigV4's limit).
 pub(crate) const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 
@@ -61,9 +61,9 @@ pub struct Config {
     /// CDN origin without a trailing `/`; `image_url` = base + `/` + key.
     pub public_base_url: Option<String>,
     /// Signing of CDN URLs (`STAGE3_CDN_SIGN=qiniu`), when the domain has anti-leech on.
-    pub cdn_signing: Option<CdnSigning>,
+    pub(crate) cdn_signing: Option<CdnSigning>,
     /// The GB 45438 labels every published image carries.
-    pub labels: LabelSettings,
+    pub(crate) labels: LabelSettings,
     pub concurrency: usize,
     /// Per provider request, connect to last byte.
     pub request_timeout: Duration,
@@ -143,7 +143,7 @@ impl Config {
 
     /// The largest image worth reading back from the store: nothing stored came from an
     /// answer over `STAGE3_MAX_RESPONSE_BYTES` (`openrouter.max_response_bytes`).
-    pub fn max_stored_image_bytes(&self) -> u64 {
+    pub(crate) fn max_stored_image_bytes(&self) -> u64 {
         self.providers.openrouter.http.max_response_bytes as u64
     }
 
@@ -266,7 +266,7 @@ impl Config {
     /// The retry policy for provider calls (`STAGE3_MAX_RETRIES`, `STAGE3_RETRY_BASE_MS`,
     /// `STAGE3_RETRY_MAX_MS`). Derived rather than stored: the service also reads
     /// `max_retries` to size a scene's time budget.
-    pub fn retry_policy(&self) -> RetryPolicy {
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
             max_retries: self.max_retries,
             base_delay: self.retry_base_delay,
@@ -384,7 +384,7 @@ pub fn load_dotenv() -> Result<bool> {
 }
 
 /// The model a provider draws with when neither the request nor `STAGE3_MODEL` names one.
-pub fn default_model(provider: ProviderKind) -> &'static str {
+pub(crate) fn default_model(provider: ProviderKind) -> &'static str {
     match provider {
         ProviderKind::OpenRouter | ProviderKind::Placeholder => DEFAULT_MODEL,
         ProviderKind::Ark => DEFAULT_ARK_MODEL,

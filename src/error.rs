@@ -63,7 +63,8 @@ pub enum ErrorType {
 
 impl ErrorType {
     /// Every identifier, in documentation order.
-    pub const ALL: [ErrorType; 17] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [ErrorType; 17] = [
         ErrorType::InvalidRequest,
         ErrorType::Config,
         ErrorType::Auth,

@@ -31,7 +31,7 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 4] = [
+    pub(crate) const ALL: [ProviderKind; 4] = [
         ProviderKind::OpenRouter,
         ProviderKind::Ark,
         ProviderKind::DashScope,
@@ -51,7 +51,7 @@ impl ProviderKind {
 
     /// Whether the provider takes the negative prompt in a field of its own; the others
     /// get it folded into the text (see [`crate::prompt`]).
-    pub fn takes_negative_prompt(self) -> bool {
+    pub(crate) fn takes_negative_prompt(self) -> bool {
         self == ProviderKind::DashScope
     }
 }
@@ -110,7 +110,7 @@ impl ModelRef {
 
     /// The model as written for someone whose default provider is `default`: bare when it
     /// is that provider's, `PROVIDER:MODEL` otherwise.
-    pub fn written_for(&self, default: ProviderKind) -> String {
+    pub(crate) fn written_for(&self, default: ProviderKind) -> String {
         if self.provider == default {
             self.model.clone()
         } else {
@@ -148,7 +148,7 @@ pub struct ImageSpec {
 
 /// What a provider is sent as the prompt: see [`ImageSpec::prompt_for`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SentPrompt<'a> {
+pub(crate) struct SentPrompt<'a> {
     pub prompt: &'a str,
     /// Present only for a provider with a negative-prompt field, and only when there is
     /// something to avoid.

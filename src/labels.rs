@@ -21,7 +21,7 @@ use crate::text::{stamp_visible_label, stamp_visible_label_rgb};
 /// What labels to apply (`STAGE3_AIGC_LABEL`, `STAGE3_AIGC_PRODUCER`,
 /// `STAGE3_AIGC_PROPAGATOR`, `STAGE3_VISIBLE_LABEL`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LabelSettings {
+pub(crate) struct LabelSettings {
     /// The implicit label, unless `STAGE3_AIGC_LABEL=off`.
     pub implicit: bool,
     pub producer: String,
@@ -42,17 +42,17 @@ impl Default for LabelSettings {
 
 /// `ContentProducer` when none is configured: this service, by name. Operators publishing
 /// in China set their own (the standard expects the producer's identity).
-pub const DEFAULT_PRODUCER: &str = "stage3";
+pub(crate) const DEFAULT_PRODUCER: &str = "stage3";
 
 /// The form the implicit label is written in today: the TC260 XMP packet. Records from
 /// before it carry no form; their PNGs hold the earlier bare `AIGC` text chunk, which
 /// detection tools do not read, so they are relabelled (from their source, without a call).
-pub const IMPLICIT_FORM: &str = "tc260-xmp";
+pub(crate) const IMPLICIT_FORM: &str = "tc260-xmp";
 
 // The contract type lives in `schema`; what it means for a label setting lives here.
 impl AppliedLabels {
     /// Whether these are the labels `settings` asks for.
-    pub fn matches(&self, settings: &LabelSettings) -> bool {
+    pub(crate) fn matches(&self, settings: &LabelSettings) -> bool {
         self.implicit == settings.implicit
             && self.visible == settings.visible
             && (!settings.implicit
@@ -72,7 +72,7 @@ pub(crate) fn source_key(scene_id: &str, source_sha256: &str) -> String {
 
 /// The published image and what it carries.
 #[derive(Debug, Clone)]
-pub struct Published {
+pub(crate) struct Published {
     pub png: Bytes,
     pub sha256: String,
     pub applied: AppliedLabels,
@@ -81,7 +81,7 @@ pub struct Published {
 /// Applies `settings` to the checked `source` PNG. `propagate_id` identifies the
 /// publication (the image's key stem). CPU work when a mark is drawn: run it off the async
 /// workers.
-pub fn publish(
+pub(crate) fn publish(
     source: &Bytes,
     source_sha256: &str,
     settings: &LabelSettings,

@@ -50,32 +50,60 @@
 //! The binaries `stage3` (feature `cli`) and `stage3-lambda` (feature `lambda`) are the
 //! shells; both features are on by default.
 
-pub mod aws;
-pub mod batch;
-pub mod batch_stop;
-pub mod cache;
-pub mod config;
-pub mod deadline;
-pub mod error;
+// Private modules: what an embedding program needs is re-exported below, each item under
+// one path. The parts with a namespace of their own (providers, stores, events, stories,
+// the Lambda adapter) are public modules.
+mod aws;
+mod batch;
+mod batch_stop;
+mod cache;
+mod config;
+mod deadline;
+mod error;
 pub mod events;
-pub mod image_spec;
-pub mod labels;
+mod image_spec;
+mod labels;
 #[cfg(feature = "lambda")]
 pub mod lambda;
-pub mod normalize;
-pub mod prompt;
+mod normalize;
+mod prompt;
 pub mod provider;
-pub mod retry;
-pub mod schema;
-pub mod secret;
-pub mod service;
+mod retry;
+mod schema;
+mod secret;
+mod service;
 pub mod storage;
 pub mod story;
 pub mod telemetry;
-pub mod text;
-pub mod urls;
+mod text;
+mod urls;
 
-pub use config::Config;
-pub use error::{ErrorType, Stage3Error};
-pub use schema::{BatchAnswer, GenerationRequest, Stage2Output, Stage3Output};
+// The service, its options and what it answers.
+pub use batch::{BatchOptions, BatchProgress, BatchRun};
+pub use batch_stop::BatchStop;
 pub use service::{RunOptions, Stage3Service};
+// The configuration, read once from the environment.
+#[cfg(feature = "cli")]
+pub use config::load_dotenv;
+pub use config::{Config, Overrides, DEFAULT_MODEL};
+// The JSON contracts.
+pub use image_spec::{ImageSpec, ModelRef, ProviderKind};
+pub use schema::{
+    parse_submission, read_submission, BatchAnswer, GenerationRequest, ImageQuality, ImageSize,
+    RequestOptions, Stage2Output, Stage3Output,
+};
+// Errors, with their stable `error_type`.
+pub use error::{ErrorType, ProviderFailure, Result, Stage3Error};
+// Time budgets, retries, keys and the AWS set-up the clients share.
+pub use aws::AwsConfig;
+pub use cache::ClaimTiming;
+pub use deadline::{CallBudget, Deadline};
+pub use retry::RetryPolicy;
+pub use secret::Secret;
+// Images: normalising, and the GB 45438 implicit label.
+pub use normalize::{
+    count_aigc_labels, insert_aigc_label, normalize_image, read_aigc_label, strip_aigc_label,
+    AigcLabel, ImageLimits, DEFAULT_MAX_IMAGE_PIXELS,
+};
+// The URLs answers give for stored objects.
+pub use urls::{QiniuSigner, UrlPolicy};

@@ -16,7 +16,7 @@ use crate::error::{Result, Stage3Error};
 use crate::schema::GenerationRequest;
 
 /// The seed's prompt limit, in characters; configurable through `STAGE3_MAX_PROMPT_CHARS`.
-pub const DEFAULT_MAX_PROMPT_CHARS: usize = 4000;
+pub(crate) const DEFAULT_MAX_PROMPT_CHARS: usize = 4000;
 
 /// The words around the style tags and negatives, in the prompt's language.
 struct Labels {
@@ -39,7 +39,7 @@ const CHINESE: Labels = Labels {
 
 /// A scene's prompt in the two forms providers take it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ComposedPrompt {
+pub(crate) struct ComposedPrompt {
     /// The scene's text, its style tags and, as an "Avoid:" sentence, what it must not
     /// show: what a provider without a negative-prompt field receives.
     pub folded: String,
@@ -52,7 +52,7 @@ pub struct ComposedPrompt {
 
 /// Composes both forms of the prompt for `request`; the folded one, the longest, is checked
 /// against `max_chars`.
-pub fn compose(request: &GenerationRequest, max_chars: usize) -> Result<ComposedPrompt> {
+pub(crate) fn compose(request: &GenerationRequest, max_chars: usize) -> Result<ComposedPrompt> {
     let image_prompt = request.image_prompt.trim();
     let labels = if is_chinese(image_prompt) {
         &CHINESE

@@ -173,7 +173,7 @@ impl Default for Backpressure {
 }
 
 impl Backpressure {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Backpressure {
             resume_at: Mutex::new(None),
         }
@@ -190,7 +190,7 @@ impl Backpressure {
     }
 
     /// Waits until any pause is over; returns at once when there is none.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let until = *self.resume_at.lock().await;
         if let Some(until) = until {
             tokio::time::sleep_until(until).await;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::error::{ErrorType, Result, Stage3Error};
 
 /// The longest `scene_id` we accept; it becomes part of a file name and an object key.
-pub const MAX_SCENE_ID_CHARS: usize = 128;
+pub(crate) const MAX_SCENE_ID_CHARS: usize = 128;
 
 /// One scene's prompt, as stage 2 emits it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +42,8 @@ pub enum ImageSize {
 }
 
 impl ImageSize {
-    pub const ALL: [ImageSize; 3] = [ImageSize::Square, ImageSize::Landscape, ImageSize::Portrait];
+    pub(crate) const ALL: [ImageSize; 3] =
+        [ImageSize::Square, ImageSize::Landscape, ImageSize::Portrait];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,7 +63,7 @@ impl ImageSize {
     }
 
     /// The nominal pixel size, used by the placeholder provider and aspect validation.
-    pub fn dimensions(self) -> (u32, u32) {
+    pub(crate) fn dimensions(self) -> (u32, u32) {
         match self {
             ImageSize::Square => (1024, 1024),
             ImageSize::Landscape => (1792, 1024),
@@ -185,7 +186,7 @@ impl From<Stage2Output> for GenerationRequest {
 impl GenerationRequest {
     /// The request with every text it brings cleaned ([`clean_text`]): done once, before the
     /// request is validated, so nothing downstream sees a control or bidi override character.
-    pub fn cleaned(mut self) -> Self {
+    pub(crate) fn cleaned(mut self) -> Self {
         let clean = |text: &mut String| {
             if let std::borrow::Cow::Owned(cleaned) = clean_text(text) {
                 *text = cleaned;
@@ -228,13 +229,13 @@ impl GenerationRequest {
 }
 
 /// Models take a handful of reference images at most; more is a mistake upstream.
-pub const MAX_REFERENCE_IMAGES: usize = 8;
+pub(crate) const MAX_REFERENCE_IMAGES: usize = 8;
 /// A `data:` reference is sent inline with every request; keep it to a few megabytes.
 const MAX_DATA_URL_BYTES: usize = 8 * 1024 * 1024;
 
 /// A reference image must be fetchable by the provider without our credentials (`https://`)
 /// or travel inline (`data:image/png|jpeg|webp;base64,…`); nothing else leaves this service.
-pub fn validate_reference_url(url: &str) -> std::result::Result<(), String> {
+pub(crate) fn validate_reference_url(url: &str) -> std::result::Result<(), String> {
     if let Some(rest) = url.strip_prefix("https://") {
         if rest.is_empty() || url.len() > 2048 || url.chars().any(char::is_whitespace) {
             return Err("not a usable https URL (at most 2048 characters, no spaces)".into());
@@ -267,7 +268,7 @@ pub fn validate_reference_url(url: &str) -> std::result::Result<(), String> {
 
 /// `scene_id` becomes part of a file name and an S3 key, so only a conservative alphabet
 /// passes: letters, digits, `-`, `_`, `.`, never a leading `.` (no `..`, no hidden files).
-pub fn validate_scene_id(scene_id: &str) -> Result<()> {
+pub(crate) fn validate_scene_id(scene_id: &str) -> Result<()> {
     let fail = |why: &str| {
         Err(Stage3Error::invalid_request(format!(
             "scene_id: {why} (got {:?})",
@@ -293,7 +294,7 @@ pub fn validate_scene_id(scene_id: &str) -> Result<()> {
 }
 
 /// Model slugs look like `vendor/name:variant`; anything else is a typo or an injection.
-pub fn validate_model(model: &str) -> std::result::Result<(), String> {
+pub(crate) fn validate_model(model: &str) -> std::result::Result<(), String> {
     if model.is_empty() || model.len() > 200 {
         return Err("must be 1 to 200 characters".into());
     }
@@ -458,7 +459,7 @@ pub struct SceneFailure {
 /// The longest failure message kept. Provider text is shortened where it is read; this is
 /// the last line of defence, so no answer can outgrow Lambda's 6 MB response limit because
 /// of messages (500 scenes × 2 KB is 1 MB).
-pub const MAX_FAILURE_MESSAGE_CHARS: usize = 2000;
+pub(crate) const MAX_FAILURE_MESSAGE_CHARS: usize = 2000;
 
 impl SceneFailure {
     pub fn new(scene_id: impl Into<String>, error: &Stage3Error) -> Self {
@@ -471,7 +472,7 @@ impl SceneFailure {
 }
 
 /// `story_id` becomes part of object keys: the same rules as `scene_id`.
-pub fn validate_story_id(story_id: &str) -> Result<()> {
+pub(crate) fn validate_story_id(story_id: &str) -> Result<()> {
     validate_scene_id(story_id).map_err(|e| match e {
         Stage3Error::InvalidRequest(message) => {
             Stage3Error::InvalidRequest(message.replacen("scene_id:", "story_id:", 1))
@@ -593,7 +594,7 @@ impl Submission {
         }
     }
 
-    pub fn into_requests(self) -> Vec<GenerationRequest> {
+    pub(crate) fn into_requests(self) -> Vec<GenerationRequest> {
         match self {
             Submission::Single(request) => vec![request],
             Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
@@ -682,7 +683,7 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
 }
 
 /// The length of `value` as compact JSON, counted without building the text.
-pub fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -716,7 +717,7 @@ pub fn read_submission(path: &std::path::Path, max_batch: usize) -> Result<Submi
 }
 
 /// Parses bytes (a file, stdin, a queue message body) as a submission.
-pub fn parse_submission_bytes(bytes: &[u8], max_batch: usize) -> Result<Submission> {
+pub(crate) fn parse_submission_bytes(bytes: &[u8], max_batch: usize) -> Result<Submission> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| Stage3Error::invalid_request(format!("malformed JSON: {e}")))?;
     parse_submission(value, max_batch)
@@ -778,7 +779,11 @@ fn parse_items(items: Vec<Value>, defaults: &RequestOptions) -> Result<Vec<Gener
 
 /// Says where an invalid request sits in its batch: `scenes[2] (scene_id "x"): …`. Other
 /// errors pass through unchanged.
-pub fn locate_in_batch(error: Stage3Error, index: usize, scene_id: Option<&str>) -> Stage3Error {
+pub(crate) fn locate_in_batch(
+    error: Stage3Error,
+    index: usize,
+    scene_id: Option<&str>,
+) -> Stage3Error {
     match error {
         Stage3Error::InvalidRequest(message) => {
             let hint = scene_id

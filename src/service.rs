@@ -78,7 +78,7 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
     /// Each scene's plan, in input order; an `Err` is why the scene cannot be served.
-    pub plans: Vec<Result<Plan>>,
+    pub(crate) plans: Vec<Result<Plan>>,
     /// The sum of every scene's estimate, when every scene has one.
     pub estimated_cost_usd: Option<f64>,
     /// Scenes whose price is not known (no catalogue, no pricing).
@@ -88,7 +88,7 @@ pub struct BatchPlan {
 impl BatchPlan {
     /// The first scene the asked-for model cannot serve (`invalid_request`), or whose
     /// model's provider has no key (`config`), with its place.
-    pub fn first_invalid(&self, scenes: &[PreparedScene]) -> Option<Stage3Error> {
+    pub(crate) fn first_invalid(&self, scenes: &[PreparedScene]) -> Option<Stage3Error> {
         self.plans
             .iter()
             .zip(scenes)
@@ -168,7 +168,7 @@ impl PreparedScene {
 }
 
 /// Prepares every request, or names the first invalid one with its position.
-pub fn prepare_all(
+pub(crate) fn prepare_all(
     requests: Vec<GenerationRequest>,
     config: &Config,
     providers: &Providers,
@@ -186,7 +186,7 @@ pub fn prepare_all(
 
 /// Prepares a submission's requests: a single request's error as it is, a batch's naming
 /// the first invalid request by its place.
-pub fn prepare_submission(
+pub(crate) fn prepare_submission(
     submission: Submission,
     config: &Config,
     providers: &Providers,
@@ -198,7 +198,7 @@ pub fn prepare_submission(
 }
 
 /// Called as each scene finishes, for progress reporting.
-pub type SceneCallback<'a> =
+pub(crate) type SceneCallback<'a> =
     &'a (dyn Fn(&str, std::result::Result<&Stage3Output, &Stage3Error>) + Sync);
 
 pub struct Stage3Service {
@@ -318,7 +318,7 @@ impl Stage3Service {
     }
 
     /// [`Stage3Service::prepare_all`] for a parsed submission: see [`prepare_submission`].
-    pub fn prepare_submission(&self, submission: Submission) -> Result<Vec<PreparedScene>> {
+    pub(crate) fn prepare_submission(&self, submission: Submission) -> Result<Vec<PreparedScene>> {
         prepare_submission(submission, &self.config, &self.providers)
     }
 
@@ -401,15 +401,10 @@ impl Stage3Service {
         Ok(provider.check(spec, &model.model).await?.estimate_usd)
     }
 
-    /// Checks and prices every scene before any call (identical scenes once). Costs nothing;
-    /// the provider may read its catalogue the first time.
-    pub async fn plan_batch(&self, scenes: &[PreparedScene]) -> BatchPlan {
-        self.plan_batch_with(scenes, &CacheLookup::default()).await
-    }
-
-    /// [`Self::plan_batch`], planning only the scenes `lookup` did not find stored: a
-    /// stored scene is served by its own model at no cost.
-    pub(crate) async fn plan_batch_with(
+    /// Checks and prices every scene before any call (identical scenes once), planning only
+    /// the scenes `lookup` did not find stored: a stored scene is served by its own model at
+    /// no cost. Costs nothing; the provider may read its catalogue the first time.
+    pub(crate) async fn plan_batch(
         &self,
         scenes: &[PreparedScene],
         lookup: &CacheLookup,
@@ -450,7 +445,7 @@ impl Stage3Service {
     }
 
     /// `Err(budget_exceeded)` when the batch's estimate passes `STAGE3_MAX_COST_USD`.
-    pub fn check_budget(&self, plan: &BatchPlan) -> Result<()> {
+    pub(crate) fn check_budget(&self, plan: &BatchPlan) -> Result<()> {
         let Some(max) = self.config.max_cost_usd else {
             return Ok(());
         };
@@ -487,7 +482,7 @@ impl Stage3Service {
         scenes: &[PreparedScene],
         lookup: &CacheLookup,
     ) -> Result<BatchPlan> {
-        let plan = self.plan_batch_with(scenes, lookup).await;
+        let plan = self.plan_batch(scenes, lookup).await;
         if let Some(invalid) = plan.first_invalid(scenes) {
             return Err(invalid);
         }
@@ -546,7 +541,7 @@ impl Stage3Service {
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
-        let plan = self.plan_batch_with(&scenes, lookup).await;
+        let plan = self.plan_batch(&scenes, lookup).await;
         let outcomes = match self.check_budget(&plan) {
             Ok(()) => {
                 self.run_scenes_with(&scenes, lookup, options, on_done)

@@ -114,7 +114,7 @@ pub(crate) fn encode_path(path: &str) -> String {
 
 /// Qiniu CDN timestamp anti-leech: every URL is signed with `key` and expires after `ttl`.
 #[derive(Debug, Clone)]
-pub struct CdnSigning {
+pub(crate) struct CdnSigning {
     pub key: Secret,
     pub ttl: Duration,
 }

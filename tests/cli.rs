@@ -81,7 +81,7 @@ async fn generate_against_an_openrouter_stand_in_stores_valid_pngs() {
             assert!(params.get(key).is_some(), "generation_params.{key}");
         }
         assert_eq!(params["quality"], "hd");
-        assert_eq!(params["model"], stage3::config::DEFAULT_MODEL);
+        assert_eq!(params["model"], stage3::DEFAULT_MODEL);
         assert!(
             params.get("requested_model").is_none(),
             "no fallback served"

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use stage3::normalize::{normalize_image, ImageLimits, DEFAULT_MAX_IMAGE_PIXELS};
-use stage3::schema::ImageSize;
 use stage3::storage::FsStore;
 use stage3::story::{self, Manifest, ManifestEntry, SceneStatus, StoryScene};
-use stage3::urls::UrlPolicy;
+use stage3::ImageSize;
 use stage3::Stage3Error;
+use stage3::UrlPolicy;
+use stage3::{normalize_image, ImageLimits, DEFAULT_MAX_IMAGE_PIXELS};
 
 struct Counting;
 

@@ -18,16 +18,16 @@ use std::sync::OnceLock;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use stage3::batch::{BatchOptions, BatchProgress, BatchRun};
-use stage3::batch_stop::BatchStop;
-use stage3::config::{self, Config, Overrides};
-use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
-use stage3::image_spec::ProviderKind;
 use stage3::provider::{ModelListing, Providers};
-use stage3::schema::{read_submission, ImageQuality, ImageSize, RequestOptions};
-use stage3::service::{RunOptions, Stage3Service};
+use stage3::BatchStop;
+use stage3::Deadline;
+use stage3::ProviderKind;
+use stage3::{self, Config, Overrides};
+use stage3::{read_submission, ImageQuality, ImageSize, RequestOptions};
 use stage3::{telemetry, Stage3Error};
+use stage3::{BatchOptions, BatchProgress, BatchRun};
+use stage3::{RunOptions, Stage3Service};
 
 #[derive(Parser)]
 #[command(
@@ -127,7 +127,7 @@ fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
     // `gallery` reads no configuration; the other commands see `./.env` as part of their
     // environment. Loaded here, while this is the process's only thread.
     if !matches!(cli.command, Command::Gallery { .. }) {
-        config::load_dotenv()?;
+        stage3::load_dotenv()?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

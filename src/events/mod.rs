@@ -49,14 +49,14 @@ use crate::error::{Result, Stage3Error};
 use crate::schema::{BatchAnswer, BatchSummary, SceneFailure, Stage3Output};
 
 /// The EventBridge `source` of every event (docs/design.md §2).
-pub const EVENT_SOURCE: &str = "stage3";
+pub(crate) const EVENT_SOURCE: &str = "stage3";
 
 /// The variable naming the CLI's time budget for a batch's events, in seconds.
-pub const CLI_BUDGET_VARIABLE: &str = "STAGE3_EVENTS_TIMEOUT_SECS";
+pub(crate) const CLI_BUDGET_VARIABLE: &str = "STAGE3_EVENTS_TIMEOUT_SECS";
 /// The CLI's budget when the variable is unset: a webhook's POST may take 10 s, so this
 /// leaves room for a retry, yet a silent receiver costs a run half a minute, not the 80 s
 /// that four attempts of each of two events in a row took without a budget.
-pub const DEFAULT_CLI_BUDGET: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_CLI_BUDGET: Duration = Duration::from_secs(30);
 /// The longest budget the variable may ask for.
 const MAX_CLI_BUDGET_SECS: u64 = 3600;
 
@@ -121,15 +121,15 @@ impl Event {
         }
     }
 
-    pub fn scene_ready(output: &Stage3Output) -> Event {
+    pub(crate) fn scene_ready(output: &Stage3Output) -> Event {
         Event::new(EventKind::SceneReady, output)
     }
 
-    pub fn scene_failed(failure: &SceneFailure) -> Event {
+    pub(crate) fn scene_failed(failure: &SceneFailure) -> Event {
         Event::new(EventKind::SceneFailed, failure)
     }
 
-    pub fn batch_done(summary: &BatchSummary, story: Option<&StoryRef>) -> Event {
+    pub(crate) fn batch_done(summary: &BatchSummary, story: Option<&StoryRef>) -> Event {
         Event::new(EventKind::BatchDone, &BatchDone { summary, story })
     }
 }

@@ -52,7 +52,7 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`, the value of
 /// [`SIGNATURE_HEADER`] for a POST whose [`TIMESTAMP_HEADER`] is `timestamp`.
-pub fn signature(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
+pub(super) fn signature(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
     // HMAC takes keys of any length, so this cannot fail.
     let mut mac = HmacSha256::new_from_slice(secret.expose().as_bytes())
         .expect("HMAC accepts keys of any length");
@@ -71,7 +71,7 @@ fn unix_now() -> u64 {
 }
 
 /// The webhook body of `event`: `{"type": …, "data": …}`.
-pub fn body(event: &Event) -> String {
+pub(super) fn body(event: &Event) -> String {
     // `type` is one of our fixed names and `data` is already JSON: no escaping needed.
     format!(
         "{{\"type\":\"{}\",\"data\":{}}}",

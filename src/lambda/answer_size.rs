@@ -15,10 +15,8 @@
 
 use serde_json::{Map, Value};
 
-/// Lambda's limit for a synchronous answer, in bytes.
-pub const LAMBDA_RESPONSE_LIMIT: usize = 6 * 1024 * 1024;
-
-/// The size an answer is trimmed to: the limit less room for the runtime's envelope.
+/// The size an answer is trimmed to: Lambda's limit for a synchronous answer (6 MiB) less
+/// room for the runtime's envelope.
 pub const ANSWER_BUDGET: usize = 5_500_000;
 
 /// The request echoes a result can do without, under `generation_params`.
@@ -31,7 +29,7 @@ type TrimStep = fn(&mut Map<String, Value>) -> bool;
 
 /// Trims `answer` until it serialises to at most `budget` bytes, recording each step in
 /// a top-level `trimmed` list. An answer already within the budget is left untouched.
-pub fn fit(answer: &mut Value, budget: usize) {
+pub(crate) fn fit(answer: &mut Value, budget: usize) {
     let mut trimmed: Vec<&'static str> = Vec::new();
     let steps: [(&'static str, TrimStep); 4] = [
         ("generation_params.prompt", drop_echoes),
@@ -67,7 +65,7 @@ pub fn fit(answer: &mut Value, budget: usize) {
 }
 
 /// The length of `value` as JSON, without building the text.
-pub fn serialized_len(value: &Value) -> usize {
+pub(crate) fn serialized_len(value: &Value) -> usize {
     crate::schema::json_len(value)
 }
 
@@ -139,6 +137,9 @@ fn drop_lists(answer: &mut Map<String, Value>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lambda's limit for a synchronous answer, in bytes.
+    const LAMBDA_RESPONSE_LIMIT: usize = 6 * 1024 * 1024;
     use serde_json::json;
 
     fn result(scene: &str, prompt_chars: usize) -> Value {

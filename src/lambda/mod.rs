@@ -39,8 +39,6 @@ use crate::service::{RunOptions, Stage3Service};
 pub mod answer_size;
 mod sqs;
 
-pub use sqs::SqsAnswer;
-
 /// Kept back from the invocation deadline for serialising the answer and handing it to
 /// the runtime: an answer that misses the deadline is lost and the whole event retried.
 pub const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
@@ -214,7 +212,7 @@ pub async fn handle_invocation_lazily(
 }
 
 /// [`handle_invocation`] with events and the dead-letter queue.
-pub async fn handle_invocation_with(
+pub(crate) async fn handle_invocation_with(
     service: &Stage3Service,
     outlets: &Outlets,
     event: LambdaEvent<Value>,

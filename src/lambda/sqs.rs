@@ -15,7 +15,7 @@ use crate::service::{RunOptions, Stage3Service};
 
 /// The SQS answer: the records to redeliver, and what the invocation did.
 #[derive(Debug, Serialize)]
-pub struct SqsAnswer {
+pub(crate) struct SqsAnswer {
     #[serde(flatten)]
     pub response: SqsBatchResponse,
     pub summary: BatchSummary,

@@ -60,7 +60,7 @@ pub(crate) const ALLOWED_ANCILLARY: &[(&[u8; 4], usize)] = &[
 
 /// One chunk of a PNG, borrowed from its bytes.
 #[derive(Debug, Clone, Copy)]
-pub struct Chunk<'a> {
+pub(super) struct Chunk<'a> {
     /// The four-letter type, e.g. `*b"IDAT"`.
     pub kind: [u8; 4],
     /// The chunk's data, without length, type or CRC.
@@ -73,7 +73,7 @@ pub struct Chunk<'a> {
 
 impl Chunk<'_> {
     /// The bytes of the whole chunk: length, type, data, CRC.
-    pub fn raw<'b>(&self, png: &'b [u8]) -> &'b [u8] {
+    pub(super) fn raw<'b>(&self, png: &'b [u8]) -> &'b [u8] {
         &png[self.start..self.end]
     }
 
@@ -90,7 +90,7 @@ impl Chunk<'_> {
 /// Every chunk from `IHDR` to `IEND`, in order, or — as the last item — why the file is cut
 /// off or malformed. Bytes after `IEND` are not looked at. The signature is assumed (it was
 /// sniffed). An iterator, not a list: a hostile file can hold millions of empty chunks.
-pub fn chunks(png: &[u8]) -> Chunks<'_> {
+pub(super) fn chunks(png: &[u8]) -> Chunks<'_> {
     Chunks {
         png,
         offset: PNG_SIGNATURE.len(),
@@ -100,7 +100,7 @@ pub fn chunks(png: &[u8]) -> Chunks<'_> {
 }
 
 /// The iterator of [`chunks`].
-pub struct Chunks<'a> {
+pub(super) struct Chunks<'a> {
     png: &'a [u8],
     offset: usize,
     first: bool,
@@ -168,7 +168,7 @@ const REPORTED_DROPS: usize = 32;
 
 /// What [`keep_checked_chunks`] did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChunkReport {
+pub(crate) struct ChunkReport {
     /// The type of each dropped chunk, in file order, one entry a chunk (the first 32).
     pub dropped: Vec<[u8; 4]>,
     /// How many chunks were dropped in all.

@@ -33,7 +33,6 @@ use crate::schema::ImageSize;
 pub use aigc::{
     count_aigc_labels, insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel,
 };
-pub use chunks::ChunkReport;
 pub(crate) use chunks::MAX_ICC_PROFILE_BYTES;
 
 /// The default `STAGE3_MAX_IMAGE_PIXELS`: 4096 x 4096, the largest image any provider we
@@ -51,15 +50,15 @@ const _: () = assert!(
 /// How far an image's width/height ratio may stray from the requested one (relative).
 /// Models return 16:9 (1.778) for `1792x1024` (1.75); 15% leaves room for such rounding
 /// and refuses a square answer to a landscape request.
-pub const MAX_ASPECT_DEVIATION: f64 = 0.15;
+pub(crate) const MAX_ASPECT_DEVIATION: f64 = 0.15;
 
 /// Below this standard deviation of luminance (on 0–255) an image counts as blank: a
 /// failed generation that came back as one flat colour.
-pub const MIN_LUMA_STDDEV: f64 = 2.0;
+pub(crate) const MIN_LUMA_STDDEV: f64 = 2.0;
 
 /// The shortest side we accept. Anything smaller is a thumbnail or an error page, not an
 /// illustration, and it could not hold the sampling grid either.
-pub const MIN_SIDE: u32 = 64;
+pub(crate) const MIN_SIDE: u32 = 64;
 
 /// The blank test reads a grid of this many rows × columns (8192 pixels): enough to see
 /// any real picture, few enough to cost nothing next to decoding.
@@ -168,7 +167,7 @@ impl NormalizedImage {
 /// padding — empty deflate blocks, or many empty chunks — that every reader would have to
 /// chew through and the store would keep. Since pixels are bounded by
 /// `STAGE3_MAX_IMAGE_PIXELS`, so is this.
-pub fn max_png_bytes(width: u32, height: u32, bits_per_pixel: u32) -> u64 {
+pub(crate) fn max_png_bytes(width: u32, height: u32, bits_per_pixel: u32) -> u64 {
     let row = (u64::from(width) * u64::from(bits_per_pixel)).div_ceil(8);
     // Adam7 splits each row across up to 4 passes' scanlines, each with its filter byte
     // and a partly filled last byte.
@@ -177,7 +176,7 @@ pub fn max_png_bytes(width: u32, height: u32, bits_per_pixel: u32) -> u64 {
 }
 
 /// The real format of `bytes`, from its magic numbers.
-pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
+pub(crate) fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
     if bytes.starts_with(chunks::PNG_SIGNATURE) {
         Some(SourceFormat::Png)
     } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {

@@ -21,7 +21,7 @@ pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
     !crc
 }
 
-pub fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+pub(crate) fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut out = (data.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(kind);
     out.extend_from_slice(data);
@@ -30,7 +30,7 @@ pub fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
 }
 
 /// `(type, data)` of every chunk, in order, up to the end of the bytes.
-pub fn parts(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
+pub(crate) fn parts(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
     let mut out = Vec::new();
     let mut offset = 8;
     while offset < png.len() {
@@ -79,7 +79,7 @@ pub(crate) fn zlib_stored(data: &[u8]) -> Vec<u8> {
 
 /// An Adam7-interlaced RGB PNG, which the `png` encoder cannot write: each pass's
 /// scanlines with filter type 0, in stored zlib blocks.
-pub fn adam7_png(image: &RgbImage) -> Bytes {
+pub(crate) fn adam7_png(image: &RgbImage) -> Bytes {
     const PASSES: [(u32, u32, u32, u32); 7] = [
         (0, 0, 8, 8),
         (4, 0, 8, 8),
@@ -119,7 +119,7 @@ pub(crate) fn noisy_rgb(width: u32, height: u32, seed: u64) -> RgbImage {
     })
 }
 
-pub fn png_of(image: &RgbImage) -> Bytes {
+pub(crate) fn png_of(image: &RgbImage) -> Bytes {
     let mut out = Vec::new();
     PngEncoder::new(&mut out)
         .write_image(
@@ -132,7 +132,7 @@ pub fn png_of(image: &RgbImage) -> Bytes {
     Bytes::from(out)
 }
 
-pub fn noisy_png(width: u32, height: u32) -> Bytes {
+pub(crate) fn noisy_png(width: u32, height: u32) -> Bytes {
     png_of(&noisy_rgb(width, height, 7))
 }
 

@@ -90,7 +90,7 @@ impl ApiClient {
     /// The clients for `provider`'s API at `base_url`. Without a key the client can still
     /// read what needs none (a catalogue); [`ApiClient::post_json`] then fails with a
     /// configuration error naming `key_variable`.
-    pub fn new(
+    pub(super) fn new(
         provider: &'static str,
         base_url: &str,
         key: Option<Secret>,
@@ -145,7 +145,7 @@ impl ApiClient {
         self.key.is_some()
     }
 
-    pub fn base_url(&self) -> &str {
+    pub(super) fn base_url(&self) -> &str {
         &self.base_url
     }
 
@@ -272,7 +272,7 @@ impl ApiClient {
 
     /// A provider failure built from what its error answer said: the provider's message
     /// (scrubbed and shortened), else the status's reason phrase.
-    pub fn failure(
+    pub(super) fn failure(
         &self,
         status: Option<u16>,
         provider_error_type: Option<&str>,

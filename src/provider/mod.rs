@@ -35,7 +35,7 @@ pub use listing::ModelListing;
 pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
 pub use registry::Providers;
-pub use settings::{
+pub(crate) use settings::{
     ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
 };
 

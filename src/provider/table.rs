@@ -44,7 +44,7 @@ pub(super) struct TabledModel {
 
 impl TabledModel {
     /// The pixel size drawn for `size` at `quality`.
-    pub fn pixels(&self, size: ImageSize, quality: ImageQuality) -> (u32, u32) {
+    pub(super) fn pixels(&self, size: ImageSize, quality: ImageQuality) -> (u32, u32) {
         let tier = match quality {
             ImageQuality::Standard => &self.standard,
             ImageQuality::Hd => &self.hd,
@@ -71,7 +71,7 @@ pub(super) struct ModelTable {
 }
 
 impl ModelTable {
-    pub fn new(
+    pub(super) fn new(
         provider: ProviderKind,
         provider_name: &'static str,
         models: &'static [TabledModel],
@@ -93,7 +93,7 @@ impl ModelTable {
     }
 
     /// The row of `model`, if the table knows it.
-    pub fn find(&self, model: &str) -> Option<TabledModel> {
+    pub(super) fn find(&self, model: &str) -> Option<TabledModel> {
         if let Some(row) = self.models.iter().find(|row| row.id == model) {
             return Some(*row);
         }
@@ -105,7 +105,7 @@ impl ModelTable {
 
     /// The price of one image of `model`: `STAGE3_PRICES`, else the table's. An alias has
     /// no price of its own (an endpoint may run any model).
-    pub fn price(&self, model: &str) -> Option<f64> {
+    pub(super) fn price(&self, model: &str) -> Option<f64> {
         if let Some(price) = self.prices.get(model) {
             return Some(*price);
         }
@@ -116,7 +116,7 @@ impl ModelTable {
     }
 
     /// Checks that `model` can draw `spec` (see the module documentation).
-    pub fn check(&self, spec: &ImageSpec, model: &str) -> Result<ModelCheck> {
+    pub(super) fn check(&self, spec: &ImageSpec, model: &str) -> Result<ModelCheck> {
         let Some(row) = self.find(model) else {
             let known: Vec<&str> = self.models.iter().map(|row| row.id).collect();
             return Err(Stage3Error::ModelUnavailable(format!(
@@ -171,7 +171,7 @@ impl ModelTable {
     }
 
     /// The table as `stage3 models` lists it.
-    pub fn listings(&self) -> Vec<ModelListing> {
+    pub(super) fn listings(&self) -> Vec<ModelListing> {
         self.models
             .iter()
             .map(|row| {

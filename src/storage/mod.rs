@@ -18,7 +18,8 @@ use bytes::Bytes;
 pub use fs::FsStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
-pub use settings::{S3Credentials, S3Settings, StorageKind, StorageSettings};
+pub use settings::S3Settings;
+pub(crate) use settings::{S3Credentials, StorageKind, StorageSettings};
 
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
@@ -172,7 +173,7 @@ fn too_large(location: &str, size: u64, limit: u64) -> Stage3Error {
 
 /// Builds the store `settings.kind` names. Called once at start-up (the S3 client is built
 /// here, on the shared AWS configuration).
-pub async fn from_settings(
+pub(crate) async fn from_settings(
     settings: &StorageSettings,
     aws: &AwsConfig,
 ) -> Result<Arc<dyn ObjectStore>> {

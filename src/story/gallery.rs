@@ -22,7 +22,7 @@ use super::manifest::{Manifest, SceneEntry, SceneStatus};
 
 /// How a page links to the story's objects.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct PageLinks {
+pub(crate) struct PageLinks {
     /// The CDN origin (`https://img.example.com`) images may come from besides the page's
     /// own; none without a CDN.
     pub image_origin: Option<String>,
@@ -228,7 +228,7 @@ fn url_path(key: &str) -> String {
 }
 
 /// Escapes text for HTML content and double- or single-quoted attributes.
-pub fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -29,7 +29,7 @@ use crate::schema::{validate_scene_id, ImageSize, Stage3Output};
 
 /// The format of `manifest.json`: 2 records, per entry, the fragment and store time it came
 /// from, which is what lets a manifest stand in for fragments that were deleted.
-pub const MANIFEST_FORMAT: u32 = 2;
+pub(crate) const MANIFEST_FORMAT: u32 = 2;
 /// The format of batch fragments (unchanged since the first version).
 pub(crate) const FRAGMENT_FORMAT: u32 = 1;
 
@@ -292,7 +292,7 @@ fn key_of_location(location: &str) -> String {
 
 /// One batch's contribution, as written: `stories/{story_id}/batches/{time}-{random}.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Fragment<'a> {
+pub(super) struct Fragment<'a> {
     pub format: u32,
     pub story_id: &'a str,
     /// When the batch published, by its own clock: informational only, never an order.
@@ -334,7 +334,7 @@ fn is_sane_cost(cost: f64) -> bool {
 
 /// Milliseconds since the Unix epoch (0 before it): the precision manifests record, so a
 /// time read back from one compares equal to the store's time it was made from.
-pub fn millis(time: SystemTime) -> u64 {
+pub(super) fn millis(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -353,7 +353,7 @@ pub(crate) fn parse_millis(text: &str) -> Option<u64> {
 
 /// How an entry gets its time and origin.
 #[derive(Debug, Clone, Copy)]
-pub enum Stamp<'a> {
+pub(super) enum Stamp<'a> {
     /// From a fragment: the fragment's name and store time; what the entry says is ignored.
     Fragment { name: &'a str, at_ms: u64 },
     /// From a manifest used as a base: the entry must name its fragment and store time,
@@ -366,7 +366,7 @@ pub enum Stamp<'a> {
 
 /// An entry that passed [`check_entry`], with the store time it is ordered by.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Checked {
+pub(super) struct Checked {
     pub entry: SceneEntry,
     pub at_ms: u64,
 }
@@ -536,7 +536,7 @@ pub(crate) fn check_entry(value: Value, stamp: Stamp<'_>) -> Result<Checked, Str
 
 /// What a fragment or manifest says besides its scenes.
 #[derive(Debug, Default)]
-pub struct Header {
+pub(super) struct Header {
     pub format: Option<u64>,
     pub story_id: Option<String>,
     pub updated_at: Option<String>,
@@ -703,7 +703,7 @@ pub(crate) fn header_problem(
 /// The story being rebuilt: checked entries offered one at a time, the one the store wrote
 /// last kept for each scene, scenes in order of first appearance, within the story's caps.
 #[derive(Debug, Default)]
-pub struct Merge {
+pub(super) struct Merge {
     scenes: Vec<Slot>,
     index: HashMap<String, usize>,
     bytes: usize,
@@ -720,7 +720,7 @@ struct Slot {
 }
 
 impl Merge {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Merge::default()
     }
 
@@ -761,13 +761,13 @@ impl Merge {
     }
 
     /// Notes a store time merged, for the manifest's `updated_at`.
-    pub fn saw(&mut self, at_ms: u64) {
+    pub(super) fn saw(&mut self, at_ms: u64) {
         self.updated_ms = self.updated_ms.max(at_ms);
     }
 
     /// The manifest of everything offered. `fragments` names the merged fragments still
     /// stored.
-    pub fn finish(self, story_id: &str, fragments: Vec<String>) -> Manifest {
+    pub(super) fn finish(self, story_id: &str, fragments: Vec<String>) -> Manifest {
         let scenes: Vec<SceneEntry> = self.scenes.into_iter().map(|slot| slot.entry).collect();
         let succeeded = scenes
             .iter()

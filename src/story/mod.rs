@@ -72,10 +72,9 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
-pub use gallery::PageLinks;
-pub use manifest::{
-    Manifest, ManifestEntry, SceneEntry, SceneStatus, StoryScene, StoryTotals, MANIFEST_FORMAT,
-};
+pub(crate) use gallery::PageLinks;
+pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
+pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
 pub use thumbnail::thumbnail_key;
 pub(crate) use thumbnail::{make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE};
 

@@ -26,14 +26,14 @@ const MAX_INFLATED: usize = 4 << 20;
 
 /// One glyph: `width` columns (8 or 16) of 16 rows; bit 15 of a row is its leftmost pixel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Glyph {
+pub(crate) struct Glyph {
     pub width: u32,
     pub rows: [u16; EM as usize],
 }
 
 impl Glyph {
     /// Whether the pixel at column `x`, row `y` is inked.
-    pub fn ink(&self, x: u32, y: u32) -> bool {
+    pub(crate) fn ink(&self, x: u32, y: u32) -> bool {
         x < self.width && y < EM && self.rows[y as usize] & (0x8000 >> x) != 0
     }
 
@@ -78,14 +78,14 @@ struct Run {
 
 /// The embedded face, ready for look-ups.
 #[derive(Debug)]
-pub struct Font {
+pub(crate) struct Font {
     runs: Vec<Run>,
     bitmaps: Vec<u8>,
 }
 
 /// The embedded face, inflated on first use. Should the data ever fail to parse (a test
 /// guards it), every character draws the replacement box: text degrades, nothing panics.
-pub fn font() -> &'static Font {
+pub(crate) fn font() -> &'static Font {
     static FONT: OnceLock<Font> = OnceLock::new();
     FONT.get_or_init(|| {
         Font::parse(DATA).unwrap_or(Font {

@@ -12,9 +12,8 @@
 mod font;
 mod visible_label;
 
-pub use font::{font, Font, Glyph};
+pub(crate) use font::{font, Glyph};
 pub(crate) use font::{is_wide, EM};
-pub use visible_label::LabelPlacement;
 pub(crate) use visible_label::{stamp_visible_label, stamp_visible_label_rgb};
 
 /// The smallest size text is drawn at, in pixels per em: the bitmaps' own size.
@@ -31,7 +30,7 @@ pub(crate) fn advance_units(text: &str) -> u32 {
 }
 
 /// Width of `text` in pixels at `px` pixels per em.
-pub fn measure(text: &str, px: u32) -> u32 {
+pub(crate) fn measure(text: &str, px: u32) -> u32 {
     units_to_px(advance_units(text), clamp_px(px))
 }
 
@@ -245,7 +244,7 @@ pub(crate) fn wrap(text: &str, px: u32, max_width: u32, max_lines: usize) -> Vec
 
 /// Coverage of drawn text: `alpha[y * width + x]`, 0 (none) to 255 (full ink).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mask {
+pub(crate) struct Mask {
     pub width: u32,
     pub height: u32,
     pub alpha: Vec<u8>,
@@ -261,7 +260,7 @@ impl Mask {
     /// output pixel wide around one half. The result has smooth diagonals, slightly
     /// rounded corners and antialiased edges; all of it is integer arithmetic, so the
     /// pixels are the same on every machine.
-    pub fn line(text: &str, px: u32) -> Mask {
+    pub(crate) fn line(text: &str, px: u32) -> Mask {
         let px = clamp_px(px);
         let font = font();
         // A line is meant to be wrapped first; past MAX_LINE_WIDTH pixels the rest is
@@ -357,7 +356,7 @@ impl Mask {
 
     /// A soft shadow of this mask: grown by `radius` on every side, box-blurred twice with
     /// that radius, and strengthened so the halo is dense right next to the strokes.
-    pub fn shadow(&self, radius: u32) -> Mask {
+    pub(crate) fn shadow(&self, radius: u32) -> Mask {
         let r = radius as usize;
         let (w, h) = (self.width as usize + 2 * r, self.height as usize + 2 * r);
         let mut grown = vec![0u32; w * h];
@@ -448,7 +447,7 @@ fn scale2x(bits: &[u8], w: usize, h: usize) -> (Vec<u8>, usize, usize) {
 }
 
 /// A mutable view of 8-bit RGB or RGBA pixels, row by row, to draw on.
-pub struct Surface<'a> {
+pub(crate) struct Surface<'a> {
     pixels: &'a mut [u8],
     width: u32,
     height: u32,
@@ -458,7 +457,12 @@ pub struct Surface<'a> {
 impl<'a> Surface<'a> {
     /// `pixels` holds `width × height` pixels of `channels` (3: RGB, 4: RGBA) bytes;
     /// `None` when the sizes disagree.
-    pub fn new(pixels: &'a mut [u8], width: u32, height: u32, channels: usize) -> Option<Self> {
+    pub(crate) fn new(
+        pixels: &'a mut [u8],
+        width: u32,
+        height: u32,
+        channels: usize,
+    ) -> Option<Self> {
         let expected = (width as usize)
             .checked_mul(height as usize)?
             .checked_mul(channels)?;
@@ -470,11 +474,11 @@ impl<'a> Surface<'a> {
         })
     }
 
-    pub fn width(&self) -> u32 {
+    pub(crate) fn width(&self) -> u32 {
         self.width
     }
 
-    pub fn height(&self) -> u32 {
+    pub(crate) fn height(&self) -> u32 {
         self.height
     }
 
@@ -551,7 +555,7 @@ impl<'a> Surface<'a> {
     /// Draws one line of `text` at `px` pixels per em with its top-left corner at
     /// (`x`, `y`), over a soft dark shadow so it reads on light and dark parts alike.
     /// Returns the line's width in pixels.
-    pub fn text(&mut self, text: &str, x: i64, y: i64, px: u32, colour: [u8; 3]) -> u32 {
+    pub(crate) fn text(&mut self, text: &str, x: i64, y: i64, px: u32, colour: [u8; 3]) -> u32 {
         let mask = Mask::line(text, px);
         let radius = (clamp_px(px) / 16).max(1);
         let shadow = mask.shadow(radius);
@@ -565,6 +569,7 @@ impl<'a> Surface<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::font::Font;
     use super::*;
 
     /// The ink of `text` drawn alone at 16 px: the exact bitmap, for comparisons.

@@ -26,7 +26,7 @@ const BLACK: [u8; 3] = [0, 0, 0];
 
 /// Where the mark went, in pixels of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LabelPlacement {
+pub(crate) struct LabelPlacement {
     /// The plate: left, top, width, height.
     pub plate: (u32, u32, u32, u32),
     /// The text's size in pixels per em.

@@ -11,11 +11,11 @@ use crate::support::gated_store::GatedStore;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_provider::{Answer, ScriptedProvider};
 use serde_json::Value;
-use stage3::cache::ClaimTiming;
-use stage3::deadline::Deadline;
-use stage3::error::ErrorType;
-use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::{FsStore, ObjectStore};
+use stage3::ClaimTiming;
+use stage3::Deadline;
+use stage3::ErrorType;
+use stage3::{GenerationRequest, Stage2Output};
 use stage3::{RunOptions, Stage3Service};
 
 fn request(scene_id: &str) -> GenerationRequest {
@@ -288,11 +288,11 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     let applied = labelled.generation_params.aigc_label.clone().unwrap();
     assert!(applied.implicit && !applied.visible);
     let stored = std::fs::read(&labelled.image_path).unwrap();
-    let label = stage3::normalize::read_aigc_label(&stored).unwrap();
+    let label = stage3::read_aigc_label(&stored).unwrap();
     assert_eq!(label.label, "1");
     assert_eq!(label.content_producer, "ACME-91310000");
     assert_eq!(label.produce_id, applied.source_sha256);
-    let source = stage3::normalize::strip_aigc_label(&stored).unwrap();
+    let source = stage3::strip_aigc_label(&stored).unwrap();
     assert_eq!(
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&source)),
         applied.source_sha256
@@ -333,7 +333,7 @@ async fn label_changes_relabel_the_stored_image_and_never_pay_again() {
     assert_eq!(provider.calls(), 1);
     assert_eq!(pixels(&unmarked.image_path), original_pixels);
     let bytes = std::fs::read(&unmarked.image_path).unwrap();
-    assert!(stage3::normalize::read_aigc_label(&bytes).is_none());
+    assert!(stage3::read_aigc_label(&bytes).is_none());
     let again = service(&[("STAGE3_AIGC_LABEL", "off")])
         .generate_scene_image(request("s1"))
         .await
@@ -410,9 +410,9 @@ async fn images_labelled_in_the_earlier_form_are_relabelled_without_a_call() {
     assert!(relabelled.from_cache);
     assert_ne!(relabelled.image_path, legacy_path.to_str().unwrap());
     let published = std::fs::read(&relabelled.image_path).unwrap();
-    let label = stage3::normalize::read_aigc_label(&published).expect("the TC260 XMP label");
+    let label = stage3::read_aigc_label(&published).expect("the TC260 XMP label");
     assert_eq!(label.produce_id, source_sha);
-    assert_eq!(stage3::normalize::count_aigc_labels(&published), 1);
+    assert_eq!(stage3::count_aigc_labels(&published), 1);
     assert!(
         !published.windows(5).any(|w| w == b"AIGC\0"),
         "no AIGC text chunk remains"

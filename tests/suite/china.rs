@@ -22,9 +22,9 @@ use crate::support::scripted_china::{
     ark_base_url, ark_error, ark_image, dashscope_base_url, dashscope_error, requested_size,
 };
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
-use stage3::error::ErrorType;
-use stage3::schema::{BatchAnswer, GenerationRequest, Stage2Output};
 use stage3::storage::MemoryStore;
+use stage3::ErrorType;
+use stage3::{BatchAnswer, GenerationRequest, Stage2Output};
 use stage3::{RunOptions, Stage3Service};
 
 const ARK_KEY: &str = "ark-test-secret-0123456789";

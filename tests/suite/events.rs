@@ -20,7 +20,6 @@ use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use crate::support::sqs::{sqs_event, sqs_record};
 use crate::support::stage3_command;
-use stage3::deadline::Deadline;
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::WebhookSettings;
 use stage3::events::{
@@ -28,9 +27,10 @@ use stage3::events::{
 };
 use stage3::events::{EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
-use stage3::retry::RetryPolicy;
-use stage3::schema::BatchAnswer;
-use stage3::secret::Secret;
+use stage3::BatchAnswer;
+use stage3::Deadline;
+use stage3::RetryPolicy;
+use stage3::Secret;
 use stage3::{GenerationRequest, Stage3Service};
 
 /// Prompts containing this are refused by the stand-in as OpenRouter's moderation does.
@@ -546,7 +546,7 @@ async fn the_outlets_are_built_on_first_use_and_kept() {
             }),
             ..Default::default()
         },
-        stage3::aws::AwsConfig::default(),
+        stage3::AwsConfig::default(),
     );
     assert!(!lazy.is_built());
     let first = lazy.get().await.unwrap();

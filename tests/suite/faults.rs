@@ -22,9 +22,9 @@ use crate::support::scripted_provider::{
 use bytes::Bytes;
 use image::ImageFormat;
 use sha2::Digest;
-use stage3::schema::{GenerationRequest, Stage2Output};
 use stage3::storage::MemoryStore;
 use stage3::Stage3Service;
+use stage3::{GenerationRequest, Stage2Output};
 use tokio::time::Instant;
 
 const KEY: &str = "sk-or-v1-fault-suite-secret";

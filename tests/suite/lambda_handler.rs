@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 use crate::support::config::TestConfig;
 use crate::support::scripted_provider::{content_refused, Answer, ScriptedProvider};
 use crate::support::sqs::{sqs_event, sqs_record};
-use stage3::deadline::Deadline;
-use stage3::error::ErrorType;
 use stage3::lambda::{self, EventKind};
-use stage3::schema::{BatchAnswer, Stage3Output};
 use stage3::storage::FsStore;
+use stage3::Deadline;
+use stage3::ErrorType;
+use stage3::{BatchAnswer, Stage3Output};
 use stage3::{Stage3Error, Stage3Service};
 
 /// Prompts containing this word are refused as a provider's moderation would (403).

@@ -13,12 +13,12 @@ use crate::support::scripted_openrouter::chat_answer;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
-use stage3::deadline::CallBudget;
-use stage3::error::ProviderFailure;
-use stage3::image_spec::{ImageSpec, ModelRef, ProviderKind};
 use stage3::provider::{ImageProvider, ImageRequest, OpenRouterProvider};
-use stage3::schema::{ImageQuality, ImageSize};
+use stage3::CallBudget;
+use stage3::ProviderFailure;
 use stage3::{Config, ErrorType, Stage3Error};
+use stage3::{ImageQuality, ImageSize};
+use stage3::{ImageSpec, ModelRef, ProviderKind};
 use wiremock::matchers::{bearer_token, body_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -989,8 +989,8 @@ mod real {
     use crate::support::scripted_openrouter::{
         noisy_image, Catalogue, CatalogueModel, Reply, ScriptedOpenRouter,
     };
-    use stage3::schema::{GenerationRequest, Stage2Output};
     use stage3::Stage3Service;
+    use stage3::{GenerationRequest, Stage2Output};
 
     pub const KEY: &str = "sk-or-v1-typed-errors-secret";
 
@@ -1063,7 +1063,7 @@ mod real {
         };
     }
 
-    const DEFAULT: &str = stage3::config::DEFAULT_MODEL;
+    const DEFAULT: &str = stage3::DEFAULT_MODEL;
     const CHAT: &[(&str, &str)] = &[("STAGE3_OPENROUTER_API", "chat")];
 
     mapping_row!(
@@ -1313,7 +1313,7 @@ mod real {
         let out = tempfile::tempdir().unwrap();
         let service = service(&server, out.path(), CHAT).await;
         let scene = service.prepare(scene("refused")).unwrap();
-        let stop = stage3::batch_stop::BatchStop::new();
+        let stop = stage3::BatchStop::new();
         let options = stage3::RunOptions {
             stop: Some(stop.clone()),
             ..Default::default()
@@ -1363,7 +1363,7 @@ mod real {
         let out = tempfile::tempdir().unwrap();
         let service = service(&server, out.path(), &[]).await;
         let mut request = scene("hd");
-        request.quality = Some(stage3::schema::ImageQuality::Hd);
+        request.quality = Some(stage3::ImageQuality::Hd);
         request.model = Some("black-forest-labs/flux.2-pro".into());
         let scenes = service
             .prepare_all(vec![scene("fine"), request.clone()])
@@ -1403,7 +1403,7 @@ mod real {
         let out = tempfile::tempdir().unwrap();
         let service = service(&server, out.path(), &[]).await;
         let mut request = scene("gpt");
-        request.quality = Some(stage3::schema::ImageQuality::Hd);
+        request.quality = Some(stage3::ImageQuality::Hd);
         request.model = Some("openai/gpt-image-1".into());
         let answer = service.generate_all_images(vec![request]).await;
         assert_eq!(answer.results.len(), 1, "{:?}", answer.failures);

@@ -3,7 +3,7 @@
 use crate::support::config::TestConfig;
 use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
-use stage3::schema::{GenerationRequest, Stage2Output};
+use stage3::{GenerationRequest, Stage2Output};
 
 const FOX: &str = "https://cdn.example.com/characters/fox.png";
 

@@ -14,8 +14,8 @@ use crate::support::gated_store::GatedStore;
 use crate::support::noisy_png;
 use crate::support::s3_server::S3Target;
 use crate::support::scripted_provider::{Answer, ScriptedProvider};
-use stage3::error::ErrorType;
 use stage3::storage::ObjectStore;
+use stage3::ErrorType;
 use stage3::{GenerationRequest, RunOptions};
 use tokio::sync::{watch, Mutex};
 

@@ -18,13 +18,13 @@ use crate::support::sqs::{sqs_event, sqs_record};
 use crate::support::stage3_command;
 use bytes::Bytes;
 use serde_json::{json, Value};
-use stage3::deadline::{CallBudget, Deadline};
-use stage3::image_spec::{ImageSpec, ModelRef, ProviderKind};
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
-use stage3::schema::{ImageQuality, ImageSize};
 use stage3::storage::{FsStore, ObjectMeta, ObjectStore};
 use stage3::story::{self, Manifest, ManifestEntry, PublishSettings, SceneStatus, StoryScene};
-use stage3::urls::UrlPolicy;
+use stage3::UrlPolicy;
+use stage3::{CallBudget, Deadline};
+use stage3::{ImageQuality, ImageSize};
+use stage3::{ImageSpec, ModelRef, ProviderKind};
 use tokio::sync::watch;
 
 const KEY: &str = "sk-or-v1-story-test-secret-0123456789";
@@ -1031,8 +1031,8 @@ fn link_starting(page: &str, start: &str) -> String {
 #[tokio::test]
 async fn the_page_takes_images_only_from_its_store_or_cdn_and_signs_them_for_qiniu() {
     use md5::{Digest, Md5};
-    use stage3::secret::Secret;
-    use stage3::urls::QiniuSigner;
+    use stage3::QiniuSigner;
+    use stage3::Secret;
 
     let target = S3Target::start().await;
     let store = target.store();

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use stage3::error::Result;
 use stage3::storage::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
+use stage3::Result;
 use tokio::sync::watch;
 
 pub struct GatedStore {

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use stage3::error::{ProviderFailure, Result};
 use stage3::provider::{
     ImageProvider, ImageRequest, PlaceholderProvider, ProviderIdentity, ProviderImage,
 };
 use stage3::Stage3Error;
+use stage3::{ProviderFailure, Result};
 use tokio::time::Instant;
 
 /// What one call gets, and how long it takes to get it.

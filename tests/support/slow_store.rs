@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use stage3::error::Result;
 use stage3::storage::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
+use stage3::Result;
 
 pub struct SlowStore {
     inner: Arc<dyn ObjectStore>,

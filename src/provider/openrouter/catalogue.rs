@@ -77,7 +77,7 @@ impl CatalogueModel {
     }
 
     /// The values of an enum parameter, for messages and `stage3 models`.
-    pub fn listed(&self, param: &str) -> Vec<String> {
+    pub(super) fn listed(&self, param: &str) -> Vec<String> {
         self.values(param)
             .map(<[String]>::to_vec)
             .unwrap_or_default()
@@ -127,7 +127,7 @@ pub(super) struct Catalogue {
 impl Catalogue {
     /// The model list, read with `fetch` when there is none or it is stale. `None` when it
     /// cannot be read (warned about once per failed read).
-    pub async fn models<F, Fut>(&self, fetch: F) -> Option<Arc<Models>>
+    pub(super) async fn models<F, Fut>(&self, fetch: F) -> Option<Arc<Models>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Models, String>>,
@@ -169,7 +169,7 @@ impl Catalogue {
     }
 
     /// The model's endpoint prices, read with `fetch` when not known or stale.
-    pub async fn pricing<F, Fut>(&self, model: &str, fetch: F) -> Option<Arc<Pricing>>
+    pub(super) async fn pricing<F, Fut>(&self, model: &str, fetch: F) -> Option<Arc<Pricing>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Pricing, String>>,
