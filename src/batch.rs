@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use std::sync::Arc;
 
+use crate::batch_stop::BatchStop;
 use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
@@ -36,6 +37,24 @@ pub struct BatchOptions {
     /// When the events must be delivered by: a receiver that never answers costs the
     /// batch this long at most.
     pub events_deadline: Deadline,
+}
+
+impl BatchOptions {
+    /// A run from the command line: stopped by `stop` (Ctrl-C), its events sent where the
+    /// configuration says within the CLI's one budget (`STAGE3_EVENTS_TIMEOUT_SECS`) — a
+    /// receiver that never answers costs the run this long at most, as the invocation
+    /// deadline bounds the Lambda function.
+    pub async fn for_command_line(config: &Config, stop: BatchStop) -> Result<Self> {
+        Ok(BatchOptions {
+            run: RunOptions {
+                stop: Some(stop),
+                ..RunOptions::default()
+            },
+            events: EventPublisher::from_settings(&config.events, &config.aws).await?,
+            events_deadline: Deadline::after(config.events.cli_budget),
+            ..BatchOptions::default()
+        })
+    }
 }
 
 /// What a batch reports as it goes: the CLI's progress printer. `()` reports nothing.
@@ -77,6 +96,51 @@ pub struct QueuedRun {
 pub struct SubmissionCheck {
     pub scenes: usize,
     pub plan: BatchPlan,
+}
+
+impl std::fmt::Display for SubmissionCheck {
+    /// `valid: N scene(s)` and the estimate, or why there is none.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "valid: {} scene(s)", self.scenes)?;
+        match self.plan.estimated_cost_usd {
+            Some(cost) => write!(f, "estimated cost: ${cost:.4}"),
+            None => write!(
+                f,
+                "estimated cost: unknown for {} scene(s) (no price in the catalogue, or the \
+                 catalogue cannot be read)",
+                self.plan.unpriced
+            ),
+        }
+    }
+}
+
+impl BatchRun {
+    /// The closing lines a person reads: the counts, where the story's page is (or why it
+    /// is not), and the events' fate when any were sent.
+    pub fn closing_lines(&self, events_sent: bool) -> Vec<String> {
+        let summary = &self.answer.summary;
+        let mut lines = vec![format!(
+            "done: {} succeeded ({} from the cache), {} failed",
+            summary.succeeded, summary.from_cache, summary.failed
+        )];
+        if let Some(story) = &self.answer.story {
+            match (&story.story_error, &story.gallery_path) {
+                (Some(e), _) => lines.push(format!(
+                    "story {}: not published [{}] {}",
+                    story.story_id, e.error_type, e.message
+                )),
+                (None, Some(page)) => lines.push(format!("story {}: {page}", story.story_id)),
+                (None, None) => {}
+            }
+        }
+        if events_sent {
+            lines.push(format!(
+                "events: {} delivered, {} lost",
+                self.events.delivered, self.events.lost
+            ));
+        }
+        lines
+    }
 }
 
 impl Stage3Service {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
-use crate::events::{EventSettings, WebhookSettings};
+use crate::events::{self, EventSettings, WebhookSettings};
 use crate::image_spec::ModelRef;
 use crate::image_spec::ProviderKind;
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
@@ -535,6 +535,7 @@ fn event_settings(vars: &Vars<'_>) -> Result<EventSettings> {
         event_bus,
         webhook,
         dead_letter_queue_url,
+        cli_budget: events::cli_budget(|name| vars.get(name))?,
     })
 }
 

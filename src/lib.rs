@@ -6,7 +6,7 @@
 //! **Shells** — event shapes in, answers out:
 //! - [`lambda`] (feature `lambda`, on by default): the AWS Lambda adapter — event shapes,
 //!   SQS partial failures, the dead-letter queue, answers under 6 MB. The `stage3` CLI
-//!   (`src/bin/stage3.rs`, feature `cli`) is the other shell.
+//!   (`src/bin/stage3/`, feature `cli`) is the other shell.
 //!
 //! **Service** — one scene's path, and one batch's:
 //! - [`batch`]: the batch path both shells take — prepare, check and plan, run under the

@@ -63,7 +63,7 @@ const MAX_CLI_BUDGET_SECS: u64 = 3600;
 /// The CLI's one time budget for publishing a batch's events, from
 /// `STAGE3_EVENTS_TIMEOUT_SECS` (1 to 3600 seconds; blank is unset) read through `lookup`.
 /// The Lambda function needs none: its invocation deadline bounds its events.
-pub fn cli_budget(lookup: impl Fn(&str) -> Option<String>) -> Result<Duration> {
+pub(crate) fn cli_budget(lookup: impl Fn(&str) -> Option<String>) -> Result<Duration> {
     let Some(raw) = lookup(CLI_BUDGET_VARIABLE).filter(|raw| !raw.trim().is_empty()) else {
         return Ok(DEFAULT_CLI_BUDGET);
     };
