@@ -76,6 +76,8 @@ pub(crate) struct Published {
     pub png: Bytes,
     pub sha256: String,
     pub applied: AppliedLabels,
+    /// The XMP packet of the implicit label, which the image's thumbnail carries too.
+    pub xmp_packet: Option<String>,
 }
 
 /// Applies `settings` to the checked `source` PNG. `propagate_id` identifies the
@@ -91,6 +93,7 @@ pub(crate) fn publish(
     if settings.visible {
         png = draw_visible_mark(&png)?;
     }
+    let mut xmp_packet = None;
     if settings.implicit {
         let propagate_id = if settings.propagator.is_empty() {
             ""
@@ -104,11 +107,13 @@ pub(crate) fn publish(
             propagate_id,
         );
         png = insert_aigc_label(&png, &label)?;
+        xmp_packet = Some(label.to_xmp());
     }
     let sha256 = hex::encode(Sha256::digest(&png));
     Ok(Published {
         png,
         sha256,
+        xmp_packet,
         applied: AppliedLabels {
             implicit: settings.implicit,
             implicit_form: settings.implicit.then(|| IMPLICIT_FORM.to_string()),

@@ -38,7 +38,7 @@ use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ModelRef, ProviderKind, SpecSettings};
 use crate::labels;
-use crate::normalize::{normalize_image, ImageLimits, SourceFormat};
+use crate::normalize::{normalize_and_shrink, ImageLimits, SourceFormat};
 use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
@@ -46,6 +46,7 @@ use crate::schema::{
     Stage3Output, Submission,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
+use crate::story;
 use crate::urls::{QiniuSigner, UrlPolicy};
 
 /// A provider call is not started with less time than this left before the deadline:
@@ -876,7 +877,7 @@ impl Stage3Service {
         let (thumbnail_path, thumbnail_url) = match (&relabelled_png, &record.thumbnail_path) {
             (Some(png), _) => self.store_thumbnail(&image_key, png).await?,
             (None, Some(_)) => {
-                let key = crate::story::thumbnail_key(&image_key);
+                let key = story::thumbnail_key(&image_key);
                 (Some(self.store.location(&key)), self.image_url(&key).await?)
             }
             (None, None) => (None, None),
@@ -1084,7 +1085,7 @@ impl Stage3Service {
     ) -> Result<(Option<String>, Option<String>)> {
         let stored = {
             let _decoding = self.decode_permits.acquire().await;
-            crate::story::store_thumbnail(self.store.as_ref(), image_key, png.clone())
+            story::store_thumbnail(self.store.as_ref(), image_key, png.clone())
                 .await
                 .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
                 .ok()
@@ -1098,7 +1099,7 @@ impl Stage3Service {
         image_key: &str,
         thumbnail: bytes::Bytes,
     ) -> Result<(Option<String>, Option<String>)> {
-        let stored = crate::story::put_thumbnail(self.store.as_ref(), image_key, thumbnail)
+        let stored = story::put_thumbnail(self.store.as_ref(), image_key, thumbnail)
             .await
             .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not stored"))
             .ok();
@@ -1399,13 +1400,18 @@ impl Stage3Service {
         let settings = self.config.labels.clone();
         let propagate_id = scene.keys.stem().to_string();
         tokio::task::spawn_blocking(move || {
-            let image = normalize_image(bytes, size, &limits)?;
+            let (image, shrunk) =
+                normalize_and_shrink(bytes, size, &limits, Some(story::THUMBNAIL_MAX_SIDE))?;
             let published =
                 labels::publish(&image.png, &image.content_sha256, &settings, &propagate_id)?;
-            let thumbnail =
-                crate::story::make_thumbnail(&published.png, crate::story::THUMBNAIL_MAX_SIDE)
-                    .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not made"))
-                    .ok();
+            // The thumbnail comes from the rows just checked, unless a visible mark changed
+            // the pixels since (or the PNG was interlaced): then from the published PNG.
+            let thumbnail = match shrunk.filter(|_| !published.applied.visible) {
+                Some(shrunk) => story::encode_thumbnail(&shrunk, published.xmp_packet.as_deref()),
+                None => story::make_thumbnail(&published.png, story::THUMBNAIL_MAX_SIDE),
+            }
+            .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not made"))
+            .ok();
             Ok(Processed {
                 width: image.width,
                 height: image.height,

@@ -14,6 +14,7 @@
 
 mod aigc;
 mod chunks;
+mod shrink;
 #[cfg(test)]
 pub(crate) mod test_png;
 
@@ -34,6 +35,7 @@ pub use aigc::{
     count_aigc_labels, insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel,
 };
 pub(crate) use chunks::MAX_ICC_PROFILE_BYTES;
+pub(crate) use shrink::{thumbnail_size, Shrinker, Shrunk};
 
 /// The default `STAGE3_MAX_IMAGE_PIXELS`: 4096 x 4096, the largest image any provider we
 /// call draws (Seedream's 4K tier for `hd`, 16.7 MP; OpenRouter's largest ask is "2K",
@@ -194,6 +196,18 @@ pub fn normalize_image(
     requested: ImageSize,
     limits: &ImageLimits,
 ) -> Result<NormalizedImage> {
+    normalize_and_shrink(bytes, requested, limits, None).map(|(image, _)| image)
+}
+
+/// [`normalize_image`], also shrinking the pixels it decodes to at most `thumbnail_side`
+/// on the longest side, when asked: the thumbnail costs no second decode. `None` for an
+/// interlaced PNG, whose rows arrive out of order (its thumbnail is made from the PNG).
+pub(crate) fn normalize_and_shrink(
+    bytes: Bytes,
+    requested: ImageSize,
+    limits: &ImageLimits,
+    thumbnail_side: Option<u32>,
+) -> Result<(NormalizedImage, Option<Shrunk>)> {
     let Some(source_format) = sniff_format(&bytes) else {
         return Err(invalid(format!(
             "not a PNG, JPEG or WEBP image ({} bytes starting {})",
@@ -201,30 +215,35 @@ pub fn normalize_image(
             hex::encode(&bytes[..bytes.len().min(8)])
         )));
     };
-    let (png, width, height) = match source_format {
-        SourceFormat::Png => validate_png(bytes, requested, limits)?,
+    let (png, width, height, shrunk) = match source_format {
+        SourceFormat::Png => validate_png(bytes, requested, limits, thumbnail_side)?,
         SourceFormat::Jpeg => {
             jpeg_stream_end(&bytes)?;
             let decoder = JpegDecoder::new(Cursor::new(&bytes[..]))
                 .map_err(|e| decode_error(source_format, e))?;
-            convert_to_png(decoder, source_format, requested, limits)?
+            convert_to_png(decoder, source_format, requested, limits, thumbnail_side)?
         }
         SourceFormat::Webp => {
             check_riff_length(&bytes)?;
             let decoder = WebPDecoder::new(Cursor::new(&bytes[..]))
                 .map_err(|e| decode_error(source_format, e))?;
-            convert_to_png(decoder, source_format, requested, limits)?
+            convert_to_png(decoder, source_format, requested, limits, thumbnail_side)?
         }
     };
     let content_sha256 = hex::encode(Sha256::digest(&png));
-    Ok(NormalizedImage {
+    let image = NormalizedImage {
         png,
         width,
         height,
         source_format,
         content_sha256,
-    })
+    };
+    Ok((image, shrunk))
 }
+
+/// What a decoder pass hands back: the PNG to store, its size, and the shrunk pixels when
+/// asked for and possible.
+type Checked = (Bytes, u32, u32, Option<Shrunk>);
 
 /// Keeps the chunks we check ([`chunks::keep_checked_chunks`]), then decodes that PNG
 /// completely, row by row, and hands it back. Decoding row by row needs no frame buffer:
@@ -233,7 +252,8 @@ fn validate_png(
     bytes: Bytes,
     requested: ImageSize,
     limits: &ImageLimits,
-) -> Result<(Bytes, u32, u32)> {
+    thumbnail_side: Option<u32>,
+) -> Result<Checked> {
     // Bytes after IEND (sometimes a whole second file), text, EXIF, animation frames and
     // unknown chunks are no part of the picture we check: they are not stored either.
     let (png, report) = chunks::keep_checked_chunks(bytes)?;
@@ -273,16 +293,23 @@ fn validate_png(
     // full width, so the grid is drawn from those rows.
     let full_rows = if interlaced { height / 2 } else { height };
     let mut sampler = LumaSampler::new(width, full_rows, channels);
+    let mut shrinker = thumbnail_side
+        .filter(|_| !interlaced)
+        .map(|side| Shrinker::to_fit(width, height, side, channels));
     while let Some(row) = reader.next_row().map_err(png_error)? {
         let data = row.data();
         if data.len() == full_row {
             sampler.offer_row(data);
+            if let Some(shrinker) = &mut shrinker {
+                shrinker.add_row(data);
+            }
         }
     }
     // Reads on to IEND so every chunk's CRC is checked, not just the image data's.
     reader.finish().map_err(png_error)?;
     check_not_blank(&sampler)?;
-    Ok((png, width, height))
+    let shrunk = shrinker.map(Shrinker::into_shrunk).transpose()?;
+    Ok((png, width, height, shrunk))
 }
 
 /// Refuses a PNG larger than its pixels can need ([`max_png_bytes`]).
@@ -303,7 +330,8 @@ fn convert_to_png(
     format: SourceFormat,
     requested: ImageSize,
     limits: &ImageLimits,
-) -> Result<(Bytes, u32, u32)> {
+    thumbnail_side: Option<u32>,
+) -> Result<Checked> {
     // Cameras and some encoders store the picture sideways plus an EXIF note to turn it;
     // a PNG has no such note, so the turn is applied and the aspect judged after it.
     let orientation = decoder.orientation().map_err(|e| decode_error(format, e))?;
@@ -348,18 +376,24 @@ fn convert_to_png(
     };
     let channels = usize::from(image.color().channel_count());
     let mut sampler = LumaSampler::new(image.width(), image.height(), channels);
+    let mut shrinker =
+        thumbnail_side.map(|side| Shrinker::to_fit(image.width(), image.height(), side, channels));
     for row in image
         .as_bytes()
         .chunks_exact(image.width() as usize * channels)
     {
         sampler.offer_row(row);
+        if let Some(shrinker) = &mut shrinker {
+            shrinker.add_row(row);
+        }
     }
     check_not_blank(&sampler)?;
+    let shrunk = shrinker.map(Shrinker::into_shrunk).transpose()?;
 
     let bits_per_pixel = 8 * channels as u32;
     let max = max_png_bytes(image.width(), image.height(), bits_per_pixel);
     let png = encode_png(&image, icc_profile, max)?;
-    Ok((png, image.width(), image.height()))
+    Ok((png, image.width(), image.height(), shrunk))
 }
 
 /// Encodes for speed: the PNG is stored once and served from a CDN, so a few percent of

@@ -193,7 +193,7 @@ fn card(page: &mut String, number: usize, entry: &SceneEntry, links: &PageLinks)
 fn shown_size(entry: &SceneEntry) -> (u32, u32) {
     match (entry.width, entry.height) {
         (Some(w), Some(h)) if w > 0 && h > 0 => {
-            super::thumbnail::thumbnail_size(w, h, super::thumbnail::THUMBNAIL_MAX_SIDE)
+            crate::normalize::thumbnail_size(w, h, super::thumbnail::THUMBNAIL_MAX_SIDE)
         }
         _ => (
             super::thumbnail::THUMBNAIL_MAX_SIDE,

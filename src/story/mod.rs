@@ -76,7 +76,9 @@ pub(crate) use gallery::PageLinks;
 pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
 pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
 pub use thumbnail::thumbnail_key;
-pub(crate) use thumbnail::{make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE};
+pub(crate) use thumbnail::{
+    encode_thumbnail, make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE,
+};
 
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};

@@ -1,11 +1,12 @@
 //! Small PNG thumbnails of each stored image (`thumbnails/{image key}`), so a storyboard of fifty 2K scenes loads
 //! a few megabytes instead of a few hundred.
 //!
-//! The thumbnail is an area average of the source (every source pixel counts once, so fine
-//! detail turns to its average colour rather than to aliasing), computed while the PNG is
-//! decoded row by row: memory is one output row of sums and the thumbnail itself, not the
-//! full frame, which at `STAGE3_MAX_IMAGE_PIXELS` would be 160 MB. Only interlaced PNGs,
-//! whose rows arrive out of order, are decoded whole first (within the same bound).
+//! The thumbnail is an area average of the source ([`crate::normalize`]'s shrink), made
+//! from the rows the service's checks decode anyway; an image those checks did not decode
+//! row by row is decoded here, row by row too: memory is one output row of sums and the
+//! thumbnail itself, not the full frame, which at `STAGE3_MAX_IMAGE_PIXELS` would be
+//! 160 MB. Only interlaced PNGs, whose rows arrive out of order, are decoded whole first
+//! (within the same bound).
 //!
 //! A thumbnail is the same picture, so it carries the same implicit AI-generated label: the
 //! source's XMP packet with the TC260 label (GB 45438-2025, docs/design.md §2) is copied
@@ -16,6 +17,7 @@ use std::io::Cursor;
 use bytes::Bytes;
 
 use crate::error::{Result, Stage3Error};
+use crate::normalize::{Shrinker, Shrunk};
 use crate::storage::{ObjectMeta, ObjectStore};
 
 /// The longest side of a stored thumbnail, in pixels: sharp in a grid card of ~300 CSS px.
@@ -65,25 +67,11 @@ pub(crate) async fn put_thumbnail(
     Ok(key)
 }
 
-/// The size of the thumbnail of a `width` × `height` image: the longest side at most
-/// `max_side`, the aspect kept, never enlarged, never zero.
-pub(crate) fn thumbnail_size(width: u32, height: u32, max_side: u32) -> (u32, u32) {
-    let max_side = max_side.max(1);
-    let longest = width.max(height);
-    if longest <= max_side {
-        return (width.max(1), height.max(1));
-    }
-    let scale = |side: u32| {
-        let scaled =
-            (u64::from(side) * u64::from(max_side) + u64::from(longest) / 2) / u64::from(longest);
-        u32::try_from(scaled).unwrap_or(max_side).clamp(1, max_side)
-    };
-    (scale(width), scale(height))
-}
-
 /// Decodes `png`, shrinks it so its longest side is at most `max_side` (area average), and
-/// encodes the result as an 8-bit PNG of the same colour type, with the source's `AIGC`
-/// label chunk. An image already small enough is re-encoded at its own size.
+/// encodes the result as an 8-bit PNG of the same colour type, with the source's XMP label
+/// packet. An image already small enough is re-encoded at its own size. The service makes
+/// its thumbnails from the rows it checks instead ([`encode_thumbnail`]); this is for
+/// images it did not decode: interlaced PNGs, visibly marked ones, relabelled results.
 pub(crate) fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
     let invalid = |e: png::DecodingError| Stage3Error::InvalidImage(format!("thumbnail: {e}"));
     let mut decoder = png::Decoder::new_with_limits(
@@ -102,10 +90,8 @@ pub(crate) fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
         )));
     }
     let mut reader = decoder.read_info().map_err(invalid)?;
-    let (color, _) = reader.output_color_type();
-    let channels = color.samples();
-    let (out_width, out_height) = thumbnail_size(width, height, max_side);
-    let mut shrinker = Shrinker::new(width, height, out_width, out_height, channels);
+    let channels = reader.output_color_type().0.samples();
+    let mut shrinker = Shrinker::to_fit(width, height, max_side, channels);
 
     if interlaced {
         let size = reader
@@ -124,141 +110,101 @@ pub(crate) fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
     // On to IEND: a label chunk may follow the image data.
     reader.finish().map_err(invalid)?;
     // One label per file: the first, should a source ever carry more.
-    let labels: Vec<String> = reader
+    let label = reader
         .info()
         .utf8_text
         .iter()
         .filter(|chunk| chunk.keyword == AIGC_KEYWORD)
-        .filter_map(|chunk| chunk.get_text().ok())
-        .take(1)
-        .collect();
-    let pixels = shrinker.finish()?;
+        .find_map(|chunk| chunk.get_text().ok());
+    encode_thumbnail(&shrinker.into_shrunk()?, label.as_deref())
+}
 
+/// Encodes shrunk pixels as the thumbnail PNG, carrying `xmp_label` (the full image's XMP
+/// packet) when it has one. A thumbnail is small, so the balanced compression level costs
+/// little, and the storyboard loads fewer bytes.
+pub(crate) fn encode_thumbnail(shrunk: &Shrunk, xmp_label: Option<&str>) -> Result<Bytes> {
+    let color = match shrunk.channels {
+        1 => png::ColorType::Grayscale,
+        2 => png::ColorType::GrayscaleAlpha,
+        3 => png::ColorType::Rgb,
+        _ => png::ColorType::Rgba,
+    };
     let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, out_width, out_height);
+    let mut encoder = png::Encoder::new(&mut out, shrunk.width, shrunk.height);
     encoder.set_color(color);
     encoder.set_depth(png::BitDepth::Eight);
     encoder.set_compression(png::Compression::Balanced);
-    for label in labels {
+    if let Some(label) = xmp_label {
         encoder
-            .add_itxt_chunk(AIGC_KEYWORD.to_string(), label)
+            .add_itxt_chunk(AIGC_KEYWORD.to_string(), label.to_string())
             .map_err(|e| Stage3Error::InvalidImage(format!("thumbnail label: {e}")))?;
     }
     let encoded = encoder.write_header().and_then(|mut writer| {
-        writer.write_image_data(&pixels)?;
+        writer.write_image_data(&shrunk.pixels)?;
         writer.finish()
     });
     encoded.map_err(|e| Stage3Error::InvalidImage(format!("thumbnail encoding: {e}")))?;
     Ok(Bytes::from(out))
 }
 
-/// Area-averages rows arriving top to bottom into an `out_width` × `out_height` image.
-///
-/// Source column `x` falls in output column `x * out_width / width` (and rows likewise), so
-/// every source pixel lands in exactly one output pixel; each output pixel is the mean of
-/// its block. Sums are `u32`: a block holds at most 40 M pixels × 255, well within range.
-struct Shrinker {
-    width: u32,
-    height: u32,
-    out_width: u32,
-    out_height: u32,
-    channels: usize,
-    /// Output column of every source column.
-    column_of: Vec<u32>,
-    /// Source columns per output column.
-    column_counts: Vec<u32>,
-    /// Sums of the output row being gathered, `out_width * channels`.
-    sums: Vec<u32>,
-    rows_in_sums: u32,
-    /// The output row `sums` belongs to.
-    current_out_row: u32,
-    next_source_row: u32,
-    pixels: Vec<u8>,
-}
-
-impl Shrinker {
-    fn new(width: u32, height: u32, out_width: u32, out_height: u32, channels: usize) -> Self {
-        let column_of: Vec<u32> = (0..width)
-            .map(|x| (u64::from(x) * u64::from(out_width) / u64::from(width)) as u32)
-            .collect();
-        let mut column_counts = vec![0u32; out_width as usize];
-        for &column in &column_of {
-            column_counts[column as usize] += 1;
-        }
-        Shrinker {
-            width,
-            height,
-            out_width,
-            out_height,
-            channels,
-            column_of,
-            column_counts,
-            sums: vec![0; out_width as usize * channels],
-            rows_in_sums: 0,
-            current_out_row: 0,
-            next_source_row: 0,
-            pixels: Vec::with_capacity(out_width as usize * out_height as usize * channels),
-        }
-    }
-
-    fn add_row(&mut self, row: &[u8]) {
-        if self.next_source_row >= self.height {
-            return;
-        }
-        let out_row = (u64::from(self.next_source_row) * u64::from(self.out_height)
-            / u64::from(self.height)) as u32;
-        self.next_source_row += 1;
-        if out_row != self.current_out_row {
-            self.flush();
-            self.current_out_row = out_row;
-        }
-        let channels = self.channels;
-        for (x, pixel) in row
-            .chunks_exact(channels)
-            .take(self.width as usize)
-            .enumerate()
-        {
-            let base = self.column_of[x] as usize * channels;
-            for (sum, &sample) in self.sums[base..base + channels].iter_mut().zip(pixel) {
-                *sum += u32::from(sample);
-            }
-        }
-        self.rows_in_sums += 1;
-    }
-
-    /// Emits the gathered output row as the rounded mean of each block.
-    fn flush(&mut self) {
-        if self.rows_in_sums == 0 {
-            return;
-        }
-        let channels = self.channels;
-        for (column, sums) in self.sums.chunks_exact_mut(channels).enumerate() {
-            let count = self.column_counts[column] * self.rows_in_sums;
-            for sum in sums {
-                self.pixels.push(((*sum + count / 2) / count.max(1)) as u8);
-                *sum = 0;
-            }
-        }
-        self.rows_in_sums = 0;
-    }
-
-    fn finish(mut self) -> Result<Vec<u8>> {
-        self.flush();
-        let expected = self.out_width as usize * self.out_height as usize * self.channels;
-        if self.next_source_row != self.height || self.pixels.len() != expected {
-            return Err(Stage3Error::InvalidImage(format!(
-                "thumbnail: the image ended after {} of {} rows",
-                self.next_source_row, self.height
-            )));
-        }
-        Ok(self.pixels)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::normalize::test_png::adam7_png;
+    use crate::normalize::test_png::{adam7_png, noisy_rgb, png_of};
+    use crate::normalize::{
+        insert_aigc_label, normalize_and_shrink, thumbnail_size, AigcLabel, ImageLimits,
+        DEFAULT_MAX_IMAGE_PIXELS,
+    };
+    use crate::schema::ImageSize;
+
+    const LIMITS: ImageLimits = ImageLimits {
+        max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+    };
+
+    /// The service's one pass makes the thumbnail from the rows it checks; it must be the
+    /// very thumbnail a second decode of the published PNG gives, byte for byte.
+    #[test]
+    fn the_thumbnail_of_the_checked_rows_is_the_published_pngs() {
+        let image = noisy_rgb(1792, 1024, 7);
+        let mut jpeg = Vec::new();
+        image::DynamicImage::ImageRgb8(image.clone())
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let rgba = image::DynamicImage::ImageRgb8(image.clone()).to_rgba8();
+        let mut rgba_png = Vec::new();
+        rgba.write_to(&mut Cursor::new(&mut rgba_png), image::ImageFormat::Png)
+            .unwrap();
+        let label = AigcLabel::new("stage3", "ab".repeat(32), "", "");
+        for (name, source) in [
+            ("png", png_of(&image)),
+            ("rgba png", Bytes::from(rgba_png)),
+            ("jpeg", Bytes::from(jpeg)),
+        ] {
+            let (checked, shrunk) = normalize_and_shrink(
+                source,
+                ImageSize::Landscape,
+                &LIMITS,
+                Some(THUMBNAIL_MAX_SIDE),
+            )
+            .unwrap();
+            let published = insert_aigc_label(&checked.png, &label).unwrap();
+            let one_pass = encode_thumbnail(&shrunk.unwrap(), Some(&label.to_xmp())).unwrap();
+            assert_eq!(
+                one_pass,
+                make_thumbnail(&published, THUMBNAIL_MAX_SIDE).unwrap(),
+                "{name}"
+            );
+        }
+        // Rows of an interlaced PNG arrive out of order: no shrink, the PNG is decoded.
+        let (_, shrunk) = normalize_and_shrink(
+            adam7_png(&image),
+            ImageSize::Landscape,
+            &LIMITS,
+            Some(THUMBNAIL_MAX_SIDE),
+        )
+        .unwrap();
+        assert!(shrunk.is_none());
+    }
 
     fn encode(
         width: u32,
