@@ -5,14 +5,16 @@
 //! issue asks for, each beside its target:
 //!
 //! 1. per-image overhead (everything but provider latency), p50/p95, PNG pass-through and
-//!    JPEG→PNG, filesystem and S3 (a real S3 server in-process on loopback), and the cost
-//!    of writing the AIGC label into the PNG;
+//!    JPEG→PNG, filesystem and S3 (a real S3 server in-process on loopback), where each
+//!    image's time goes inside the service (the `image steps` debug events: check, label,
+//!    thumbnail, store), one SHA-256, and the cost of writing the AIGC label into the PNG;
 //! 2. batch wall time for 16 and 64 scenes at 1 s provider latency, concurrency 8, against
 //!    the limit ceil(N / 8) × 1 s;
 //! 3. peak RSS of the `stage3` CLI for a 16-scene batch of 1792x1024 images, and for
 //!    8 scenes at concurrency 4 whose answers are hostile: a PNG with a ~1 MB colour-profile
 //!    chunk that inflates to 1 GiB, and a 40 MP (8000x5000) JPEG;
-//! 4. Lambda init time: process start to the first Runtime API poll, all clients built;
+//! 4. Lambda init time: process start to the first Runtime API poll, beside a hello-world
+//!    Rust Lambda (`examples/hello_lambda.rs`, built in release on the first run);
 //! 5. the release size of `stage3-lambda`.
 //!
 //! `STAGE3_BENCH_SAMPLES` sets the samples per overhead case (default 40).
@@ -34,7 +36,7 @@ mod scripted_openrouter;
 mod tls;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image::{ImageBuffer, ImageFormat, Rgb};
@@ -48,15 +50,62 @@ use tokio::net::TcpListener;
 
 const KEY: &str = "sk-or-v1-benchmark";
 
+/// The service's `image steps` debug events (target `stage3::steps`): where each image's
+/// time went inside the service, as it ran.
+#[derive(Clone, Default)]
+struct StepLog(Arc<Mutex<Vec<HashMap<&'static str, u64>>>>);
+
+impl StepLog {
+    /// The p50 of each step since the last call, in ms, and forgets them.
+    fn drain_p50s(&self) -> Vec<(&'static str, f64)> {
+        let images = std::mem::take(&mut *self.0.lock().unwrap());
+        ["check_us", "label_us", "thumbnail_us", "store_us"]
+            .into_iter()
+            .map(|step| {
+                let mut values: Vec<u64> =
+                    images.iter().filter_map(|i| i.get(step)).copied().collect();
+                values.sort_unstable();
+                let p50 = values.get(values.len() / 2).copied().unwrap_or(0);
+                (step.trim_end_matches("_us"), p50 as f64 / 1000.0)
+            })
+            .collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StepLog {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(HashMap<&'static str, u64>);
+        impl tracing::field::Visit for Fields {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                self.0.insert(field.name(), value);
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        if event.metadata().target() == "stage3::steps" {
+            let mut fields = Fields(HashMap::new());
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+}
+
 fn main() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let steps = StepLog::default();
+    let only_steps = tracing_subscriber::filter::filter_fn(|m| m.target() == "stage3::steps");
+    let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
+        steps.clone(),
+        only_steps,
+    ));
+    tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run());
+    runtime.block_on(run(steps));
 }
 
-async fn run() {
+async fn run(steps: StepLog) {
     let samples: usize = std::env::var("STAGE3_BENCH_SAMPLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -93,6 +142,9 @@ async fn run() {
             let service = service(&server.base_url, store, &[]);
             let mut timings = Vec::with_capacity(samples);
             for i in 0..samples + 3 {
+                if i == 3 {
+                    steps.drain_p50s(); // the warm-up's
+                }
                 let started = Instant::now();
                 service
                     .generate_scene_image(request(&format!("overhead-{i}"), size))
@@ -108,8 +160,29 @@ async fn run() {
                 ms(p50),
                 ms(p95)
             );
+            let parts: Vec<String> = steps
+                .drain_p50s()
+                .into_iter()
+                .map(|(step, p50)| format!("{step} {p50:.2}"))
+                .collect();
+            println!("      steps, p50 ms: {}", parts.join(", "));
         }
     }
+    // Of the check and label steps: one SHA-256 over the stored bytes.
+    let mut hash_timings: Vec<Duration> = (0..samples.max(10))
+        .map(|_| {
+            use sha2::Digest;
+            let started = Instant::now();
+            std::hint::black_box(sha2::Sha256::digest(&png));
+            started.elapsed()
+        })
+        .collect();
+    let (p50, _) = percentiles(&mut hash_timings);
+    println!(
+        "   of which one SHA-256 of the {:.2} MB PNG  p50 {:>7.3} ms",
+        mb(png.len()),
+        ms(p50)
+    );
 
     // The AIGC label is one chunk spliced into the stored PNG: a copy, no re-encode.
     let label = AigcLabel::new(
@@ -133,7 +206,31 @@ async fn run() {
         ms(p95)
     );
 
-    println!("\n2. batch wall time at 1 s provider latency, concurrency 8 (target: within 10% of the limit)");
+    println!(
+        "\n1b. whole-process overhead of `stage3 generate`, 10 x {:.2} MB PNG at concurrency 4: \
+         wall time less a plain client's fetching the same answers (target: <= 0.12 s)",
+        mb(png.len())
+    );
+    {
+        let reply = Reply::image(&png, "image/png");
+        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+        let mut floors = Vec::new();
+        let mut walls = Vec::new();
+        for _ in 0..7 {
+            floors.push(plain_client_floor(&server.base_url, 10, 4).await);
+            walls.push(cli_wall_time(&server.base_url, 10, 4).await);
+        }
+        let (floor, _) = percentiles(&mut floors);
+        let (wall, _) = percentiles(&mut walls);
+        println!(
+            "   stage3 {:.3} s, floor {:.3} s: overhead {:.3} s (p50 of 7)",
+            wall.as_secs_f64(),
+            floor.as_secs_f64(),
+            wall.saturating_sub(floor).as_secs_f64()
+        );
+    }
+
+    println!("\n2. batch wall time at 1 s provider latency, concurrency 8 (target: within 3% of the limit)");
     let reply = Reply::image(&png, "image/png").after(Duration::from_secs(1));
     let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
     for scenes in [16usize, 64] {
@@ -200,17 +297,48 @@ async fn run() {
         );
     }
 
-    println!("\n4. Lambda init: process start to first Runtime API poll, clients built (target: <= 30 ms)");
-    let mut inits = Vec::new();
-    for _ in 0..10 {
-        inits.push(lambda_init_time(&s3.endpoint).await);
-    }
-    let (p50, p95) = percentiles(&mut inits);
     println!(
-        "   p50 {:.1} ms   p95 {:.1} ms (10 starts)",
-        ms(p50),
-        ms(p95)
+        "\n4. Lambda init: process start to first Runtime API poll (target: <= a hello-world \
+         Rust Lambda + 5 ms)"
     );
+    let stage3_env = [
+        ("OPENROUTER_API_KEY", KEY),
+        ("STAGE3_STORAGE", "s3"),
+        ("STAGE3_S3_BUCKET", "bench"),
+        ("STAGE3_S3_ENDPOINT", s3.endpoint.as_str()),
+    ];
+    let hello = hello_lambda();
+    let mut baseline = None;
+    for (name, binary, env) in [
+        ("hello-world", hello.as_deref(), &[][..]),
+        (
+            "stage3-lambda",
+            Some(env!("CARGO_BIN_EXE_stage3-lambda")),
+            &stage3_env[..],
+        ),
+    ] {
+        let Some(binary) = binary else {
+            println!("   {name:<14} not built (see above)");
+            continue;
+        };
+        let mut inits = Vec::new();
+        for _ in 0..20 {
+            inits.push(lambda_init_time(binary, env).await);
+        }
+        let (p50, p95) = percentiles(&mut inits);
+        let over = baseline.map_or(String::new(), |base: Duration| {
+            format!(
+                "   (+{:.1} ms over hello-world)",
+                ms(p50.saturating_sub(base))
+            )
+        });
+        baseline.get_or_insert(p50);
+        println!(
+            "   {name:<14} p50 {:>5.1} ms   p95 {:>5.1} ms (20 starts){over}",
+            ms(p50),
+            ms(p95)
+        );
+    }
 
     println!("\n5. release binary size (target: <= 20 MB stripped)");
     for (name, path) in [
@@ -372,11 +500,11 @@ async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize, concurrency: usize
 }
 
 /// Starts `stage3-lambda` against a fake Runtime API and times its first poll.
-async fn lambda_init_time(s3_endpoint: &str) -> Duration {
+async fn lambda_init_time(binary: &str, env: &[(&str, &str)]) -> Duration {
     let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = api.local_addr().expect("address");
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3-lambda"))
+    let mut child = tokio::process::Command::new(binary)
         .env_clear()
         .env("AWS_LAMBDA_RUNTIME_API", address.to_string())
         .env("AWS_LAMBDA_FUNCTION_NAME", "stage3")
@@ -387,10 +515,7 @@ async fn lambda_init_time(s3_endpoint: &str) -> Duration {
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
-        .env("OPENROUTER_API_KEY", KEY)
-        .env("STAGE3_STORAGE", "s3")
-        .env("STAGE3_S3_BUCKET", "bench")
-        .env("STAGE3_S3_ENDPOINT", s3_endpoint)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -412,6 +537,79 @@ async fn lambda_init_time(s3_endpoint: &str) -> Duration {
     );
     let _ = child.kill().await;
     elapsed
+}
+
+/// The stand-in's own floor: a plain HTTP client asking for `answers` answers, `concurrency`
+/// at a time, and reading each body whole — what any client pays before doing anything with
+/// the images.
+async fn plain_client_floor(base_url: &str, answers: usize, concurrency: usize) -> Duration {
+    let client = reqwest::Client::new();
+    let url = format!("{base_url}/chat/completions");
+    let started = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let fetches: Vec<_> = (0..answers)
+        .map(|_| {
+            let (client, url, slots) = (client.clone(), url.clone(), slots.clone());
+            tokio::spawn(async move {
+                let _slot = slots.acquire().await.expect("semaphore");
+                let answer = client.post(&url).body("{}").send().await.expect("answer");
+                answer.bytes().await.expect("body").len()
+            })
+        })
+        .collect();
+    for fetch in fetches {
+        fetch.await.expect("fetch");
+    }
+    started.elapsed()
+}
+
+/// The wall time of one `stage3 generate` process over `scenes` 1024x1024 scenes.
+async fn cli_wall_time(base_url: &str, scenes: usize, concurrency: usize) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch: Vec<serde_json::Value> = (0..scenes)
+        .map(|i| serde_json::json!({"scene_id": format!("wall-{i}"), "image_prompt": format!("Scene {i}")}))
+        .collect();
+    let input = dir.path().join("batch.json");
+    std::fs::write(&input, serde_json::to_vec(&batch).expect("json")).expect("write input");
+    let started = Instant::now();
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3"))
+        .args(["generate", input.to_str().expect("utf-8 path")])
+        .args(["--concurrency", &concurrency.to_string()])
+        .current_dir(dir.path())
+        .env("OPENROUTER_API_KEY", KEY)
+        .env("OPENROUTER_BASE_URL", base_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("run stage3");
+    let wall = started.elapsed();
+    assert!(status.success(), "stage3 generate failed: {status}");
+    wall
+}
+
+/// Builds `examples/hello_lambda.rs` in release, in a target directory of its own (the
+/// benchmark's own build holds the usual one), and returns its path; `None` with the reason
+/// printed when it cannot be built.
+fn hello_lambda() -> Option<String> {
+    let manifest_dir = env!("CARGO_MANIFEST_DIR");
+    let target_dir = format!("{manifest_dir}/target/bench-baseline");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--example", "hello_lambda"])
+        .args(["--no-default-features", "--features", "lambda"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(manifest_dir)
+        .status();
+    match built {
+        Ok(status) if status.success() => {
+            Some(format!("{target_dir}/release/examples/hello_lambda"))
+        }
+        other => {
+            println!("   the hello-world baseline did not build: {other:?}");
+            None
+        }
+    }
 }
 
 fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {

@@ -1037,6 +1037,7 @@ impl Stage3Service {
         let clock = Instant::now();
         let generated = self.generate_with_retries(scene, options).await?;
         let image = generated.image;
+        let storing = Instant::now();
         let stored = self
             .store_image(scene, &image.published, image.source.as_ref(), options)
             .await?;
@@ -1072,6 +1073,15 @@ impl Stage3Service {
             cache::save_record(self.store.as_ref(), &scene.keys, &output)
         })
         .await?;
+        let steps = image.steps;
+        tracing::debug!(
+            target: "stage3::steps",
+            check_us = steps.check.as_micros() as u64,
+            label_us = steps.label.as_micros() as u64,
+            thumbnail_us = steps.thumbnail.as_micros() as u64,
+            store_us = storing.elapsed().as_micros() as u64,
+            "image steps"
+        );
         Ok(output)
     }
 
@@ -1400,10 +1410,13 @@ impl Stage3Service {
         let settings = self.config.labels.clone();
         let propagate_id = scene.keys.stem().to_string();
         tokio::task::spawn_blocking(move || {
+            let clock = Instant::now();
             let (image, shrunk) =
                 normalize_and_shrink(bytes, size, &limits, Some(story::THUMBNAIL_MAX_SIDE))?;
+            let checked = clock.elapsed();
             let published =
                 labels::publish(&image.png, &image.content_sha256, &settings, &propagate_id)?;
+            let labelled = clock.elapsed();
             // The thumbnail comes from the rows just checked, unless a visible mark changed
             // the pixels since (or the PNG was interlaced): then from the published PNG.
             let thumbnail = match shrunk.filter(|_| !published.applied.visible) {
@@ -1412,6 +1425,11 @@ impl Stage3Service {
             }
             .inspect_err(|e| tracing::warn!(error = %e, "thumbnail not made"))
             .ok();
+            let steps = ImageSteps {
+                check: checked,
+                label: labelled - checked,
+                thumbnail: clock.elapsed() - labelled,
+            };
             Ok(Processed {
                 width: image.width,
                 height: image.height,
@@ -1420,6 +1438,7 @@ impl Stage3Service {
                 source: published.applied.visible.then_some(image.png),
                 published,
                 thumbnail,
+                steps,
             })
         })
         .await
@@ -1503,6 +1522,21 @@ struct Processed {
     published: labels::Published,
     /// The gallery thumbnail of the published image; `None` if it could not be made.
     thumbnail: Option<bytes::Bytes>,
+    /// How long each step of the pass took.
+    steps: ImageSteps,
+}
+
+/// Where one image's time went, logged at debug level as `image steps` (target
+/// `stage3::steps`) so a slow image can be taken apart, and read by the benchmark.
+#[derive(Debug, Default, Clone, Copy)]
+struct ImageSteps {
+    /// Sniffing, decoding and checking the answer (geometry, blank test), converting it to
+    /// PNG when it was not one, shrinking the thumbnail's pixels, hashing the PNG.
+    check: Duration,
+    /// Writing the labels, and hashing the labelled PNG (its content address).
+    label: Duration,
+    /// Encoding the thumbnail.
+    thumbnail: Duration,
 }
 
 struct Generated {
