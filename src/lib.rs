@@ -13,6 +13,8 @@
 //!   stop signal and deadline, publish the story, send the events, answer.
 //! - [`service`]: one scene — cache, claim, provider with retries and fallbacks, budget,
 //!   deadline, normalise, label, store.
+//! - [`cast`]: the same character on every page — character sheets and first appearances
+//!   as references, and the order that waits for them (`STAGE3_CHARACTER_MODE`).
 //!
 //! **Configuration**:
 //! - [`config`]: the environment variables, read and checked once at start-up into each
@@ -54,6 +56,7 @@ pub mod aws;
 pub mod batch;
 pub mod batch_stop;
 pub mod cache;
+pub mod cast;
 pub mod config;
 pub mod deadline;
 pub mod error;

@@ -25,7 +25,7 @@ use stage3::deadline::Deadline;
 use stage3::events::{self, EventPublisher};
 use stage3::image_spec::ProviderKind;
 use stage3::provider::{ModelListing, Providers};
-use stage3::schema::{read_submission, ImageQuality, ImageSize, RequestOptions};
+use stage3::schema::{read_submission, CharacterMode, ImageQuality, ImageSize, RequestOptions};
 use stage3::service::{RunOptions, Stage3Service};
 use stage3::{telemetry, Stage3Error};
 
@@ -104,6 +104,10 @@ struct GenerateArgs {
     /// spending would (STAGE3_MAX_COST_USD).
     #[arg(long, value_name = "USD")]
     max_cost: Option<String>,
+    /// off, first-appearance or sheet: how characters stay the same from page to page
+    /// (overrides the input's character_mode and STAGE3_CHARACTER_MODE).
+    #[arg(long)]
+    character_mode: Option<CharacterMode>,
 }
 
 const EXIT_SOME_FAILED: u8 = 1;
@@ -163,6 +167,7 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         quality: args.quality,
         model: args.model,
     });
+    submission.override_character_mode(args.character_mode);
 
     let events = EventPublisher::from_settings(&config.events, &config.aws).await?;
     let service = Stage3Service::from_config(config).await?;
