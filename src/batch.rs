@@ -20,9 +20,7 @@ use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::{Event, EventPublisher, EventReport, StoryRef};
 use crate::provider::Providers;
-use crate::schema::{
-    BatchAnswer, Cast, GenerationRequest, SceneFailure, Stage3Output, Submission,
-};
+use crate::schema::{BatchAnswer, Cast, GenerationRequest, SceneFailure, Stage3Output, Submission};
 use crate::service::{BatchPlan, PreparedScene, RunOptions, SceneOrder, Stage3Service};
 use crate::storage::MemoryStore;
 use crate::story::{self, StoryScene};

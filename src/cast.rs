@@ -376,7 +376,6 @@ impl Casting {
         self.sheets
     }
 
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
         // A panic while holding it leaves plain data behind: carry on with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -641,9 +640,10 @@ fn style_tags(scenes: &[PreparedScene], positions: &[usize]) -> Vec<String> {
 /// Moves the sheets out of a batch's results into its cast (`characters`): a sheet is
 /// not a scene. Its failure stays in `failures`, under its `characters/…` id.
 pub fn take_sheets(answer: &mut crate::schema::BatchAnswer) {
-    let (sheets, scenes): (Vec<Stage3Output>, Vec<Stage3Output>) = std::mem::take(&mut answer.results)
-        .into_iter()
-        .partition(|output| output.scene_id.starts_with(SHEETS_FOLDER));
+    let (sheets, scenes): (Vec<Stage3Output>, Vec<Stage3Output>) =
+        std::mem::take(&mut answer.results)
+            .into_iter()
+            .partition(|output| output.scene_id.starts_with(SHEETS_FOLDER));
     answer.results = scenes;
     answer.characters = sheets;
     answer.summarize();
@@ -697,7 +697,9 @@ mod tests {
         // Scene 1 failed, scene 3 already stored its image: that is the reference.
         finished.insert(1, None);
         finished.insert(3, Some(reference("scene:p3")));
-        assert!(matches!(hand_over(&plan, 1, &finished), RefState::Ready(r) if r.source == "scene:p3"));
+        assert!(
+            matches!(hand_over(&plan, 1, &finished), RefState::Ready(r) if r.source == "scene:p3")
+        );
         // Scene 3 failed too: scene 4 draws it; after 4, nobody.
         finished.insert(3, None);
         assert!(matches!(hand_over(&plan, 1, &finished), RefState::Scene(4)));

@@ -532,7 +532,10 @@ impl Cast {
             }
             for (index, url) in character.reference_images.iter().enumerate() {
                 validate_reference_url(url).map_err(|e| {
-                    Stage3Error::invalid_request(format!("{}[{index}]: {e}", at("reference_images")))
+                    Stage3Error::invalid_request(format!(
+                        "{}[{index}]: {e}",
+                        at("reference_images")
+                    ))
                 })?;
             }
         }
