@@ -146,6 +146,10 @@ impl Stage3Service {
             cast::take_sheets(&mut answer);
         }
         if let (Some(story_id), Some(story_scenes)) = (story_id, story_scenes) {
+            if !answer.characters.is_empty() {
+                self.put_cast(&story_id, cast.as_ref(), &answer.characters)
+                    .await;
+            }
             let entries = story::entries_from_answer(&story_scenes, &answer);
             answer.story = Some(
                 story::publish_or_report(
@@ -288,6 +292,26 @@ impl Stage3Service {
         QueuedRun {
             submissions,
             estimated_cost_usd: plan.estimated_cost_usd,
+        }
+    }
+}
+
+impl Stage3Service {
+    /// Writes the story's cast from its sheets, names from `cast`. Only a page's
+    /// convenience: a failure is logged, and the page shows the cast stored before.
+    async fn put_cast(&self, story_id: &str, cast: Option<&Cast>, sheets: &[Stage3Output]) {
+        let members: Vec<story::CastMember> = sheets
+            .iter()
+            .filter_map(|sheet| {
+                let id = sheet.scene_id.rsplit('/').next()?;
+                let name = cast
+                    .and_then(|cast| cast.characters.get(id))
+                    .and_then(|character| character.name.clone());
+                story::CastMember::of_sheet(sheet, name)
+            })
+            .collect();
+        if let Err(e) = story::put_cast(self.store(), story_id, &members).await {
+            tracing::warn!(story_id, error = %e, "the story's cast could not be stored");
         }
     }
 }

@@ -342,3 +342,99 @@ async fn mode_off_sends_nothing_new_and_keeps_the_keys() {
     assert_eq!(again.summary.from_cache, 4);
     assert_eq!(server.total_calls(), 4);
 }
+
+/// The CLI end to end, offline: `--character-mode sheet` over a story with a cast. The
+/// placeholder draws the references it was given, so the sheets and pages show the chain;
+/// the storyboard shows the cast above the pages. `STAGE3_CHARACTERS_KEEP=DIR` keeps the
+/// images and the page's screenshot for a person to look at.
+#[tokio::test]
+async fn the_cli_draws_sheets_first_and_the_storyboard_shows_the_cast() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("images");
+    let mut batch = story("off", true);
+    batch.as_object_mut().unwrap().remove("character_mode");
+    let input = work.path().join("story.json");
+    std::fs::write(&input, serde_json::to_vec(&batch).unwrap()).unwrap();
+    let run = |mode: &'static str| {
+        let (work, input, out) = (work.path().to_path_buf(), input.clone(), out.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::support::stage3_command(&work)
+                .env("STAGE3_PROVIDER", "placeholder")
+                .args(["generate", input.to_str().unwrap(), "--out"])
+                .arg(&out)
+                .args(["--character-mode", mode])
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run("sheet").await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        answer["characters"].as_array().unwrap().len(),
+        2,
+        "{answer}"
+    );
+    assert_eq!(
+        answer["results"][3]["generation_params"]["references"][1]["source"],
+        "sheet"
+    );
+
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("stories/winter/manifest.json")).unwrap())
+            .unwrap();
+    let cast = manifest["cast"]
+        .as_array()
+        .expect("the manifest lists the cast");
+    assert_eq!(cast[0]["id"], "fox");
+    assert_eq!(cast[0]["name"], "Rufus");
+    assert!(out.join(cast[0]["image_key"].as_str().unwrap()).is_file());
+    let page = out.join("stories/winter/index.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains(r#"<section class="cast""#) && html.contains("Hoot"));
+
+    // The rerun is served from the store, sheets included.
+    let again = run("sheet").await.unwrap();
+    let answer: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(answer["summary"]["from_cache"], 4, "{answer}");
+    assert!(answer["characters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|sheet| sheet["from_cache"] == true));
+
+    let keep = std::env::var("STAGE3_CHARACTERS_KEEP").ok();
+    if let Some(keep) = &keep {
+        let keep = std::path::Path::new(keep);
+        std::fs::create_dir_all(keep).unwrap();
+        let sheet = out.join(cast[0]["image_key"].as_str().unwrap());
+        std::fs::copy(&sheet, keep.join("sheet-fox.png")).unwrap();
+        let p4 = answer["results"][3]["image_path"].as_str().unwrap();
+        std::fs::copy(p4, keep.join("page-p4.png")).unwrap();
+    }
+    if let Some(chromium) = crate::story::chromium("the_cli_draws_sheets_first") {
+        let screenshot = work.path().join("storyboard.png");
+        crate::story::run_chromium(
+            &chromium,
+            &page,
+            &[
+                format!("--screenshot={}", screenshot.display()),
+                "--window-size=1280,1000".into(),
+                "--virtual-time-budget=10000".into(),
+            ],
+        )
+        .await;
+        assert!(image::open(&screenshot).is_ok());
+        if let Some(keep) = &keep {
+            std::fs::copy(
+                &screenshot,
+                std::path::Path::new(keep).join("storyboard-cast.png"),
+            )
+            .unwrap();
+        }
+    }
+}
