@@ -66,15 +66,15 @@ const UNNAMED_STORY: &str = "batch";
 /// The part of a batch one submission makes: its scenes (that many, in order) and its
 /// cast. An SQS invocation's records are several; their characters never mix.
 #[derive(Debug, Clone, Copy)]
-pub struct CastGroup<'a> {
-    pub scenes: usize,
-    pub cast: Option<&'a Cast>,
-    pub story_id: Option<&'a str>,
+pub(crate) struct CastGroup<'a> {
+    pub(crate) scenes: usize,
+    pub(crate) cast: Option<&'a Cast>,
+    pub(crate) story_id: Option<&'a str>,
 }
 
 /// The characters of a running batch: who waits for whom, and the references made so far.
 #[derive(Debug)]
-pub struct Casting {
+pub(crate) struct Casting {
     /// Per position in the batch (sheets first): the characters the scene is sent a
     /// generated reference of, by index into `characters`.
     waits: Vec<Vec<usize>>,
@@ -129,7 +129,7 @@ impl Stage3Service {
     /// registered references noted). A sheet whose request cannot be made (a description
     /// too long for the prompt limit, say) is left out with a warning: its character falls
     /// back to its first appearance.
-    pub async fn cast_batch(
+    pub(crate) async fn cast_batch(
         &self,
         scenes: Vec<PreparedScene>,
         groups: &[CastGroup<'_>],
@@ -372,7 +372,7 @@ impl Stage3Service {
 
 impl Casting {
     /// How many of the batch's scenes, at its front, are sheets.
-    pub fn sheets(&self) -> usize {
+    pub(crate) fn sheets(&self) -> usize {
         self.sheets
     }
 
@@ -385,7 +385,7 @@ impl Casting {
 impl Stage3Service {
     /// [`Stage3Service::look_up`] for a cast batch: only the scenes whose key is known now
     /// (sheets, and scenes that wait for nobody); the others look when they are released.
-    pub async fn look_up_cast(
+    pub(crate) async fn look_up_cast(
         &self,
         scenes: &[PreparedScene],
         casting: Option<&Casting>,
@@ -639,7 +639,7 @@ fn style_tags(scenes: &[PreparedScene], positions: &[usize]) -> Vec<String> {
 
 /// Moves the sheets out of a batch's results into its cast (`characters`): a sheet is
 /// not a scene. Its failure stays in `failures`, under its `characters/…` id.
-pub fn take_sheets(answer: &mut crate::schema::BatchAnswer) {
+pub(crate) fn take_sheets(answer: &mut crate::schema::BatchAnswer) {
     let (sheets, scenes): (Vec<Stage3Output>, Vec<Stage3Output>) =
         std::mem::take(&mut answer.results)
             .into_iter()

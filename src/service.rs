@@ -218,7 +218,7 @@ pub fn prepare_submission(
 /// when they may run: `crate::cast` (character references) implements it. Positions are
 /// the scenes' places in the batch.
 #[async_trait::async_trait]
-pub trait SceneOrder: Send + Sync {
+pub(crate) trait SceneOrder: Send + Sync {
     /// Whether the scene at `position` waits: it is then released, not answered from the
     /// batch's cache lookup.
     fn waits(&self, position: usize) -> bool;

@@ -174,6 +174,15 @@ async fn sheet_mode_draws_one_sheet_per_described_character_before_its_pages() {
     let dir = tempfile::tempdir().unwrap();
     let service = service(&server, dir.path()).await;
 
+    // `stage3 validate`'s estimate counts the sheets, and calls nobody.
+    let check = service
+        .check(parse_submission(story("sheet", true), 100).unwrap())
+        .await
+        .unwrap();
+    let estimate = check.plan.estimated_cost_usd.unwrap();
+    assert!((estimate - 6.0 * 0.04).abs() < 1e-9, "{estimate}");
+    assert_eq!(server.total_calls(), 0);
+
     let answer = run(&service, story("sheet", true)).await;
     assert!(answer.failures.is_empty(), "{:#?}", answer.failures);
     assert_eq!(server.total_calls(), 6, "four pages and two sheets");
