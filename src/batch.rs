@@ -15,13 +15,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use crate::batch_stop::BatchStop;
+use crate::cast::{self, CastGroup, Casting};
 use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::{Event, EventPublisher, EventReport, StoryRef};
 use crate::provider::Providers;
-use crate::schema::{BatchAnswer, GenerationRequest, SceneFailure, Stage3Output, Submission};
-use crate::service::{BatchPlan, PreparedScene, RunOptions, Stage3Service};
+use crate::schema::{BatchAnswer, Cast, GenerationRequest, SceneFailure, Stage3Output, Submission};
+use crate::service::{BatchPlan, PreparedScene, RunOptions, SceneOrder, Stage3Service};
 use crate::storage::MemoryStore;
 use crate::story::{self, StoryScene};
 
@@ -156,7 +157,16 @@ impl Stage3Service {
     /// Everything [`Stage3Service::run`] checks before it spends: each scene prepared and
     /// served by its model, the estimate within the budget.
     pub async fn check(&self, submission: Submission) -> Result<SubmissionCheck> {
+        let cast = submission.cast().cloned();
+        let story_id = submission.story_id().map(str::to_string);
         let scenes = self.prepare_submission(submission)?;
+        let group = CastGroup {
+            scenes: scenes.len(),
+            cast: cast.as_ref(),
+            story_id: story_id.as_deref(),
+        };
+        // Sheets are estimated and budgeted like scenes.
+        let (scenes, _) = self.cast_batch(scenes, &[group]).await;
         let plan = self.check_batch(&scenes).await?;
         Ok(SubmissionCheck {
             scenes: scenes.len(),
@@ -173,20 +183,37 @@ impl Stage3Service {
         progress: &dyn BatchProgress,
     ) -> Result<BatchRun> {
         let story_id = submission.story_id().map(str::to_string);
+        let cast = submission.cast().cloned();
         let scenes = self.prepare_submission(submission)?;
-        // The store first: a stored scene needs no catalogue, no estimate and no call.
-        let lookup = self.look_up(&scenes, &options.run).await;
-        self.check_batch_with(&scenes, &lookup).await?;
         let story_scenes = story_id.as_ref().map(|_| story_scenes(&scenes));
+        let group = CastGroup {
+            scenes: scenes.len(),
+            cast: cast.as_ref(),
+            story_id: story_id.as_deref(),
+        };
+        let (scenes, casting) = self.cast_batch(scenes, &[group]).await;
+        // The store first: a stored scene needs no catalogue, no estimate and no call.
+        let lookup = self
+            .look_up_cast(&scenes, casting.as_ref(), &options.run)
+            .await;
+        self.check_batch_with(&scenes, &lookup).await?;
         progress.started(scenes.len());
         let on_done =
             |scene_id: &str, outcome: std::result::Result<&Stage3Output, &Stage3Error>| {
                 progress.scene_done(scene_id, outcome)
             };
+        let order = casting.as_ref().map(|c| c as &dyn SceneOrder);
         let mut answer = self
-            .run_batch_with(scenes, &lookup, &options.run, &on_done)
+            .run_batch_with(scenes, &lookup, order, &options.run, &on_done)
             .await;
+        if casting.is_some() {
+            cast::take_sheets(&mut answer);
+        }
         if let (Some(story_id), Some(story_scenes)) = (story_id, story_scenes) {
+            if !answer.characters.is_empty() {
+                self.put_cast(&story_id, cast.as_ref(), &answer.characters)
+                    .await;
+            }
             let entries = story::entries_from_answer(&story_scenes, &answer);
             answer.story = Some(
                 story::publish_or_report(
@@ -218,7 +245,7 @@ impl Stage3Service {
         let lookup = self.look_up(&scenes, &options.run).await;
         self.check_batch_with(&scenes, &lookup).await?;
         let outcome = self
-            .run_scenes_with(&scenes, &lookup, &options.run, &|_, _| {})
+            .run_scenes_with(&scenes, &lookup, None, &options.run, &|_, _| {})
             .await
             .into_iter()
             .next()
@@ -251,26 +278,48 @@ impl Stage3Service {
     ) -> QueuedRun {
         let mut prepared: Vec<Result<(Option<String>, usize)>> = Vec::new();
         let mut scenes: Vec<PreparedScene> = Vec::new();
+        let mut casts: Vec<Option<Cast>> = Vec::new();
         for submission in submissions {
             let entry = submission.and_then(|submission| {
                 let story_id = submission.story_id().map(str::to_string);
+                let cast = submission.cast().cloned();
                 let own = self.prepare_submission(submission)?;
                 let count = own.len();
                 scenes.extend(own);
+                casts.push(cast);
                 Ok((story_id, count))
             });
             prepared.push(entry);
         }
+        // Each submission's characters are its own.
+        let groups: Vec<CastGroup> = prepared
+            .iter()
+            .flatten()
+            .zip(&casts)
+            .map(|((story_id, count), cast)| CastGroup {
+                scenes: *count,
+                cast: cast.as_ref(),
+                story_id: story_id.as_deref(),
+            })
+            .collect();
+        let (all, casting) = self.cast_batch(scenes, &groups).await;
+        let sheets = casting.as_ref().map_or(0, Casting::sheets);
 
-        let lookup = self.look_up(&scenes, &options.run).await;
-        let plan = self.plan_batch(&scenes, &lookup).await;
-        let outcomes = match self.check_budget(&plan) {
+        let lookup = self
+            .look_up_cast(&all, casting.as_ref(), &options.run)
+            .await;
+        let plan = self.plan_batch(&all, &lookup).await;
+        let order = casting.as_ref().map(|c| c as &dyn SceneOrder);
+        let mut outcomes = match self.check_budget(&plan) {
             Ok(()) => {
-                self.run_scenes_with(&scenes, &lookup, &options.run, &|_, _| {})
+                self.run_scenes_with(&all, &lookup, order, &options.run, &|_, _| {})
                     .await
             }
-            Err(refusal) => scenes.iter().map(|_| Err(refusal.clone())).collect(),
+            Err(refusal) => all.iter().map(|_| Err(refusal.clone())).collect(),
         };
+        // Sheets belong to no submission: they are stored and cached, and that is all.
+        outcomes.drain(..sheets);
+        let scenes = all.get(sheets..).unwrap_or_default();
 
         // Each story's scenes and outcomes, gathered across submissions.
         let mut stories: BTreeMap<&str, (Vec<StoryScene>, Vec<Result<Stage3Output>>)> =
@@ -307,6 +356,26 @@ impl Stage3Service {
         QueuedRun {
             submissions,
             estimated_cost_usd: plan.estimated_cost_usd,
+        }
+    }
+}
+
+impl Stage3Service {
+    /// Writes the story's cast from its sheets, names from `cast`. Only a page's
+    /// convenience: a failure is logged, and the page shows the cast stored before.
+    async fn put_cast(&self, story_id: &str, cast: Option<&Cast>, sheets: &[Stage3Output]) {
+        let members: Vec<story::CastMember> = sheets
+            .iter()
+            .filter_map(|sheet| {
+                let id = sheet.scene_id.rsplit('/').next()?;
+                let name = cast
+                    .and_then(|cast| cast.characters.get(id))
+                    .and_then(|character| character.name.clone());
+                story::CastMember::of_sheet(sheet, name)
+            })
+            .collect();
+        if let Err(e) = story::put_cast(self.store(), story_id, &members).await {
+            tracing::warn!(story_id, error = %e, "the story's cast could not be stored");
         }
     }
 }

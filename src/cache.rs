@@ -44,6 +44,19 @@ const MAX_LABEL_FIELD_CHARS: usize = 256;
 /// (`provider`, the provider of the spec's model) and what is drawn (`spec`, with the
 /// prompt exactly as that provider is sent it) — hashed with SHA-256, in lowercase hex.
 pub(crate) fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> String {
+    request_hash_with_characters(provider, spec, &[])
+}
+
+/// [`request_hash`] for a scene also sent its characters' generated references (see
+/// `crate::cast`): `spec` without them, and their images' SHA-256s. They are hashed by
+/// content, not by the URL that carries them (a presigned URL changes on every run), so
+/// a new sheet means a new scene and an unchanged cast a cache hit. Without any, the hash
+/// is [`request_hash`]'s, as before character modes.
+pub(crate) fn request_hash_with_characters(
+    provider: ProviderIdentity,
+    spec: &ImageSpec,
+    character_sha256s: &[String],
+) -> String {
     /// The hashed encoding. Its field order and spelling are the key scheme: changing them
     /// re-keys every stored result, so do it only with a new `KEY_SCHEME`.
     #[derive(Serialize)]
@@ -60,6 +73,9 @@ pub(crate) fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> Stri
         quality: ImageQuality,
         seed: Option<i64>,
         references: &'a [String],
+        /// Absent without generated character references, which keeps every earlier key.
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        character_references: &'a [String],
     }
     let sent = spec.prompt_for(provider.kind);
     let identity = Identity {
@@ -72,6 +88,7 @@ pub(crate) fn request_hash(provider: ProviderIdentity, spec: &ImageSpec) -> Stri
         quality: spec.quality,
         seed: spec.seed,
         references: &spec.references,
+        character_references: character_sha256s,
     };
     let mut hasher = Sha256::new();
     hasher.update(KEY_SCHEME.as_bytes());

@@ -28,7 +28,7 @@ use crate::provider::{
     ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
 };
 use crate::retry::RetryPolicy;
-use crate::schema::{validate_model, validate_reference_url};
+use crate::schema::{validate_model, validate_reference_url, CharacterMode};
 use crate::secret::Secret;
 use crate::storage::{S3Credentials, S3Settings, StorageKind, StorageSettings};
 use crate::urls::CdnSigning;
@@ -81,6 +81,9 @@ pub struct Config {
     /// scene's `characters_in_scene` pulls theirs in, so a character looks the same in
     /// every scene.
     pub character_references: HashMap<String, String>,
+    /// `STAGE3_CHARACTER_MODE`: how a batch keeps characters the same from page to page,
+    /// unless its envelope or `--character-mode` says otherwise (see `crate::cast`).
+    pub character_mode: CharacterMode,
     /// Models tried in order when the asked-for one is unavailable or its transient retries
     /// are spent (`STAGE3_MODEL_FALLBACKS`, comma-separated; `--fallback-model`), each
     /// `MODEL` or `PROVIDER:MODEL` as written: see [`Config::fallbacks`].
@@ -228,6 +231,14 @@ impl Config {
             character_references: match vars.get("STAGE3_CHARACTER_REFERENCES") {
                 Some(path) => load_character_references(&path)?,
                 None => HashMap::new(),
+            },
+            character_mode: match vars.get("STAGE3_CHARACTER_MODE") {
+                Some(raw) => raw.parse().map_err(|_| {
+                    Stage3Error::config(format!(
+                        "STAGE3_CHARACTER_MODE: expected off, first-appearance or sheet, got {raw:?}"
+                    ))
+                })?,
+                None => CharacterMode::Off,
             },
             events: event_settings(&vars)?,
             aws: AwsConfig::new(

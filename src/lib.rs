@@ -13,6 +13,8 @@
 //!   stop signal and deadline, publish the story, send the events, answer.
 //! - [`service`]: one scene — cache, claim, provider with retries and fallbacks, budget,
 //!   deadline, normalise, label, store.
+//! - [`cast`]: the same character on every page — character sheets and first appearances
+//!   as references, and the order that waits for them (`STAGE3_CHARACTER_MODE`).
 //!
 //! **Configuration**:
 //! - [`config`]: the environment variables, read and checked once at start-up into each
@@ -57,6 +59,7 @@ mod aws;
 mod batch;
 mod batch_stop;
 mod cache;
+mod cast;
 mod config;
 mod deadline;
 mod error;
@@ -89,8 +92,8 @@ pub use config::{Config, Overrides, DEFAULT_MODEL};
 // The JSON contracts.
 pub use image_spec::{ImageSpec, ModelRef, ProviderKind};
 pub use schema::{
-    parse_submission, read_submission, BatchAnswer, GenerationRequest, ImageQuality, ImageSize,
-    RequestOptions, Stage2Output, Stage3Output,
+    parse_submission, read_submission, BatchAnswer, CharacterMode, GenerationRequest, ImageQuality,
+    ImageSize, RequestOptions, Stage2Output, Stage3Output,
 };
 // Errors, with their stable `error_type`.
 pub use error::{ErrorType, ProviderFailure, Result, Stage3Error};

@@ -5,7 +5,7 @@
 //! input: [`parse_submission`] turns any accepted JSON shape into validated
 //! [`GenerationRequest`]s or an `invalid_request` error that names the offending field.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -382,6 +382,10 @@ pub struct GenerationParams {
     /// (`data:image/png;sha256,…`) so records stay small.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reference_images: Vec<String>,
+    /// With a character mode (`STAGE3_CHARACTER_MODE`): each character's reference this
+    /// scene was sent, and where it came from (see [`ReferenceUsed`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<ReferenceUsed>,
     /// What the provider billed, in USD, when it said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<f64>,
@@ -405,6 +409,146 @@ pub struct GenerationParams {
     pub started_at: String,
     pub finished_at: String,
     pub duration_ms: u64,
+}
+
+/// A character's reference image as a scene was sent it (`generation_params.references`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceUsed {
+    /// The character's id, as in `characters_in_scene`.
+    pub character: String,
+    /// The SHA-256 of the reference image: of the stored PNG for a generated one, of the
+    /// decoded bytes for a registered `data:` URL; null for a registered `https://` URL,
+    /// whose bytes this service never sees.
+    pub sha256: Option<String>,
+    /// `registered` (`STAGE3_CHARACTER_REFERENCES` or the envelope's `reference_images`),
+    /// `sheet` (the character's sheet) or `scene:<scene_id>` (its first appearance).
+    pub source: String,
+}
+
+/// How a batch keeps its characters the same from page to page (`STAGE3_CHARACTER_MODE`,
+/// the envelope's `character_mode`, `--character-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CharacterMode {
+    /// Only registered references are sent (the behaviour before character modes).
+    #[default]
+    Off,
+    /// A character's first stored scene is the reference of its later scenes.
+    FirstAppearance,
+    /// A character sheet is drawn from the character's description first, and sent with
+    /// every scene that shows the character.
+    Sheet,
+}
+
+impl CharacterMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CharacterMode::Off => "off",
+            CharacterMode::FirstAppearance => "first-appearance",
+            CharacterMode::Sheet => "sheet",
+        }
+    }
+}
+
+impl fmt::Display for CharacterMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CharacterMode {
+    type Err = Stage3Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(CharacterMode::Off),
+            "first-appearance" => Ok(CharacterMode::FirstAppearance),
+            "sheet" => Ok(CharacterMode::Sheet),
+            other => Err(Stage3Error::invalid_request(format!(
+                "character_mode: expected off, first-appearance or sheet, got {:?}",
+                truncate_for_message(other, 40)
+            ))),
+        }
+    }
+}
+
+/// One character of a batch's cast (`"characters": {"char_001": {...}}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Character {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the character looks like: the prompt of its sheet in `sheet` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The character's own reference images: they win over any generated one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_images: Vec<String>,
+}
+
+/// A batch's cast: the character mode it asks for and the characters it describes, by the
+/// ids its scenes' `characters_in_scene` use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cast {
+    /// The envelope's `character_mode` (or `--character-mode`); `None` leaves it to
+    /// `STAGE3_CHARACTER_MODE`.
+    pub mode: Option<CharacterMode>,
+    pub characters: BTreeMap<String, Character>,
+}
+
+/// The longest character description accepted (it becomes a sheet's prompt).
+pub(crate) const MAX_CHARACTER_DESCRIPTION_CHARS: usize = 2000;
+
+impl Cast {
+    /// Checks the characters: ids safe in object keys (the `scene_id` rules), a bounded
+    /// description, usable reference images.
+    fn validate(&self) -> Result<()> {
+        for (id, character) in &self.characters {
+            validate_scene_id(id).map_err(|e| match e {
+                Stage3Error::InvalidRequest(message) => Stage3Error::InvalidRequest(format!(
+                    "characters: {}",
+                    message.replacen("scene_id:", "character id:", 1)
+                )),
+                other => other,
+            })?;
+            let at = |what: &str| format!("characters.{id}.{what}");
+            if let Some(description) = &character.description {
+                if description.trim().is_empty() {
+                    return Err(Stage3Error::invalid_request(format!(
+                        "{}: must not be empty",
+                        at("description")
+                    )));
+                }
+                if description.chars().count() > MAX_CHARACTER_DESCRIPTION_CHARS {
+                    return Err(Stage3Error::invalid_request(format!(
+                        "{}: at most {MAX_CHARACTER_DESCRIPTION_CHARS} characters",
+                        at("description")
+                    )));
+                }
+            }
+            if character.reference_images.len() > MAX_REFERENCE_IMAGES {
+                return Err(Stage3Error::invalid_request(format!(
+                    "{}: at most {MAX_REFERENCE_IMAGES} images",
+                    at("reference_images")
+                )));
+            }
+            for (index, url) in character.reference_images.iter().enumerate() {
+                validate_reference_url(url).map_err(|e| {
+                    Stage3Error::invalid_request(format!(
+                        "{}[{index}]: {e}",
+                        at("reference_images")
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The character's own reference images, if the cast gives it any.
+    pub(crate) fn references_of(&self, character: &str) -> &[String] {
+        self.characters
+            .get(character)
+            .map_or(&[], |c| c.reference_images.as_slice())
+    }
 }
 
 /// One generated, stored image: the seed's `Stage3Output`.
@@ -513,6 +657,11 @@ pub struct StoryError {
 pub struct BatchAnswer {
     pub results: Vec<Stage3Output>,
     pub failures: Vec<SceneFailure>,
+    /// In `sheet` mode: the character sheets drawn (or served from the store) for this
+    /// batch, the story's cast. A sheet that failed is in `failures`, under its
+    /// `characters/...` id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub characters: Vec<Stage3Output>,
     /// Counts and money, derived from the two lists (see [`BatchAnswer::summarize`]).
     #[serde(default)]
     pub summary: BatchSummary,
@@ -550,9 +699,11 @@ impl BatchAnswer {
     /// Recomputes [`BatchAnswer::summary`] from the lists, keeping the estimate.
     pub fn summarize(&mut self) {
         let from_cache = self.results.iter().filter(|r| r.from_cache).count();
+        // A sheet's cost is the batch's too, though it is not a scene.
         let cost_usd = self
             .results
             .iter()
+            .chain(&self.characters)
             .filter(|r| !r.from_cache)
             .filter_map(|r| r.generation_params.cost)
             // Not `sum()`: an empty float sum is -0.0, which prints as "-0.0".
@@ -572,12 +723,14 @@ impl BatchAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submission {
     Single(GenerationRequest),
-    Batch(Vec<GenerationRequest>),
+    /// A batch, with the cast its envelope describes (empty for a bare array).
+    Batch(Vec<GenerationRequest>, Cast),
     /// A `{"scenes": [...], "story_id": ..}` batch: its store also gets the story's
     /// manifest and storyboard page (see [`crate::story`]).
     Story {
         story_id: String,
         requests: Vec<GenerationRequest>,
+        cast: Cast,
     },
 }
 
@@ -587,17 +740,40 @@ impl Submission {
     pub fn override_with(&mut self, overrides: &RequestOptions) {
         let requests = match self {
             Submission::Single(request) => std::slice::from_mut(request),
-            Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
+            Submission::Batch(requests, _) | Submission::Story { requests, .. } => requests,
         };
         for request in requests {
             overrides.impose(request);
         }
     }
 
+    /// Sets the character mode over the envelope's (`--character-mode`); `None` changes
+    /// nothing. A single request has no cast, and keeps none.
+    pub fn override_character_mode(&mut self, mode: Option<CharacterMode>) {
+        if let (Some(mode), Some(cast)) = (mode, self.cast_mut()) {
+            cast.mode = Some(mode);
+        }
+    }
+
+    /// The batch's cast; a single request has none.
+    pub fn cast(&self) -> Option<&Cast> {
+        match self {
+            Submission::Single(_) => None,
+            Submission::Batch(_, cast) | Submission::Story { cast, .. } => Some(cast),
+        }
+    }
+
+    fn cast_mut(&mut self) -> Option<&mut Cast> {
+        match self {
+            Submission::Single(_) => None,
+            Submission::Batch(_, cast) | Submission::Story { cast, .. } => Some(cast),
+        }
+    }
+
     pub(crate) fn into_requests(self) -> Vec<GenerationRequest> {
         match self {
             Submission::Single(request) => vec![request],
-            Submission::Batch(requests) | Submission::Story { requests, .. } => requests,
+            Submission::Batch(requests, _) | Submission::Story { requests, .. } => requests,
         }
     }
 
@@ -623,6 +799,10 @@ struct BatchEnvelope {
     model: Option<String>,
     #[serde(default)]
     story_id: Option<String>,
+    #[serde(default)]
+    character_mode: Option<CharacterMode>,
+    #[serde(default)]
+    characters: BTreeMap<String, Character>,
 }
 
 /// Parses any accepted input shape — one request, an array of requests, or
@@ -636,7 +816,10 @@ struct BatchEnvelope {
 /// same scene would race for the same file, so they are rejected.
 pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
     let submission = match value {
-        Value::Array(items) => Submission::Batch(parse_items(items, &RequestOptions::default())?),
+        Value::Array(items) => Submission::Batch(
+            parse_items(items, &RequestOptions::default())?,
+            Cast::default(),
+        ),
         Value::Object(ref map) if map.contains_key("scenes") => {
             let envelope: BatchEnvelope = deserialize_named(value, "batch")?;
             let Value::Array(items) = envelope.scenes else {
@@ -647,13 +830,33 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
                 quality: envelope.quality,
                 model: envelope.model,
             };
-            let requests = parse_items(items, &defaults)?;
+            let mut requests = parse_items(items, &defaults)?;
+            let cast = Cast {
+                mode: envelope.character_mode,
+                characters: envelope.characters,
+            };
+            cast.validate()?;
+            // A character's own images are the scene's references, whatever the mode: like
+            // `STAGE3_CHARACTER_REFERENCES`, they win over anything generated.
+            for request in &mut requests {
+                for character in &request.characters_in_scene {
+                    for url in cast.references_of(character) {
+                        if !request.reference_images.contains(url) {
+                            request.reference_images.push(url.clone());
+                        }
+                    }
+                }
+            }
             match envelope.story_id {
                 Some(story_id) => {
                     validate_story_id(&story_id)?;
-                    Submission::Story { story_id, requests }
+                    Submission::Story {
+                        story_id,
+                        requests,
+                        cast,
+                    }
                 }
-                None => Submission::Batch(requests),
+                None => Submission::Batch(requests, cast),
             }
         }
         Value::Object(_) => {
@@ -667,7 +870,7 @@ pub fn parse_submission(value: Value, max_batch: usize) -> Result<Submission> {
             )))
         }
     };
-    if let Submission::Batch(requests) | Submission::Story { requests, .. } = &submission {
+    if let Submission::Batch(requests, _) | Submission::Story { requests, .. } = &submission {
         if requests.is_empty() {
             return Err(Stage3Error::invalid_request("the batch has no scenes"));
         }
@@ -909,7 +1112,7 @@ mod tests {
     #[test]
     fn an_array_and_a_scenes_envelope_are_batches() {
         let array = parse_submission(json!([scene("a"), scene("b")]), 100).unwrap();
-        assert!(matches!(array, Submission::Batch(ref r) if r.len() == 2));
+        assert!(matches!(array, Submission::Batch(ref r, _) if r.len() == 2));
 
         let mut portrait = scene("b");
         portrait["size"] = json!("1024x1792");

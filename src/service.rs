@@ -42,8 +42,8 @@ use crate::normalize::{normalize_and_shrink, ImageLimits, SourceFormat};
 use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest, SceneFailure,
-    Stage3Output, Submission,
+    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest,
+    ReferenceUsed, SceneFailure, Stage3Output, Submission,
 };
 use crate::storage::{self, Created, ObjectMeta, ObjectStore};
 use crate::story;
@@ -114,7 +114,7 @@ pub struct CacheLookup {
 }
 
 #[derive(Debug, Clone)]
-enum Found {
+pub(crate) enum Found {
     Hit(Box<Stage3Output>),
     Miss,
     /// The lookup failed (storage unreachable, say): the scene looks again when it runs,
@@ -123,8 +123,21 @@ enum Found {
 }
 
 impl CacheLookup {
-    fn get(&self, index: usize) -> &Found {
+    pub(crate) fn get(&self, index: usize) -> &Found {
         self.found.get(index).unwrap_or(&Found::Unknown)
+    }
+
+    /// The lookup of a batch of `len` scenes of which only those at `positions` were
+    /// looked up (`lookup`, in that order): the others look when they run
+    /// (`crate::cast`: a scene's key is known once its references are).
+    pub(crate) fn placed(lookup: CacheLookup, positions: &[usize], len: usize) -> CacheLookup {
+        let mut found = vec![Found::Unknown; len];
+        for (position, hit) in positions.iter().zip(lookup.found) {
+            if let Some(slot) = found.get_mut(*position) {
+                *slot = hit;
+            }
+        }
+        CacheLookup { found }
     }
 }
 
@@ -137,6 +150,9 @@ pub struct PreparedScene {
     pub spec: ImageSpec,
     pub request_hash: String,
     pub keys: ResultKeys,
+    /// With a character mode: the characters' references this scene is sent, recorded in
+    /// `generation_params.references` (see `crate::cast`). Empty otherwise.
+    pub references: Vec<ReferenceUsed>,
 }
 
 impl PreparedScene {
@@ -160,6 +176,7 @@ impl PreparedScene {
             spec,
             request_hash,
             keys,
+            references: Vec::new(),
         })
     }
 
@@ -196,6 +213,26 @@ pub(crate) fn prepare_submission(
         Submission::Single(request) => Ok(vec![PreparedScene::new(request, config, providers)?]),
         batch => prepare_all(batch.into_requests(), config, providers),
     }
+}
+
+/// Holds back the scenes of a batch that wait for others to be stored, and hands them over
+/// when they may run: `crate::cast` (character references) implements it. Positions are
+/// the scenes' places in the batch.
+#[async_trait::async_trait]
+pub(crate) trait SceneOrder: Send + Sync {
+    /// Whether the scene at `position` waits: it is then released, not answered from the
+    /// batch's cache lookup.
+    fn waits(&self, position: usize) -> bool;
+    /// Waits until the scene may run, and returns it as it is to run (its key may change).
+    async fn release(
+        &self,
+        service: &Stage3Service,
+        scene: &PreparedScene,
+        position: usize,
+        options: &RunOptions,
+    ) -> Result<PreparedScene>;
+    /// Notes how the scene at `position` ended.
+    fn finished(&self, position: usize, outcome: &Result<Stage3Output>);
 }
 
 /// Called as each scene finishes, for progress reporting.
@@ -305,6 +342,11 @@ impl Stage3Service {
     /// The store images go to (story manifests and pages go beside them).
     pub fn store(&self) -> &dyn ObjectStore {
         self.store.as_ref()
+    }
+
+    /// The providers scenes are drawn by.
+    pub(crate) fn providers(&self) -> &Providers {
+        &self.providers
     }
 
     /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
@@ -531,21 +573,24 @@ impl Stage3Service {
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
         let lookup = self.look_up(&scenes, options).await;
-        self.run_batch_with(scenes, &lookup, options, on_done).await
+        self.run_batch_with(scenes, &lookup, None, options, on_done)
+            .await
     }
 
-    /// [`Self::run_batch`] after the cache was looked up ([`Self::look_up`]).
+    /// [`Self::run_batch`] after the cache was looked up ([`Self::look_up`]), its
+    /// characters cast by `cast` when it has any (see [`crate::cast`]).
     pub(crate) async fn run_batch_with(
         &self,
         scenes: Vec<PreparedScene>,
         lookup: &CacheLookup,
+        cast: Option<&dyn SceneOrder>,
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> BatchAnswer {
         let plan = self.plan_batch(&scenes, lookup).await;
         let outcomes = match self.check_budget(&plan) {
             Ok(()) => {
-                self.run_scenes_with(&scenes, lookup, options, on_done)
+                self.run_scenes_with(&scenes, lookup, cast, options, on_done)
                     .await
             }
             Err(refusal) => scenes
@@ -585,7 +630,7 @@ impl Stage3Service {
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> Vec<Result<Stage3Output>> {
-        self.run_scenes_with(scenes, &CacheLookup::default(), options, on_done)
+        self.run_scenes_with(scenes, &CacheLookup::default(), None, options, on_done)
             .await
     }
 
@@ -620,11 +665,13 @@ impl Stage3Service {
     }
 
     /// [`Self::run_scenes`] after the cache was looked up: a stored scene is answered from
-    /// `lookup`, a missing one generated without looking again.
+    /// `lookup`, a missing one generated without looking again. With `cast`, a scene that
+    /// waits for its characters' references runs once they are stored, with them.
     pub(crate) async fn run_scenes_with(
         &self,
         scenes: &[PreparedScene],
         lookup: &CacheLookup,
+        cast: Option<&dyn SceneOrder>,
         options: &RunOptions,
         on_done: SceneCallback<'_>,
     ) -> Vec<Result<Stage3Output>> {
@@ -647,13 +694,25 @@ impl Stage3Service {
         let mut outcomes: Vec<(usize, Result<Stage3Output>)> =
             stream::iter(unique.into_iter().enumerate())
                 .map(|(index, scene)| {
-                    let found = lookup.get(firsts[index]);
+                    let position = firsts[index];
+                    let found = lookup.get(position);
                     async move {
-                        let outcome = match found {
-                            Found::Hit(hit) => Ok(hit.as_ref().clone()),
-                            Found::Miss => self.run_scene_with(scene, options, false).await,
-                            Found::Unknown => self.run_scene_with(scene, options, true).await,
+                        let outcome = match (found, cast) {
+                            (_, Some(cast)) if cast.waits(position) => {
+                                match cast.release(self, scene, position, options).await {
+                                    Ok(cast_scene) => {
+                                        self.run_scene_with(&cast_scene, options, true).await
+                                    }
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            (Found::Hit(hit), _) => Ok(hit.as_ref().clone()),
+                            (Found::Miss, _) => self.run_scene_with(scene, options, false).await,
+                            (Found::Unknown, _) => self.run_scene_with(scene, options, true).await,
                         };
+                        if let Some(cast) = cast {
+                            cast.finished(position, &outcome);
+                        }
                         on_done(scene.scene_id(), outcome.as_ref());
                         (index, outcome)
                     }
@@ -683,7 +742,7 @@ impl Stage3Service {
     }
 
     /// [`Self::run_scene`]; `look_up_first: false` when the batch's lookup found nothing.
-    async fn run_scene_with(
+    pub(crate) async fn run_scene_with(
         &self,
         scene: &PreparedScene,
         options: &RunOptions,
@@ -1182,6 +1241,7 @@ impl Stage3Service {
             resolution: spec.quality.resolution().to_string(),
             seed: spec.seed,
             reference_images: spec.recorded_references(),
+            references: scene.references.clone(),
             cost: None,
             request_hash: scene.request_hash.clone(),
             content_sha256: String::new(),
@@ -1495,7 +1555,7 @@ struct StoredImage {
 
 /// The distinct scenes of a batch (identical requests for the same scene once), and for
 /// each scene the index of its distinct one.
-fn unique_scenes(scenes: &[PreparedScene]) -> (Vec<&PreparedScene>, Vec<usize>) {
+pub(crate) fn unique_scenes(scenes: &[PreparedScene]) -> (Vec<&PreparedScene>, Vec<usize>) {
     let mut first_index: HashMap<(&str, &str), usize> = HashMap::new();
     let mut unique: Vec<&PreparedScene> = Vec::new();
     let slots = scenes

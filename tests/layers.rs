@@ -39,7 +39,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     ("configuration", &["config"]),
-    ("service", &["service", "batch"]),
+    ("service", &["service", "cast", "batch"]),
     ("shells", &["lambda"]),
 ];
 

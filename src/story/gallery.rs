@@ -112,12 +112,50 @@ pub(crate) fn render(manifest: &Manifest, links: &PageLinks) -> String {
                 .unwrap_or_else(|| "manifest.json".to_string())
         ),
     );
+    if !manifest.cast.is_empty() {
+        cast_row(&mut page, &manifest.cast, links);
+    }
     for (index, entry) in manifest.scenes.iter().enumerate() {
         card(&mut page, index + 1, entry, links);
     }
     page.push_str("</main>\n</body>\n</html>\n");
     page
 }
+
+/// The story's cast, above its pages: each character's sheet, with its name.
+fn cast_row(page: &mut String, cast: &[super::CastMember], links: &PageLinks) {
+    // Its style travels with it, so a page without a cast is byte for byte what it was.
+    page.push_str("<section class=\"cast\" aria-label=\"cast\"><style>");
+    page.push_str(CAST_STYLE);
+    page.push_str("</style><h2>Cast</h2>\n");
+    for member in cast {
+        let full = links.href(&member.image_key);
+        let thumb = member
+            .thumbnail_key
+            .as_deref()
+            .map_or_else(|| full.clone(), |key| links.href(key));
+        let id = escape(&member.id);
+        let name = member
+            .name
+            .as_deref()
+            .map(escape)
+            .unwrap_or_else(|| id.clone());
+        let _ = writeln!(
+            page,
+            r#"<figure id="character-{id}"><a href="{full}" title="Open {name}'s sheet full size"><img src="{thumb}" width="160" height="160" alt="{name}: character sheet" loading="lazy" decoding="async"></a><figcaption><b>{name}</b> <span>{id}</span></figcaption></figure>"#,
+            full = escape(&full),
+            thumb = escape(&thumb),
+        );
+    }
+    page.push_str("</section>\n");
+}
+
+/// The cast row spans the grid above the pages.
+const CAST_STYLE: &str = ".cast{grid-column:1/-1;display:flex;flex-wrap:wrap;align-items:flex-end;gap:14px}\
+.cast h2{width:100%;margin:0;font-size:15px;color:var(--soft);text-transform:uppercase;letter-spacing:.06em}\
+.cast figure{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;padding:8px;text-align:center}\
+.cast img{display:block;width:160px;height:160px;object-fit:contain;background:var(--frame);border-radius:6px}\
+.cast figcaption{margin-top:4px}.cast figcaption span{color:var(--soft);font-size:13px}";
 
 fn card(page: &mut String, number: usize, entry: &SceneEntry, links: &PageLinks) {
     let scene_id = escape(&entry.scene_id);

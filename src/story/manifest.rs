@@ -71,6 +71,9 @@ pub struct Manifest {
     /// written, so that a later merge does not count them twice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fragments: Vec<String>,
+    /// The story's cast: its characters' sheets (`sheet` mode), from `cast.json`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cast: Vec<super::CastMember>,
     pub scenes: Vec<SceneEntry>,
 }
 
@@ -792,6 +795,7 @@ impl Merge {
             },
             batches: self.batches,
             fragments,
+            cast: Vec::new(),
             scenes,
         }
     }

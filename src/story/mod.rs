@@ -61,6 +61,7 @@
 //! [`MAX_FRAGMENT_BYTES`] are skipped unread, documents are parsed entry by entry, and the
 //! story keeps at most [`manifest::MAX_STORY_SCENES`] scenes.
 
+mod cast;
 mod gallery;
 mod manifest;
 mod thumbnail;
@@ -72,6 +73,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
+pub(crate) use cast::put_cast;
+pub use cast::CastMember;
 pub(crate) use gallery::PageLinks;
 pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
 pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
@@ -532,6 +535,7 @@ async fn publish_round(
         .collect();
     still_stored.sort();
     let mut manifest = merge.finish(story_id, still_stored);
+    manifest.cast = cast::read_cast(store, story_id).await?;
     add_lasting_urls(&mut manifest, store, urls).await?;
     let page_links = page_links(&manifest, store, urls).await?;
     let page = Bytes::from(gallery::render(&manifest, &page_links));
@@ -985,6 +989,10 @@ async fn page_links(
             for entry in &manifest.scenes {
                 keys.extend(entry.image_key.iter().cloned());
                 keys.extend(entry.thumbnail_key.iter().cloned());
+            }
+            for member in &manifest.cast {
+                keys.push(member.image_key.clone());
+                keys.extend(member.thumbnail_key.iter().cloned());
             }
             for key in keys {
                 if let Some(url) = urls.url(store, &key).await? {

@@ -643,3 +643,48 @@ async fn an_answer_past_six_megabytes_drops_the_prompt_echo_and_says_so() {
     }
     assert_eq!(provider.calls(), 30);
 }
+
+/// The story of `tests/suite/characters.rs` in `sheet` mode, as the Lambda function gets it.
+fn cast_story() -> Value {
+    let page = |id: &str, cast: &[&str]| json!({"scene_id": id, "image_prompt": format!("{id} in the snow"), "characters_in_scene": cast});
+    json!({
+        "story_id": "snow",
+        "character_mode": "sheet",
+        "characters": {
+            "fox": {"name": "Rufus", "description": "a small red fox"},
+            "owl": {"description": "a grey owl"},
+        },
+        "scenes": [page("p1", &["fox"]), page("p2", &["owl"]), page("p3", &["fox"]), page("p4", &["fox", "owl"])],
+    })
+}
+
+#[tokio::test]
+async fn character_modes_work_through_a_direct_invocation_and_sqs() {
+    let harness = Harness::new();
+    let answer: BatchAnswer =
+        serde_json::from_value(harness.handle(cast_story()).await.unwrap()).unwrap();
+    assert!(answer.failures.is_empty(), "{:#?}", answer.failures);
+    assert_eq!(harness.provider.calls(), 6, "two sheets and four pages");
+    assert_eq!(answer.characters.len(), 2);
+    assert_eq!(answer.results[3].generation_params.references.len(), 2);
+    assert!(harness.dir.path().join("stories/snow/cast.json").is_file());
+
+    // The same story from a queue: sheets and pages from the store, nothing paid again.
+    let event = sqs_event(vec![sqs_record("m-1", &cast_story().to_string())]);
+    let queued = harness.handle(event).await.unwrap();
+    assert!(failed_ids(&queued).is_empty(), "{queued}");
+    assert_eq!(harness.provider.calls(), 6);
+
+    // First appearances through the queue: pages only, none paid twice.
+    let mut first = cast_story();
+    first["character_mode"] = json!("first-appearance");
+    first["story_id"] = json!("snow-2");
+    for scene in first["scenes"].as_array_mut().unwrap() {
+        scene["scene_id"] = json!(format!("{}b", scene["scene_id"].as_str().unwrap()));
+    }
+    let event = sqs_event(vec![sqs_record("m-2", &first.to_string())]);
+    harness.handle(event.clone()).await.unwrap();
+    assert_eq!(harness.provider.calls(), 6 + 4);
+    harness.handle(event).await.unwrap();
+    assert_eq!(harness.provider.calls(), 6 + 4, "a redelivery pays nothing");
+}

@@ -10,6 +10,7 @@
 mod support;
 
 mod cache;
+mod characters;
 mod china;
 mod events;
 mod faults;

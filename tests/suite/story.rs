@@ -1156,7 +1156,7 @@ async fn the_gallery_command_honours_the_umask() {
 // The page in a real browser.
 
 /// Debian's chromium, or `None` outside CI when it is not installed.
-fn chromium(test: &str) -> Option<PathBuf> {
+pub(crate) fn chromium(test: &str) -> Option<PathBuf> {
     let candidates = [
         std::env::var("STAGE3_CHROMIUM").ok(),
         Some("/usr/bin/chromium".into()),
@@ -1179,7 +1179,7 @@ fn chromium(test: &str) -> Option<PathBuf> {
 }
 
 /// Runs headless chromium on `page` with `args` and a fresh profile; returns stdout.
-async fn run_chromium(chromium: &Path, page: &Path, args: &[String]) -> String {
+pub(crate) async fn run_chromium(chromium: &Path, page: &Path, args: &[String]) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut command = tokio::process::Command::new(chromium);
     command

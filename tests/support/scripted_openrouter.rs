@@ -349,6 +349,8 @@ struct State {
     /// Catalogue requests, apart from the generation calls in `received`.
     catalogue_received: Mutex<Vec<Received>>,
     received: Mutex<Vec<Received>>,
+    /// When each generation call's answer was written, by its place in `received`.
+    answered: Mutex<HashMap<usize, std::time::Instant>>,
     /// How many requests each prompt has had, for the script's `n`.
     per_prompt: Mutex<HashMap<String, usize>>,
     /// Requests read but not yet fully answered, and the most there ever were.
@@ -393,6 +395,7 @@ impl ScriptedOpenRouter {
             catalogue: Mutex::new(Catalogue::standard()),
             catalogue_received: Mutex::default(),
             received: Mutex::default(),
+            answered: Mutex::default(),
             per_prompt: Mutex::default(),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -452,6 +455,18 @@ impl ScriptedOpenRouter {
             .count()
     }
 
+    /// Each generation call, in arrival order, with when its answer was written (`None`
+    /// while it is still being answered): the start and end of every call, for tests of
+    /// what ran before what.
+    pub fn spans(&self) -> Vec<(Received, Option<std::time::Instant>)> {
+        let answered = self.state.answered.lock().unwrap().clone();
+        self.requests()
+            .into_iter()
+            .enumerate()
+            .map(|(index, request)| (request, answered.get(&index).copied()))
+            .collect()
+    }
+
     pub fn total_calls(&self) -> usize {
         self.state.received.lock().unwrap().len()
     }
@@ -504,9 +519,19 @@ async fn serve(
         *count += 1;
         *count - 1
     };
-    state.received.lock().unwrap().push(request.clone());
+    let index = {
+        let mut received = state.received.lock().unwrap();
+        received.push(request.clone());
+        received.len() - 1
+    };
     let reply = (state.script)(&request, nth);
-    write_reply(&mut stream, reply).await
+    let written = write_reply(&mut stream, reply).await;
+    state
+        .answered
+        .lock()
+        .unwrap()
+        .insert(index, std::time::Instant::now());
+    written
 }
 
 async fn write_reply(

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use stage3::{ImageQuality, ImageSize, ProviderKind};
+use stage3::{CharacterMode, ImageQuality, ImageSize, ProviderKind};
 
 #[derive(Parser)]
 #[command(
@@ -80,4 +80,8 @@ pub(crate) struct GenerateArgs {
     /// spending would (STAGE3_MAX_COST_USD).
     #[arg(long, value_name = "USD")]
     pub(crate) max_cost: Option<String>,
+    /// off, first-appearance or sheet: how characters stay the same from page to page
+    /// (overrides the input's character_mode and STAGE3_CHARACTER_MODE).
+    #[arg(long)]
+    pub(crate) character_mode: Option<CharacterMode>,
 }

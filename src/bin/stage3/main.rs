@@ -80,6 +80,7 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
         quality: args.quality,
         model: args.model,
     });
+    submission.override_character_mode(args.character_mode);
 
     // Ctrl-C stops the batch from starting calls; the calls in flight finish and are stored.
     let stop = BatchStop::new();

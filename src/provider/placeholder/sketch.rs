@@ -31,6 +31,10 @@ pub(super) struct Sketch {
     caption: String,
     prompt: String,
     footer: String,
+    /// The reference images sent, as URLs: an inline one is drawn small in the top right
+    /// corner, an `https://` one (which this offline provider never fetches) as a labelled
+    /// box — so a person can see which picture each page was shown.
+    references: Vec<String>,
 }
 
 /// Lettering colours: white for the title and small print, a pale grey for the prompt.
@@ -61,10 +65,15 @@ impl Sketch {
             hasher.update((field.len() as u64).to_le_bytes());
             hasher.update(field.as_bytes());
         }
-        let seed_note = spec
+        let mut seed_note = spec
             .seed
             .map(|s| format!(" · seed {s}"))
             .unwrap_or_default();
+        match spec.references.len() {
+            0 => {}
+            1 => seed_note.push_str(" · 1 reference"),
+            n => seed_note.push_str(&format!(" · {n} references")),
+        }
         Sketch {
             width,
             height,
@@ -77,6 +86,7 @@ impl Sketch {
             prompt: spec.prompt.clone(),
             // No model drew this picture: say so, and keep the one asked for visible.
             footer: format!("requested model (not called): {model}"),
+            references: spec.references.clone(),
         }
     }
 
@@ -116,7 +126,60 @@ impl Sketch {
         }
 
         self.lettering(&mut canvas);
+        self.insets(&mut canvas);
         canvas.encode_png()
+    }
+
+    /// The references, right to left along the top, each a fifth of the short side, framed
+    /// and numbered in the order they were sent.
+    fn insets(&self, canvas: &mut Canvas) {
+        let short = self.width.min(self.height);
+        let side = short / 5;
+        let margin = (self.width - self.width * 88 / 100) / 2;
+        let small_px = (short / 42).max(text::MIN_PX);
+        let top = margin / 2 + small_px * 2;
+        let frame = (side / 40).max(2);
+        for (index, url) in self.references.iter().enumerate() {
+            let slot = index as u32 + 1;
+            let Some(x) = self
+                .width
+                .checked_sub(margin + slot * (side + margin / 2))
+                .filter(|x| *x > margin)
+            else {
+                break;
+            };
+            canvas.rect(
+                x - frame,
+                top - frame,
+                side + 2 * frame,
+                side + 2 * frame,
+                WHITE,
+                255,
+            );
+            match decode_inline(url, side) {
+                Some(picture) => {
+                    let dx = x + (side - picture.width()) / 2;
+                    let dy = top + (side - picture.height()) / 2;
+                    canvas.rect(x, top, side, side, [40, 40, 40], 255);
+                    canvas.blit(&picture, dx, dy);
+                }
+                None => canvas.rect(x, top, side, side, [70, 70, 90], 255),
+            }
+            let label = if url.starts_with("data:") {
+                format!("ref {slot}")
+            } else {
+                format!("ref {slot}: URL")
+            };
+            if let Some(mut surface) = canvas.surface() {
+                surface.text(
+                    &label,
+                    x.into(),
+                    (top + side + frame * 2).into(),
+                    small_px,
+                    WHITE,
+                );
+            }
+        }
     }
 
     /// Where each line of lettering goes and how large it is.
@@ -306,6 +369,18 @@ impl Canvas {
         }
     }
 
+    /// Copies `picture` with its top left corner at `x`, `y`, clipped to the canvas.
+    fn blit(&mut self, picture: &image::RgbImage, x: u32, y: u32) {
+        for (px, py, pixel) in picture.enumerate_pixels() {
+            let (cx, cy) = (x + px, y + py);
+            if cx >= self.width || cy >= self.height {
+                continue;
+            }
+            let at = (cy as usize * self.width as usize + cx as usize) * 3;
+            self.pixels[at..at + 3].copy_from_slice(&pixel.0);
+        }
+    }
+
     /// The pixels as a surface for [`crate::text`] to draw on (always `Some`: the canvas
     /// holds width × height RGB pixels).
     fn surface(&mut self) -> Option<Surface<'_>> {
@@ -325,6 +400,22 @@ impl Canvas {
             .map_err(|e| failure(format!("placeholder PNG encoding failed: {e}")))?;
         Ok(Bytes::from(out))
     }
+}
+
+/// An inline (`data:`) reference decoded and shrunk to fit `side` × `side`; `None` for a
+/// URL or anything that does not decode (the placeholder draws a box instead).
+fn decode_inline(url: &str, side: u32) -> Option<image::RgbImage> {
+    use base64::Engine;
+    let (_, payload) = url.strip_prefix("data:")?.split_once(";base64,")?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .ok()?;
+    let picture = image::load_from_memory(&bytes).ok()?.to_rgb8();
+    Some(image::imageops::thumbnail(
+        &picture,
+        side.min(picture.width().max(1) * side / picture.height().max(1).max(picture.width())),
+        side.min(picture.height().max(1) * side / picture.width().max(1).max(picture.height())),
+    ))
 }
 
 /// A colour from hue (any real, wraps), saturation and value in 0..1.
