@@ -32,6 +32,10 @@
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`story`]: a story's manifest, storyboard page and thumbnails.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
+//! - [`queue`] (feature `sqs`, on with either shell): a story cut into queue messages the
+//!   function accepts, sent with `SendMessageBatch` (`stage3 submit`).
+//! - [`metrics`]: CloudWatch Embedded Metric Format lines — images, cache hits, failures,
+//!   cost, latency — one batch at a time.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C.
 //! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share.
@@ -62,9 +66,12 @@ pub mod image_spec;
 pub mod labels;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod metrics;
 pub mod normalize;
 pub mod prompt;
 pub mod provider;
+#[cfg(feature = "sqs")]
+pub mod queue;
 pub mod retry;
 pub mod schema;
 pub mod secret;

@@ -35,6 +35,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "cache",
             "story",
             "events",
+            "metrics",
+            "queue",
             "telemetry",
         ],
     ),

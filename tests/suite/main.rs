@@ -14,6 +14,7 @@ mod china;
 mod events;
 mod faults;
 mod lambda_handler;
+mod long_stories;
 mod openrouter;
 mod references;
 mod s3_service;
