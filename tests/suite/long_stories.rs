@@ -488,3 +488,54 @@ async fn a_sender_fault_is_not_retried_and_is_reported_with_exit_1() {
         serde_json::from_value(status["error_types"].clone()).unwrap();
     assert!(by_type.is_empty());
 }
+
+#[tokio::test]
+async fn the_cli_writes_the_same_metric_lines_on_stderr_when_asked() {
+    let work = Work::new(&story(3));
+    let dir = work.dir.path().to_path_buf();
+    let run = |metrics: Option<&'static str>| {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = stage3_command(&dir);
+            command.env("STAGE3_PROVIDER", "placeholder");
+            if let Some(value) = metrics {
+                command.env("STAGE3_METRICS", value);
+            }
+            command
+                .args(["generate", "input.json", "--out", "out"])
+                .output()
+                .unwrap()
+        })
+    };
+    let output = run(Some("emf")).await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    // Stdout stays the batch answer alone.
+    let answer = answer_of(&output);
+    let lines: Vec<Value> = stderr(&output)
+        .lines()
+        .filter(|line| line.starts_with('{') && line.contains("\"_aws\""))
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", stderr(&output));
+    assert_eq!(lines[0]["Provider"], "placeholder");
+    assert_eq!(lines[0]["ImagesGenerated"], answer["summary"]["succeeded"]);
+    assert_eq!(lines[0]["CacheHits"], 0);
+    assert_eq!(
+        lines[0]["CostUSD"].as_f64(),
+        answer["summary"]["cost_usd"].as_f64()
+    );
+
+    // Again: every scene from the cache. Without the variable, no line at all.
+    let output = run(Some("emf")).await.unwrap();
+    let line = stderr(&output)
+        .lines()
+        .find(|line| line.starts_with('{') && line.contains("\"_aws\""))
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .unwrap();
+    assert_eq!(
+        (line["ImagesGenerated"].clone(), line["CacheHits"].clone()),
+        (json!(0), json!(3))
+    );
+    let output = run(None).await.unwrap();
+    assert!(!stderr(&output).contains("_aws"), "{}", stderr(&output));
+}
