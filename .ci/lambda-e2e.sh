@@ -173,6 +173,25 @@ for event in events/*.json; do
     echo "lambda-e2e: ok   events/$name.json"
 done
 
+# Every invocation wrote its CloudWatch Embedded Metric Format line to stdout, which the
+# emulator passes through to its log as Lambda passes it to CloudWatch Logs.
+python3 - "$work/watch.log" <<'PY' || fail "no EMF metric line (namespace Stage3) in the function's output"
+import json, sys
+found = 0
+for line in open(sys.argv[1], errors="replace"):
+    start = line.find('{"')
+    if start < 0 or '"_aws"' not in line:
+        continue
+    try:
+        doc = json.loads(line[start:])
+    except ValueError:
+        continue
+    if doc["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "Stage3" and "Provider" in doc:
+        found += 1
+sys.exit(0 if found else 1)
+PY
+echo "lambda-e2e: ok   EMF metric lines on stdout"
+
 cleanup
 watch_pid=""
 trap - EXIT

@@ -1,5 +1,6 @@
 //! The AWS SDK configuration that every AWS client of the service starts from — S3,
-//! EventBridge and SQS: the standard `AWS_*` variables, profile and credential chain.
+//! EventBridge and SQS: the standard `AWS_*` variables, profile and credential chain — and
+//! the one SQS client set-up that the dead-letter queue and `stage3 submit` share.
 //!
 //! It is loaded once, when the first AWS client is built, and shared by the others: each
 //! client used to load its own copy with near-identical code. A run that builds no AWS
@@ -7,7 +8,10 @@
 //! credentials are resolved on a client's first request.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
+#[cfg(feature = "sqs")]
+use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use tokio::sync::OnceCell;
@@ -86,9 +90,79 @@ impl AwsConfig {
     }
 }
 
+/// SQS calls connect within this...
+#[cfg(feature = "sqs")]
+pub(crate) const SQS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// ...and finish within this, each attempt.
+#[cfg(feature = "sqs")]
+pub(crate) const SQS_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The set-up of every SQS client: short timeouts and the SDK's standard retries (3
+/// attempts). A dead letter that fails costs only a redelivery, and a submission that
+/// fails says what it could not send; neither should hang.
+#[cfg(feature = "sqs")]
+pub fn configure_sqs(builder: aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder {
+    use aws_sdk_sqs::config::retry::RetryConfig;
+    use aws_sdk_sqs::config::timeout::TimeoutConfig;
+    builder
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(SQS_CONNECT_TIMEOUT)
+                .operation_timeout(SQS_OPERATION_TIMEOUT)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+}
+
+#[cfg(feature = "sqs")]
+impl AwsConfig {
+    /// An SQS client for `queue_url` on the shared configuration ([`configure_sqs`]), in the
+    /// region [`AwsConfig::region_for`] chooses. The endpoint comes from the standard
+    /// `AWS_ENDPOINT_URL_SQS` / `AWS_ENDPOINT_URL`. Makes no network call.
+    pub(crate) async fn sqs_client(&self, queue_url: &str) -> aws_sdk_sqs::Client {
+        let config = configure_sqs(aws_sdk_sqs::config::Builder::from(self.sdk_config().await))
+            .region(aws_sdk_sqs::config::Region::new(
+                self.region_for(Some(queue_url)),
+            ));
+        aws_sdk_sqs::Client::from_conf(config.build())
+    }
+}
+
+/// Splits entries of the given sizes into consecutive calls of at most `max_entries`
+/// entries and `max_bytes` bytes, in order — the limits of AWS's batch calls (EventBridge
+/// `PutEvents`, SQS `SendMessageBatch`: 10 entries, 256 KiB). Every size must be at most
+/// `max_bytes`.
+pub(crate) fn plan_batches(
+    sizes: &[usize],
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Range<usize>> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (index, size) in sizes.iter().enumerate() {
+        if index > start && (index - start == max_entries || bytes + size > max_bytes) {
+            batches.push(start..index);
+            (start, bytes) = (index, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        batches.push(start..sizes.len());
+    }
+    batches
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_keep_order_and_both_limits() {
+        assert_eq!(plan_batches(&[1; 25], 10, 100), [0..10, 10..20, 20..25]);
+        assert_eq!(plan_batches(&[40, 40, 40, 1], 10, 100), [0..2, 2..4]);
+        assert_eq!(plan_batches(&[100, 1, 100], 10, 100), [0..1, 1..2, 2..3]);
+        assert!(plan_batches(&[], 10, 100).is_empty());
+    }
 
     #[test]
     fn a_client_signs_for_the_environment_region_else_its_target_region() {

@@ -23,6 +23,7 @@ use crate::events::{self, EventSettings, WebhookSettings};
 use crate::image_spec::ModelRef;
 use crate::image_spec::ProviderKind;
 use crate::labels::{LabelSettings, DEFAULT_PRODUCER};
+use crate::metrics::{MetricsFormat, METRICS_VARIABLE};
 use crate::prompt::DEFAULT_MAX_PROMPT_CHARS;
 use crate::provider::{
     ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
@@ -101,6 +102,9 @@ pub struct Config {
     /// The AWS SDK's own configuration, shared by the S3, EventBridge and SQS clients and
     /// loaded when the first of them is built.
     pub aws: AwsConfig,
+    /// `STAGE3_METRICS` (`emf` or `off`), when set: the Lambda function writes metric lines
+    /// unless it says `off`, the CLI only when it says `emf` (see `crate::metrics`).
+    pub metrics: Option<MetricsFormat>,
 }
 
 /// What the CLI's flags set over the environment: each one given wins over its variable.
@@ -252,6 +256,10 @@ impl Config {
             fallback_on_refusal: vars.flag("STAGE3_FALLBACK_ON_REFUSAL", false)?,
             max_cost_usd: match vars.get("STAGE3_MAX_COST_USD") {
                 Some(raw) => Some(parse_cost("STAGE3_MAX_COST_USD", &raw)?),
+                None => None,
+            },
+            metrics: match vars.get(METRICS_VARIABLE) {
+                Some(raw) => Some(raw.parse()?),
                 None => None,
             },
         };

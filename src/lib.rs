@@ -34,6 +34,10 @@
 //! - [`cache`]: request hashes, content-addressed keys, verified records and claims.
 //! - [`story`]: a story's manifest, storyboard page and thumbnails.
 //! - [`events`]: completion events (EventBridge, signed webhook) and the dead-letter queue.
+//! - [`queue`] (feature `sqs`, on with either shell): a story cut into queue messages the
+//!   function accepts, sent with `SendMessageBatch` (`stage3 submit`).
+//! - [`metrics`]: CloudWatch Embedded Metric Format lines — images, cache hits, failures,
+//!   cost, latency — one batch at a time.
 //! - [`retry`]: backoff with jitter and the back-pressure shared by a batch.
 //! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C.
 //! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share.
@@ -68,9 +72,13 @@ mod image_spec;
 mod labels;
 #[cfg(feature = "lambda")]
 pub mod lambda;
+pub mod metrics;
 mod normalize;
 mod prompt;
 pub mod provider;
+#[cfg(feature = "sqs")]
+pub mod queue;
+mod queued_story;
 mod retry;
 mod schema;
 mod secret;
@@ -85,6 +93,10 @@ mod urls;
 pub use batch::{BatchOptions, BatchProgress, BatchRun};
 pub use batch_stop::BatchStop;
 pub use service::{RunOptions, Stage3Service};
+// A story run through the request queue.
+pub use queued_story::{follow_story, Follow, SubmitOptions};
+#[cfg(feature = "sqs")]
+pub use queued_story::{submit_story, SubmitReport};
 // The configuration, read once from the environment.
 #[cfg(feature = "cli")]
 pub use config::load_dotenv;
@@ -93,7 +105,7 @@ pub use config::{Config, Overrides, DEFAULT_MODEL};
 pub use image_spec::{ImageSpec, ModelRef, ProviderKind};
 pub use schema::{
     parse_submission, read_submission, BatchAnswer, CharacterMode, GenerationRequest, ImageQuality,
-    ImageSize, RequestOptions, Stage2Output, Stage3Output,
+    ImageSize, RequestOptions, Stage2Output, Stage3Output, Submission,
 };
 // Errors, with their stable `error_type`.
 pub use error::{ErrorType, ProviderFailure, Result, Stage3Error};

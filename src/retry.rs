@@ -9,7 +9,7 @@
 //! The retry loops run on [`RetryPolicy`]: provider and storage calls with the policy
 //! `STAGE3_MAX_RETRIES` and its two delays configure, completion events with
 //! [`RetryPolicy::EVENTS`], story publishing with [`RetryPolicy::STORY_STORE`] and
-//! [`RetryPolicy::STORY_LISTING`]. Each caller keeps its own judgement of which failures
+//! [`RetryPolicy::STORY_LISTING`], a story's queue messages with [`RetryPolicy::QUEUE_SEND`]. Each caller keeps its own judgement of which failures
 //! are worth another try; the count, the waits and the deadline check are decided here.
 
 use std::future::Future;
@@ -48,6 +48,16 @@ impl RetryPolicy {
         max_retries: 2,
         base_delay: Duration::from_millis(100),
         max_delay: Duration::from_millis(400),
+    };
+
+    /// Messages of a story that `SendMessageBatch` did not take (`stage3 submit`): 6
+    /// attempts, 200 ms doubling to at most 5 s. Above the SQS client's own 3 attempts per
+    /// call: a submission has a person waiting, but nothing else, so it tries for a while
+    /// before it reports what it could not send.
+    pub const QUEUE_SEND: RetryPolicy = RetryPolicy {
+        max_retries: 5,
+        base_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(5),
     };
 
     /// The pause before another story publishing round when the store's listing lags
@@ -262,7 +272,9 @@ mod tests {
         assert_eq!(timing(RetryPolicy::EVENTS), (4, 200, 2000));
         assert_eq!(timing(RetryPolicy::STORY_STORE), (3, 100, 400));
         assert_eq!(timing(RetryPolicy::STORY_LISTING), (8, 100, 1600));
+        assert_eq!(timing(RetryPolicy::QUEUE_SEND), (6, 200, 5000));
         for policy in [
+            RetryPolicy::QUEUE_SEND,
             RetryPolicy::EVENTS,
             RetryPolicy::STORY_STORE,
             RetryPolicy::STORY_LISTING,

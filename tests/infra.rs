@@ -18,6 +18,7 @@ use std::path::Path;
 
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::EventBridgeSink;
+use stage3::queue::RequestQueue;
 use stage3::storage::S3Store;
 
 fn repository_file(relative: &str) -> String {
@@ -80,6 +81,7 @@ fn every_aws_call_in_the_code_is_in_its_modules_iam_list() {
         ("src/storage/s3.rs", S3Store::IAM_ACTIONS),
         ("src/events/eventbridge.rs", EventBridgeSink::IAM_ACTIONS),
         ("src/events/dead_letter.rs", DeadLetterQueue::IAM_ACTIONS),
+        ("src/queue.rs", RequestQueue::IAM_ACTIONS),
     ] {
         let calls = client_calls(&repository_file(file));
         assert!(!calls.is_empty(), "{file}: no client call found");
@@ -427,6 +429,37 @@ fn the_infra_readme_names_each_call_with_the_statement_that_allows_it() {
                     && row.contains(&format!("`{action}`"))
                     && row.contains(&format!("`{sid}`"))),
             "infra/README.md has no row for `{operation}` with `{action}` and `{sid}`"
+        );
+    }
+}
+
+/// `stage3 submit` runs with a person's or a pipeline's keys, not the function's role: the
+/// template offers them `SubmitterPolicy`, which must allow each call `src/queue.rs` makes
+/// on the request queue (and the function's own policies need none of it).
+#[test]
+fn the_submitter_policy_allows_every_call_a_submission_makes() {
+    let template = repository_file("infra/template.yaml");
+    let lines = yaml_lines(&template);
+    let policy = find(&lines, "SubmitterPolicy:", Some(2));
+    let body = children(&lines, policy);
+    let readme = repository_file("infra/README.md");
+    for (operation, action) in RequestQueue::IAM_ACTIONS {
+        let granted = body.windows(4).any(|window| {
+            window[0].text.starts_with("- Sid: ")
+                && window[1].text == "Effect: Allow"
+                && window[2].text == format!("Action: {action}")
+                && window[3].text == "Resource: !GetAtt RequestQueue.Arn"
+        });
+        assert!(
+            granted,
+            "SubmitterPolicy does not allow {action} on the request queue"
+        );
+        assert!(
+            readme.lines().any(|row| row.starts_with('|')
+                && row.contains(&format!("`{operation}`"))
+                && row.contains(&format!("`{action}`"))
+                && row.contains("`SubmitterPolicy`")),
+            "infra/README.md has no row for `{operation}` with `{action}` and `SubmitterPolicy`"
         );
     }
 }

@@ -35,11 +35,13 @@ const LAYERS: &[(&str, &[&str])] = &[
             "cache",
             "story",
             "events",
+            "metrics",
+            "queue",
             "telemetry",
         ],
     ),
     ("configuration", &["config"]),
-    ("service", &["service", "cast", "batch"]),
+    ("service", &["service", "cast", "batch", "queued_story"]),
     ("shells", &["lambda"]),
 ];
 

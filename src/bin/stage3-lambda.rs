@@ -23,7 +23,10 @@ async fn main() -> ExitCode {
     // file in the deployment package or the working directory cannot change where keys go.
     let built = match Config::from_env() {
         Ok(config) => {
-            let outlets = lambda::LazyOutlets::new(config.events.clone(), config.aws.clone());
+            // Metric lines go to stdout, where CloudWatch Logs reads them (STAGE3_METRICS=off
+            // turns them off).
+            let outlets = lambda::LazyOutlets::new(config.events.clone(), config.aws.clone())
+                .with_metrics(lambda::metrics_sink(config.metrics));
             Stage3Service::from_config(config)
                 .await
                 .map(|service| (service, outlets))

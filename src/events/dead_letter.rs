@@ -15,11 +15,7 @@
 //! Lambda role). Building it makes no network call.
 
 use std::fmt;
-use std::time::Duration;
 
-use aws_sdk_sqs::config::retry::RetryConfig;
-use aws_sdk_sqs::config::timeout::TimeoutConfig;
-use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use aws_sdk_sqs::Client;
@@ -32,8 +28,6 @@ use crate::error::ErrorType;
 pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 500;
 /// Longest a `scene_id` attribute gets (a record may carry a batch of failed scenes).
 pub(crate) const MAX_SCENE_IDS_BYTES: usize = 1000;
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a message is dead: what its attributes say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,25 +59,17 @@ impl DeadLetterQueue {
     /// queue); infra/template.yaml grants it, and tests/infra.rs checks both.
     pub const IAM_ACTIONS: &[(&str, &str)] = &[("SendMessage", "sqs:SendMessage")];
 
-    /// Builds the SQS client for `queue_url` on the shared AWS configuration, in the
-    /// region [`AwsConfig::region_for`] chooses. Call once, at start-up.
+    /// Builds the SQS client for `queue_url` on the shared AWS configuration
+    /// ([`AwsConfig::sqs_client`]). Call once, at start-up.
     pub(crate) async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Self {
-        let config = Self::configure(aws_sdk_sqs::config::Builder::from(aws.sdk_config().await))
-            .region(Region::new(aws.region_for(Some(queue_url))));
-        DeadLetterQueue::new(Client::from_conf(config.build()), queue_url)
+        DeadLetterQueue::new(aws.sqs_client(queue_url).await, queue_url)
     }
 
     /// Short timeouts and the SDK's standard retries (3 attempts): a failed send costs
-    /// only a redelivery, but a send that works saves many provider calls.
+    /// only a redelivery, but a send that works saves many provider calls. The same set-up
+    /// as every SQS client of the crate ([`crate::aws::configure_sqs`]).
     pub fn configure(builder: aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder {
-        builder
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_timeout(OPERATION_TIMEOUT)
-                    .build(),
-            )
-            .retry_config(RetryConfig::standard().with_max_attempts(3))
+        crate::aws::configure_sqs(builder)
     }
 
     /// A queue over an existing client (tests, embedding).

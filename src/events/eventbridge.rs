@@ -237,21 +237,7 @@ pub(crate) fn entry_size(event: &Event) -> usize {
 /// [`MAX_ENTRIES_PER_CALL`] entries and [`MAX_BYTES_PER_CALL`] bytes, in order. Every
 /// size must be at most [`MAX_BYTES_PER_CALL`].
 pub(crate) fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
-    let mut chunks = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (index, size) in sizes.iter().enumerate() {
-        if index > start
-            && (index - start == MAX_ENTRIES_PER_CALL || bytes + size > MAX_BYTES_PER_CALL)
-        {
-            chunks.push(start..index);
-            (start, bytes) = (index, 0);
-        }
-        bytes += size;
-    }
-    if start < sizes.len() {
-        chunks.push(start..sizes.len());
-    }
-    chunks
+    crate::aws::plan_batches(sizes, MAX_ENTRIES_PER_CALL, MAX_BYTES_PER_CALL)
 }
 
 /// Per-entry error codes worth another try (EventBridge's `PutEvents` reference names

@@ -14,8 +14,10 @@
 //!   fails with the stable `error_type`; a batch answers a [`BatchAnswer`], and an invalid
 //!   batch is rejected whole before anything is spent.
 //!
-//! After the work, [`Outlets`] publish events for what happened and send SQS messages
-//! that failed for good to the dead-letter queue (see [`crate::events`]).
+//! After the work, [`Outlets`] publish events for what happened, send SQS messages that
+//! failed for good to the dead-letter queue (see [`crate::events`]), and write the
+//! invocation's metric lines to stdout in CloudWatch's Embedded Metric Format (see
+//! [`crate::metrics`]): one batch, one set of lines.
 //!
 //! The adapter only routes: every scene of an invocation goes through one
 //! [`Stage3Service::run_batch`] call, so concurrency and rate-limit back-pressure are shared.
@@ -33,7 +35,8 @@ use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::DeadLetterQueue;
 use crate::events::EventPublisher;
 use crate::events::EventSettings;
-use crate::schema::{parse_submission, Submission};
+use crate::metrics::{MetricsFormat, MetricsSink};
+use crate::schema::{parse_submission, SceneFailure, Stage3Output, Submission};
 use crate::service::{RunOptions, Stage3Service};
 
 pub mod answer_size;
@@ -47,12 +50,24 @@ pub const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
 const SQS_EVENT_SOURCE: &str = "aws:sqs";
 
 /// Where an invocation reports besides its answer: events for its outcomes
-/// ([`EventPublisher`]) and the dead-letter queue for SQS messages that failed for good.
-/// The default has neither, which is how the function behaved before either existed.
+/// ([`EventPublisher`]), the dead-letter queue for SQS messages that failed for good, and
+/// its metric lines. The default has none of them, which is how the function behaved
+/// before any existed; `stage3-lambda` writes its metrics to stdout
+/// ([`LazyOutlets::with_metrics`]).
 #[derive(Debug, Default, Clone)]
 pub struct Outlets {
     pub events: EventPublisher,
     pub dead_letter: Option<DeadLetterQueue>,
+    pub metrics: MetricsSink,
+}
+
+/// Where the function's metric lines go, given `STAGE3_METRICS`: stdout, which CloudWatch
+/// Logs reads, unless it says `off`.
+pub fn metrics_sink(format: Option<MetricsFormat>) -> MetricsSink {
+    match format {
+        Some(MetricsFormat::Off) => MetricsSink::Off,
+        Some(MetricsFormat::Emf) | None => MetricsSink::Stdout,
+    }
 }
 
 impl Outlets {
@@ -66,6 +81,7 @@ impl Outlets {
         Ok(Outlets {
             events: EventPublisher::from_settings(settings, aws).await?,
             dead_letter,
+            metrics: MetricsSink::Off,
         })
     }
 }
@@ -78,6 +94,7 @@ impl Outlets {
 pub struct LazyOutlets {
     settings: EventSettings,
     aws: AwsConfig,
+    metrics: MetricsSink,
     built: tokio::sync::OnceCell<Outlets>,
 }
 
@@ -86,8 +103,15 @@ impl LazyOutlets {
         LazyOutlets {
             settings,
             aws,
+            metrics: MetricsSink::Off,
             built: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Metric lines go to `metrics` (which needs no client: writing one is free).
+    pub fn with_metrics(mut self, metrics: MetricsSink) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Whether the first invocation has built them yet.
@@ -98,7 +122,11 @@ impl LazyOutlets {
     /// The outlets, built on the first call and shared by every later one.
     pub async fn get(&self) -> Result<&Outlets> {
         self.built
-            .get_or_try_init(|| Outlets::from_settings(&self.settings, &self.aws))
+            .get_or_try_init(|| async {
+                let mut outlets = Outlets::from_settings(&self.settings, &self.aws).await?;
+                outlets.metrics = self.metrics.clone();
+                Ok(outlets)
+            })
             .await
     }
 }
@@ -297,12 +325,37 @@ async fn handle_direct(
 ) -> Result<Value> {
     let options = batch_options(outlets, options);
     match parse_submission(payload, service.config().max_batch)? {
-        Submission::Single(request) => Ok(to_json(&service.run_one(request, &options).await?)),
+        Submission::Single(request) => {
+            let scene_id = request.scene_id.clone();
+            let outcome = service.run_one(request, &options).await;
+            match &outcome {
+                Ok(output) => record_metrics(service, outlets, std::slice::from_ref(output), &[]),
+                // A request refused before it ran is no scene of a batch.
+                Err(Stage3Error::InvalidRequest(_)) => {}
+                Err(error) => {
+                    record_metrics(service, outlets, &[], &[SceneFailure::new(scene_id, error)])
+                }
+            }
+            Ok(to_json(&outcome?))
+        }
         submission => {
             let run = service.run(submission, &options, &()).await?;
+            record_metrics(service, outlets, &run.answer.results, &run.answer.failures);
             Ok(to_json(&run.answer))
         }
     }
+}
+
+/// Writes the metric lines of one batch: failures count under the configured provider.
+pub(super) fn record_metrics(
+    service: &Stage3Service,
+    outlets: &Outlets,
+    results: &[Stage3Output],
+    failures: &[SceneFailure],
+) {
+    outlets
+        .metrics
+        .record(results, failures, service.config().provider.as_str());
 }
 
 /// The invocation's batch: its events, and its story published with half the safety

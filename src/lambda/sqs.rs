@@ -5,7 +5,7 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{batch_options, Outlets};
+use super::{batch_options, record_metrics, Outlets};
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
@@ -151,6 +151,7 @@ pub(super) async fn handle_sqs(
         .events
         .publish(&announcements, options.deadline)
         .await;
+    record_metrics(service, outlets, &total.results, &total.failures);
     total.summarize();
     total.summary.estimated_cost_usd = run.estimated_cost_usd;
     Ok(SqsAnswer {

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use super::manifest::{Manifest, SceneEntry, SceneStatus};
+use super::plan::{scene_views, SceneState, StoredPlan, StoryProgress};
 
 /// How a page links to the story's objects.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -63,11 +64,21 @@ pub(crate) fn image_origin(base: &str) -> Option<String> {
 /// From `stories/{story_id}/index.html` back to the store's root.
 const TO_STORE_ROOT: &str = "../../";
 
-/// Renders the storyboard page of `manifest`, linking as `links` says.
-pub(crate) fn render(manifest: &Manifest, links: &PageLinks) -> String {
+/// Renders the storyboard page of `manifest`, linking as `links` says. With the story's
+/// `plan`, its scenes come first and in its order, and those with no outcome since the plan
+/// are shown pending.
+pub(crate) fn render(manifest: &Manifest, links: &PageLinks, plan: Option<&StoredPlan>) -> String {
     let mut page = String::with_capacity(4096 + manifest.scenes.len() * 1024);
     let story = escape(&manifest.story_id);
-    let totals = &manifest.totals;
+    let totals = StoryProgress::of(manifest, plan);
+    let pending = if plan.is_some() || totals.pending > 0 {
+        format!(
+            r#"<span class="waiting"><b>{}</b> pending</span>"#,
+            totals.pending
+        )
+    } else {
+        String::new()
+    };
     let _ = write!(
         page,
         r#"<!doctype html>
@@ -83,16 +94,12 @@ pub(crate) fn render(manifest: &Manifest, links: &PageLinks) -> String {
 <body>
 <header>
 <h1>{story}</h1>
-<p class="totals"><span><b>{scenes}</b> {scene_word}</span><span><b>{succeeded}</b> succeeded</span><span class="{failed_class}"><b>{failed}</b> failed</span><span>total <b>{cost}</b></span><span>updated {updated}</span><a href="{manifest_href}">manifest.json</a></p>
+<p class="totals"><span><b>{scenes}</b> {scene_word}</span><span><b>{succeeded}</b> succeeded</span><span class="{failed_class}"><b>{failed}</b> failed</span>{pending}<span>total <b>{cost}</b></span><span>updated {updated}</span><a href="{manifest_href}">manifest.json</a></p>
 </header>
 <main class="grid">
 "#,
-        scenes = totals.scenes,
-        scene_word = if totals.scenes == 1 {
-            "scene"
-        } else {
-            "scenes"
-        },
+        scenes = totals.total,
+        scene_word = if totals.total == 1 { "scene" } else { "scenes" },
         succeeded = totals.succeeded,
         failed = totals.failed,
         failed_class = if totals.failed > 0 { "bad" } else { "" },
@@ -115,8 +122,14 @@ pub(crate) fn render(manifest: &Manifest, links: &PageLinks) -> String {
     if !manifest.cast.is_empty() {
         cast_row(&mut page, &manifest.cast, links);
     }
-    for (index, entry) in manifest.scenes.iter().enumerate() {
-        card(&mut page, index + 1, entry, links);
+    for (index, view) in scene_views(manifest, plan).into_iter().enumerate() {
+        match (view.state, view.entry) {
+            (SceneState::Pending, entry) => {
+                pending_card(&mut page, index + 1, view.scene_id, entry)
+            }
+            (_, Some(entry)) => card(&mut page, index + 1, entry, links),
+            (_, None) => {}
+        }
     }
     page.push_str("</main>\n</body>\n</html>\n");
     page
@@ -226,6 +239,22 @@ fn card(page: &mut String, number: usize, entry: &SceneEntry, links: &PageLinks)
     page.push_str("</article>\n");
 }
 
+/// A scene of the plan with no outcome yet: its id, and its prompt when an earlier outcome
+/// of the scene brought one.
+fn pending_card(page: &mut String, number: usize, scene_id: &str, earlier: Option<&SceneEntry>) {
+    let scene_id = escape(scene_id);
+    let _ = writeln!(
+        page,
+        r#"<article class="card pending" id="scene-{scene_id}">
+<div class="thumb missing waiting"><span class="badge">pending</span><strong>not drawn yet</strong></div>
+<div class="body"><h2><span class="number">{number}</span>{scene_id}</h2>"#
+    );
+    if let Some(entry) = earlier {
+        let _ = writeln!(page, r#"<p class="prompt">{}</p>"#, escape(&entry.prompt));
+    }
+    page.push_str("</div>\n</article>\n");
+}
+
 /// The thumbnail's pixel size for the `img` element, so the grid does not jump as images
 /// arrive; the image's own aspect at the thumbnail bound.
 fn shown_size(entry: &SceneEntry) -> (u32, u32) {
@@ -295,9 +324,11 @@ h1{margin:0 0 6px;font-size:26px;letter-spacing:.01em;overflow-wrap:anywhere}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:18px;padding:16px 28px 32px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden;display:flex;flex-direction:column}
 .card.failed{border-color:var(--bad)}
+.card.pending{border-style:dashed}
 .thumb{display:flex;align-items:center;justify-content:center;aspect-ratio:4/3;min-height:0;overflow:hidden;background:var(--frame)}
 .thumb img{display:block;width:100%;height:100%;object-fit:contain}
 .thumb.missing{flex-direction:column;gap:4px;background:repeating-linear-gradient(135deg,var(--badbg) 0 14px,transparent 14px 28px);color:var(--bad)}
+.thumb.waiting{background:repeating-linear-gradient(135deg,var(--frame) 0 14px,transparent 14px 28px);color:var(--soft)}
 .badge{font-size:12px;text-transform:uppercase;letter-spacing:.08em;border:1px solid currentColor;border-radius:99px;padding:0 8px}
 .body{padding:10px 14px 14px;display:flex;flex-direction:column;gap:6px;min-width:0}
 h2{margin:0;font-size:15px;display:flex;gap:8px;align-items:baseline;overflow-wrap:anywhere}
@@ -360,6 +391,7 @@ mod tests {
         let page = render(
             &manifest(vec![succeeded("s1", hostile), failure]),
             &relative(),
+            None,
         );
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("<img src=x"), "{page}");
@@ -379,6 +411,7 @@ mod tests {
                 succeeded("scene_003", "dawn"),
             ]),
             &relative(),
+            None,
         );
         let first = page.find(r#"id="scene-scene_001""#).unwrap();
         let second = page.find(r#"id="scene-scene_002""#).unwrap();
@@ -402,7 +435,7 @@ mod tests {
 
     #[test]
     fn images_come_from_the_page_s_origin_and_the_cdn_only() {
-        let page = render(&manifest(vec![succeeded("s1", "p")]), &relative());
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &relative(), None);
         assert!(
             page.contains("img-src 'self'; script-src 'none';"),
             "{page}"
@@ -413,7 +446,7 @@ mod tests {
             image_origin: image_origin("https://img.example.com/stories"),
             signed: None,
         };
-        let page = render(&manifest(vec![succeeded("s1", "p")]), &cdn);
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &cdn, None);
         assert!(
             page.contains("img-src 'self' https://img.example.com; script-src 'none';"),
             "{page}"
@@ -459,7 +492,7 @@ mod tests {
             image_origin: Some("https://img.example.com".into()),
             signed: Some(signed),
         };
-        let page = render(&manifest(vec![succeeded("s1", "p")]), &links);
+        let page = render(&manifest(vec![succeeded("s1", "p")]), &links, None);
         assert!(page
             .contains(r#"href="https://img.example.com/s1-9c1e4f0a2b7d3e55.png?sign=ab&amp;t=1""#));
         assert!(page.contains(
@@ -467,6 +500,50 @@ mod tests {
         ));
         // A key without a signed URL stays relative.
         assert!(page.contains(r#"src="../../thumbnails/s1-9c1e4f0a2b7d3e55.png""#));
+    }
+
+    #[test]
+    fn a_plan_orders_the_cards_and_shows_scenes_without_an_outcome_as_pending() {
+        let mut manifest = manifest(vec![
+            succeeded("scene_002", "an owl"),
+            ManifestEntry::failed(&scene("scene_001", "a storm"), "content_policy", "refused"),
+        ]);
+        for entry in &mut manifest.scenes {
+            entry.updated_at = "2026-09-21T12:00:00.000Z".into();
+        }
+        let at_ms = super::super::manifest::parse_millis("2026-09-21T11:00:00.000Z").unwrap();
+        let plan = StoredPlan {
+            plan: super::super::plan::StoryPlan::new(
+                "fox-story",
+                vec!["scene_001".into(), "scene_002".into(), "scene_003".into()],
+                std::time::SystemTime::now(),
+            ),
+            at_ms,
+        };
+        let page = render(&manifest, &relative(), Some(&plan));
+        let first = page.find(r#"id="scene-scene_001""#).unwrap();
+        let second = page.find(r#"id="scene-scene_002""#).unwrap();
+        let third = page
+            .find(r#"<article class="card pending" id="scene-scene_003">"#)
+            .unwrap();
+        assert!(first < second && second < third, "{page}");
+        assert!(page.contains(r#"<span class="badge">pending</span>"#));
+        assert!(page.contains("<b>3</b> scenes"));
+        assert!(page.contains(r#"<span class="waiting"><b>1</b> pending</span>"#));
+
+        // An outcome older than the plan is a resubmitted scene's old one: pending again.
+        let later = StoredPlan {
+            at_ms: at_ms + 2 * 3600 * 1000,
+            ..plan
+        };
+        let page = render(&manifest, &relative(), Some(&later));
+        assert!(
+            page.contains(r#"<span class="waiting"><b>3</b> pending</span>"#),
+            "{page}"
+        );
+        assert!(page.contains(r#"<p class="prompt">an owl</p>"#));
+        // Without a plan the page is as before: no pending count at all.
+        assert!(!render(&manifest, &relative(), None).contains(r#"class="waiting"><b>"#));
     }
 
     #[test]

@@ -48,7 +48,7 @@ const MAX_IMAGE_SIDE: u32 = 16_384;
 /// The most entries read from one fragment; a batch's own fragments never hold more.
 pub(crate) const MAX_FRAGMENT_ENTRIES: usize = 1_000;
 /// The most scenes a story holds; entries for further scenes are skipped.
-pub(crate) const MAX_STORY_SCENES: usize = 10_000;
+pub const MAX_STORY_SCENES: usize = 10_000;
 /// The most bytes of entries (as compact JSON) a story holds, so that a manifest this code
 /// writes always stays under the size it reads back (`super::MAX_MANIFEST_BYTES`).
 pub(crate) const MAX_STORY_BYTES: usize = 24 * 1024 * 1024;

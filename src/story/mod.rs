@@ -64,6 +64,7 @@
 mod cast;
 mod gallery;
 mod manifest;
+mod plan;
 mod thumbnail;
 
 use std::collections::{HashMap, HashSet};
@@ -76,8 +77,13 @@ use futures::stream::{self, StreamExt};
 pub(crate) use cast::put_cast;
 pub use cast::CastMember;
 pub(crate) use gallery::PageLinks;
+pub use manifest::MAX_STORY_SCENES;
 pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
 pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
+pub use plan::{
+    plan_key, read_plan, scene_views, write_plan, FailedScene, SceneState, SceneView, StoredPlan,
+    StoryPlan, StoryProgress, PLAN_FORMAT,
+};
 pub use thumbnail::thumbnail_key;
 pub(crate) use thumbnail::{
     encode_thumbnail, make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE,
@@ -91,7 +97,7 @@ use crate::storage::{Fetched, ObjectMeta, ObjectStore};
 use crate::urls::UrlPolicy;
 use manifest::{
     check_entry, header_problem, is_fragment_name, read_document, Checked, Merge, Stamp,
-    FRAGMENT_FORMAT, MAX_FRAGMENT_ENTRIES, MAX_STORY_SCENES,
+    FRAGMENT_FORMAT, MAX_FRAGMENT_ENTRIES,
 };
 
 /// The storyboard page: read by browsers straight from the bucket or CDN, and rewritten by
@@ -323,6 +329,88 @@ pub(crate) async fn publish_story_within(
     ))
 }
 
+/// Where a story stands, as `stage3 status` reports it: [`read_story`] counted against the
+/// story's plan ([`StoryProgress::of`]). `None` when the store holds nothing of the story.
+pub async fn story_progress(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    deadline: Deadline,
+) -> Result<Option<StoryProgress>> {
+    validate_story_id(story_id)?;
+    let plan = read_plan(store, story_id, deadline).await?;
+    let manifest = read_story(store, story_id, deadline).await?;
+    let manifest = match (manifest, &plan) {
+        (Some(manifest), _) => manifest,
+        (None, Some(_)) => Merge::new().finish(story_id, Vec::new()),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(StoryProgress::of(&manifest, plan.as_ref())))
+}
+
+/// The story's manifest as the next publishing round would write it: `manifest.json`
+/// merged with every fragment not merged yet, read and never written (no manifest, no
+/// page, no compaction), so it is what the storyboard shows even while a batch's
+/// publishing is still to come. `None` when the store holds neither.
+pub async fn read_story(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    deadline: Deadline,
+) -> Result<Option<Manifest>> {
+    validate_story_id(story_id)?;
+    let settings = PublishSettings::default();
+    'rounds: for round in 0..MAX_ROUNDS {
+        let listing = list_fragments(store, story_id, deadline).await?;
+        let newest = listing.iter().map(|f| f.at_ms).max().unwrap_or(0);
+        let now = manifest::millis(SystemTime::now());
+        let not_after_ms = newest.max(now).saturating_add(millis_of(settings.skew));
+        let mut merge = Merge::new();
+        let mut counted: HashSet<String> = HashSet::new();
+        let base = read_base(store, story_id, not_after_ms, deadline).await?;
+        if base.is_none() && listing.is_empty() {
+            return Ok(None);
+        }
+        if let Some(base) = base {
+            merge.batches = base.batches;
+            merge.saw(base.updated_ms);
+            counted.extend(base.fragments);
+            offer_all(&mut merge, base.entries);
+        }
+        let chosen: Vec<&Listing> = listing
+            .iter()
+            .filter(|f| f.at_ms <= not_after_ms)
+            .take(settings.max_fragments)
+            .collect();
+        let pending: Vec<_> = chosen
+            .into_iter()
+            .map(|fragment| read_listed(store, story_id, fragment, deadline))
+            .collect();
+        let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
+        while let Some((fragment, read)) = reads.next().await {
+            match read? {
+                FragmentRead::Merged(entries) => {
+                    if counted.insert(fragment.name.clone()) {
+                        merge.batches += 1;
+                    }
+                    merge.saw(fragment.at_ms);
+                    offer_all(&mut merge, entries);
+                }
+                FragmentRead::Useless | FragmentRead::Kept => {}
+                FragmentRead::Vanished => {
+                    // Compacted meanwhile: the manifest now holds it. Read again.
+                    drop(reads);
+                    wait_for_listing(story_id, round, deadline).await?;
+                    continue 'rounds;
+                }
+            }
+        }
+        return Ok(Some(merge.finish(story_id, Vec::new())));
+    }
+    Err(Stage3Error::storage(
+        format!("story {story_id:?}: its fragments kept being compacted while it was read"),
+        true,
+    ))
+}
+
 /// Writes the batch's entries as fragments — one, unless they exceed what a reader takes
 /// from one fragment — and returns their keys.
 async fn write_fragments(
@@ -536,9 +624,14 @@ async fn publish_round(
     still_stored.sort();
     let mut manifest = merge.finish(story_id, still_stored);
     manifest.cast = cast::read_cast(store, story_id).await?;
+    let plan = plan_for_page(store, story_id, deadline).await;
+    if let Some(stored) = &plan {
+        plan::order_by_plan(&mut manifest, &stored.plan);
+    }
     add_lasting_urls(&mut manifest, store, urls).await?;
     let page_links = page_links(&manifest, store, urls).await?;
-    let page = Bytes::from(gallery::render(&manifest, &page_links));
+    let page = Bytes::from(gallery::render(&manifest, &page_links, plan.as_ref()));
+    drop(plan);
     drop(page_links);
     let manifest_json = Bytes::from(serde_json::to_vec_pretty(&manifest).map_err(|e| {
         Stage3Error::storage(format!("cannot encode the story manifest: {e}"), false)
@@ -584,6 +677,26 @@ async fn publish_round(
         scenes,
         batches,
     })
+}
+
+/// The story's plan for its page, if it has one that can be read: a plan that cannot be
+/// read costs the page its pending scenes, never the story its manifest.
+async fn plan_for_page(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    deadline: Deadline,
+) -> Option<StoredPlan> {
+    match read_plan(store, story_id, deadline).await {
+        Ok(plan) => plan,
+        Err(error) => {
+            tracing::warn!(
+                story_id,
+                error = %error,
+                "the story's plan.json cannot be read; the page shows no pending scenes"
+            );
+            None
+        }
+    }
 }
 
 /// Offers every entry to the merge (moved, never copied); how many a cap refused.
@@ -1107,6 +1220,7 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let plan = plan::read_plan_file(story_id, &dir.join("plan.json"))?;
     let page_path = dir.join("index.html");
     let write_error = |e: &dyn std::fmt::Display| {
         Stage3Error::storage(format!("cannot write {}: {e}", page_path.display()), false)
@@ -1123,7 +1237,7 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
     let mut temp = builder.tempfile_in(dir).map_err(|e| write_error(&e))?;
     std::io::Write::write_all(
         &mut temp,
-        gallery::render(&manifest, &PageLinks::default()).as_bytes(),
+        gallery::render(&manifest, &PageLinks::default(), plan.as_ref()).as_bytes(),
     )
     .map_err(|e| write_error(&e))?;
     temp.persist(&page_path)
@@ -1243,7 +1357,7 @@ mod tests {
         assert_eq!(page, story_dir.join("index.html"));
         assert_eq!(
             std::fs::read_to_string(&page).unwrap(),
-            gallery::render(&manifest, &PageLinks::default())
+            gallery::render(&manifest, &PageLinks::default(), None)
         );
         assert_eq!(
             rebuild_gallery(&story_dir.join("manifest.json")).unwrap(),

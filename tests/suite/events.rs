@@ -376,6 +376,7 @@ async fn permanent_failures_go_to_the_dead_letter_queue_at_once() {
     let outlets = Outlets {
         events: EventPublisher::new(vec![Arc::new(eventbridge_sink(moto, &bus).await)]),
         dead_letter: Some(DeadLetterQueue::new(sqs.clone(), &dlq_url)),
+        ..Outlets::default()
     };
     let harness = SqsHarness::new().await;
 
@@ -445,6 +446,7 @@ async fn transient_failures_are_still_redelivered_and_never_dead_lettered() {
     let outlets = Outlets {
         events: EventPublisher::new(vec![Arc::new(eventbridge_sink(moto, &bus).await)]),
         dead_letter: Some(DeadLetterQueue::new(sqs.clone(), &dlq_url)),
+        ..Outlets::default()
     };
     let harness = SqsHarness::new().await;
 
@@ -499,6 +501,7 @@ async fn a_failing_dead_letter_send_redelivers_the_message() {
     let outlets = Outlets {
         events: EventPublisher::disabled(),
         dead_letter: Some(DeadLetterQueue::new(sqs, &missing)),
+        ..Outlets::default()
     };
     let harness = SqsHarness::new().await;
     let answer = harness
@@ -796,6 +799,7 @@ async fn the_lambda_function_publishes_direct_and_eventbridge_invocations() {
     let outlets = Outlets {
         events: EventPublisher::new(vec![Arc::new(webhook(&server, "/"))]),
         dead_letter: None,
+        ..Outlets::default()
     };
     let deadline = Deadline::after(Duration::from_secs(600));
     let types = |requests: &[wiremock::Request]| -> Vec<String> {

@@ -17,6 +17,7 @@ pub mod scripted_openrouter;
 pub mod scripted_provider;
 pub mod slow_store;
 pub mod sqs;
+pub mod sqs_stand_in;
 pub mod tls;
 
 use std::io::Cursor;

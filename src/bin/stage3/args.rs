@@ -44,6 +44,51 @@ pub(crate) enum Command {
         /// The story's directory (`OUT/stories/STORY_ID`) or its manifest.json.
         story: PathBuf,
     },
+    /// Put a story on the Lambda function's request queue: checked whole first, its plan
+    /// stored beside its manifest, then sent with SendMessageBatch.
+    Submit(SubmitArgs),
+    /// Where a submitted story stands: total, succeeded, failed, pending, cost (exit 0 all
+    /// succeeded, 1 some failed, 3 some pending).
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct SubmitArgs {
+    /// The story: one request, an array, or {"scenes": [...]}; `-` reads stdin.
+    pub(crate) input: PathBuf,
+    /// The request queue's URL (the stack's RequestQueueUrl output). The endpoint comes
+    /// from AWS_ENDPOINT_URL_SQS or AWS_ENDPOINT_URL when set.
+    #[arg(long, value_name = "URL")]
+    pub(crate) queue_url: String,
+    /// The story's id (default: the input's story_id, else a new one).
+    #[arg(long, value_name = "ID")]
+    pub(crate) story_id: Option<String>,
+    /// Scenes per message: 1 is the most parallel; the function's queue batch size packs
+    /// messages together again.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) scenes_per_message: u32,
+    /// Output directory of the filesystem store (STAGE3_OUTPUT_DIR), where the plan goes.
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    /// The story's id.
+    pub(crate) story_id: String,
+    /// Output directory of the filesystem store (STAGE3_OUTPUT_DIR).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Poll, with backoff, until nothing is pending (a progress bar on a terminal).
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// With --wait: give up after this many seconds (exit 3).
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    pub(crate) timeout: Option<u64>,
 }
 
 #[derive(Args)]

@@ -3,31 +3,37 @@
 //! Prints the batch answer as JSON on stdout and progress on stderr. Exit codes are a
 //! contract: 0 every scene done, 1 some failed (or the story's manifest and page could not
 //! be published), 2 invalid input or configuration (nothing generated, nothing spent), 130
-//! interrupted by Ctrl-C (the answer so far is still printed).
+//! interrupted by Ctrl-C (the answer so far is still printed). `submit` exits 1 when a
+//! message could not be sent; `status` exits 3 while scenes are pending.
 //!
 //! The CLI, and only the CLI, reads `./.env` (the working directory's own file, never a
 //! parent's): before the async runtime starts, because loading it sets variables, which is
 //! safe only while the process has one thread.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
+use stage3::metrics::MetricsSink;
 use stage3::provider::{ModelListing, Providers};
+use stage3::story;
 use stage3::{
-    read_submission, telemetry, BatchOptions, BatchStop, Config, Overrides, ProviderKind,
-    RequestOptions, Stage3Error, Stage3Service,
+    read_submission, telemetry, BatchOptions, BatchStop, Config, Follow, Overrides, ProviderKind,
+    RequestOptions, Stage3Error, Stage3Service, SubmitOptions,
 };
 
 mod args;
 mod progress;
 
-use args::{Cli, Command, GenerateArgs};
-use progress::Progress;
+use args::{Cli, Command, GenerateArgs, StatusArgs, SubmitArgs};
+use progress::{Progress, StoryWait};
 
 const EXIT_SOME_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
+/// `status`: some scenes have no outcome yet.
+const EXIT_PENDING: u8 = 3;
 /// 128 + SIGINT, as shells report a run stopped by Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -59,6 +65,8 @@ fn run(cli: Cli) -> Result<ExitCode, Stage3Error> {
             Command::Validate { input, max_cost } => validate(&input, max_cost).await,
             Command::Models { provider, json } => models(provider, json).await,
             Command::Gallery { story } => gallery(&story),
+            Command::Submit(args) => submit(args).await,
+            Command::Status(args) => status(args).await,
         }
     })
 }
@@ -85,12 +93,18 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     // Ctrl-C stops the batch from starting calls; the calls in flight finish and are stored.
     let stop = BatchStop::new();
     let options = BatchOptions::for_command_line(&config, stop.clone()).await?;
+    // STAGE3_METRICS=emf: the batch's metric lines on stderr (stdout is the answer).
+    let (metrics, provider) = (
+        MetricsSink::for_command_line(config.metrics),
+        config.provider,
+    );
     let service = Stage3Service::from_config(config).await?;
     let progress = Progress::default();
     let interrupts = tokio::spawn(stop_on_ctrl_c(stop.clone()));
     let run = service.run(submission, &options, &progress).await?;
     interrupts.abort();
     progress.finish(&run, options.events.is_enabled());
+    metrics.record(&run.answer.results, &run.answer.failures, provider.as_str());
     let json = serde_json::to_string_pretty(&run.answer).expect("batch answer serializes");
     println!("{json}");
     Ok(match stop.reason() {
@@ -158,4 +172,63 @@ fn gallery(story: &Path) -> Result<ExitCode, Stage3Error> {
     let page = stage3::story::rebuild_gallery(story)?;
     println!("{}", page.display());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn submit(args: SubmitArgs) -> Result<ExitCode, Stage3Error> {
+    let config = config_with_store(args.out)?;
+    // The whole story, however long: it is cut into messages.
+    let submission = read_submission(&args.input, story::MAX_STORY_SCENES)?;
+    let options = SubmitOptions {
+        queue_url: args.queue_url,
+        story_id: args.story_id,
+        scenes_per_message: args.scenes_per_message as usize,
+    };
+    let report = stage3::submit_story(config, submission, options).await?;
+    for line in report.closing_lines() {
+        eprintln!("{line}");
+    }
+    let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+    println!("{json}");
+    Ok(match report.unsent.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(EXIT_SOME_FAILED),
+    })
+}
+
+async fn status(args: StatusArgs) -> Result<ExitCode, Stage3Error> {
+    let config = config_with_store(args.out)?;
+    let follow = match args.wait {
+        true => Follow::UntilSettled {
+            timeout: args.timeout.map(Duration::from_secs),
+        },
+        false => Follow::Once,
+    };
+    let mut waiting = StoryWait::default();
+    let progress =
+        stage3::follow_story(&config, &args.story_id, follow, &mut |p| waiting.show(p)).await?;
+    waiting.finish();
+    match args.json {
+        true => println!(
+            "{}",
+            serde_json::to_string_pretty(&progress).expect("serializes")
+        ),
+        false => print!("{progress}"),
+    }
+    Ok(if progress.pending > 0 {
+        ExitCode::from(EXIT_PENDING)
+    } else if progress.failed > 0 {
+        ExitCode::from(EXIT_SOME_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The configuration, with `--out` over `STAGE3_OUTPUT_DIR`.
+fn config_with_store(out: Option<PathBuf>) -> Result<Config, Stage3Error> {
+    let mut config = Config::from_env()?;
+    config.override_with(Overrides {
+        output_dir: out,
+        ..Overrides::default()
+    })?;
+    Ok(config)
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use stage3::story::StoryProgress;
 use stage3::{BatchProgress, BatchRun, Stage3Error, Stage3Output};
 
 /// Progress on stderr: a bar on a terminal, one plain line per scene otherwise (CI logs).
@@ -18,17 +19,7 @@ pub(crate) struct Progress {
 impl BatchProgress for Progress {
     fn started(&self, total: usize) {
         self.total.store(total, Ordering::SeqCst);
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(total as u64);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-                )
-                .expect("valid template"),
-            );
-            bar.enable_steady_tick(std::time::Duration::from_millis(120));
-            bar
-        });
+        let bar = std::io::stderr().is_terminal().then(|| bar(total as u64));
         if bar.is_none() {
             eprintln!("generating {total} scene(s)");
         }
@@ -66,4 +57,45 @@ impl Progress {
             eprintln!("{line}");
         }
     }
+}
+
+/// `status --wait` on stderr: a bar on a terminal, a line each time the story moves
+/// otherwise (CI logs).
+#[derive(Default)]
+pub(crate) struct StoryWait {
+    bar: Option<ProgressBar>,
+}
+
+impl StoryWait {
+    pub(crate) fn show(&mut self, progress: &StoryProgress) {
+        let done = (progress.succeeded + progress.failed) as u64;
+        let counts = format!("{} failed, {} pending", progress.failed, progress.pending);
+        if !std::io::stderr().is_terminal() {
+            eprintln!(
+                "[{done}/{}] {} succeeded, {counts}",
+                progress.total, progress.succeeded
+            );
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| bar(progress.total as u64));
+        bar.set_length(progress.total as u64);
+        bar.set_position(done);
+        bar.set_message(counts);
+    }
+
+    pub(crate) fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The bar both printers show on a terminal.
+fn bar(length: u64) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    let style =
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}");
+    bar.set_style(style.expect("valid template"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
