@@ -101,7 +101,7 @@ pub(crate) const SQS_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// attempts). A dead letter that fails costs only a redelivery, and a submission that
 /// fails says what it could not send; neither should hang.
 #[cfg(feature = "sqs")]
-pub fn configure_sqs(builder: aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder {
+pub(crate) fn configure_sqs(builder: aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder {
     use aws_sdk_sqs::config::retry::RetryConfig;
     use aws_sdk_sqs::config::timeout::TimeoutConfig;
     builder

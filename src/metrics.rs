@@ -35,11 +35,11 @@ use crate::error::{Result, Stage3Error};
 use crate::schema::{SceneFailure, Stage3Output};
 
 /// The CloudWatch namespace of every metric.
-pub const NAMESPACE: &str = "Stage3";
+pub(crate) const NAMESPACE: &str = "Stage3";
 /// The variable that turns the CLI's metric lines on (`emf`) or the function's off (`off`).
-pub const METRICS_VARIABLE: &str = "STAGE3_METRICS";
+pub(crate) const METRICS_VARIABLE: &str = "STAGE3_METRICS";
 /// EMF's limit on the values of one metric in one line.
-pub const MAX_VALUES_PER_METRIC: usize = 100;
+pub(crate) const MAX_VALUES_PER_METRIC: usize = 100;
 
 /// `STAGE3_METRICS`: whether metric lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ struct ProviderTotals {
 }
 
 /// The EMF lines of one batch (see the module notes), stamped `at`.
-pub fn emf_lines(
+pub(crate) fn emf_lines(
     results: &[Stage3Output],
     failures: &[SceneFailure],
     default_provider: &str,

@@ -32,15 +32,15 @@ use crate::schema::{json_len, GenerationRequest};
 
 /// The largest message body sent: SQS's limit for a queue's messages as every queue has
 /// allowed it (newer queues allow 1 MiB; older ones keep 256 KiB).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Entries per `SendMessageBatch` call.
-pub const MAX_BATCH_ENTRIES: usize = 10;
+pub(crate) const MAX_BATCH_ENTRIES: usize = 10;
 /// Bytes of all the bodies of one `SendMessageBatch` call.
-pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// One message of a story: its scenes, and the body as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoryMessage {
+pub(crate) struct StoryMessage {
     pub scene_ids: Vec<String>,
     pub body: String,
 }
@@ -56,7 +56,7 @@ struct Body<'a> {
 /// [`MAX_MESSAGE_BYTES`] bytes each, in story order. A scene given twice (identically: the
 /// parser refuses two different requests for one scene) is sent once. Refuses, before
 /// anything is sent, a scene that cannot fit in a message alone.
-pub fn story_messages(
+pub(crate) fn story_messages(
     story_id: &str,
     requests: &[GenerationRequest],
     scenes_per_message: usize,
@@ -128,7 +128,7 @@ pub struct Unsent {
 
 /// What [`RequestQueue::send_all`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SendReport {
+pub(crate) struct SendReport {
     /// Messages the queue accepted.
     pub sent: usize,
     /// Their scenes.
@@ -163,7 +163,7 @@ impl RequestQueue {
     /// A client for `queue_url` on the shared AWS configuration ([`AwsConfig::sqs_client`]:
     /// the endpoint from `AWS_ENDPOINT_URL_SQS` / `AWS_ENDPOINT_URL`). Refuses what is no
     /// standard queue's URL.
-    pub async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Result<Self> {
+    pub(crate) async fn from_aws(queue_url: &str, aws: &AwsConfig) -> Result<Self> {
         check_queue_url(queue_url)?;
         Ok(RequestQueue::new(
             aws.sqs_client(queue_url).await,
@@ -192,7 +192,11 @@ impl RequestQueue {
 
     /// Sends every message, [`MAX_BATCH_ENTRIES`] and [`MAX_BATCH_BYTES`] to a call, in
     /// order; reports what was sent and what was not.
-    pub async fn send_all(&self, messages: &[StoryMessage], deadline: Deadline) -> SendReport {
+    pub(crate) async fn send_all(
+        &self,
+        messages: &[StoryMessage],
+        deadline: Deadline,
+    ) -> SendReport {
         let sizes: Vec<usize> = messages.iter().map(|m| m.body.len()).collect();
         let mut report = SendReport::default();
         for range in plan_batches(&sizes, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES) {

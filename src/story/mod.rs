@@ -80,10 +80,8 @@ pub(crate) use gallery::PageLinks;
 pub use manifest::MAX_STORY_SCENES;
 pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
 pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
-pub use plan::{
-    plan_key, read_plan, scene_views, write_plan, FailedScene, SceneState, SceneView, StoredPlan,
-    StoryPlan, StoryProgress, PLAN_FORMAT,
-};
+pub use plan::StoryProgress;
+pub(crate) use plan::{read_plan, write_plan, StoredPlan, StoryPlan};
 pub use thumbnail::thumbnail_key;
 pub(crate) use thumbnail::{
     encode_thumbnail, make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE,
@@ -331,7 +329,7 @@ pub(crate) async fn publish_story_within(
 
 /// Where a story stands, as `stage3 status` reports it: [`read_story`] counted against the
 /// story's plan ([`StoryProgress::of`]). `None` when the store holds nothing of the story.
-pub async fn story_progress(
+pub(crate) async fn story_progress(
     store: &dyn ObjectStore,
     story_id: &str,
     deadline: Deadline,
@@ -351,7 +349,7 @@ pub async fn story_progress(
 /// merged with every fragment not merged yet, read and never written (no manifest, no
 /// page, no compaction), so it is what the storyboard shows even while a batch's
 /// publishing is still to come. `None` when the store holds neither.
-pub async fn read_story(
+pub(crate) async fn read_story(
     store: &dyn ObjectStore,
     story_id: &str,
     deadline: Deadline,

@@ -28,12 +28,12 @@ use crate::schema::{validate_scene_id, validate_story_id};
 use crate::storage::{ObjectMeta, ObjectStore};
 
 /// The format of `plan.json`.
-pub const PLAN_FORMAT: u32 = 1;
+pub(crate) const PLAN_FORMAT: u32 = 1;
 /// The largest plan read: 10,000 ids of at most 128 characters, with room to spare.
 pub(crate) const MAX_PLAN_BYTES: u64 = 4 * 1024 * 1024;
 
 /// `stories/{story_id}/plan.json`.
-pub fn plan_key(story_id: &str) -> String {
+pub(crate) fn plan_key(story_id: &str) -> String {
     format!("stories/{story_id}/plan.json")
 }
 
@@ -112,7 +112,7 @@ pub struct StoredPlan {
 }
 
 /// Writes `plan` as the story's `plan.json`, replacing any earlier one; answers where it is.
-pub async fn write_plan(
+pub(crate) async fn write_plan(
     store: &dyn ObjectStore,
     plan: &StoryPlan,
     deadline: Deadline,
@@ -133,7 +133,7 @@ pub async fn write_plan(
 
 /// The story's plan and its store time, or `None` when the story has none. A plan that
 /// cannot be used (damaged, another story's, a newer format) is an error naming why.
-pub async fn read_plan(
+pub(crate) async fn read_plan(
     store: &dyn ObjectStore,
     story_id: &str,
     deadline: Deadline,
@@ -210,7 +210,7 @@ fn parse_plan(story_id: &str, bytes: &[u8]) -> std::result::Result<StoryPlan, St
 /// Where a scene of a story stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SceneState {
+pub(crate) enum SceneState {
     Succeeded,
     Failed,
     /// In the plan, with no outcome since the plan was stored.
@@ -220,7 +220,7 @@ pub enum SceneState {
 /// One scene as status and the page show it: its state, and its latest entry (for a
 /// pending scene, an outcome older than the plan, if there is one).
 #[derive(Debug, Clone, Copy)]
-pub struct SceneView<'a> {
+pub(crate) struct SceneView<'a> {
     pub scene_id: &'a str,
     pub state: SceneState,
     pub entry: Option<&'a SceneEntry>,
@@ -228,7 +228,10 @@ pub struct SceneView<'a> {
 
 /// The story's scenes in order: the plan's first, then the manifest's others as the
 /// manifest orders them (see the module notes).
-pub fn scene_views<'a>(manifest: &'a Manifest, plan: Option<&'a StoredPlan>) -> Vec<SceneView<'a>> {
+pub(crate) fn scene_views<'a>(
+    manifest: &'a Manifest,
+    plan: Option<&'a StoredPlan>,
+) -> Vec<SceneView<'a>> {
     let entries: HashMap<&str, &SceneEntry> = manifest
         .scenes
         .iter()
@@ -366,7 +369,7 @@ impl StoryProgress {
     }
 
     /// Nothing is pending.
-    pub fn is_settled(&self) -> bool {
+    pub(crate) fn is_settled(&self) -> bool {
         self.pending == 0
     }
 }
