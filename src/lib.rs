@@ -42,6 +42,7 @@
 //! - [`batch_stop`]: the brake of a batch — a 401/402, the spent budget or Ctrl-C.
 //! - [`aws`]: the AWS SDK configuration the S3, EventBridge and SQS clients share.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
+//! - [`allocator`]: the allocator's arenas, capped for the binaries.
 //!
 //! **Contracts** — import nothing above them:
 //! - [`schema`]: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, the batch
@@ -59,6 +60,7 @@
 // Private modules: what an embedding program needs is re-exported below, each item under
 // one path. The parts with a namespace of their own (providers, stores, events, stories,
 // the Lambda adapter) are public modules.
+pub mod allocator;
 mod aws;
 mod batch;
 mod batch_stop;

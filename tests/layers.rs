@@ -38,6 +38,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "metrics",
             "queue",
             "telemetry",
+            "allocator",
         ],
     ),
     ("configuration", &["config"]),

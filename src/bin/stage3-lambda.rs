@@ -7,8 +7,19 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::Value;
 use stage3::{lambda, telemetry, Config, Stage3Service};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads start allocating.
+    stage3::allocator::limit_arenas();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error[config]: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     // Lambda's advanced logging controls set `JSON` (any case) when JSON logs are wanted.
     let json = std::env::var("AWS_LAMBDA_LOG_FORMAT")
         .is_ok_and(|format| format.eq_ignore_ascii_case("json"));
