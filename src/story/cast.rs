@@ -101,11 +101,33 @@ pub(crate) async fn read_cast(store: &dyn ObjectStore, story_id: &str) -> Result
             return Ok(Vec::new());
         }
     };
-    let Ok(entries) = serde_json::from_slice::<Vec<CastMember>>(&bytes) else {
+    Ok(checked_cast(story_id, &bytes))
+}
+
+/// [`read_cast`] from a story's directory on this machine (`stage3 gallery`).
+pub(crate) fn read_cast_file(story_id: &str, path: &std::path::Path) -> Vec<CastMember> {
+    let read = std::fs::File::open(path).and_then(|file| {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_CAST_BYTES), &mut bytes)
+            .map(|_| bytes)
+    });
+    match read {
+        Ok(bytes) => checked_cast(story_id, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(story_id, error = %e, "ignoring an unreadable cast");
+            Vec::new()
+        }
+    }
+}
+
+/// The entries of a stored cast that check out.
+fn checked_cast(story_id: &str, bytes: &[u8]) -> Vec<CastMember> {
+    let Ok(entries) = serde_json::from_slice::<Vec<CastMember>>(bytes) else {
         tracing::warn!(story_id, "ignoring an unreadable cast");
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    Ok(entries
+    entries
         .into_iter()
         .filter(|member| match member.check(story_id) {
             Ok(()) => true,
@@ -115,7 +137,7 @@ pub(crate) async fn read_cast(store: &dyn ObjectStore, story_id: &str) -> Result
             }
         })
         .take(MAX_CAST)
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

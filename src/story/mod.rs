@@ -1212,13 +1212,14 @@ pub fn rebuild_gallery(path: &Path) -> Result<PathBuf> {
         .batches
         .and_then(|n| usize::try_from(n).ok())
         .unwrap_or(0);
-    let manifest = merge.finish(story_id, header.fragments.clone());
+    let mut manifest = merge.finish(story_id, header.fragments.clone());
 
     let dir = manifest_path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let plan = plan::read_plan_file(story_id, &dir.join("plan.json"))?;
+    manifest.cast = cast::read_cast_file(story_id, &dir.join("cast.json"));
     let page_path = dir.join("index.html");
     let write_error = |e: &dyn std::fmt::Display| {
         Stage3Error::storage(format!("cannot write {}: {e}", page_path.display()), false)

@@ -406,6 +406,24 @@ async fn the_cli_draws_sheets_first_and_the_storyboard_shows_the_cast() {
     let html = std::fs::read_to_string(&page).unwrap();
     assert!(html.contains(r#"<section class="cast""#) && html.contains("Hoot"));
 
+    // `stage3 gallery` rebuilds the same page from the story's files, cast row included.
+    std::fs::remove_file(&page).unwrap();
+    let story_dir = out.join("stories/winter");
+    let rebuilt = tokio::task::spawn_blocking(move || {
+        crate::support::stage3_command(&story_dir)
+            .args(["gallery", "."])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&page).unwrap(), html);
+
     // The rerun is served from the store, sheets included.
     let again = run("sheet").await.unwrap();
     let answer: Value = serde_json::from_slice(&again.stdout).unwrap();
