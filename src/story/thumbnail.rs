@@ -120,8 +120,9 @@ pub(crate) fn make_thumbnail(png: &[u8], max_side: u32) -> Result<Bytes> {
 }
 
 /// Encodes shrunk pixels as the thumbnail PNG, carrying `xmp_label` (the full image's XMP
-/// packet) when it has one. A thumbnail is small, so the balanced compression level costs
-/// little, and the storyboard loads fewer bytes.
+/// packet) when it has one. At the fast compression level: made for every image, a 320 px
+/// thumbnail of a photo took 7 ms to encode at the balanced level, a quarter of the image's
+/// whole pass, to save a few kilobytes the storyboard loads once.
 pub(crate) fn encode_thumbnail(shrunk: &Shrunk, xmp_label: Option<&str>) -> Result<Bytes> {
     let color = match shrunk.channels {
         1 => png::ColorType::Grayscale,
@@ -133,7 +134,7 @@ pub(crate) fn encode_thumbnail(shrunk: &Shrunk, xmp_label: Option<&str>) -> Resu
     let mut encoder = png::Encoder::new(&mut out, shrunk.width, shrunk.height);
     encoder.set_color(color);
     encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Balanced);
+    encoder.set_compression(png::Compression::Fast);
     if let Some(label) = xmp_label {
         encoder
             .add_itxt_chunk(AIGC_KEYWORD.to_string(), label.to_string())
