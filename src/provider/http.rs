@@ -63,8 +63,11 @@ pub(super) struct ApiClient {
     /// The provider's name, for messages.
     provider: &'static str,
     client: Client,
-    /// For image URLs only: filtered addresses, no `Referer`, never the key.
-    image_client: Client,
+    /// For image URLs only: filtered addresses, no `Referer`, never the key. Built by the
+    /// first image URL (most answers carry the image inline): a client loads the system's
+    /// root certificates, which is a good part of a Lambda function's start-up.
+    image_client: std::sync::OnceLock<Client>,
+    connect_timeout: std::time::Duration,
     address_policy: AddressPolicy,
     base_url: String,
     /// `Authorization` (marked sensitive), `Content-Type` and any provider headers; sent on
@@ -126,12 +129,11 @@ impl ApiClient {
         let address_policy = AddressPolicy {
             allow_loopback: http.allow_loopback_image_urls,
         };
-        let image_client =
-            fetch::image_client(address_policy, http.connect_timeout).map_err(build_error)?;
         Ok(ApiClient {
             provider,
             client,
-            image_client,
+            image_client: std::sync::OnceLock::new(),
+            connect_timeout: http.connect_timeout,
             address_policy,
             base_url: base_url.trim_end_matches('/').to_string(),
             headers,
@@ -333,8 +335,20 @@ impl ApiClient {
             )));
         }
         let left = budget.remaining(&what)?;
-        let mut response = self
-            .image_client
+        let image_client = match self.image_client.get() {
+            Some(client) => client,
+            None => {
+                let client = fetch::image_client(self.address_policy, self.connect_timeout)
+                    .map_err(|e| {
+                        Stage3Error::config(format!(
+                            "cannot build the HTTP client for image URLs: {}",
+                            error_chain(&e)
+                        ))
+                    })?;
+                self.image_client.get_or_init(|| client)
+            }
+        };
+        let mut response = image_client
             .get(parsed)
             .timeout(left)
             .send()
