@@ -1422,7 +1422,11 @@ impl Stage3Service {
                     let unavailable = |e: tokio::sync::AcquireError| {
                         Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
                     };
-                    let waiting = self.undecoded_permits.acquire().await.map_err(unavailable)?;
+                    let waiting = self
+                        .undecoded_permits
+                        .acquire()
+                        .await
+                        .map_err(unavailable)?;
                     drop(provider_slot);
                     let decoding = self.decode_permits.acquire().await.map_err(unavailable)?;
                     drop(waiting);
