@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::http::{
-    classify_status, decode_inline_image, malformed, shorten_slug, with_cost, ApiClient,
+    classify_status, decode_inline_image_apart, malformed, shorten_slug, with_cost, ApiClient,
     ErrorAnswer, JsonText,
 };
 use super::table::{ModelTable, SizeTier, TabledModel};
@@ -232,7 +232,7 @@ impl ImageProvider for ArkProvider {
             return Err(with_cost(self.error_object(200, error, model), cost));
         }
         let mut image = match (datum.b64_json, datum.url) {
-            (Some(b64), _) => decode_inline_image(&b64.0)?,
+            (Some(b64), _) => decode_inline_image_apart(&b64.0, &answer).await?,
             (None, Some(url)) => self.http.fetch_image_url(&url.0, &request.budget).await?,
             (None, None) => {
                 return Err(malformed(

@@ -23,7 +23,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::http::{
-    decode_inline_image, malformed, shorten, shorten_slug, with_cost, ApiClient, ErrorAnswer,
+    decode_inline_image_apart, malformed, shorten, shorten_slug, with_cost, ApiClient, ErrorAnswer,
     JsonText,
 };
 use super::{
@@ -241,7 +241,7 @@ impl OpenRouterProvider {
         };
         let claimed = datum.media_type.map(|t| shorten(&t.0));
         let mut image = match (datum.b64_json, datum.url) {
-            (Some(b64), _) => decode_inline_image(&b64.0)?,
+            (Some(b64), _) => decode_inline_image_apart(&b64.0, &answer).await?,
             (None, Some(url)) => self.http.fetch_image_url(&url.0, &request.budget).await?,
             (None, None) => return Err(malformed("the image entry has no `b64_json`")),
         };
@@ -287,10 +287,15 @@ impl OpenRouterProvider {
         let Some(image) = images.first() else {
             return Err(self.no_image(request.model, &choice, cost));
         };
-        let mut image = self
-            .http
-            .fetch_image_url(&image.image_url.url.0, &request.budget)
-            .await?;
+        let url = &image.image_url.url.0;
+        let mut image = if url
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+        {
+            decode_inline_image_apart(url, &answer).await?
+        } else {
+            self.http.fetch_image_url(url, &request.budget).await?
+        };
         image.cost = cost;
         Ok(image)
     }
