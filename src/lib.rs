@@ -15,6 +15,8 @@
 //!   deadline, normalise, label, store.
 //! - [`cast`]: the same character on every page — character sheets and first appearances
 //!   as references, and the order that waits for them (`STAGE3_CHARACTER_MODE`).
+//! - [`queued_story`]: a story run through the request queue — checked whole, its plan
+//!   stored, sent (`stage3 submit`), and followed to the end (`stage3 status`).
 //!
 //! **Configuration**:
 //! - [`config`]: the environment variables, read and checked once at start-up into each
@@ -59,7 +61,7 @@
 
 // Private modules: what an embedding program needs is re-exported below, each item under
 // one path. The parts with a namespace of their own (providers, stores, events, stories,
-// the Lambda adapter) are public modules.
+// the request queue, metrics, the Lambda adapter and the binaries' set-up) are public.
 pub mod allocator;
 mod aws;
 mod batch;
