@@ -356,52 +356,25 @@ pub(crate) async fn read_story(
 ) -> Result<Option<Manifest>> {
     validate_story_id(story_id)?;
     let settings = PublishSettings::default();
-    'rounds: for round in 0..MAX_ROUNDS {
+    for round in 0..MAX_ROUNDS {
         let listing = list_fragments(store, story_id, deadline).await?;
         let newest = listing.iter().map(|f| f.at_ms).max().unwrap_or(0);
         let now = manifest::millis(SystemTime::now());
         let not_after_ms = newest.max(now).saturating_add(millis_of(settings.skew));
-        let mut merge = Merge::new();
-        let mut counted: HashSet<String> = HashSet::new();
         let base = read_base(store, story_id, not_after_ms, deadline).await?;
         if base.is_none() && listing.is_empty() {
             return Ok(None);
-        }
-        if let Some(base) = base {
-            merge.batches = base.batches;
-            merge.saw(base.updated_ms);
-            counted.extend(base.fragments);
-            offer_all(&mut merge, base.entries);
         }
         let chosen: Vec<&Listing> = listing
             .iter()
             .filter(|f| f.at_ms <= not_after_ms)
             .take(settings.max_fragments)
             .collect();
-        let pending: Vec<_> = chosen
-            .into_iter()
-            .map(|fragment| read_listed(store, story_id, fragment, deadline))
-            .collect();
-        let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
-        while let Some((fragment, read)) = reads.next().await {
-            match read? {
-                FragmentRead::Merged(entries) => {
-                    if counted.insert(fragment.name.clone()) {
-                        merge.batches += 1;
-                    }
-                    merge.saw(fragment.at_ms);
-                    offer_all(&mut merge, entries);
-                }
-                FragmentRead::Useless | FragmentRead::Kept => {}
-                FragmentRead::Vanished => {
-                    // Compacted meanwhile: the manifest now holds it. Read again.
-                    drop(reads);
-                    wait_for_listing(story_id, round, deadline).await?;
-                    continue 'rounds;
-                }
-            }
+        match fold(store, story_id, base, chosen, deadline).await? {
+            Fold::Done(folded) => return Ok(Some(folded.merge.finish(story_id, Vec::new()))),
+            // Compacted meanwhile: the manifest now holds it. Read again.
+            Fold::Vanished(_) => wait_for_listing(story_id, round, deadline).await?,
         }
-        return Ok(Some(merge.finish(story_id, Vec::new())));
     }
     Err(Stage3Error::storage(
         format!("story {story_id:?}: its fragments kept being compacted while it was read"),
@@ -553,66 +526,26 @@ async fn publish_round(
         }
     }
 
-    let mut merge = Merge::new();
-    // Names of fragments the manifest has counted in `batches` already.
-    let mut counted: HashSet<String> = HashSet::new();
-    if let Some(base) = read_base(store, story_id, not_after_ms, deadline).await? {
-        merge.batches = base.batches;
-        merge.saw(base.updated_ms);
-        counted.extend(base.fragments);
-        let refused = offer_all(&mut merge, base.entries);
-        if refused > 0 {
-            tracing::warn!(
+    let base = read_base(store, story_id, not_after_ms, deadline).await?;
+    let Folded {
+        merge,
+        counted,
+        deletable,
+    } = match fold(store, story_id, base, chosen, deadline).await? {
+        Fold::Done(folded) => folded,
+        Fold::Vanished(key) => {
+            // Its deleter wrote a manifest holding it first, maybe after our base.
+            tracing::info!(
                 story_id,
-                refused,
-                "manifest entries over the story's caps; skipped"
+                round,
+                key,
+                "a listed fragment was compacted meanwhile; reading the manifest again"
             );
+            // A listing may lag behind a delete, as behind a write: give it a moment.
+            wait_for_listing(story_id, round, deadline).await?;
+            return Ok(Round::Again);
         }
-    }
-
-    // In store order, a few fetched at once, each folded in as soon as it is read.
-    let mut deletable: Vec<(String, u64)> = Vec::new();
-    // Futures do nothing until polled: `buffered` starts a few at a time. (Made by an
-    // `async fn` rather than a closure, so the round's future stays `Send`.)
-    let pending: Vec<_> = chosen
-        .into_iter()
-        .map(|fragment| read_listed(store, story_id, fragment, deadline))
-        .collect();
-    let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
-    while let Some((fragment, read)) = reads.next().await {
-        match read? {
-            FragmentRead::Merged(entries) => {
-                if counted.insert(fragment.name.clone()) {
-                    merge.batches += 1;
-                }
-                merge.saw(fragment.at_ms);
-                let refused = offer_all(&mut merge, entries);
-                if refused > 0 {
-                    tracing::warn!(
-                        key = fragment.key,
-                        refused,
-                        "entries over the story's caps; skipped"
-                    );
-                }
-                deletable.push((fragment.key.clone(), fragment.at_ms));
-            }
-            FragmentRead::Useless => deletable.push((fragment.key.clone(), fragment.at_ms)),
-            FragmentRead::Kept => {}
-            FragmentRead::Vanished => {
-                // Its deleter wrote a manifest holding it first, maybe after our base.
-                tracing::info!(
-                    story_id,
-                    round,
-                    key = fragment.key,
-                    "a listed fragment was compacted meanwhile; reading the manifest again"
-                );
-                // A listing may lag behind a delete, as behind a write: give it a moment.
-                wait_for_listing(story_id, round, deadline).await?;
-                return Ok(Round::Again);
-            }
-        }
-    }
-    drop(reads);
+    };
 
     let names: HashSet<&str> = listing.iter().map(|f| f.name.as_str()).collect();
     let mut still_stored: Vec<String> = counted
@@ -891,6 +824,85 @@ struct Base {
     batches: usize,
     fragments: Vec<String>,
     updated_ms: u64,
+}
+
+/// A story's base manifest and fragments, folded together.
+struct Folded {
+    merge: Merge,
+    /// Names of fragments the manifest has counted in `batches` already.
+    counted: HashSet<String>,
+    /// The fragments a manifest holding `merge` makes deletable: merged, or never mergeable.
+    deletable: Vec<(String, u64)>,
+}
+
+/// How [`fold`] ended.
+enum Fold {
+    Done(Folded),
+    /// This fragment (its key) was gone when read: compacted since it was listed, so the
+    /// manifest holds it now and must be read again.
+    Vanished(String),
+}
+
+/// Folds `base` and the `chosen` fragments together: the fragments in store order, a few
+/// fetched at once, each folded in as soon as it is read. Publishing and reading a story
+/// (`stage3 status`) both see a story this way.
+async fn fold(
+    store: &dyn ObjectStore,
+    story_id: &str,
+    base: Option<Base>,
+    chosen: Vec<&Listing>,
+    deadline: Deadline,
+) -> Result<Fold> {
+    let mut merge = Merge::new();
+    let mut counted: HashSet<String> = HashSet::new();
+    if let Some(base) = base {
+        merge.batches = base.batches;
+        merge.saw(base.updated_ms);
+        counted.extend(base.fragments);
+        let refused = offer_all(&mut merge, base.entries);
+        if refused > 0 {
+            tracing::warn!(
+                story_id,
+                refused,
+                "manifest entries over the story's caps; skipped"
+            );
+        }
+    }
+    let mut deletable: Vec<(String, u64)> = Vec::new();
+    // Futures do nothing until polled: `buffered` starts a few at a time. (Made by an
+    // `async fn` rather than a closure, so the round's future stays `Send`.)
+    let pending: Vec<_> = chosen
+        .into_iter()
+        .map(|fragment| read_listed(store, story_id, fragment, deadline))
+        .collect();
+    let mut reads = stream::iter(pending).buffered(FETCH_CONCURRENCY);
+    while let Some((fragment, read)) = reads.next().await {
+        match read? {
+            FragmentRead::Merged(entries) => {
+                if counted.insert(fragment.name.clone()) {
+                    merge.batches += 1;
+                }
+                merge.saw(fragment.at_ms);
+                let refused = offer_all(&mut merge, entries);
+                if refused > 0 {
+                    tracing::warn!(
+                        key = fragment.key,
+                        refused,
+                        "entries over the story's caps; skipped"
+                    );
+                }
+                deletable.push((fragment.key.clone(), fragment.at_ms));
+            }
+            FragmentRead::Useless => deletable.push((fragment.key.clone(), fragment.at_ms)),
+            FragmentRead::Kept => {}
+            FragmentRead::Vanished => return Ok(Fold::Vanished(fragment.key.clone())),
+        }
+    }
+    Ok(Fold::Done(Folded {
+        merge,
+        counted,
+        deletable,
+    }))
 }
 
 /// The story's `manifest.json` as a base, checked entry by entry. `None` when there is
