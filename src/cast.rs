@@ -568,7 +568,7 @@ async fn transport(service: &Stage3Service, key: &str, options: &RunOptions) -> 
     let fetched = options
         .deadline
         .run(
-            crate::service::STORAGE_CALL_TIMEOUT,
+            crate::storage::CALL_TIMEOUT,
             "reading a character reference",
             service.store().get(key, limit),
         )

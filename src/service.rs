@@ -20,19 +20,18 @@
 //!    (`normalize`), **label** (`label`), **store** the image under its content address
 //!    (`store_image`), its thumbnail, and last the record (`generate_and_store`).
 //!
-//! Every storage call runs through `with_storage_retries` under the deadline.
+//! Every storage call runs through the cache's [`Shelf`] under the deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::stream::{self, StreamExt};
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::batch_stop::BatchStop;
-use crate::cache::{self, Claim, ClaimLease, ClaimTiming, ResultKeys};
+use crate::cache::{self, Claim, ClaimLease, ClaimTiming, ResultKeys, Shelf, StoredImage};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
@@ -42,10 +41,10 @@ use crate::normalize::{normalize_and_shrink, ImageLimits, SourceFormat};
 use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
-    locate_in_batch, AppliedLabels, BatchAnswer, GenerationParams, GenerationRequest,
-    ReferenceUsed, SceneFailure, Stage3Output, Submission,
+    locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ReferenceUsed, SceneFailure,
+    Stage3Output, Submission,
 };
-use crate::storage::{self, Created, ObjectMeta, ObjectStore};
+use crate::storage::{self, ObjectStore};
 use crate::story;
 use crate::urls::{QiniuSigner, UrlPolicy};
 
@@ -54,9 +53,6 @@ use crate::urls::{QiniuSigner, UrlPolicy};
 pub(crate) const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
 /// Time kept back from the provider for storing the image and its record.
 pub(crate) const STORAGE_RESERVE: Duration = Duration::from_secs(2);
-/// The longest one storage call may take, deadline permitting: a little over the S3
-/// client's own operation timeout, so its clearer error wins when it fires first.
-pub(crate) const STORAGE_CALL_TIMEOUT: Duration = Duration::from_secs(65);
 /// How often a worker waiting for another worker's result looks for it.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
 
@@ -797,7 +793,8 @@ impl Stage3Service {
         // One worker per request pays; the others wait for its result.
         let lease = loop {
             let claim = self
-                .with_storage_retries(options, "claiming the scene", || {
+                .shelf(options)
+                .call("claiming the scene", || {
                     cache::claim(self.store.as_ref(), &scene.keys, self.claim_timing.ttl)
                 })
                 .await?;
@@ -839,7 +836,7 @@ impl Stage3Service {
         let release = cache::release(self.store.as_ref(), &scene.keys, &lease);
         if let Err(e) = options
             .deadline
-            .run(STORAGE_CALL_TIMEOUT, "releasing the claim", release)
+            .run(storage::CALL_TIMEOUT, "releasing the claim", release)
             .await
         {
             tracing::warn!(error = %e, "could not release the claim; it lapses by itself");
@@ -860,7 +857,7 @@ impl Stage3Service {
         loop {
             tokio::time::sleep(timing.renew_every).await;
             let renewal = cache::renew(self.store.as_ref(), &scene.keys, lease, timing.ttl);
-            match tokio::time::timeout(STORAGE_CALL_TIMEOUT.min(timing.renew_every), renewal).await
+            match tokio::time::timeout(storage::CALL_TIMEOUT.min(timing.renew_every), renewal).await
             {
                 Ok(Ok(true)) => tracing::debug!("claim renewed"),
                 Ok(Ok(false)) => {
@@ -889,7 +886,8 @@ impl Stage3Service {
             max_image_bytes: self.config.max_stored_image_bytes(),
         };
         let verified = self
-            .with_storage_retries(options, "looking up the stored result", || {
+            .shelf(options)
+            .call("looking up the stored result", || {
                 cache::lookup(self.store.as_ref(), &scene.keys, &expected)
             })
             .await?;
@@ -953,10 +951,11 @@ impl Stage3Service {
             from_cache: true,
         };
         if !labelled_as_asked {
-            self.with_storage_retries(options, "storing the result record", || {
-                cache::save_record(self.store.as_ref(), &scene.keys, &output)
-            })
-            .await?;
+            self.shelf(options)
+                .call("storing the result record", || {
+                    cache::save_record(self.store.as_ref(), &scene.keys, &output)
+                })
+                .await?;
             tracing::info!("cache hit relabelled to today's label settings; no provider call");
         } else {
             tracing::info!("cache hit: returning the stored result, no provider call");
@@ -973,49 +972,20 @@ impl Stage3Service {
         params: &GenerationParams,
         options: &RunOptions,
     ) -> Result<Option<StoredImage>> {
-        // Results from before labels were recorded carry none: their image is the source.
-        let applied = params.aigc_label.clone().unwrap_or(AppliedLabels {
-            implicit: false,
-            implicit_form: None,
-            visible: false,
-            producer: String::new(),
-            propagator: String::new(),
-            source_sha256: params.content_sha256.clone(),
-        });
-        let (key, limit) = if applied.visible {
-            (
-                labels::source_key(scene.scene_id(), &applied.source_sha256),
-                self.config.max_stored_image_bytes(),
-            )
-        } else {
-            (image_key.to_string(), params.bytes)
-        };
-        let fetched = self
-            .with_storage_retries(options, "reading the image to relabel", || {
-                self.store.get(&key, limit)
-            })
+        let shelf = self.shelf(options);
+        let max_bytes = self.config.max_stored_image_bytes();
+        let found = shelf
+            .source_to_relabel(scene.scene_id(), image_key, params, max_bytes)
             .await?;
-        let storage::Fetched::Found(bytes) = fetched else {
-            tracing::warn!(key, "the unlabelled source is gone; generating again");
-            return Ok(None);
-        };
-        let source = if applied.visible {
-            (hex::encode(Sha256::digest(&bytes)) == applied.source_sha256).then_some(bytes)
-        } else {
-            labels::source_of_unmarked(&bytes, &applied).ok()
-        };
-        let Some(source) = source else {
-            tracing::warn!(
-                key,
-                "the stored source does not match its record; generating again"
-            );
+        let Some((source, applied)) = found else {
             return Ok(None);
         };
         let published = self
-            .label(scene, source.clone(), applied.source_sha256.clone())
+            .label(scene, source.clone(), applied.source_sha256)
             .await?;
         Ok(Some(
-            self.store_image(scene, &published, Some(&source), options)
+            shelf
+                .store_image(scene.scene_id(), &published, Some(&source))
                 .await?,
         ))
     }
@@ -1044,48 +1014,6 @@ impl Stage3Service {
         .map_err(|e| Stage3Error::InvalidImage(format!("drawing the label panicked: {e}")))?
     }
 
-    /// Stores a published image under its content address (and, when a mark was drawn on
-    /// it, its unlabelled source beside it, so it can be relabelled later).
-    async fn store_image(
-        &self,
-        scene: &PreparedScene,
-        published: &labels::Published,
-        source: Option<&bytes::Bytes>,
-        options: &RunOptions,
-    ) -> Result<StoredImage> {
-        if let Some(source) = source.filter(|_| published.applied.visible) {
-            let key = labels::source_key(scene.scene_id(), &published.applied.source_sha256);
-            let created = self
-                .with_storage_retries(options, "storing the unlabelled source", || {
-                    self.store.put_new(&key, source.clone(), ObjectMeta::SOURCE)
-                })
-                .await?;
-            if created == Created::AlreadyExists {
-                self.republish(&key, source, ObjectMeta::SOURCE, options)
-                    .await?;
-            }
-        }
-        let image_key = cache::image_key(scene.scene_id(), &published.sha256);
-        let png = &published.png;
-        let created = self
-            .with_storage_retries(options, "storing the image", || {
-                self.store.put_new(&image_key, png.clone(), ObjectMeta::PNG)
-            })
-            .await?;
-        let etag = match created {
-            Created::Created(info) => info.etag,
-            Created::AlreadyExists => {
-                self.republish(&image_key, png, ObjectMeta::PNG, options)
-                    .await?
-            }
-        };
-        Ok(StoredImage {
-            image_key,
-            published: published.clone(),
-            etag,
-        })
-    }
-
     /// Generates the image, publishes it under its content address, then writes the record.
     async fn generate_and_store(
         &self,
@@ -1098,7 +1026,8 @@ impl Stage3Service {
         let image = generated.image;
         let storing = Instant::now();
         let stored = self
-            .store_image(scene, &image.published, image.source.as_ref(), options)
+            .shelf(options)
+            .store_image(scene.scene_id(), &image.published, image.source.as_ref())
             .await?;
 
         let mut params = self.params_for(scene, &generated.model);
@@ -1128,10 +1057,11 @@ impl Stage3Service {
             from_cache: false,
         };
         // The record goes last: it is what makes the stored image a result.
-        self.with_storage_retries(options, "storing the result record", || {
-            cache::save_record(self.store.as_ref(), &scene.keys, &output)
-        })
-        .await?;
+        self.shelf(options)
+            .call("storing the result record", || {
+                cache::save_record(self.store.as_ref(), &scene.keys, &output)
+            })
+            .await?;
         let steps = image.steps;
         tracing::debug!(
             target: "stage3::steps",
@@ -1184,40 +1114,6 @@ impl Stage3Service {
             Some(key) => (Some(self.store.location(&key)), self.image_url(&key).await?),
             None => (None, None),
         })
-    }
-
-    /// A content address is taken: normally by these very bytes (generated before, or by a
-    /// worker that raced us), which a CDN may serve and must not change. An object there
-    /// that is not these bytes was damaged or planted, and is replaced. Returns the entity
-    /// tag for the record.
-    async fn republish(
-        &self,
-        key: &str,
-        bytes: &bytes::Bytes,
-        meta: ObjectMeta,
-        options: &RunOptions,
-    ) -> Result<Option<String>> {
-        let limit = bytes.len() as u64;
-        let stored = self
-            .with_storage_retries(options, "checking the stored image", || {
-                self.store.get(key, limit)
-            })
-            .await?;
-        if stored == storage::Fetched::Found(bytes.clone()) {
-            let info = self
-                .with_storage_retries(options, "checking the stored image", || {
-                    self.store.head(key)
-                })
-                .await?;
-            return Ok(info.and_then(|info| info.etag));
-        }
-        tracing::warn!(key, "replacing a damaged object at a content address");
-        let info = self
-            .with_storage_retries(options, "storing the image", || {
-                self.store.put(key, bytes.clone(), meta)
-            })
-            .await?;
-        Ok(info.etag)
     }
 
     /// The generation parameters that follow from the request and the model that drew it
@@ -1523,36 +1419,19 @@ impl Stage3Service {
         Ok(budget)
     }
 
-    /// Runs a storage operation, each attempt within `min(its timeout, time left)`, retrying
-    /// transient failures while the deadline allows (the batch's [`RetryPolicy`]).
-    async fn with_storage_retries<T, F, Fut>(
-        &self,
-        options: &RunOptions,
-        what: &str,
-        mut operation: F,
-    ) -> Result<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T>>,
-    {
-        let deadline = options.deadline;
-        self.retry
-            .run(deadline, what, || {
-                deadline.run(STORAGE_CALL_TIMEOUT, what, operation())
-            })
-            .await
+    /// The store as the cache writes it, for calls within `options`' deadline.
+    fn shelf(&self, options: &RunOptions) -> Shelf<'_> {
+        Shelf {
+            store: self.store.as_ref(),
+            retry: &self.retry,
+            deadline: options.deadline,
+        }
     }
 
     /// `image_url`: the CDN URL (signed if so configured) or what the store offers.
     async fn image_url(&self, key: &str) -> Result<Option<String>> {
         self.urls.url(self.store.as_ref(), key).await
     }
-}
-/// A published image as stored: its key, bytes and labels, and the store's tag for it.
-struct StoredImage {
-    image_key: String,
-    published: labels::Published,
-    etag: Option<String>,
 }
 
 /// The distinct scenes of a batch (identical requests for the same scene once), and for

@@ -24,6 +24,9 @@ pub(crate) use settings::{S3Credentials, StorageKind, StorageSettings};
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
 
+/// The longest one storage call may take, deadline permitting: a little over the S3
+/// client's own operation timeout, so its clearer error wins when it fires first.
+pub(crate) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(65);
 /// What to send along with an object's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ObjectMeta {

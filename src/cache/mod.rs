@@ -18,6 +18,10 @@
 //! others wait for its record. Stores that ignore conditional writes (Garage, Qiniu) let both
 //! generate, which costs money but never correctness.
 
+mod shelf;
+
+pub(crate) use shelf::{Shelf, StoredImage};
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
