@@ -74,7 +74,7 @@ impl S3Store {
         ("PutObject", "s3:PutObject"),
         ("GetObject", "s3:GetObject"),
         ("HeadObject", "s3:GetObject"),
-        // Releasing a claim (src/cache.rs); merged story fragments are removed the same way.
+        // Releasing a claim (src/cache/mod.rs); merged story fragments are removed the same way.
         ("DeleteObject", "s3:DeleteObject"),
         ("ListObjectsV2", "s3:ListBucket"),
     ];
