@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_eventbridge::config::http::HttpResponse;
+use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
 use tokio::sync::OnceCell;
 
 /// The region when neither the environment nor a client's target names one.
@@ -125,6 +127,28 @@ impl AwsConfig {
                 self.region_for(Some(queue_url)),
             ));
         aws_sdk_sqs::Client::from_conf(config.build())
+    }
+}
+
+/// Whether an AWS error code names a failure that may pass if the call (or entry) is made
+/// again: throttling, an internal error, the service unavailable.
+pub(crate) fn retryable_code(code: &str) -> bool {
+    code.contains("Throttl") || code.starts_with("Internal") || code == "ServiceUnavailable"
+}
+
+/// Whether a failed AWS call may succeed if made again: transport failures, timeouts,
+/// 5xx and [`retryable_code`]s. A missing bus or queue, a refused permission or bad
+/// credentials will not.
+pub(crate) fn is_transient<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool {
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => {
+            service.raw().status().as_u16() >= 500
+                || retryable_code(service.err().code().unwrap_or_default())
+        }
+        _ => false,
     }
 }
 

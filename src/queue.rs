@@ -18,13 +18,12 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use aws_sdk_sqs::Client;
 use serde::Serialize;
 
-use crate::aws::{plan_batches, AwsConfig};
+use crate::aws::{is_transient, plan_batches, AwsConfig};
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::retry::RetryPolicy;
@@ -290,7 +289,7 @@ impl RequestQueue {
                         self.queue_url,
                         DisplayErrorContext(&error)
                     );
-                    if !transient(&error) {
+                    if !is_transient(&error) {
                         tracing::warn!(error = %why, "the queue refused the call; not retried");
                         report
                             .unsent
@@ -364,24 +363,6 @@ fn check_queue_url(url: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Whether a failed call may succeed if made again: transport failures, timeouts,
-/// throttling and 5xx. A missing queue, a refused permission or bad credentials will not.
-fn transient(error: &SdkError<SendMessageBatchError>) -> bool {
-    match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or_default();
-            service.raw().status().as_u16() >= 500
-                || code.contains("Throttl")
-                || code.starts_with("Internal")
-                || code == "ServiceUnavailable"
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -21,13 +21,11 @@ use aws_sdk_eventbridge::config::retry::RetryConfig;
 use aws_sdk_eventbridge::config::timeout::TimeoutConfig;
 use aws_sdk_eventbridge::config::Region;
 use aws_sdk_eventbridge::error::DisplayErrorContext;
-use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_eventbridge::operation::put_events::PutEventsError;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use aws_sdk_eventbridge::Client;
 
 use super::{Event, EventSink, EVENT_SOURCE};
-use crate::aws::AwsConfig;
+use crate::aws::{is_transient, retryable_code, AwsConfig};
 use crate::deadline::Deadline;
 use crate::retry::RetryPolicy;
 
@@ -144,7 +142,9 @@ impl EventBridgeSink {
                         let Some(code) = result.error_code() else {
                             continue;
                         };
-                        if retryable_entry_code(code) {
+                        // EventBridge's PutEvents reference names throttling and internal
+                        // failures as the entry errors worth another try.
+                        if retryable_code(code) {
                             again.push(event);
                         } else {
                             tracing::warn!(
@@ -159,7 +159,7 @@ impl EventBridgeSink {
                     }
                     pending = again;
                 }
-                Err(error) if transient(&error) => {
+                Err(error) if is_transient(&error) => {
                     tracing::debug!(
                         bus = %self.bus,
                         error = %DisplayErrorContext(&error),
@@ -240,29 +240,6 @@ pub(crate) fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
     crate::aws::plan_batches(sizes, MAX_ENTRIES_PER_CALL, MAX_BYTES_PER_CALL)
 }
 
-/// Per-entry error codes worth another try (EventBridge's `PutEvents` reference names
-/// throttling and internal failures as the ones to retry).
-fn retryable_entry_code(code: &str) -> bool {
-    code.contains("Throttl") || code.starts_with("Internal") || code == "ServiceUnavailable"
-}
-
-/// Whether a failed call may succeed if made again: transport failures, timeouts,
-/// throttling and 5xx. A missing bus, a refused permission or bad credentials will not.
-fn transient(error: &SdkError<PutEventsError>) -> bool {
-    match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        SdkError::ServiceError(service) => {
-            let code = service.err().code().unwrap_or_default();
-            service.raw().status().as_u16() >= 500
-                || code.contains("Throttl")
-                || code.starts_with("Internal")
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +285,7 @@ mod tests {
             "InternalFailure",
             "InternalException",
         ] {
-            assert!(retryable_entry_code(code), "{code}");
+            assert!(retryable_code(code), "{code}");
         }
         for code in [
             "MalformedDetail",
@@ -316,7 +293,7 @@ mod tests {
             "AccessDeniedException",
             "NotAuthorizedForSourceException",
         ] {
-            assert!(!retryable_entry_code(code), "{code}");
+            assert!(!retryable_code(code), "{code}");
         }
     }
 }
