@@ -94,6 +94,7 @@ impl Deadline {
 
     /// This deadline moved `margin` later: for work allowed to spend part of a safety
     /// margin kept back before the real one.
+    #[cfg(feature = "lambda")]
     pub(crate) fn later_by(&self, margin: Duration) -> Deadline {
         Deadline(self.0.map(|deadline| deadline + margin))
     }

@@ -6,8 +6,11 @@
 //! plan and the manifest — the view the storyboard page shows — once, or polling with
 //! backoff until nothing is pending.
 
-use std::time::{Duration, Instant, SystemTime};
+#[cfg(feature = "sqs")]
+use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
+#[cfg(feature = "sqs")]
 use serde::Serialize;
 
 use crate::config::Config;
@@ -15,10 +18,15 @@ use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 #[cfg(feature = "sqs")]
 use crate::queue::{self, RequestQueue, Unsent};
-use crate::schema::{validate_story_id, Submission};
+use crate::schema::validate_story_id;
+#[cfg(feature = "sqs")]
+use crate::schema::Submission;
+#[cfg(feature = "sqs")]
 use crate::service::Stage3Service;
 use crate::storage;
-use crate::story::{self, StoryPlan, StoryProgress};
+#[cfg(feature = "sqs")]
+use crate::story::StoryPlan;
+use crate::story::{self, StoryProgress};
 
 /// The first wait between polls, and again whenever the story moved.
 const FIRST_POLL: Duration = Duration::from_secs(2);

@@ -54,6 +54,7 @@ impl RetryPolicy {
     /// attempts, 200 ms doubling to at most 5 s. Above the SQS client's own 3 attempts per
     /// call: a submission has a person waiting, but nothing else, so it tries for a while
     /// before it reports what it could not send.
+    #[cfg(any(feature = "sqs", test))]
     pub(crate) const QUEUE_SEND: RetryPolicy = RetryPolicy {
         max_retries: 5,
         base_delay: Duration::from_millis(200),

@@ -382,6 +382,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "lambda")]
     fn shorten_cuts_on_a_character_boundary() {
         assert_eq!(shorten("abc", 10), "abc");
         let cut = shorten(&"é".repeat(300), 101);

@@ -81,7 +81,9 @@ pub use manifest::MAX_STORY_SCENES;
 pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
 pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
 pub use plan::StoryProgress;
-pub(crate) use plan::{read_plan, write_plan, StoredPlan, StoryPlan};
+pub(crate) use plan::{read_plan, StoredPlan};
+#[cfg(feature = "sqs")]
+pub(crate) use plan::{write_plan, StoryPlan};
 pub use thumbnail::thumbnail_key;
 pub(crate) use thumbnail::{
     encode_thumbnail, make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE,

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::SystemTime;
 
+#[cfg(any(feature = "sqs", test))]
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +26,9 @@ use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::retry::RetryPolicy;
 use crate::schema::{validate_scene_id, validate_story_id};
-use crate::storage::{ObjectMeta, ObjectStore};
+#[cfg(any(feature = "sqs", test))]
+use crate::storage::ObjectMeta;
+use crate::storage::ObjectStore;
 
 /// The format of `plan.json`.
 pub(crate) const PLAN_FORMAT: u32 = 1;
@@ -112,6 +115,7 @@ pub struct StoredPlan {
 }
 
 /// Writes `plan` as the story's `plan.json`, replacing any earlier one; answers where it is.
+#[cfg(any(feature = "sqs", test))]
 pub(crate) async fn write_plan(
     store: &dyn ObjectStore,
     plan: &StoryPlan,
