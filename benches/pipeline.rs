@@ -169,15 +169,10 @@ async fn run(steps: StepLog) {
         }
     }
     // Of the check and label steps: one SHA-256 over the stored bytes.
-    let mut hash_timings: Vec<Duration> = (0..samples.max(10))
-        .map(|_| {
-            use sha2::Digest;
-            let started = Instant::now();
-            std::hint::black_box(sha2::Sha256::digest(&png));
-            started.elapsed()
-        })
-        .collect();
-    let (p50, _) = percentiles(&mut hash_timings);
+    let (p50, _) = time_each(samples.max(10), || {
+        use sha2::Digest;
+        std::hint::black_box(sha2::Sha256::digest(&png));
+    });
     println!(
         "   of which one SHA-256 of the {:.2} MB PNG  p50 {:>7.3} ms",
         mb(png.len()),
@@ -191,14 +186,9 @@ async fn run(steps: StepLog) {
         "benchmark",
         "scene-0001",
     );
-    let mut label_timings: Vec<Duration> = (0..samples.max(10))
-        .map(|_| {
-            let started = Instant::now();
-            std::hint::black_box(insert_aigc_label(&png, &label).expect("label"));
-            started.elapsed()
-        })
-        .collect();
-    let (p50, p95) = percentiles(&mut label_timings);
+    let (p50, p95) = time_each(samples.max(10), || {
+        std::hint::black_box(insert_aigc_label(&png, &label).expect("label"));
+    });
     println!(
         "   AIGC label into the {:.2} MB PNG  p50 {:>7.3} ms   p95 {:>7.3} ms",
         mb(png.len()),
@@ -610,6 +600,18 @@ fn hello_lambda() -> Option<String> {
             None
         }
     }
+}
+
+/// Runs `work` `samples` times and returns the p50 and p95 of its durations.
+fn time_each(samples: usize, mut work: impl FnMut()) -> (Duration, Duration) {
+    let mut timings: Vec<Duration> = (0..samples)
+        .map(|_| {
+            let started = Instant::now();
+            work();
+            started.elapsed()
+        })
+        .collect();
+    percentiles(&mut timings)
 }
 
 fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
