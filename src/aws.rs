@@ -41,7 +41,7 @@ impl fmt::Debug for AwsConfig {
 
 impl AwsConfig {
     /// `region` is `AWS_REGION` (or `AWS_DEFAULT_REGION`), when set.
-    pub fn new(region: Option<String>) -> Self {
+    pub(crate) fn new(region: Option<String>) -> Self {
         AwsConfig {
             region,
             loaded: Arc::default(),
@@ -49,7 +49,8 @@ impl AwsConfig {
     }
 
     /// `AWS_REGION` (or `AWS_DEFAULT_REGION`), when set.
-    pub fn region(&self) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn region(&self) -> Option<&str> {
         self.region.as_deref()
     }
 
@@ -81,7 +82,7 @@ impl AwsConfig {
     /// The shared configuration, loaded on the first call. Each client sets its own region
     /// on its builder; the one given here (`AWS_REGION`, else `us-east-1`) serves the
     /// credential chain, and spares the loader the region chain's instance-metadata lookup.
-    pub async fn sdk_config(&self) -> &SdkConfig {
+    pub(crate) async fn sdk_config(&self) -> &SdkConfig {
         self.loaded
             .get_or_init(|| {
                 aws_config::defaults(BehaviorVersion::latest())

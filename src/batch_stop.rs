@@ -14,7 +14,7 @@ use crate::image_spec::ProviderKind;
 
 /// The brake of one batch: once stopped, no provider call starts, and every scene that
 /// would have called fails with the stopping cause (see
-/// [`Stage3Error::for_unstarted_scene`]). Also keeps the batch's spending against
+/// `Stage3Error::for_unstarted_scene`). Also keeps the batch's spending against
 /// `STAGE3_MAX_COST_USD`. Checked right before each provider call; calls in flight finish.
 /// Cheap to clone: clones share the same state.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +74,7 @@ impl BatchStop {
 
     /// `Ok` while calls may start; the stopping cause, retold for a scene that never
     /// called, once stopped.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         match locked(&self.0.reason).as_ref() {
             None => Ok(()),
             Some(error) => Err(error.for_unstarted_scene()),
@@ -128,7 +128,8 @@ impl BatchStop {
     }
 
     /// What the batch's calls were billed so far, in USD.
-    pub fn spent_usd(&self) -> f64 {
+    #[cfg(test)]
+    pub(crate) fn spent_usd(&self) -> f64 {
         locked(&self.0.spending).spent_usd
     }
 

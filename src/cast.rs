@@ -372,6 +372,7 @@ impl Stage3Service {
 
 impl Casting {
     /// How many of the batch's scenes, at its front, are sheets.
+    #[cfg(feature = "lambda")]
     pub(crate) fn sheets(&self) -> usize {
         self.sheets
     }
@@ -611,7 +612,7 @@ fn inline_sha256(url: &str) -> Option<String> {
 }
 
 /// A sheet's prompt: a clean reference of the character, nothing else in the picture.
-pub fn sheet_prompt(name: Option<&str>, description: &str) -> String {
+pub(crate) fn sheet_prompt(name: Option<&str>, description: &str) -> String {
     let who = match name {
         Some(name) if !name.trim().is_empty() => format!("{}, {}", name.trim(), description.trim()),
         _ => description.trim().to_string(),

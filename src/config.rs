@@ -55,7 +55,7 @@ pub(crate) const MAX_PRESIGN_SECS: u64 = 7 * 24 * 3600;
 pub struct Config {
     /// `STAGE3_PROVIDER`: the provider of every model written without `PROVIDER:`.
     pub provider: ProviderKind,
-    /// `STAGE3_MODEL` as written; unset means the provider's default ([`Config::model`]).
+    /// `STAGE3_MODEL` as written; unset means the provider's default (`Config::model`).
     pub model: Option<String>,
     pub providers: ProviderSettings,
     pub storage: StorageSettings,
@@ -68,7 +68,7 @@ pub struct Config {
     pub concurrency: usize,
     /// Per provider request, connect to last byte.
     pub request_timeout: Duration,
-    /// Retries of a transient failure; with the two delays, see [`Config::retry_policy`].
+    /// Retries of a transient failure; with the two delays, see `Config::retry_policy`.
     pub max_retries: u32,
     /// The first backoff step; later ones double, with full jitter.
     pub retry_base_delay: Duration,
@@ -87,7 +87,7 @@ pub struct Config {
     pub character_mode: CharacterMode,
     /// Models tried in order when the asked-for one is unavailable or its transient retries
     /// are spent (`STAGE3_MODEL_FALLBACKS`, comma-separated; `--fallback-model`), each
-    /// `MODEL` or `PROVIDER:MODEL` as written: see [`Config::fallbacks`].
+    /// `MODEL` or `PROVIDER:MODEL` as written: see `Config::fallbacks`.
     pub model_fallbacks: Vec<String>,
     /// `STAGE3_FALLBACK_ON_REFUSAL=1`: a refusal (`content_policy`) also moves on to the next
     /// model. Off by default: a refused prompt is usually refused everywhere, and each try
@@ -155,14 +155,14 @@ impl Config {
     }
 
     /// The model of a request that names none: `STAGE3_MODEL`, else the provider's default.
-    pub fn model(&self) -> &str {
+    pub(crate) fn model(&self) -> &str {
         self.model
             .as_deref()
             .unwrap_or_else(|| default_model(self.provider))
     }
 
     /// The fallback chain, each model with its provider.
-    pub fn fallbacks(&self) -> Vec<ModelRef> {
+    pub(crate) fn fallbacks(&self) -> Vec<ModelRef> {
         self.model_fallbacks
             .iter()
             .map(|model| ModelRef::resolve(model, self.provider))
@@ -295,7 +295,7 @@ impl Config {
 
     /// Cross-field checks, run after command-line overrides: what the chosen provider and
     /// storage need must be present.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         // The provider of the default model must be usable; a fallback's may be left
         // without a key (that link is skipped, with a warning).
         let first = ModelRef::resolve(self.model(), self.provider);

@@ -30,7 +30,7 @@ pub struct CallBudget {
 
 impl CallBudget {
     /// A budget of `timeout` from now, with no deadline to cut it.
-    pub fn new(timeout: Duration) -> Self {
+    pub(crate) fn new(timeout: Duration) -> Self {
         CallBudget {
             ends_at: Instant::now() + timeout,
             timeout,
@@ -39,7 +39,7 @@ impl CallBudget {
     }
 
     /// The whole budget, as it was when the call started.
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
@@ -49,7 +49,7 @@ impl CallBudget {
     }
 
     /// The time left for the next step of the call, or the error for having none.
-    pub fn remaining(&self, what: &str) -> Result<Duration> {
+    pub(crate) fn remaining(&self, what: &str) -> Result<Duration> {
         let left = self.ends_at.saturating_duration_since(Instant::now());
         if left.is_zero() {
             Err(self.expired(what))
@@ -78,17 +78,14 @@ impl CallBudget {
 
 impl Deadline {
     /// No deadline: calls get their own timeouts.
-    pub const NONE: Deadline = Deadline(None);
+    pub(crate) const NONE: Deadline = Deadline(None);
 
-    pub fn at(instant: Instant) -> Self {
-        Deadline(Some(instant))
-    }
-
-    pub fn after(duration: Duration) -> Self {
+    pub(crate) fn after(duration: Duration) -> Self {
         Deadline(Some(Instant::now() + duration))
     }
 
-    pub fn instant(&self) -> Option<Instant> {
+    #[cfg(test)]
+    pub(crate) fn instant(&self) -> Option<Instant> {
         self.0
     }
 
@@ -100,19 +97,19 @@ impl Deadline {
     }
 
     /// The time left, or `None` when there is no deadline.
-    pub fn remaining(&self) -> Option<Duration> {
+    pub(crate) fn remaining(&self) -> Option<Duration> {
         self.0
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
     }
 
     /// Whether `needed` still fits before the deadline.
-    pub fn allows(&self, needed: Duration) -> bool {
+    pub(crate) fn allows(&self, needed: Duration) -> bool {
         self.remaining().is_none_or(|left| needed <= left)
     }
 
     /// The budget for a call whose own timeout is `timeout`, keeping `reserve` back for what
     /// must happen after it.
-    pub fn budget(&self, timeout: Duration, reserve: Duration) -> CallBudget {
+    pub(crate) fn budget(&self, timeout: Duration, reserve: Duration) -> CallBudget {
         match self.remaining() {
             Some(left) if left.saturating_sub(reserve) < timeout => CallBudget {
                 ends_at: Instant::now() + left.saturating_sub(reserve),
@@ -125,7 +122,7 @@ impl Deadline {
 
     /// Runs `call` until the deadline: `None` when the deadline came first. Without a
     /// deadline the call runs to its end (bounded only by its own timeouts).
-    pub async fn within<T>(&self, call: impl Future<Output = T>) -> Option<T> {
+    pub(crate) async fn within<T>(&self, call: impl Future<Output = T>) -> Option<T> {
         match self.0 {
             Some(deadline) => tokio::time::timeout_at(deadline, call).await.ok(),
             None => Some(call.await),
@@ -134,7 +131,7 @@ impl Deadline {
 
     /// Runs `call` for at most `min(timeout, time left)`. Running out of the call's own
     /// timeout is `Timeout`; running out of the deadline is `DeadlineExceeded`.
-    pub async fn run<T>(
+    pub(crate) async fn run<T>(
         &self,
         timeout: Duration,
         what: &str,

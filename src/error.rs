@@ -84,7 +84,7 @@ impl ErrorType {
         ErrorType::Internal,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorType::InvalidRequest => "invalid_request",
             ErrorType::Config => "config",
@@ -224,7 +224,7 @@ impl Stage3Error {
     /// Whether the same call may succeed if tried again (docs/design.md §3: 408/429/5xx, connect
     /// errors, timeouts, malformed answers and images that fail validation are transient;
     /// 400/401/402/403/413 and invalid requests are not).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Stage3Error::RateLimited(_)
             | Stage3Error::ProviderUnavailable(_)
@@ -249,7 +249,7 @@ impl Stage3Error {
     }
 
     /// The delay the provider asked for, if any.
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             Stage3Error::RateLimited(f)
             | Stage3Error::ProviderUnavailable(f)
@@ -259,7 +259,7 @@ impl Stage3Error {
     }
 
     /// What the provider billed for the failed call, when it said.
-    pub fn cost(&self) -> Option<f64> {
+    pub(crate) fn cost(&self) -> Option<f64> {
         self.provider_failure().and_then(|f| f.cost)
     }
 
@@ -314,7 +314,7 @@ impl Stage3Error {
         }
     }
 
-    pub fn invalid_request(message: impl Into<String>) -> Self {
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
         Stage3Error::InvalidRequest(message.into())
     }
 
@@ -322,7 +322,7 @@ impl Stage3Error {
         Stage3Error::Config(message.into())
     }
 
-    pub fn storage(message: impl Into<String>, transient: bool) -> Self {
+    pub(crate) fn storage(message: impl Into<String>, transient: bool) -> Self {
         Stage3Error::Storage {
             message: message.into(),
             transient,

@@ -92,7 +92,7 @@ impl ModelRef {
     /// provider name before the first colon qualifies, so OpenRouter slugs keep their own
     /// colons (`vendor/model:free`). Never fails: the model's spelling is checked where it
     /// is used ([`crate::schema::validate_model`], and the provider's own check).
-    pub fn resolve(text: &str, default: ProviderKind) -> ModelRef {
+    pub(crate) fn resolve(text: &str, default: ProviderKind) -> ModelRef {
         let qualified = text
             .split_once(':')
             .and_then(|(prefix, model)| Some((prefix.parse().ok()?, model)));
@@ -134,7 +134,7 @@ pub struct ImageSpec {
     /// The whole prompt in one text: the scene's text, its style tags and what to avoid.
     pub prompt: String,
     /// The scene's text and style tags without what to avoid, for a provider that takes
-    /// the negative prompt apart ([`ImageSpec::prompt_for`]).
+    /// the negative prompt apart (`ImageSpec::prompt_for`).
     pub positive_prompt: String,
     /// What to avoid, as written (trimmed); empty when nothing.
     pub negative_prompt: String,
@@ -157,7 +157,7 @@ pub(crate) struct SentPrompt<'a> {
 
 /// The settings a request is resolved against.
 #[derive(Debug, Clone, Copy)]
-pub struct SpecSettings<'a> {
+pub(crate) struct SpecSettings<'a> {
     /// `STAGE3_PROVIDER`: the provider of a model written without one.
     pub default_provider: ProviderKind,
     /// `STAGE3_MODEL`: the model of a request that names none.
@@ -171,7 +171,10 @@ pub struct SpecSettings<'a> {
 impl ImageSpec {
     /// Validates `request` and resolves it against `settings`. The only place a request is
     /// validated: an `invalid_request` from here has cost nothing.
-    pub fn new(request: &GenerationRequest, settings: &SpecSettings<'_>) -> Result<ImageSpec> {
+    pub(crate) fn new(
+        request: &GenerationRequest,
+        settings: &SpecSettings<'_>,
+    ) -> Result<ImageSpec> {
         request.validate()?;
         let composed = compose(request, settings.max_prompt_chars)?;
         let mut references = request.reference_images.clone();
@@ -203,7 +206,7 @@ impl ImageSpec {
 
     /// A spec of a fixed prompt for `model` at `size` and `quality`: no seed, nothing to
     /// avoid, no references. What a price list or a probe asks for.
-    pub fn plain(model: ModelRef, size: ImageSize, quality: ImageQuality) -> ImageSpec {
+    pub(crate) fn plain(model: ModelRef, size: ImageSize, quality: ImageQuality) -> ImageSpec {
         let prompt = "A fox.".to_string();
         ImageSpec {
             model,

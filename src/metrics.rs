@@ -97,16 +97,18 @@ impl MetricsSink {
     }
 
     /// A sink that keeps its lines; read them with [`MetricsSink::lines`].
-    pub fn memory() -> Self {
+    #[cfg(test)]
+    pub(crate) fn memory() -> Self {
         MetricsSink::Memory(Arc::default())
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         !matches!(self, MetricsSink::Off)
     }
 
     /// The lines a memory sink holds (none for the others).
-    pub fn lines(&self) -> Vec<String> {
+    #[cfg(test)]
+    pub(crate) fn lines(&self) -> Vec<String> {
         match self {
             MetricsSink::Memory(lines) => lines.lock().map(|l| l.clone()).unwrap_or_default(),
             _ => Vec::new(),

@@ -11,7 +11,7 @@
 //! Limits are SQS's: a message is at most 256 KiB, a `SendMessageBatch` call at most 10
 //! entries and 256 KiB in all. A group of scenes too large for one message is split; a scene
 //! too large alone is refused before anything is sent. Entries a call reports failed are sent
-//! again under [`RetryPolicy::QUEUE_SEND`] when SQS says the fault was not the sender's
+//! again under `RetryPolicy::QUEUE_SEND` when SQS says the fault was not the sender's
 //! (`SenderFault: false`); a sender's fault cannot succeed on another try, and is reported
 //! at once. So is whatever is still unsent when the retries are spent.
 
@@ -170,23 +170,13 @@ impl RequestQueue {
         ))
     }
 
-    /// A queue over an existing client (tests, embedding).
-    pub fn new(client: Client, queue_url: &str) -> Self {
+    /// A queue over an existing client (and the tests' endpoint).
+    pub(crate) fn new(client: Client, queue_url: &str) -> Self {
         RequestQueue {
             client,
             queue_url: queue_url.to_string(),
             retry: RetryPolicy::QUEUE_SEND,
         }
-    }
-
-    /// Retries timed by `retry` rather than [`RetryPolicy::QUEUE_SEND`].
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
-    }
-
-    pub fn queue_url(&self) -> &str {
-        &self.queue_url
     }
 
     /// Sends every message, [`MAX_BATCH_ENTRIES`] and [`MAX_BATCH_BYTES`] to a call, in

@@ -24,7 +24,7 @@ use crate::error::{Result, Stage3Error};
 /// How many times to try, and how long to wait in between (`Config::retry_policy` reads it
 /// from `STAGE3_MAX_RETRIES`, `STAGE3_RETRY_BASE_MS` and `STAGE3_RETRY_MAX_MS`).
 #[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Retries after the first attempt.
     pub max_retries: u32,
     pub base_delay: Duration,
@@ -35,7 +35,7 @@ impl RetryPolicy {
     /// Completion events (EventBridge entries and calls, webhook POSTs): 4 attempts, 200 ms
     /// doubling to at most 2 s. Events are a report, so this is short — the batch's answer
     /// must not wait long on them.
-    pub const EVENTS: RetryPolicy = RetryPolicy {
+    pub(crate) const EVENTS: RetryPolicy = RetryPolicy {
         max_retries: 3,
         base_delay: Duration::from_millis(200),
         max_delay: Duration::from_secs(2),
@@ -73,7 +73,7 @@ impl RetryPolicy {
 
     /// The wait before retry number `retry` (1-based) when nobody asked for one: a
     /// uniformly random delay in `[0, min(max_delay, base × 2^(retry-1))]` ("full jitter").
-    pub fn backoff(&self, retry: u32) -> Duration {
+    pub(crate) fn backoff(&self, retry: u32) -> Duration {
         let exponent = retry.saturating_sub(1).min(30);
         let ceiling = self
             .base_delay
@@ -137,7 +137,7 @@ impl RetryPolicy {
     /// no more (retries spent, or the wait would outlast `deadline`); answers its last
     /// outcome. Every retry is logged, with `what` naming the call. Each attempt bounds its
     /// own time: nothing here cuts one short.
-    pub async fn run<T, F, Fut>(
+    pub(crate) async fn run<T, F, Fut>(
         &self,
         deadline: Deadline,
         what: &str,

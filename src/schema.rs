@@ -45,7 +45,7 @@ impl ImageSize {
     pub(crate) const ALL: [ImageSize; 3] =
         [ImageSize::Square, ImageSize::Landscape, ImageSize::Portrait];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ImageSize::Square => "1024x1024",
             ImageSize::Landscape => "1792x1024",
@@ -54,7 +54,7 @@ impl ImageSize {
     }
 
     /// The aspect ratio OpenRouter's models take in place of a pixel size (docs/design.md §3).
-    pub fn aspect_ratio(self) -> &'static str {
+    pub(crate) fn aspect_ratio(self) -> &'static str {
         match self {
             ImageSize::Square => "1:1",
             ImageSize::Landscape => "16:9",
@@ -103,7 +103,7 @@ pub enum ImageQuality {
 }
 
 impl ImageQuality {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ImageQuality::Standard => "standard",
             ImageQuality::Hd => "hd",
@@ -111,7 +111,7 @@ impl ImageQuality {
     }
 
     /// OpenRouter's `resolution` / `image_size` value (docs/design.md §3).
-    pub fn resolution(self) -> &'static str {
+    pub(crate) fn resolution(self) -> &'static str {
         match self {
             ImageQuality::Standard => "1K",
             ImageQuality::Hd => "2K",
@@ -202,7 +202,7 @@ impl GenerationRequest {
     /// Checks what can be checked without the configuration: a safe `scene_id`, a prompt
     /// with words in it, a sensible model override. The composed prompt's length is checked
     /// by the service, which knows the configured limit.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         validate_scene_id(&self.scene_id)?;
         if self.image_prompt.trim().is_empty() {
             return Err(Stage3Error::invalid_request(
@@ -441,7 +441,7 @@ pub enum CharacterMode {
 }
 
 impl CharacterMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CharacterMode::Off => "off",
             CharacterMode::FirstAppearance => "first-appearance",
@@ -606,7 +606,7 @@ pub struct SceneFailure {
 pub(crate) const MAX_FAILURE_MESSAGE_CHARS: usize = 2000;
 
 impl SceneFailure {
-    pub fn new(scene_id: impl Into<String>, error: &Stage3Error) -> Self {
+    pub(crate) fn new(scene_id: impl Into<String>, error: &Stage3Error) -> Self {
         SceneFailure {
             scene_id: scene_id.into(),
             error_type: error.error_type(),
@@ -662,7 +662,7 @@ pub struct BatchAnswer {
     /// `characters/...` id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub characters: Vec<Stage3Output>,
-    /// Counts and money, derived from the two lists (see [`BatchAnswer::summarize`]).
+    /// Counts and money, derived from the two lists (see `BatchAnswer::summarize`).
     #[serde(default)]
     pub summary: BatchSummary,
     /// With a `story_id`: `story_id`, `manifest_url`/`manifest_path`,
@@ -697,7 +697,7 @@ impl BatchAnswer {
     }
 
     /// Recomputes [`BatchAnswer::summary`] from the lists, keeping the estimate.
-    pub fn summarize(&mut self) {
+    pub(crate) fn summarize(&mut self) {
         let from_cache = self.results.iter().filter(|r| r.from_cache).count();
         // A sheet's cost is the batch's too, though it is not a scene.
         let cost_usd = self
@@ -756,7 +756,7 @@ impl Submission {
     }
 
     /// The batch's cast; a single request has none.
-    pub fn cast(&self) -> Option<&Cast> {
+    pub(crate) fn cast(&self) -> Option<&Cast> {
         match self {
             Submission::Single(_) => None,
             Submission::Batch(_, cast) | Submission::Story { cast, .. } => Some(cast),
@@ -778,7 +778,7 @@ impl Submission {
     }
 
     /// The `story_id` of a story batch.
-    pub fn story_id(&self) -> Option<&str> {
+    pub(crate) fn story_id(&self) -> Option<&str> {
         match self {
             Submission::Story { story_id, .. } => Some(story_id),
             _ => None,

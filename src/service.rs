@@ -65,13 +65,13 @@ pub struct RunOptions {
     /// Regenerate even when a stored result matches; `None` uses `STAGE3_FORCE`.
     pub force: Option<bool>,
     /// Stops the batch from starting provider calls (a 401 or 402, the budget, Ctrl-C).
-    /// [`Stage3Service::run_scenes`] makes one per batch when none is given; give one to
+    /// `Stage3Service::run_scenes` makes one per batch when none is given; give one to
     /// stop the batch from outside (`stop.stop(Stage3Error::Cancelled(..))`).
     pub stop: Option<BatchStop>,
 }
 
 /// Every scene of a batch checked and priced before any call (see
-/// [`Stage3Service::plan_batch`]).
+/// `Stage3Service::plan_batch`).
 #[derive(Debug, Clone)]
 pub struct BatchPlan {
     /// Each scene's plan, in input order; an `Err` is why the scene cannot be served.
@@ -105,7 +105,7 @@ impl BatchPlan {
 /// price and no provider call, so a batch whose every scene is stored makes no provider
 /// request at all.
 #[derive(Debug, Default)]
-pub struct CacheLookup {
+pub(crate) struct CacheLookup {
     found: Vec<Found>,
 }
 
@@ -145,7 +145,7 @@ pub struct PreparedScene {
     /// What to draw, resolved once; every later step borrows it.
     pub spec: ImageSpec,
     pub request_hash: String,
-    pub keys: ResultKeys,
+    pub(crate) keys: ResultKeys,
     /// With a character mode: the characters' references this scene is sent, recorded in
     /// `generation_params.references` (see `crate::cast`). Empty otherwise.
     pub references: Vec<ReferenceUsed>,
@@ -154,7 +154,11 @@ pub struct PreparedScene {
 impl PreparedScene {
     /// Validates `request` and derives everything a run needs, for `providers` under
     /// `config`.
-    pub fn new(request: GenerationRequest, config: &Config, providers: &Providers) -> Result<Self> {
+    pub(crate) fn new(
+        request: GenerationRequest,
+        config: &Config,
+        providers: &Providers,
+    ) -> Result<Self> {
         let request = request.cleaned();
         let spec = ImageSpec::new(
             &request,
@@ -176,7 +180,7 @@ impl PreparedScene {
         })
     }
 
-    pub fn scene_id(&self) -> &str {
+    pub(crate) fn scene_id(&self) -> &str {
         &self.request.scene_id
     }
 }
@@ -321,7 +325,8 @@ impl Stage3Service {
     }
 
     /// The same service with another claim lease (tests shorten it to watch renewals).
-    pub fn with_claim_timing(mut self, timing: ClaimTiming) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_claim_timing(mut self, timing: ClaimTiming) -> Self {
         self.claim_timing = timing;
         self
     }
@@ -331,12 +336,12 @@ impl Stage3Service {
     }
 
     /// How answers point at stored objects (CDN, signed, presigned).
-    pub fn urls(&self) -> &UrlPolicy {
+    pub(crate) fn urls(&self) -> &UrlPolicy {
         &self.urls
     }
 
     /// The store images go to (story manifests and pages go beside them).
-    pub fn store(&self) -> &dyn ObjectStore {
+    pub(crate) fn store(&self) -> &dyn ObjectStore {
         self.store.as_ref()
     }
 
@@ -346,7 +351,7 @@ impl Stage3Service {
     }
 
     /// Validates a request and derives its prompt, options, hash and keys. Costs nothing.
-    pub fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
+    pub(crate) fn prepare(&self, request: GenerationRequest) -> Result<PreparedScene> {
         PreparedScene::new(request, &self.config, &self.providers)
     }
 
@@ -369,7 +374,7 @@ impl Stage3Service {
     /// provider has no key (`config`), the scene is refused. If it is unknown or gone, the
     /// fallbacks serve, with a warning, or the scene fails `model_unavailable` naming what
     /// was tried. A fallback that cannot serve is left out, with a warning.
-    pub async fn plan_scene(&self, scene: &PreparedScene) -> Result<Plan> {
+    pub(crate) async fn plan_scene(&self, scene: &PreparedScene) -> Result<Plan> {
         self.plan_spec(&scene.spec)
             .instrument(tracing::info_span!("plan", scene_id = %scene.scene_id()))
             .await
@@ -511,7 +516,7 @@ impl Stage3Service {
     /// Plans a batch and refuses it whole when a scene asks what its model cannot do
     /// (`invalid_request`, naming the scene) or the estimate passes the budget
     /// (`budget_exceeded`). Nothing is spent either way.
-    pub async fn check_batch(&self, scenes: &[PreparedScene]) -> Result<BatchPlan> {
+    pub(crate) async fn check_batch(&self, scenes: &[PreparedScene]) -> Result<BatchPlan> {
         self.check_batch_with(scenes, &CacheLookup::default()).await
     }
 
@@ -537,7 +542,11 @@ impl Stage3Service {
 
     /// The seed's `generate_all_images`, concurrently: invalid requests are reported as
     /// failures without any provider call; the rest run with `STAGE3_CONCURRENCY` in flight.
-    pub async fn generate_all_images(&self, requests: Vec<GenerationRequest>) -> BatchAnswer {
+    #[cfg(test)]
+    pub(crate) async fn generate_all_images(
+        &self,
+        requests: Vec<GenerationRequest>,
+    ) -> BatchAnswer {
         let mut rejected = Vec::new();
         let mut prepared = Vec::new();
         for request in requests {
@@ -558,10 +567,10 @@ impl Stage3Service {
     /// Runs prepared scenes with bounded concurrency and answers the batch. Results and
     /// failures keep the input order; one scene's failure never stops the others.
     ///
-    /// The batch is planned first (see [`Stage3Service::plan_batch`]): its estimate goes in
+    /// The batch is planned first (see `Stage3Service::plan_batch`): its estimate goes in
     /// the summary, and a batch estimated above `STAGE3_MAX_COST_USD` makes no call — every
     /// scene fails `budget_exceeded`. Callers that can refuse a batch whole (the CLI's exit
-    /// 2, a Lambda error) call [`Stage3Service::check_batch`] first.
+    /// 2, a Lambda error) call `Stage3Service::check_batch` first.
     pub async fn run_batch(
         &self,
         scenes: Vec<PreparedScene>,
@@ -620,7 +629,8 @@ impl Stage3Service {
     /// instead of waiting out that CPU and storage work (a whole wave's worth, when the
     /// provider answers a wave together). Up to as many scenes again are in that second
     /// phase, or in their cache lookup, which bounds the images held in memory.
-    pub async fn run_scenes(
+    #[cfg(test)]
+    pub(crate) async fn run_scenes(
         &self,
         scenes: &[PreparedScene],
         options: &RunOptions,
@@ -632,7 +642,11 @@ impl Stage3Service {
 
     /// Looks every scene up in the store (identical scenes once), before anything is
     /// planned or called. With `force`, nothing is looked up.
-    pub async fn look_up(&self, scenes: &[PreparedScene], options: &RunOptions) -> CacheLookup {
+    pub(crate) async fn look_up(
+        &self,
+        scenes: &[PreparedScene],
+        options: &RunOptions,
+    ) -> CacheLookup {
         if options.force.unwrap_or(self.config.force) {
             return CacheLookup {
                 found: vec![Found::Miss; scenes.len()],
@@ -729,7 +743,7 @@ impl Stage3Service {
     /// scene alone, as `internal`, instead of unwinding through the batch: in a Lambda
     /// invocation it would otherwise lose every healthy scene's answer with it, on every
     /// redelivery. A claim the scene held lapses by itself.
-    pub async fn run_scene(
+    pub(crate) async fn run_scene(
         &self,
         scene: &PreparedScene,
         options: &RunOptions,

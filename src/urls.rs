@@ -32,7 +32,7 @@ pub enum UrlPolicy {
 
 impl UrlPolicy {
     /// The URL for `key` as readers should use it now.
-    pub async fn url(&self, store: &dyn ObjectStore, key: &str) -> Result<Option<String>> {
+    pub(crate) async fn url(&self, store: &dyn ObjectStore, key: &str) -> Result<Option<String>> {
         match self {
             UrlPolicy::Cdn { base, signer } => {
                 let url = format!("{base}/{}", encode_path(&store.public_key(key)));
@@ -64,7 +64,7 @@ impl std::fmt::Debug for QiniuSigner {
 }
 
 impl QiniuSigner {
-    pub fn new(key: Secret, ttl: Duration) -> Self {
+    pub(crate) fn new(key: Secret, ttl: Duration) -> Self {
         QiniuSigner { key, ttl }
     }
 
@@ -80,7 +80,7 @@ impl QiniuSigner {
 
     /// `url` (whose path is already percent-encoded) signed to expire at `expires` (Unix
     /// seconds). An existing query string is kept; `sign` and `t` come last, sign first.
-    pub fn sign(&self, url: &str, expires: u64) -> String {
+    pub(crate) fn sign(&self, url: &str, expires: u64) -> String {
         let t = format!("{expires:x}");
         let path = url_path(url);
         let digest = Md5::digest(format!("{}{path}{t}", self.key.expose()).as_bytes());

@@ -103,7 +103,7 @@ pub(crate) fn request_hash_with_characters(
 
 /// The mutable objects of one request: its record, and the claim of a worker generating it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResultKeys {
+pub(crate) struct ResultKeys {
     pub record: String,
     pub claim: String,
     /// Where images lived before keys were content-addressed; still read, never written.
@@ -116,7 +116,7 @@ impl ResultKeys {
         self.record.trim_end_matches(".json")
     }
 
-    pub fn new(scene_id: &str, request_hash: &str) -> Self {
+    pub(crate) fn new(scene_id: &str, request_hash: &str) -> Self {
         let stem = format!("{scene_id}-{}", short_hash(request_hash));
         ResultKeys {
             record: format!("{stem}.json"),
@@ -332,7 +332,7 @@ pub(crate) async fn save_record(
 /// length has no useful bound (fallback models, Retry-After pauses, waits for a permit),
 /// and a short lease lets a dead worker's scene be taken over within minutes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClaimTiming {
+pub(crate) struct ClaimTiming {
     pub ttl: Duration,
     pub renew_every: Duration,
 }

@@ -31,7 +31,7 @@ pub(crate) const MAX_SCENE_IDS_BYTES: usize = 1000;
 
 /// Why a message is dead: what its attributes say.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     pub error_type: ErrorType,
     pub error_message: String,
     /// The failed scenes, comma-separated; empty when the body named none.
@@ -65,29 +65,22 @@ impl DeadLetterQueue {
         DeadLetterQueue::new(aws.sqs_client(queue_url).await, queue_url)
     }
 
-    /// Short timeouts and the SDK's standard retries (3 attempts): a failed send costs
-    /// only a redelivery, but a send that works saves many provider calls. The same set-up
-    /// as every SQS client of the crate ([`crate::aws::configure_sqs`]).
-    pub fn configure(builder: aws_sdk_sqs::config::Builder) -> aws_sdk_sqs::config::Builder {
-        crate::aws::configure_sqs(builder)
-    }
-
-    /// A queue over an existing client (tests, embedding).
-    pub fn new(client: Client, queue_url: &str) -> Self {
+    /// A queue over an existing client (and the tests' endpoint).
+    pub(crate) fn new(client: Client, queue_url: &str) -> Self {
         DeadLetterQueue {
             client,
             queue_url: queue_url.to_string(),
         }
     }
 
-    pub fn queue_url(&self) -> &str {
+    pub(crate) fn queue_url(&self) -> &str {
         &self.queue_url
     }
 
     /// Sends `body` unchanged, with `letter` as message attributes. `message_id` is the
     /// original message's id (a FIFO queue's deduplication id). The error names the
     /// operation and queue, never credentials.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         message_id: &str,
         body: &str,

@@ -38,7 +38,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest one `PutEvents` call may take.
 pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An [`EventSink`] over one EventBridge bus.
+/// An `EventSink` over one EventBridge bus.
 #[derive(Clone)]
 pub struct EventBridgeSink {
     client: Client,
@@ -72,9 +72,9 @@ impl EventBridgeSink {
     }
 
     /// Applies the Stage 3 client settings: short timeouts and a single SDK attempt (this
-    /// sink retries itself, entry by entry). Public so tests that bring their own endpoint
-    /// and credentials get the production behaviour.
-    pub fn configure(
+    /// sink retries itself, entry by entry). The tests, which bring their own endpoint and
+    /// credentials, apply it too, so they get the production behaviour.
+    pub(crate) fn configure(
         builder: aws_sdk_eventbridge::config::Builder,
     ) -> aws_sdk_eventbridge::config::Builder {
         builder
@@ -87,20 +87,13 @@ impl EventBridgeSink {
             .retry_config(RetryConfig::standard().with_max_attempts(1))
     }
 
-    /// A sink over an existing client (tests, embedding).
-    pub fn new(client: Client, bus: &str) -> Self {
+    /// A sink over an existing client (and the tests' endpoint).
+    pub(crate) fn new(client: Client, bus: &str) -> Self {
         EventBridgeSink {
             client,
             bus: bus.to_string(),
             retry: RetryPolicy::EVENTS,
         }
-    }
-
-    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
-    /// failures are retried stays this sink's own judgement.
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     fn entry(&self, event: &Event) -> PutEventsRequestEntry {
@@ -238,6 +231,16 @@ pub(crate) fn entry_size(event: &Event) -> usize {
 /// size must be at most [`MAX_BYTES_PER_CALL`].
 pub(crate) fn plan_chunks(sizes: &[usize]) -> Vec<Range<usize>> {
     crate::aws::plan_batches(sizes, MAX_ENTRIES_PER_CALL, MAX_BYTES_PER_CALL)
+}
+
+#[cfg(test)]
+impl EventBridgeSink {
+    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
+    /// failures are retried stays this sink's own judgement.
+    pub(crate) fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
 }
 
 #[cfg(test)]

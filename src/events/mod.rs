@@ -12,15 +12,15 @@
 //! | a scene failed | `Stage3 Scene Failed` | `scene.failed` | `{scene_id, error_type, message}` |
 //! | a batch ended | `Stage3 Batch Done` | `batch.done` | `{summary, story_id?, manifest?, gallery?}` |
 //!
-//! and fans them out to every configured [`EventSink`]: EventBridge ([`eventbridge`]) and a
-//! signed webhook ([`webhook`]). Events are a report, never part of the work: a sink that
-//! cannot deliver retries a few times ([`crate::retry::RetryPolicy::EVENTS`] unless told
+//! and fans them out to every configured `EventSink`: EventBridge (`eventbridge`) and a
+//! signed webhook (`webhook`). Events are a report, never part of the work: a sink that
+//! cannot deliver retries a few times (`crate::retry::RetryPolicy::EVENTS` unless told
 //! otherwise), then logs and counts what it lost, and a stored scene stays stored whatever
 //! happens to its event.
 //!
 //! Publishing has one time budget, so a receiver that accepts connections and never answers
 //! cannot hold the run: the Lambda function's is its invocation deadline, the CLI's is
-//! [`cli_budget`] (`STAGE3_EVENTS_TIMEOUT_SECS`), spent by every sink and every retry
+//! `cli_budget` (`STAGE3_EVENTS_TIMEOUT_SECS`), spent by every sink and every retry
 //! together.
 //!
 //! [`dead_letter`] is the other outlet: SQS messages that failed for good go straight to
@@ -34,7 +34,9 @@ mod webhook;
 
 pub use eventbridge::EventBridgeSink;
 pub use settings::{EventSettings, WebhookSettings};
-pub use webhook::{WebhookSink, REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+pub(crate) use webhook::WebhookSink;
+// What a webhook receiver checks: the signature and timestamp headers, and the window.
+pub use webhook::{REPLAY_WINDOW, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,7 +80,7 @@ pub(crate) fn cli_budget(lookup: impl Fn(&str) -> Option<String>) -> Result<Dura
 
 /// What an event announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     SceneReady,
     SceneFailed,
     BatchDone,
@@ -86,7 +88,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The EventBridge `detail-type`.
-    pub fn detail_type(self) -> &'static str {
+    pub(crate) fn detail_type(self) -> &'static str {
         match self {
             EventKind::SceneReady => "Stage3 Scene Ready",
             EventKind::SceneFailed => "Stage3 Scene Failed",
@@ -106,7 +108,7 @@ impl EventKind {
 
 /// One event: its kind and its data, serialised once and shared by every sink.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub(crate) struct Event {
     pub kind: EventKind,
     /// The JSON of the data: EventBridge's `detail`, the webhook body's `data`.
     pub data: String,
@@ -137,7 +139,7 @@ impl Event {
 /// The story a batch illustrated, when its envelope named one (`"story_id"`), with where
 /// its manifest and storyboard page were stored. Carried by `Stage3 Batch Done`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct StoryRef {
+pub(crate) struct StoryRef {
     pub story_id: String,
     /// `stories/{story_id}/manifest.json`: its URL, or its path on the filesystem store.
     #[serde(rename = "manifest", skip_serializing_if = "Option::is_none")]
@@ -167,7 +169,7 @@ struct BatchDone<'a> {
 
 /// The events of a finished batch, in the order they are published: one `Scene Ready` per
 /// result, one `Scene Failed` per failure, then `Batch Done`.
-pub fn batch_events(answer: &BatchAnswer, story: Option<&StoryRef>) -> Vec<Event> {
+pub(crate) fn batch_events(answer: &BatchAnswer, story: Option<&StoryRef>) -> Vec<Event> {
     let mut events = Vec::with_capacity(answer.results.len() + answer.failures.len() + 1);
     events.extend(answer.results.iter().map(Event::scene_ready));
     events.extend(answer.failures.iter().map(Event::scene_failed));
@@ -178,7 +180,7 @@ pub fn batch_events(answer: &BatchAnswer, story: Option<&StoryRef>) -> Vec<Event
 /// Somewhere events go. A sink makes its own retries and never fails: it answers how many
 /// of the events it could not deliver, having logged why.
 #[async_trait]
-pub trait EventSink: Send + Sync + std::fmt::Debug {
+pub(crate) trait EventSink: Send + Sync + std::fmt::Debug {
     /// A short name for logs and reports: `eventbridge`, `webhook`.
     fn name(&self) -> &'static str;
 
@@ -207,8 +209,8 @@ pub struct EventPublisher {
 }
 
 impl EventPublisher {
-    /// A publisher over explicit sinks (tests, embedding).
-    pub fn new(sinks: Vec<Arc<dyn EventSink>>) -> Self {
+    /// A publisher over explicit sinks (and the tests' stand-ins).
+    pub(crate) fn new(sinks: Vec<Arc<dyn EventSink>>) -> Self {
         EventPublisher {
             sinks,
             lost_total: Arc::default(),
@@ -216,21 +218,22 @@ impl EventPublisher {
     }
 
     /// No sinks: publishing does nothing.
-    pub fn disabled() -> Self {
+    #[cfg(test)]
+    pub(crate) fn disabled() -> Self {
         EventPublisher::default()
     }
 
     /// The sinks `settings` names (`STAGE3_EVENT_BUS`, `STAGE3_WEBHOOK_URL`): their
     /// clients are built here, once, without any network call. The EventBridge client
     /// starts from `aws`, which is loaded only if a bus is named.
-    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
+    pub(crate) async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
         let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
         if let Some(bus) = &settings.event_bus {
             let sink = eventbridge::EventBridgeSink::from_aws(bus, aws).await;
             sinks.push(Arc::new(sink));
         }
         if let Some(webhook) = &settings.webhook {
-            sinks.push(Arc::new(webhook::WebhookSink::new(webhook)?));
+            sinks.push(Arc::new(WebhookSink::new(webhook)?));
         }
         Ok(EventPublisher::new(sinks))
     }
@@ -240,13 +243,13 @@ impl EventPublisher {
     }
 
     /// Events lost since this publisher was built.
-    pub fn lost_total(&self) -> u64 {
+    pub(crate) fn lost_total(&self) -> u64 {
         self.lost_total.load(Ordering::Relaxed)
     }
 
     /// Publishes a finished batch: a `Scene Ready` per result, a `Scene Failed` per
     /// failure, one `Batch Done` with the summary and, when given, the story.
-    pub async fn publish_batch(
+    pub(crate) async fn publish_batch(
         &self,
         answer: &BatchAnswer,
         story: Option<&StoryRef>,
@@ -260,7 +263,7 @@ impl EventPublisher {
 
     /// Hands `events` to every sink at once and waits for all of them (each bounded by
     /// its own timeouts and by `deadline`).
-    pub async fn publish(&self, events: &[Event], deadline: Deadline) -> EventReport {
+    pub(crate) async fn publish(&self, events: &[Event], deadline: Deadline) -> EventReport {
         if events.is_empty() || !self.is_enabled() {
             return EventReport::default();
         }

@@ -82,7 +82,7 @@ pub(super) fn body(event: &Event) -> String {
 
 /// An [`EventSink`] POSTing to one URL.
 #[derive(Clone)]
-pub struct WebhookSink {
+pub(crate) struct WebhookSink {
     client: reqwest::Client,
     url: reqwest::Url,
     secret: Secret,
@@ -99,12 +99,12 @@ impl fmt::Debug for WebhookSink {
 
 impl WebhookSink {
     /// Builds the HTTP client. Makes no network call.
-    pub fn new(settings: &WebhookSettings) -> Result<Self> {
+    pub(crate) fn new(settings: &WebhookSettings) -> Result<Self> {
         Self::with_timeouts(settings, REQUEST_TIMEOUT, CONNECT_TIMEOUT)
     }
 
     /// The same with other timeouts (tests).
-    pub fn with_timeouts(
+    pub(crate) fn with_timeouts(
         settings: &WebhookSettings,
         request_timeout: Duration,
         connect_timeout: Duration,
@@ -125,13 +125,6 @@ impl WebhookSink {
             secret: settings.secret.clone(),
             retry: RetryPolicy::EVENTS,
         })
-    }
-
-    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
-    /// answers are retried stays this sink's own judgement.
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     /// `scheme://host:port` of the URL: what logs may show of it.
@@ -220,6 +213,16 @@ impl EventSink for WebhookSink {
             }
         }
         lost
+    }
+}
+
+#[cfg(test)]
+impl WebhookSink {
+    /// Retries timed by `retry` rather than [`RetryPolicy::EVENTS`] (tests). Which
+    /// answers are retried stays this sink's own judgement.
+    pub(crate) fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 }
 

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 /// The size an answer is trimmed to: Lambda's limit for a synchronous answer (6 MiB) less
 /// room for the runtime's envelope.
-pub const ANSWER_BUDGET: usize = 5_500_000;
+pub(crate) const ANSWER_BUDGET: usize = 5_500_000;
 
 /// The request echoes a result can do without, under `generation_params`.
 const ECHOED_PARAMS: [&str; 3] = ["prompt", "negative_prompt", "reference_images"];

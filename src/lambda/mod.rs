@@ -11,7 +11,7 @@
 //!   them in the cache and pays nothing for them again.
 //! - **EventBridge** (`{"detail-type": .., "detail": ..}`): `detail` is handled as direct.
 //! - **Direct**: what [`parse_submission`] accepts. One request answers a `Stage3Output` or
-//!   fails with the stable `error_type`; a batch answers a [`BatchAnswer`], and an invalid
+//!   fails with the stable `error_type`; a batch answers a `BatchAnswer`, and an invalid
 //!   batch is rejected whole before anything is spent.
 //!
 //! After the work, [`Outlets`] publish events for what happened, send SQS messages that
@@ -34,7 +34,7 @@ use crate::error::{Result, Stage3Error};
 use crate::schema::{parse_submission, SceneFailure, Submission};
 use crate::service::{RunOptions, Stage3Service};
 
-pub mod answer_size;
+pub(crate) mod answer_size;
 mod outlets;
 mod sqs;
 
@@ -43,21 +43,21 @@ pub use outlets::{metrics_sink, LazyOutlets, Outlets};
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
 /// the runtime: an answer that misses the deadline is lost and the whole event retried.
-pub const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
+pub(crate) const DEADLINE_SAFETY_MARGIN: Duration = Duration::from_secs(2);
 
 /// The SQS `eventSource` of queue messages.
 const SQS_EVENT_SOURCE: &str = "aws:sqs";
 
 /// What kind of event a payload is, decided by [`classify`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     Sqs,
     EventBridge,
     Direct,
 }
 
 impl EventKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EventKind::Sqs => "sqs",
             EventKind::EventBridge => "eventbridge",
@@ -69,7 +69,7 @@ impl EventKind {
 /// Tells the event kinds apart. A `Records` array is a queue or notification event; only
 /// SQS records are accepted, and anything else (S3, SNS, DynamoDB streams) is refused by
 /// name instead of being misread as a request with unknown fields.
-pub fn classify(payload: &Value) -> Result<EventKind> {
+pub(crate) fn classify(payload: &Value) -> Result<EventKind> {
     let Value::Object(map) = payload else {
         return Ok(EventKind::Direct);
     };
@@ -110,7 +110,7 @@ const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
 /// The service's deadline for an invocation whose runtime deadline is `deadline_ms`
 /// (`Lambda-Runtime-Deadline-Ms`: epoch milliseconds on AWS, a duration from some local
 /// emulators), less [`DEADLINE_SAFETY_MARGIN`]. Zero means the runtime gave none.
-pub fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Deadline {
+pub(crate) fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Deadline {
     let left = match deadline_ms {
         0 => return Deadline::NONE,
         relative if relative < EARLIEST_EPOCH_DEADLINE_MS => Duration::from_millis(relative),
@@ -122,7 +122,7 @@ pub fn invocation_deadline(deadline_ms: u64, now: SystemTime) -> Deadline {
 }
 
 /// The Lambda error for a failure: its type is the stable `error_type`.
-pub fn diagnostic(error: &Stage3Error) -> Diagnostic {
+pub(crate) fn diagnostic(error: &Stage3Error) -> Diagnostic {
     Diagnostic {
         error_type: error.error_type().as_str().to_string(),
         error_message: error.to_string(),
@@ -135,14 +135,15 @@ pub fn diagnostic(error: &Stage3Error) -> Diagnostic {
 /// No span is opened here: `lambda_runtime::run` already wraps every invocation in a
 /// `Lambda runtime invoke` span carrying `requestId` (and `xrayTraceId`), so every log line
 /// of the invocation — the service's `scene` lines included — names its request.
-pub async fn handle_invocation(
+#[cfg(test)]
+pub(crate) async fn handle_invocation(
     service: &Stage3Service,
     event: LambdaEvent<Value>,
 ) -> std::result::Result<Value, Diagnostic> {
     handle_invocation_with(service, &Outlets::default(), event).await
 }
 
-/// [`handle_invocation_with`], the outlets built on the first invocation: what
+/// `handle_invocation_with`, the outlets built on the first invocation: what
 /// `stage3-lambda` runs.
 pub async fn handle_invocation_lazily(
     service: &Stage3Service,
@@ -175,12 +176,17 @@ pub(crate) async fn handle_invocation_with(
 /// Answers one event. `deadline` is when the answer must be ready (see
 /// [`invocation_deadline`]); scenes that cannot start before it are reported as
 /// `deadline_exceeded`.
-pub async fn handle(service: &Stage3Service, payload: Value, deadline: Deadline) -> Result<Value> {
+#[cfg(test)]
+pub(crate) async fn handle(
+    service: &Stage3Service,
+    payload: Value,
+    deadline: Deadline,
+) -> Result<Value> {
     handle_with(service, &Outlets::default(), payload, deadline).await
 }
 
 /// [`handle`], also publishing events and dead-lettering through `outlets`.
-pub async fn handle_with(
+pub(crate) async fn handle_with(
     service: &Stage3Service,
     outlets: &Outlets,
     payload: Value,

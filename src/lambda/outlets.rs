@@ -34,7 +34,7 @@ pub fn metrics_sink(format: Option<MetricsFormat>) -> MetricsSink {
 impl Outlets {
     /// Builds what `settings` names (clients only, no network call): once, at start-up.
     /// The AWS clients start from `aws`, loaded once for all of them.
-    pub async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
+    pub(crate) async fn from_settings(settings: &EventSettings, aws: &AwsConfig) -> Result<Self> {
         let dead_letter = match &settings.dead_letter_queue_url {
             Some(url) => Some(DeadLetterQueue::from_aws(url, aws).await),
             None => None,
@@ -76,12 +76,13 @@ impl LazyOutlets {
     }
 
     /// Whether the first invocation has built them yet.
-    pub fn is_built(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_built(&self) -> bool {
         self.built.initialized()
     }
 
     /// The outlets, built on the first call and shared by every later one.
-    pub async fn get(&self) -> Result<&Outlets> {
+    pub(crate) async fn get(&self) -> Result<&Outlets> {
         self.built
             .get_or_try_init(|| async {
                 let mut outlets = Outlets::from_settings(&self.settings, &self.aws).await?;

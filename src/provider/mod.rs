@@ -4,16 +4,16 @@
 //! provider does not retry, validate or store anything: the service owns the retry budget,
 //! the shared back-pressure and the deadline, so every provider gets them for free.
 //!
-//! - [`openrouter`]: OpenRouter's Image API and chat path, checked against its catalogue.
-//! - [`ark`]: Volcengine Ark (Doubao Seedream), for mainland China.
-//! - [`dashscope`]: Alibaba Model Studio (Qwen-Image), for mainland China.
-//! - [`placeholder`]: offline, free, deterministic drawings.
+//! - `openrouter`: OpenRouter's Image API and chat path, checked against its catalogue.
+//! - `ark`: Volcengine Ark (Doubao Seedream), for mainland China.
+//! - `dashscope`: Alibaba Model Studio (Qwen-Image), for mainland China.
+//! - `placeholder`: offline, free, deterministic drawings.
 //! - [`Providers`]: the providers one service may call, each built when a chain first
 //!   reaches it; a model is `PROVIDER:MODEL`, so one chain can cross providers.
 //!
 //! What the API providers share — the HTTP clients, bounded reads, safe image fetches —
-//! is [`http`] and [`fetch`]; what Ark and DashScope share, a model table in place of a
-//! catalogue, is [`table`].
+//! is `http` and `fetch`; what Ark and DashScope share, a model table in place of a
+//! catalogue, is `table`.
 
 mod ark;
 mod dashscope;
@@ -35,7 +35,7 @@ pub use listing::ModelListing;
 pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
 pub use registry::Providers;
-pub(crate) use settings::{
+pub use settings::{
     ApiSettings, ChatModalities, HttpSettings, OpenRouterApi, OpenRouterSettings, ProviderSettings,
 };
 
@@ -60,7 +60,7 @@ pub struct ImageRequest<'a> {
 
 impl ImageRequest<'_> {
     /// The full prompt, negatives folded in: what a provider without a negative-prompt
-    /// field sends (see [`ImageSpec::prompt_for`]).
+    /// field sends (see `ImageSpec::prompt_for`).
     pub fn prompt(&self) -> &str {
         &self.spec.prompt
     }
@@ -68,7 +68,7 @@ impl ImageRequest<'_> {
 
 /// How a scene will be generated, decided before any call.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// The models to try, in order: the asked-for one unless it is known to be gone, then
     /// the fallbacks that can serve the request, whichever provider each belongs to.
     /// Never empty.
@@ -76,7 +76,7 @@ pub struct Plan {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct PlannedModel {
+pub(crate) struct PlannedModel {
     pub model: ModelRef,
     /// The expected price of one image in USD, when the provider knows it.
     pub estimate_usd: Option<f64>,
@@ -110,7 +110,7 @@ pub struct ProviderIdentity {
 
 impl ProviderIdentity {
     /// The provider's name: `openrouter`, `ark`, `dashscope` or `placeholder`.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.kind.as_str()
     }
 }

@@ -62,7 +62,7 @@ impl Providers {
     }
 
     /// `provider` serves `kind` (a test's scripted provider, a program's own).
-    pub fn with(self, kind: ProviderKind, provider: Arc<dyn ImageProvider>) -> Self {
+    pub(crate) fn with(self, kind: ProviderKind, provider: Arc<dyn ImageProvider>) -> Self {
         let slot = OnceLock::new();
         let _ = slot.set(Ok(provider));
         let mut providers = self;
@@ -95,7 +95,7 @@ impl Providers {
 
     /// Who draws for `kind`, known without building it (the request hash needs it before
     /// any provider is built).
-    pub fn identity(&self, kind: ProviderKind) -> ProviderIdentity {
+    pub(crate) fn identity(&self, kind: ProviderKind) -> ProviderIdentity {
         match self.built[&kind].get() {
             Some(Ok(provider)) => provider.identity(),
             _ => ProviderIdentity {

@@ -18,7 +18,7 @@ pub enum OpenRouterApi {
 }
 
 impl OpenRouterApi {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OpenRouterApi::Images => "images",
             OpenRouterApi::Chat => "chat",
@@ -113,7 +113,7 @@ pub enum ChatModalities {
 }
 
 impl ChatModalities {
-    pub fn as_slice(self) -> &'static [&'static str] {
+    pub(crate) fn as_slice(self) -> &'static [&'static str] {
         match self {
             ChatModalities::ImageAndText => &["image", "text"],
             ChatModalities::ImageOnly => &["image"],

@@ -14,19 +14,18 @@ use bytes::Bytes;
 use super::{Created, Fetched, Listed, ObjectInfo, ObjectMeta, ObjectStore};
 use crate::error::Result;
 
-/// A stored object: its bytes, its metadata and when it was stored.
+/// A stored object: its bytes and when it was stored. Its metadata (content type, cache
+/// control) is an HTTP server's business, and nothing serves this store.
 #[derive(Debug)]
 struct Object {
     bytes: Bytes,
-    meta: ObjectMeta,
     stored_at: SystemTime,
 }
 
 impl Object {
-    fn new(bytes: Bytes, meta: ObjectMeta) -> Self {
+    fn new(bytes: Bytes) -> Self {
         Object {
             bytes,
-            meta,
             stored_at: SystemTime::now(),
         }
     }
@@ -40,16 +39,6 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         MemoryStore::default()
-    }
-
-    /// Every key stored, in order (for tests that check what a run left behind).
-    pub fn keys(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
-    }
-
-    /// The metadata an object was stored with.
-    pub fn meta(&self, key: &str) -> Option<ObjectMeta> {
-        self.lock().get(key).map(|object| object.meta)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Object>> {
@@ -70,20 +59,19 @@ fn info(bytes: &Bytes) -> ObjectInfo {
 
 #[async_trait]
 impl ObjectStore for MemoryStore {
-    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
+    async fn put(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<ObjectInfo> {
         let stored = info(&bytes);
-        self.lock()
-            .insert(key.to_string(), Object::new(bytes, meta));
+        self.lock().insert(key.to_string(), Object::new(bytes));
         Ok(stored)
     }
 
-    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
+    async fn put_new(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<Created> {
         let mut objects = self.lock();
         if objects.contains_key(key) {
             return Ok(Created::AlreadyExists);
         }
         let stored = info(&bytes);
-        objects.insert(key.to_string(), Object::new(bytes, meta));
+        objects.insert(key.to_string(), Object::new(bytes));
         Ok(Created::Created(stored))
     }
 

@@ -18,8 +18,7 @@ use bytes::Bytes;
 pub use fs::FsStore;
 pub use memory::MemoryStore;
 pub use s3::S3Store;
-pub use settings::S3Settings;
-pub(crate) use settings::{S3Credentials, StorageKind, StorageSettings};
+pub use settings::{S3Credentials, S3Settings, StorageKind, StorageSettings};
 
 use crate::aws::AwsConfig;
 use crate::error::{Result, Stage3Error};
@@ -36,11 +35,11 @@ pub struct ObjectMeta {
 }
 
 impl ObjectMeta {
-    pub const PNG: ObjectMeta = ObjectMeta {
+    pub(crate) const PNG: ObjectMeta = ObjectMeta {
         content_type: "image/png",
         cache_control: "public, max-age=31536000, immutable",
     };
-    pub const RECORD: ObjectMeta = ObjectMeta {
+    pub(crate) const RECORD: ObjectMeta = ObjectMeta {
         content_type: "application/json",
         cache_control: "no-cache",
     };
@@ -91,7 +90,7 @@ pub enum Fetched {
 
 impl Fetched {
     /// The bytes, treating an object over the limit as an error naming `location`.
-    pub fn into_bytes(self, location: &str, limit: u64) -> Result<Option<Bytes>> {
+    pub(crate) fn into_bytes(self, location: &str, limit: u64) -> Result<Option<Bytes>> {
         match self {
             Fetched::Missing => Ok(None),
             Fetched::TooLarge { size } => Err(too_large(location, size, limit)),

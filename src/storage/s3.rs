@@ -82,7 +82,7 @@ impl S3Store {
     /// Builds the client from `s3` on the shared AWS configuration, signing with the
     /// bucket's own keys when given, else with the standard AWS credential chain
     /// (environment variables, profile, the Lambda role). Call once, at start-up.
-    pub async fn from_settings(s3: &S3Settings, aws: &AwsConfig) -> Self {
+    pub(crate) async fn from_settings(s3: &S3Settings, aws: &AwsConfig) -> Self {
         let mut client_config = Self::configure(
             aws_sdk_s3::config::Builder::from(aws.sdk_config().await),
             s3,

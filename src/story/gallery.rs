@@ -23,7 +23,7 @@ use super::plan::{scene_views, SceneState, StoredPlan, StoryProgress};
 
 /// How a page links to the story's objects.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct PageLinks {
+pub struct PageLinks {
     /// The CDN origin (`https://img.example.com`) images may come from besides the page's
     /// own; none without a CDN.
     pub image_origin: Option<String>,

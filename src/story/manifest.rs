@@ -195,7 +195,7 @@ pub struct StoryScene {
 
 impl ManifestEntry {
     /// The entry of a stored image.
-    pub fn succeeded(scene: &StoryScene, output: &Stage3Output) -> Self {
+    pub(crate) fn succeeded(scene: &StoryScene, output: &Stage3Output) -> Self {
         let image_key = key_of_location(&output.image_path);
         let thumbnail_key = output
             .thumbnail_path

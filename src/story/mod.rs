@@ -1,9 +1,9 @@
 //! Stories: a batch that names a `story_id` also publishes the story's manifest and
 //! storyboard page beside its images (docs/design.md §2).
 //!
-//! - [`manifest`]: the manifest format, the checks on every entry read, and the merge.
-//! - [`gallery`]: the storyboard page (`index.html`), self-contained static HTML.
-//! - [`thumbnail`]: the small PNG stored for every image, which keeps the page light.
+//! - `manifest`: the manifest format, the checks on every entry read, and the merge.
+//! - `gallery`: the storyboard page (`index.html`), self-contained static HTML.
+//! - `thumbnail`: the small PNG stored for every image, which keeps the page light.
 //!
 //! ## Why concurrent batches lose nothing
 //!
@@ -15,7 +15,7 @@
 //!    (a key no other batch picks).
 //! 2. A **round**: it LISTs the fragments with the store's times, GETs `manifest.json` as the
 //!    base (checked like a fragment; it records for each entry the fragment and store time
-//!    it came from), merges base and fragments ([`manifest::Merge`]), and PUTs the
+//!    it came from), merges base and fragments (`manifest::Merge`), and PUTs the
 //!    manifest, then the page. The merge depends only on what it reads.
 //! 3. It LISTs again. If a fragment appeared that it did not see, it goes back to 2.
 //!
@@ -32,7 +32,7 @@
 //! ## Why compaction loses nothing either
 //!
 //! Fragments would pile up (every batch would read them all), so once merged they are
-//! deleted — with no conditional writes, only under two rules ([`PublishSettings`]):
+//! deleted — with no conditional writes, only under two rules (`PublishSettings`):
 //!
 //! - **A slow round writes nothing.** A round that has run longer than `round_limit`
 //!   (T_MAX, 2 minutes) since its first LIST does not PUT the manifest; it starts over.
@@ -58,7 +58,7 @@
 //!
 //! Counted this way, a story holds only the fragments of the last `grace`, and a batch reads
 //! the manifest plus those. Every read is bounded: fragments larger than
-//! [`MAX_FRAGMENT_BYTES`] are skipped unread, documents are parsed entry by entry, and the
+//! `MAX_FRAGMENT_BYTES` are skipped unread, documents are parsed entry by entry, and the
 //! story keeps at most [`manifest::MAX_STORY_SCENES`] scenes.
 
 mod cast;
@@ -76,14 +76,15 @@ use futures::stream::{self, StreamExt};
 
 pub(crate) use cast::put_cast;
 pub use cast::CastMember;
-pub(crate) use gallery::PageLinks;
-pub use manifest::MAX_STORY_SCENES;
-pub use manifest::{Manifest, ManifestEntry, SceneStatus, StoryScene};
-pub(crate) use manifest::{SceneEntry, MANIFEST_FORMAT};
-pub use plan::StoryProgress;
+pub use gallery::PageLinks;
+pub(crate) use manifest::MANIFEST_FORMAT;
+pub use manifest::{
+    Manifest, ManifestEntry, SceneEntry, SceneStatus, StoryScene, StoryTotals, MAX_STORY_SCENES,
+};
 pub(crate) use plan::{read_plan, StoredPlan};
 #[cfg(feature = "sqs")]
 pub(crate) use plan::{write_plan, StoryPlan};
+pub use plan::{FailedScene, StoryProgress};
 pub use thumbnail::thumbnail_key;
 pub(crate) use thumbnail::{
     encode_thumbnail, make_thumbnail, put_thumbnail, store_thumbnail, THUMBNAIL_MAX_SIDE,
@@ -92,7 +93,7 @@ pub(crate) use thumbnail::{
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::retry::RetryPolicy;
-use crate::schema::{validate_story_id, BatchAnswer, Stage3Output, StoryError, StoryLinks};
+use crate::schema::{validate_story_id, BatchAnswer, StoryError, StoryLinks};
 use crate::storage::{Fetched, ObjectMeta, ObjectStore};
 use crate::urls::UrlPolicy;
 use manifest::{
@@ -130,7 +131,7 @@ const FRAGMENT_ENVELOPE_BYTES: usize = 1024;
 /// The timing of publishing rounds and of compaction (see the module notes). The defaults
 /// are what the service uses; tests shorten them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublishSettings {
+pub(crate) struct PublishSettings {
     /// T_MAX: a round that has run longer than this since its first LIST writes nothing
     /// and starts over.
     pub round_limit: Duration,
@@ -157,17 +158,17 @@ impl Default for PublishSettings {
 }
 
 /// `stories/{story_id}/manifest.json`.
-pub fn manifest_key(story_id: &str) -> String {
+pub(crate) fn manifest_key(story_id: &str) -> String {
     format!("stories/{story_id}/manifest.json")
 }
 
 /// `stories/{story_id}/index.html`.
-pub fn gallery_key(story_id: &str) -> String {
+pub(crate) fn gallery_key(story_id: &str) -> String {
     format!("stories/{story_id}/index.html")
 }
 
 /// Where a story's batch fragments live.
-pub fn fragments_prefix(story_id: &str) -> String {
+pub(crate) fn fragments_prefix(story_id: &str) -> String {
     format!("stories/{story_id}/batches/")
 }
 
@@ -193,9 +194,10 @@ pub(crate) fn entries_from_answer(
 
 /// The manifest entries of scenes and their outcomes, as [`crate::service::Stage3Service::run_scenes`]
 /// returns them (one outcome per scene, same order).
+#[cfg(feature = "lambda")]
 pub(crate) fn entries_from_outcomes(
     scenes: &[StoryScene],
-    outcomes: &[std::result::Result<Stage3Output, Stage3Error>],
+    outcomes: &[std::result::Result<crate::schema::Stage3Output, Stage3Error>],
 ) -> Vec<ManifestEntry> {
     let mut seen = HashSet::new();
     scenes
@@ -261,7 +263,7 @@ pub async fn publish_story(
 }
 
 /// [`publish_story`] with the rounds and compaction timed by `settings`.
-pub async fn publish_story_with(
+pub(crate) async fn publish_story_with(
     store: &dyn ObjectStore,
     urls: &UrlPolicy,
     story_id: &str,

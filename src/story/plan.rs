@@ -15,7 +15,6 @@
 //! document from a shared store: bounded, of this story, every id a valid scene id.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::SystemTime;
 
 #[cfg(any(feature = "sqs", test))]
 use bytes::Bytes;
@@ -42,7 +41,7 @@ pub(crate) fn plan_key(story_id: &str) -> String {
 
 /// What a submission put on the queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoryPlan {
+pub(crate) struct StoryPlan {
     pub format: u32,
     pub story_id: String,
     /// When it was submitted, by the submitter's clock (RFC 3339 UTC): for people. Pending
@@ -57,7 +56,8 @@ pub struct StoryPlan {
 impl StoryPlan {
     /// The plan of `scene_ids` (an id given twice is kept once, where it first came),
     /// submitted `at`.
-    pub fn new(story_id: &str, scene_ids: Vec<String>, at: SystemTime) -> Self {
+    #[cfg(any(feature = "sqs", test))]
+    pub(crate) fn new(story_id: &str, scene_ids: Vec<String>, at: std::time::SystemTime) -> Self {
         let mut seen = HashSet::new();
         let scene_ids: Vec<String> = scene_ids
             .into_iter()
@@ -109,7 +109,7 @@ impl StoryPlan {
 
 /// A plan as stored, with the store's time of `plan.json` (milliseconds since the epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredPlan {
+pub(crate) struct StoredPlan {
     pub plan: StoryPlan,
     pub at_ms: u64,
 }
@@ -326,7 +326,7 @@ pub struct StoryProgress {
 
 impl StoryProgress {
     /// Counts `views` of the story `manifest` (with its `plan`, if any).
-    pub fn of(manifest: &Manifest, plan: Option<&StoredPlan>) -> Self {
+    pub(crate) fn of(manifest: &Manifest, plan: Option<&StoredPlan>) -> Self {
         let views = scene_views(manifest, plan);
         let mut progress = StoryProgress {
             story_id: manifest.story_id.clone(),
@@ -433,6 +433,7 @@ impl std::fmt::Display for StoryProgress {
 mod tests {
     use super::*;
     use crate::story::manifest::{Checked, ManifestEntry, Merge, StoryScene};
+    use std::time::SystemTime;
 
     fn scene(id: &str) -> StoryScene {
         StoryScene {

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::config::TestConfig;
-use crate::support::gated_store::GatedStore;
-use crate::support::s3_server::S3Target;
-use crate::support::scripted_provider::{Answer, ScriptedProvider};
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::gated_store::GatedStore;
+use crate::suite::support::s3_server::S3Target;
+use crate::suite::support::scripted_provider::{Answer, ScriptedProvider};
 use serde_json::Value;
+use stage3::cache::ClaimTiming;
 use stage3::storage::{FsStore, ObjectStore};
-use stage3::ClaimTiming;
 use stage3::Deadline;
 use stage3::ErrorType;
 use stage3::{GenerationRequest, Stage2Output};

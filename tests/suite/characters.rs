@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::config::TestConfig;
-use crate::support::noisy_png;
-use crate::support::scripted_openrouter::{
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::noisy_png;
+use crate::suite::support::scripted_openrouter::{
     Catalogue, CatalogueModel, Received, Reply, ScriptedOpenRouter,
 };
 use serde_json::{json, Value};
@@ -367,7 +367,7 @@ async fn the_cli_draws_sheets_first_and_the_storyboard_shows_the_cast() {
     let run = |mode: &'static str| {
         let (work, input, out) = (work.path().to_path_buf(), input.clone(), out.clone());
         tokio::task::spawn_blocking(move || {
-            crate::support::stage3_command(&work)
+            crate::suite::support::stage3_command(&work)
                 .env("STAGE3_PROVIDER", "placeholder")
                 .args(["generate", input.to_str().unwrap(), "--out"])
                 .arg(&out)
@@ -410,7 +410,7 @@ async fn the_cli_draws_sheets_first_and_the_storyboard_shows_the_cast() {
     std::fs::remove_file(&page).unwrap();
     let story_dir = out.join("stories/winter");
     let rebuilt = tokio::task::spawn_blocking(move || {
-        crate::support::stage3_command(&story_dir)
+        crate::suite::support::stage3_command(&story_dir)
             .args(["gallery", "."])
             .output()
             .unwrap()
@@ -443,9 +443,9 @@ async fn the_cli_draws_sheets_first_and_the_storyboard_shows_the_cast() {
         let p4 = answer["results"][3]["image_path"].as_str().unwrap();
         std::fs::copy(p4, keep.join("page-p4.png")).unwrap();
     }
-    if let Some(chromium) = crate::story::chromium("the_cli_draws_sheets_first") {
+    if let Some(chromium) = crate::suite::story::chromium("the_cli_draws_sheets_first") {
         let screenshot = work.path().join("storyboard.png");
-        crate::story::run_chromium(
+        crate::suite::story::run_chromium(
             &chromium,
             &page,
             &[

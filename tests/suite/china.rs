@@ -17,11 +17,11 @@ use std::sync::Arc;
 use image::ImageFormat;
 use serde_json::Value;
 
-use crate::support::config::TestConfig;
-use crate::support::scripted_china::{
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::scripted_china::{
     ark_base_url, ark_error, ark_image, dashscope_base_url, dashscope_error, requested_size,
 };
-use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use crate::suite::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use stage3::storage::MemoryStore;
 use stage3::ErrorType;
 use stage3::{BatchAnswer, GenerationRequest, Stage2Output};

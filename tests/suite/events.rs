@@ -1,6 +1,6 @@
 //! Completion events and the dead-letter queue against real parts:
 //!
-//! - EventBridge → rule → SQS on a moto server (see `crate::support::moto`): the events a batch
+//! - EventBridge → rule → SQS on a moto server (see `crate::suite::support::moto`): the events a batch
 //!   publishes are received from the queue a `source: ["stage3"]` rule routes them to;
 //! - the dead-letter path of the Lambda adapter against moto's SQS, with the real
 //!   OpenRouter client talking to a scripted stand-in that refuses or fails chosen prompts;
@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::config::TestConfig;
-use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
-use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
-use crate::support::sqs::{sqs_event, sqs_record};
-use crate::support::stage3_command;
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::moto::{self, create_queue, receive_all, unique_name, Moto};
+use crate::suite::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use crate::suite::support::sqs::{sqs_event, sqs_record};
+use crate::suite::support::stage3_command;
 use stage3::events::dead_letter::DeadLetterQueue;
 use stage3::events::WebhookSettings;
 use stage3::events::{
@@ -27,9 +27,9 @@ use stage3::events::{
 };
 use stage3::events::{EventPublisher, EventSink, StoryRef};
 use stage3::lambda::{self, Outlets};
+use stage3::retry::RetryPolicy;
 use stage3::BatchAnswer;
 use stage3::Deadline;
-use stage3::RetryPolicy;
 use stage3::Secret;
 use stage3::{GenerationRequest, Stage3Service};
 

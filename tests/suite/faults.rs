@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::config::TestConfig;
-use crate::support::gated_store::GatedStore;
-use crate::support::scripted_openrouter::{blank_png, noisy_image, Reply, ScriptedOpenRouter};
-use crate::support::scripted_provider::{
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::gated_store::GatedStore;
+use crate::suite::support::scripted_openrouter::{
+    blank_png, noisy_image, Reply, ScriptedOpenRouter,
+};
+use crate::suite::support::scripted_provider::{
     insufficient_credits, rate_limited, Answer, ScriptedProvider,
 };
 use bytes::Bytes;

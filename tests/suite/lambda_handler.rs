@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
 
-use crate::support::config::TestConfig;
-use crate::support::scripted_provider::{content_refused, Answer, ScriptedProvider};
-use crate::support::sqs::{sqs_event, sqs_record};
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::scripted_provider::{content_refused, Answer, ScriptedProvider};
+use crate::suite::support::sqs::{sqs_event, sqs_record};
 use stage3::lambda::{self, EventKind};
 use stage3::storage::FsStore;
 use stage3::Deadline;

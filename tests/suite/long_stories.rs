@@ -2,7 +2,7 @@
 //! loopback), the Lambda handler drains the messages received from it, and `stage3 status`
 //! reads the story as the storyboard does. The CLI runs as its real binary; the handler is
 //! the real `lambda::handle_with`, on the messages moto hands out. Failed entries come from
-//! a real HTTP stand-in in front of moto (`crate::support::sqs_stand_in`), since moto fails
+//! a real HTTP stand-in in front of moto (`crate::suite::support::sqs_stand_in`), since moto fails
 //! none of its own accord.
 
 use std::collections::BTreeMap;
@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::config::TestConfig;
-use crate::support::moto::{self, create_queue, receive_all, unique_name, Moto};
-use crate::support::scripted_provider::{Answer, ScriptedProvider};
-use crate::support::sqs::{sqs_event, sqs_record};
-use crate::support::sqs_stand_in::{Fault, SqsStandIn};
-use crate::support::stage3_command;
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::moto::{self, create_queue, receive_all, unique_name, Moto};
+use crate::suite::support::scripted_provider::{Answer, ScriptedProvider};
+use crate::suite::support::sqs::{sqs_event, sqs_record};
+use crate::suite::support::sqs_stand_in::{Fault, SqsStandIn};
+use crate::suite::support::stage3_command;
 use stage3::lambda::{self, Outlets};
 use stage3::metrics::MetricsSink;
 use stage3::storage::FsStore;

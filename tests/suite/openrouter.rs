@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::support::config::TestConfig;
-use crate::support::scripted_openrouter::chat_answer;
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::scripted_openrouter::chat_answer;
 use base64::Engine as _;
 use image::{DynamicImage, ImageFormat};
 use serde_json::{json, Value};
@@ -986,7 +986,7 @@ fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
 
 mod real {
     use super::*;
-    use crate::support::scripted_openrouter::{
+    use crate::suite::support::scripted_openrouter::{
         noisy_image, Catalogue, CatalogueModel, Reply, ScriptedOpenRouter,
     };
     use stage3::Stage3Service;

@@ -1,7 +1,7 @@
 //! Character consistency: reference images reach the provider and shape the cache key.
 
-use crate::support::config::TestConfig;
-use crate::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::scripted_openrouter::{noisy_image, Reply, ScriptedOpenRouter};
 use image::ImageFormat;
 use stage3::{GenerationRequest, Stage2Output};
 

@@ -9,11 +9,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::support::config::TestConfig;
-use crate::support::gated_store::GatedStore;
-use crate::support::noisy_png;
-use crate::support::s3_server::S3Target;
-use crate::support::scripted_provider::{Answer, ScriptedProvider};
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::gated_store::GatedStore;
+use crate::suite::support::noisy_png;
+use crate::suite::support::s3_server::S3Target;
+use crate::suite::support::scripted_provider::{Answer, ScriptedProvider};
 use stage3::storage::ObjectStore;
 use stage3::ErrorType;
 use stage3::{GenerationRequest, RunOptions};

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use crate::support::config::TestConfig;
-use crate::support::noisy_png;
-use crate::support::s3_server::S3Target;
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::noisy_png;
+use crate::suite::support::s3_server::S3Target;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials};
 use bytes::Bytes;
 use stage3::storage::S3Settings;

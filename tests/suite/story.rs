@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::support::config::TestConfig;
-use crate::support::gated_store::GatedStore;
-use crate::support::s3_server::S3Target;
-use crate::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
-use crate::support::slow_store::SlowStore;
-use crate::support::sqs::{sqs_event, sqs_record};
-use crate::support::stage3_command;
+use crate::suite::support::config::TestConfig;
+use crate::suite::support::gated_store::GatedStore;
+use crate::suite::support::s3_server::S3Target;
+use crate::suite::support::scripted_openrouter::{Reply, ScriptedOpenRouter};
+use crate::suite::support::slow_store::SlowStore;
+use crate::suite::support::sqs::{sqs_event, sqs_record};
+use crate::suite::support::stage3_command;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use stage3::provider::{ImageProvider, ImageRequest, PlaceholderProvider};
@@ -1139,7 +1139,7 @@ async fn the_gallery_command_honours_the_umask() {
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("umask {umask} && exec \"$0\" gallery \"$1\""))
-            .arg(env!("CARGO_BIN_EXE_stage3"))
+            .arg(assert_cmd::cargo::cargo_bin("stage3"))
             .arg(&story_dir)
             .current_dir(work.path())
             .env_clear()
