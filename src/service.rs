@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::batch_stop::BatchStop;
-use crate::cache::{self, Claim, ClaimLease, ClaimTiming, ResultKeys, Shelf, StoredImage};
+use crate::cache::{self, ClaimTiming, ResultKeys, Shelf, StoredImage, Turn};
 use crate::config::Config;
 use crate::deadline::{CallBudget, Deadline};
 use crate::error::{Result, Stage3Error};
@@ -53,8 +53,6 @@ use crate::urls::{QiniuSigner, UrlPolicy};
 pub(crate) const MIN_CALL_BUDGET: Duration = Duration::from_secs(5);
 /// Time kept back from the provider for storing the image and its record.
 pub(crate) const STORAGE_RESERVE: Duration = Duration::from_secs(2);
-/// How often a worker waiting for another worker's result looks for it.
-const CLAIM_POLL: Duration = Duration::from_secs(1);
 
 /// Per-run settings that are not configuration: the caller's deadline, cache policy and
 /// batch stop.
@@ -805,81 +803,23 @@ impl Stage3Service {
             }
         }
         // One worker per request pays; the others wait for its result.
-        let lease = loop {
-            let claim = self
-                .shelf(options)
-                .call("claiming the scene", || {
-                    cache::claim(self.store.as_ref(), &scene.keys, self.claim_timing.ttl)
-                })
-                .await?;
-            match claim {
-                Claim::Owned(lease) => break lease,
-                Claim::HeldElsewhere { expires_in } => {
-                    // A stopped batch (Ctrl-C, spent budget) does not wait either.
-                    if let Some(stop) = &options.stop {
-                        stop.check()?;
-                    }
-                    let wait = CLAIM_POLL.min(expires_in);
-                    if !options
-                        .deadline
-                        .allows(wait + MIN_CALL_BUDGET + STORAGE_RESERVE)
-                    {
-                        return Err(Stage3Error::DeadlineExceeded(
-                            "another worker is generating this scene and the deadline is near; \
-                             not paying for it twice"
-                                .into(),
-                        ));
-                    }
-                    tracing::info!(
-                        "another worker is generating this scene; waiting for its result"
-                    );
-                    tokio::time::sleep(wait).await;
-                    if let Some(hit) = self.cached(scene, options).await? {
-                        return Ok(hit);
-                    }
-                }
-            }
-        };
-        let outcome = tokio::select! {
-            biased;
-            outcome = self.generate_and_store(scene, options) => outcome,
-            never = self.keep_claim(scene, &lease) => match never {},
-        };
-        // Waiting workers look for the record; on failure they may try themselves. Not past
-        // the deadline, though: an unreleased claim lapses by itself.
-        let release = cache::release(self.store.as_ref(), &scene.keys, &lease);
-        if let Err(e) = options
-            .deadline
-            .run(storage::CALL_TIMEOUT, "releasing the claim", release)
-            .await
-        {
-            tracing::warn!(error = %e, "could not release the claim; it lapses by itself");
-        }
-        outcome
-    }
-
-    /// Renews the scene's claim while it is generated, however long that takes (fallback
-    /// models, Retry-After pauses, a wait for a permit); runs until dropped. A claim lost
-    /// to another worker (ours lapsed, say while storage was unreachable) is left to it:
-    /// both generate, which costs money, never correctness.
-    async fn keep_claim(
-        &self,
-        scene: &PreparedScene,
-        lease: &ClaimLease,
-    ) -> std::convert::Infallible {
-        let timing = self.claim_timing;
-        loop {
-            tokio::time::sleep(timing.renew_every).await;
-            let renewal = cache::renew(self.store.as_ref(), &scene.keys, lease, timing.ttl);
-            match tokio::time::timeout(storage::CALL_TIMEOUT.min(timing.renew_every), renewal).await
-            {
-                Ok(Ok(true)) => tracing::debug!("claim renewed"),
-                Ok(Ok(false)) => {
-                    tracing::warn!("the claim lapsed and another worker took it over");
-                    return std::future::pending().await;
-                }
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the claim"),
-                Err(_) => tracing::warn!("renewing the claim timed out"),
+        let shelf = self.shelf(options);
+        let turn = shelf
+            .claim_or_wait(
+                &scene.keys,
+                self.claim_timing,
+                options.stop.as_ref(),
+                MIN_CALL_BUDGET + STORAGE_RESERVE,
+                || self.cached(scene, options),
+            )
+            .await?;
+        match turn {
+            Turn::Served(hit) => Ok(hit),
+            Turn::Ours(lease) => {
+                let work = self.generate_and_store(scene, options);
+                shelf
+                    .while_held(&scene.keys, lease, self.claim_timing, work)
+                    .await
             }
         }
     }
