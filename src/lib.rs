@@ -44,7 +44,7 @@
 //! - `batch_stop`: the brake of a batch — a 401/402, the spent budget or Ctrl-C.
 //! - `aws`: the AWS SDK configuration the S3, EventBridge and SQS clients share.
 //! - [`telemetry`]: `tracing` set-up for the binaries.
-//! - [`allocator`]: the allocator's arenas, capped for the binaries.
+//! - [`allocator`]: the allocator tuned for the binaries: two arenas, big buffers given back.
 //!
 //! **Contracts** — import nothing above them:
 //! - `schema`: the JSON contracts (`Stage2Output`, requests, `Stage3Output`, the batch

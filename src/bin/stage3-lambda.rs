@@ -9,7 +9,7 @@ use stage3::{lambda, telemetry, Config, Stage3Service};
 
 fn main() -> ExitCode {
     // Before the runtime's threads start allocating.
-    stage3::allocator::limit_arenas();
+    stage3::allocator::tune();
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(run()),
         Err(e) => {

@@ -38,7 +38,7 @@ const EXIT_PENDING: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
-    stage3::allocator::limit_arenas();
+    stage3::allocator::tune();
     telemetry::init("warn", false);
     let cli = Cli::parse();
     match run(cli) {
