@@ -100,9 +100,16 @@ fn io_error(action: &str, path: &Path, e: std::io::Error) -> Stage3Error {
     )
 }
 
-/// A temporary file beside `path`, holding `bytes`, flushed to disk, with the permissions
-/// of a file written normally.
-fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
+/// Whether an object of this kind is flushed to disk before it takes its name. A claim is
+/// not: it only tells other workers to wait, and after a crash its holder is gone anyway;
+/// the flush cost every scene a synchronous disk write before its provider call.
+fn is_durable(meta: ObjectMeta) -> bool {
+    meta != ObjectMeta::CLAIM
+}
+
+/// A temporary file beside `path`, holding `bytes` (flushed to disk when `durable`), with
+/// the permissions of a file written normally.
+fn write_temporary(path: &Path, bytes: &[u8], durable: bool) -> Result<tempfile::NamedTempFile> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io_error("create directory", dir, e))?;
     let mut builder = tempfile::Builder::new();
@@ -124,14 +131,17 @@ fn write_temporary(path: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile>
         .tempfile_in(dir)
         .map_err(|e| io_error("create a temporary file in", dir, e))?;
     temp.write_all(bytes)
-        .and_then(|()| temp.as_file().sync_all())
+        .and_then(|()| match durable {
+            true => temp.as_file().sync_all(),
+            false => Ok(()),
+        })
         .map_err(|e| io_error("write", temp.path(), e))?;
     Ok(temp)
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename over the old one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temp = write_temporary(path, bytes)?;
+fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
+    let temp = write_temporary(path, bytes, durable)?;
     // If persisting fails, dropping the temporary file removes it: nothing partial remains.
     temp.persist(path)
         .map_err(|e| io_error("move into place", path, e.error))?;
@@ -140,8 +150,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes `bytes` to `path` only if nothing is there: the hard link from the finished
 /// temporary file fails atomically when the name is taken.
-fn create_atomically(path: &Path, bytes: &[u8]) -> Result<bool> {
-    let temp = write_temporary(path, bytes)?;
+fn create_atomically(path: &Path, bytes: &[u8], durable: bool) -> Result<bool> {
+    let temp = write_temporary(path, bytes, durable)?;
     match std::fs::hard_link(temp.path(), path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -325,17 +335,19 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl ObjectStore for FsStore {
-    async fn put(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<ObjectInfo> {
+    async fn put(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<ObjectInfo> {
         let path = self.path_of(key)?;
         let size = bytes.len() as u64;
-        blocking(move || write_atomically(&path, &bytes)).await?;
+        let durable = is_durable(meta);
+        blocking(move || write_atomically(&path, &bytes, durable)).await?;
         Ok(ObjectInfo { size, etag: None })
     }
 
-    async fn put_new(&self, key: &str, bytes: Bytes, _meta: ObjectMeta) -> Result<Created> {
+    async fn put_new(&self, key: &str, bytes: Bytes, meta: ObjectMeta) -> Result<Created> {
         let path = self.path_of(key)?;
         let size = bytes.len() as u64;
-        let created = blocking(move || create_atomically(&path, &bytes)).await?;
+        let durable = is_durable(meta);
+        let created = blocking(move || create_atomically(&path, &bytes, durable)).await?;
         Ok(if created {
             Created::Created(ObjectInfo { size, etag: None })
         } else {
