@@ -18,7 +18,8 @@
 //! 5. the release size of `stage3-lambda`.
 //!
 //! `STAGE3_BENCH_SAMPLES` sets the samples per overhead case (default 40).
-//! `STAGE3_BENCH_CLI` runs the memory figures (3, 3b) on another `stage3` binary, e.g. one
+//! `STAGE3_BENCH_SECTIONS` runs only the sections listed (`2,3,3b`; all by default).
+//! `STAGE3_BENCH_CLI` runs the whole-process figures (1b, 3, 3b) on another `stage3` binary, e.g. one
 //! built from an older commit, to compare before and after.
 
 #[allow(dead_code)]
@@ -115,6 +116,14 @@ async fn run(steps: StepLog) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    // `STAGE3_BENCH_SECTIONS=2,3` runs only those sections (all by default).
+    let sections = std::env::var("STAGE3_BENCH_SECTIONS").ok();
+    let wants = |section: &str| {
+        sections
+            .as_deref()
+            .is_none_or(|list| list.split(',').any(|s| s.trim() == section))
+    };
+    let s3 = s3_server::S3Target::start().await;
     let png = photo_like(1024, 1024, ImageFormat::Png);
     let jpeg = photo_like(1792, 1024, ImageFormat::Jpeg);
     println!(
@@ -123,220 +132,253 @@ async fn run(steps: StepLog) {
         mb(jpeg.len())
     );
 
-    println!(
-        "1. per-image overhead (no provider latency; target: PNG pass-through on fs p50 <= 25 ms)"
-    );
-    let s3 = s3_server::S3Target::start().await;
-    for (format_name, bytes, size, media) in [
-        ("PNG pass-through", &png, ImageSize::Square, "image/png"),
-        ("JPEG->PNG", &jpeg, ImageSize::Landscape, "image/jpeg"),
-    ] {
-        let reply = Reply::image(bytes, media);
-        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-        for backend in ["fs", "s3"] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let store: Arc<dyn ObjectStore> = match backend {
-                "fs" => Arc::new(FsStore::new(dir.path()).expect("fs store")),
-                _ => Arc::new(s3.store()),
-            };
-            let service = service(&server.base_url, store, &[]);
-            let mut timings = Vec::with_capacity(samples);
-            for i in 0..samples + 3 {
-                if i == 3 {
-                    steps.drain_p50s(); // the warm-up's
+    if wants("1") {
+        println!(
+            "1. per-image overhead (no provider latency; target: PNG pass-through on fs p50 <= 25 ms)"
+        );
+        for (format_name, bytes, size, media) in [
+            ("PNG pass-through", &png, ImageSize::Square, "image/png"),
+            ("JPEG->PNG", &jpeg, ImageSize::Landscape, "image/jpeg"),
+        ] {
+            let reply = Reply::image(bytes, media);
+            let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+            for backend in ["fs", "s3"] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store: Arc<dyn ObjectStore> = match backend {
+                    "fs" => Arc::new(FsStore::new(dir.path()).expect("fs store")),
+                    _ => Arc::new(s3.store()),
+                };
+                let service = service(&server.base_url, store, &[]);
+                let mut timings = Vec::with_capacity(samples);
+                for i in 0..samples + 3 {
+                    if i == 3 {
+                        steps.drain_p50s(); // the warm-up's
+                    }
+                    let started = Instant::now();
+                    service
+                        .generate_scene_image(request(&format!("overhead-{i}"), size))
+                        .await
+                        .expect("scene generated");
+                    if i >= 3 {
+                        timings.push(started.elapsed());
+                    }
                 }
-                let started = Instant::now();
-                service
-                    .generate_scene_image(request(&format!("overhead-{i}"), size))
-                    .await
-                    .expect("scene generated");
-                if i >= 3 {
-                    timings.push(started.elapsed());
-                }
+                let (p50, p95) = percentiles(&mut timings);
+                println!(
+                    "   {format_name:<17} {backend:<3}  p50 {:>7.1} ms   p95 {:>7.1} ms",
+                    ms(p50),
+                    ms(p95)
+                );
+                let parts: Vec<String> = steps
+                    .drain_p50s()
+                    .into_iter()
+                    .map(|(step, p50)| format!("{step} {p50:.2}"))
+                    .collect();
+                println!("      steps, p50 ms: {}", parts.join(", "));
             }
-            let (p50, p95) = percentiles(&mut timings);
-            println!(
-                "   {format_name:<17} {backend:<3}  p50 {:>7.1} ms   p95 {:>7.1} ms",
-                ms(p50),
-                ms(p95)
-            );
-            let parts: Vec<String> = steps
-                .drain_p50s()
-                .into_iter()
-                .map(|(step, p50)| format!("{step} {p50:.2}"))
-                .collect();
-            println!("      steps, p50 ms: {}", parts.join(", "));
         }
-    }
-    // Of the check and label steps: one SHA-256 over the stored bytes.
-    let (p50, _) = time_each(samples.max(10), || {
-        use sha2::Digest;
-        std::hint::black_box(sha2::Sha256::digest(&png));
-    });
-    println!(
-        "   of which one SHA-256 of the {:.2} MB PNG  p50 {:>7.3} ms",
-        mb(png.len()),
-        ms(p50)
-    );
-
-    // The AIGC label is one chunk spliced into the stored PNG: a copy, no re-encode.
-    let label = AigcLabel::new(
-        "stage3",
-        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-        "benchmark",
-        "scene-0001",
-    );
-    let (p50, p95) = time_each(samples.max(10), || {
-        std::hint::black_box(insert_aigc_label(&png, &label).expect("label"));
-    });
-    println!(
-        "   AIGC label into the {:.2} MB PNG  p50 {:>7.3} ms   p95 {:>7.3} ms",
-        mb(png.len()),
-        ms(p50),
-        ms(p95)
-    );
-
-    println!(
-        "\n1b. whole-process overhead of `stage3 generate`, 10 x {:.2} MB PNG at concurrency 4: \
-         wall time less a plain client's fetching the same answers (target: <= 0.12 s)",
-        mb(png.len())
-    );
-    {
-        let reply = Reply::image(&png, "image/png");
-        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-        let mut floors = Vec::new();
-        let mut walls = Vec::new();
-        for _ in 0..7 {
-            floors.push(plain_client_floor(&server.base_url, 10, 4).await);
-            walls.push(cli_wall_time(&server.base_url, 10, 4).await);
-        }
-        let (floor, _) = percentiles(&mut floors);
-        let (wall, _) = percentiles(&mut walls);
-        println!(
-            "   stage3 {:.3} s, floor {:.3} s: overhead {:.3} s (p50 of 7)",
-            wall.as_secs_f64(),
-            floor.as_secs_f64(),
-            wall.saturating_sub(floor).as_secs_f64()
-        );
-    }
-
-    println!("\n2. batch wall time at 1 s provider latency, concurrency 8 (target: within 3% of the limit)");
-    let reply = Reply::image(&png, "image/png").after(Duration::from_secs(1));
-    let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-    for scenes in [16usize, 64] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(FsStore::new(dir.path()).expect("fs store"));
-        let service = service(&server.base_url, store, &[("STAGE3_CONCURRENCY", "8")]);
-        let prepared = service
-            .prepare_all(
-                (0..scenes)
-                    .map(|i| request(&format!("batch-{i}"), ImageSize::Square))
-                    .collect(),
-            )
-            .expect("valid batch");
-        let started = Instant::now();
-        let answer = service
-            .run_batch(prepared, &RunOptions::default(), &|_, _| {})
-            .await;
-        let wall = started.elapsed();
-        assert_eq!(answer.results.len(), scenes, "{:?}", answer.failures);
-        let limit = Duration::from_secs(scenes.div_ceil(8) as u64);
-        println!(
-            "   {scenes:>2} scenes: {:>6.3} s   limit {:>2} s   {:+.1}% over the limit",
-            wall.as_secs_f64(),
-            limit.as_secs(),
-            (wall.as_secs_f64() / limit.as_secs_f64() - 1.0) * 100.0
-        );
-    }
-
-    println!("\n3. peak memory of `stage3 generate`, 16 scenes at 1792x1024 (target: <= 150 MiB)");
-    let reply = Reply::image(&jpeg, "image/jpeg");
-    let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-    let run = peak_rss_of_cli_batch(&server.base_url, 16, 8).await;
-    println!("   peak RSS {:.1} MiB ({})", mib(run.peak_rss), run.outcome);
-
-    println!(
-        "\n3b. peak memory of `stage3 generate`, 8 scenes at concurrency 4, hostile answers \
-         (target: <= 200 MiB)"
-    );
-    let png_1792 = photo_like(1792, 1024, ImageFormat::Png);
-    let icc_bomb = hostile_images::png_with_icc_bomb(&png_1792, 1 << 30);
-    let big_jpeg = hostile_images::large_photo_jpeg(8000, 5000);
-    for (name, bytes, media) in [
-        (
-            format!(
-                "PNG, {:.2} MB iCCP chunk inflating to 1 GiB",
-                mb(icc_bomb.len() - png_1792.len())
-            ),
-            &icc_bomb,
-            "image/png",
-        ),
-        (
-            format!("8000x5000 JPEG, {:.2} MB", mb(big_jpeg.len())),
-            &big_jpeg,
-            "image/jpeg",
-        ),
-    ] {
-        let reply = Reply::image(bytes, media);
-        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
-        let run = peak_rss_of_cli_batch(&server.base_url, 8, 4).await;
-        println!(
-            "   {name:<45} peak RSS {:>6.1} MiB ({})",
-            mib(run.peak_rss),
-            run.outcome
-        );
-    }
-
-    println!(
-        "\n4. Lambda init: process start to first Runtime API poll (target: <= a hello-world \
-         Rust Lambda + 5 ms)"
-    );
-    let stage3_env = [
-        ("OPENROUTER_API_KEY", KEY),
-        ("STAGE3_STORAGE", "s3"),
-        ("STAGE3_S3_BUCKET", "bench"),
-        ("STAGE3_S3_ENDPOINT", s3.endpoint.as_str()),
-    ];
-    let hello = hello_lambda();
-    let mut baseline = None;
-    for (name, binary, env) in [
-        ("hello-world", hello.as_deref(), &[][..]),
-        (
-            "stage3-lambda",
-            Some(env!("CARGO_BIN_EXE_stage3-lambda")),
-            &stage3_env[..],
-        ),
-    ] {
-        let Some(binary) = binary else {
-            println!("   {name:<14} not built (see above)");
-            continue;
-        };
-        let mut inits = Vec::new();
-        for _ in 0..20 {
-            inits.push(lambda_init_time(binary, env).await);
-        }
-        let (p50, p95) = percentiles(&mut inits);
-        let over = baseline.map_or(String::new(), |base: Duration| {
-            format!(
-                "   (+{:.1} ms over hello-world)",
-                ms(p50.saturating_sub(base))
-            )
+        // Of the check and label steps: one SHA-256 over the stored bytes.
+        let (p50, _) = time_each(samples.max(10), || {
+            use sha2::Digest;
+            std::hint::black_box(sha2::Sha256::digest(&png));
         });
-        baseline.get_or_insert(p50);
         println!(
-            "   {name:<14} p50 {:>5.1} ms   p95 {:>5.1} ms (20 starts){over}",
+            "   of which one SHA-256 of the {:.2} MB PNG  p50 {:>7.3} ms",
+            mb(png.len()),
+            ms(p50)
+        );
+
+        // The AIGC label is one chunk spliced into the stored PNG: a copy, no re-encode.
+        let label = AigcLabel::new(
+            "stage3",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "benchmark",
+            "scene-0001",
+        );
+        let (p50, p95) = time_each(samples.max(10), || {
+            std::hint::black_box(insert_aigc_label(&png, &label).expect("label"));
+        });
+        println!(
+            "   AIGC label into the {:.2} MB PNG  p50 {:>7.3} ms   p95 {:>7.3} ms",
+            mb(png.len()),
             ms(p50),
             ms(p95)
         );
     }
 
-    println!("\n5. release binary size (target: <= 20 MB stripped)");
-    for (name, path) in [
-        ("stage3-lambda", env!("CARGO_BIN_EXE_stage3-lambda")),
-        ("stage3", env!("CARGO_BIN_EXE_stage3")),
-    ] {
-        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        println!("   {name:<14} {:.1} MB", bytes as f64 / 1e6);
+    if wants("1b") {
+        println!(
+            "\n1b. whole-process overhead of `stage3 generate`, 10 x {:.2} MB PNG at concurrency 4: \
+             wall time less a plain client's fetching the same answers (target: <= 0.12 s)",
+            mb(png.len())
+        );
+        {
+            let reply = Reply::image(&png, "image/png");
+            let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+            let mut floors = Vec::new();
+            let mut walls = Vec::new();
+            for _ in 0..7 {
+                floors.push(plain_client_floor(&server.base_url, 10, 4).await);
+                walls.push(cli_wall_time(&server.base_url, 10, 4).await);
+            }
+            let (floor, _) = percentiles(&mut floors);
+            let (wall, _) = percentiles(&mut walls);
+            println!(
+                "   stage3 {:.3} s, floor {:.3} s: overhead {:.3} s (p50 of 7)",
+                wall.as_secs_f64(),
+                floor.as_secs_f64(),
+                wall.saturating_sub(floor).as_secs_f64()
+            );
+        }
+    }
+
+    if wants("2") {
+        println!("\n2. batch wall time at 1 s provider latency, concurrency 8 (target: within 3% of the limit)");
+        let reply = Reply::image(&png, "image/png").after(Duration::from_secs(1));
+        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+        for scenes in [16usize, 64] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Arc::new(FsStore::new(dir.path()).expect("fs store"));
+            let service = service(&server.base_url, store, &[("STAGE3_CONCURRENCY", "8")]);
+            let prepared = service
+                .prepare_all(
+                    (0..scenes)
+                        .map(|i| request(&format!("batch-{i}"), ImageSize::Square))
+                        .collect(),
+                )
+                .expect("valid batch");
+            let calls_before = server.requests().len();
+            let started = Instant::now();
+            let answer = service
+                .run_batch(prepared, &RunOptions::default(), &|_, _| {})
+                .await;
+            let wall = started.elapsed();
+            assert_eq!(answer.results.len(), scenes, "{:?}", answer.failures);
+            let limit = Duration::from_secs(scenes.div_ceil(8) as u64);
+            println!(
+                "   {scenes:>2} scenes: {:>6.3} s   limit {:>2} s   {:+.1}% over the limit",
+                wall.as_secs_f64(),
+                limit.as_secs(),
+                (wall.as_secs_f64() / limit.as_secs_f64() - 1.0) * 100.0
+            );
+            // Where the time over the limit went: before the first call, between a wave's
+            // answers and the next wave's calls, and after the last answer.
+            let spans = server.spans().split_off(calls_before);
+            let at = |instant: Instant| ms(instant.saturating_duration_since(started));
+            let starts: Vec<f64> = spans.iter().map(|(call, _)| at(call.at)).collect();
+            let answered: Vec<f64> = spans.iter().filter_map(|(_, end)| end.map(at)).collect();
+            let last = |values: &[f64]| values.iter().copied().fold(0.0, f64::max);
+            let last_wave = &starts[starts.len().saturating_sub(8)..];
+            println!(
+                "      first call +{:.0} ms, last wave's calls +{:.0}..+{:.0} ms, last answer \
+                 written +{:.0} ms, batch done +{:.0} ms",
+                starts.first().copied().unwrap_or(0.0),
+                last_wave.iter().copied().fold(f64::INFINITY, f64::min),
+                last(last_wave),
+                last(&answered),
+                ms(wall)
+            );
+        }
+    }
+
+    if wants("3") {
+        println!(
+            "\n3. peak memory of `stage3 generate`, 16 scenes at 1792x1024 (target: <= 150 MiB)"
+        );
+        let reply = Reply::image(&jpeg, "image/jpeg");
+        let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+        let run = peak_rss_of_cli_batch(&server.base_url, 16, 8).await;
+        println!("   peak RSS {:.1} MiB ({})", mib(run.peak_rss), run.outcome);
+    }
+
+    if wants("3b") {
+        println!(
+            "\n3b. peak memory of `stage3 generate`, 8 scenes at concurrency 4, hostile answers \
+             (target: <= 200 MiB)"
+        );
+        let png_1792 = photo_like(1792, 1024, ImageFormat::Png);
+        let icc_bomb = hostile_images::png_with_icc_bomb(&png_1792, 1 << 30);
+        let big_jpeg = hostile_images::large_photo_jpeg(8000, 5000);
+        for (name, bytes, media) in [
+            (
+                format!(
+                    "PNG, {:.2} MB iCCP chunk inflating to 1 GiB",
+                    mb(icc_bomb.len() - png_1792.len())
+                ),
+                &icc_bomb,
+                "image/png",
+            ),
+            (
+                format!("8000x5000 JPEG, {:.2} MB", mb(big_jpeg.len())),
+                &big_jpeg,
+                "image/jpeg",
+            ),
+        ] {
+            let reply = Reply::image(bytes, media);
+            let server = ScriptedOpenRouter::start(move |_, _| reply.clone()).await;
+            let run = peak_rss_of_cli_batch(&server.base_url, 8, 4).await;
+            println!(
+                "   {name:<45} peak RSS {:>6.1} MiB ({})",
+                mib(run.peak_rss),
+                run.outcome
+            );
+        }
+    }
+
+    if wants("4") {
+        println!(
+            "\n4. Lambda init: process start to first Runtime API poll (target: <= a hello-world \
+             Rust Lambda + 5 ms)"
+        );
+        let stage3_env = [
+            ("OPENROUTER_API_KEY", KEY),
+            ("STAGE3_STORAGE", "s3"),
+            ("STAGE3_S3_BUCKET", "bench"),
+            ("STAGE3_S3_ENDPOINT", s3.endpoint.as_str()),
+        ];
+        let hello = hello_lambda();
+        let mut baseline = None;
+        for (name, binary, env) in [
+            ("hello-world", hello.as_deref(), &[][..]),
+            (
+                "stage3-lambda",
+                Some(env!("CARGO_BIN_EXE_stage3-lambda")),
+                &stage3_env[..],
+            ),
+        ] {
+            let Some(binary) = binary else {
+                println!("   {name:<14} not built (see above)");
+                continue;
+            };
+            let mut inits = Vec::new();
+            for _ in 0..20 {
+                inits.push(lambda_init_time(binary, env).await);
+            }
+            let (p50, p95) = percentiles(&mut inits);
+            let over = baseline.map_or(String::new(), |base: Duration| {
+                format!(
+                    "   (+{:.1} ms over hello-world)",
+                    ms(p50.saturating_sub(base))
+                )
+            });
+            baseline.get_or_insert(p50);
+            println!(
+                "   {name:<14} p50 {:>5.1} ms   p95 {:>5.1} ms (20 starts){over}",
+                ms(p50),
+                ms(p95)
+            );
+        }
+    }
+
+    if wants("5") {
+        println!("\n5. release binary size (target: <= 20 MB stripped)");
+        for (name, path) in [
+            ("stage3-lambda", env!("CARGO_BIN_EXE_stage3-lambda")),
+            ("stage3", env!("CARGO_BIN_EXE_stage3")),
+        ] {
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            println!("   {name:<14} {:.1} MB", bytes as f64 / 1e6);
+        }
     }
 }
 
@@ -421,9 +463,7 @@ async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize, concurrency: usize
     std::fs::write(&input, serde_json::to_vec(&batch).expect("json")).expect("write input");
     let answer_path = dir.path().join("answer.json");
     let answer_file = std::fs::File::create(&answer_path).expect("answer file");
-    let cli = std::env::var("STAGE3_BENCH_CLI")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stage3").to_string());
-    let mut child = tokio::process::Command::new(cli)
+    let mut child = tokio::process::Command::new(cli_binary())
         .args([
             "generate",
             input.to_str().expect("utf-8 path"),
@@ -487,6 +527,12 @@ async fn peak_rss_of_cli_batch(base_url: &str, scenes: usize, concurrency: usize
             }
         ),
     }
+}
+
+/// The `stage3` binary the whole-process figures (1b, 3, 3b) run: this build's, or
+/// `STAGE3_BENCH_CLI`.
+fn cli_binary() -> String {
+    std::env::var("STAGE3_BENCH_CLI").unwrap_or_else(|_| env!("CARGO_BIN_EXE_stage3").to_string())
 }
 
 /// Starts `stage3-lambda` against a fake Runtime API and times its first poll.
@@ -562,7 +608,7 @@ async fn cli_wall_time(base_url: &str, scenes: usize, concurrency: usize) -> Dur
     let input = dir.path().join("batch.json");
     std::fs::write(&input, serde_json::to_vec(&batch).expect("json")).expect("write input");
     let started = Instant::now();
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_stage3"))
+    let status = tokio::process::Command::new(cli_binary())
         .args(["generate", input.to_str().expect("utf-8 path")])
         .args(["--concurrency", &concurrency.to_string()])
         .current_dir(dir.path())
