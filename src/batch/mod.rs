@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
 use crate::events::{EventPublisher, EventReport, StoryRef};
+use crate::metrics::MetricsSink;
 use crate::provider::Providers;
 use crate::schema::{BatchAnswer, Cast, Stage3Output, Submission};
 use crate::service::{BatchPlan, PreparedScene, RunOptions, SceneOrder, Stage3Service};
@@ -27,6 +28,8 @@ use crate::story::{self, StoryScene};
 
 #[cfg(feature = "lambda")]
 mod queued;
+#[cfg(feature = "lambda")]
+pub(crate) use queued::QueueMessage;
 
 /// How a batch runs beyond its scenes: the scenes' own [`RunOptions`] (stop signal,
 /// deadline, force), where its events go, and when the story and the events must be done.
@@ -35,6 +38,8 @@ pub struct BatchOptions {
     pub run: RunOptions,
     /// Where the batch's events go; the default publishes none.
     pub events: EventPublisher,
+    /// Where the batch's metric lines go; the default writes none.
+    pub metrics: MetricsSink,
     /// When the story's manifest and page must be written by.
     pub story_deadline: Deadline,
     /// When the events must be delivered by: a receiver that never answers costs the
@@ -46,7 +51,8 @@ impl BatchOptions {
     /// A run from the command line: stopped by `stop` (Ctrl-C), its events sent where the
     /// configuration says within the CLI's one budget (`STAGE3_EVENTS_TIMEOUT_SECS`) — a
     /// receiver that never answers costs the run this long at most, as the invocation
-    /// deadline bounds the Lambda function.
+    /// deadline bounds the Lambda function. Its metric lines go to stderr when
+    /// `STAGE3_METRICS=emf` (stdout is the answer).
     pub async fn for_command_line(config: &Config, stop: BatchStop) -> Result<Self> {
         Ok(BatchOptions {
             run: RunOptions {
@@ -55,6 +61,7 @@ impl BatchOptions {
             },
             events: EventPublisher::from_settings(&config.events, &config.aws).await?,
             events_deadline: Deadline::after(config.events.cli_budget),
+            metrics: MetricsSink::for_command_line(config.metrics),
             ..BatchOptions::default()
         })
     }
@@ -216,12 +223,25 @@ impl Stage3Service {
                 .await,
             );
         }
+        self.record_metrics(options, &answer.results, &answer.failures);
         let story = answer.story.as_ref().map(StoryRef::from);
         let events = options
             .events
             .publish_batch(&answer, story.as_ref(), options.events_deadline)
             .await;
         Ok(BatchRun { answer, events })
+    }
+
+    /// Writes a batch's metric lines where `options` says: failures count under the
+    /// configured provider.
+    fn record_metrics(
+        &self,
+        options: &BatchOptions,
+        results: &[Stage3Output],
+        failures: &[crate::schema::SceneFailure],
+    ) {
+        let provider = self.config().provider.as_str();
+        options.metrics.record(results, failures, provider);
     }
 }
 

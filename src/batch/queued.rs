@@ -1,13 +1,20 @@
-//! The Lambda adapter's two paths: one request ([`Stage3Service::run_one`]) and an SQS
-//! invocation's records run as one batch ([`Stage3Service::run_queued`]), each
-//! submission's outcomes handed back for the queue's bookkeeping.
+//! The Lambda function's two other paths: one request ([`Stage3Service::run_one`]), and
+//! an SQS invocation's messages run as one batch ([`Stage3Service::run_messages`]) and
+//! settled one by one — done, redelivered, or sent to the dead-letter queue.
 
 use std::collections::BTreeMap;
 
+use serde_json::Value;
+
 use crate::cast::{CastGroup, Casting};
+use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
-use crate::events::Event;
-use crate::schema::{Cast, GenerationRequest, SceneFailure, Stage3Output, Submission};
+use crate::events::dead_letter::{self, DeadLetter, DeadLetterQueue};
+use crate::events::{self, Event};
+use crate::schema::{
+    parse_submission_bytes, BatchAnswer, BatchSummary, Cast, GenerationRequest, SceneFailure,
+    Stage3Output, Submission,
+};
 use crate::service::{PreparedScene, SceneOrder, Stage3Service};
 use crate::story::{self, StoryScene};
 
@@ -15,15 +22,14 @@ use super::BatchOptions;
 
 /// One submission of [`Stage3Service::run_queued`]: each scene's id and outcome, in order,
 /// or why the submission was refused before anything ran.
-pub(crate) type QueuedOutcome = Result<Vec<(String, Result<Stage3Output>)>>;
+type QueuedOutcome = Result<Vec<(String, Result<Stage3Output>)>>;
 
 /// What [`Stage3Service::run_queued`] did: each submission's outcomes, and the estimate
 /// made before the batch started, when prices were known.
-
 #[derive(Debug)]
-pub(crate) struct QueuedRun {
-    pub submissions: Vec<QueuedOutcome>,
-    pub estimated_cost_usd: Option<f64>,
+struct QueuedRun {
+    submissions: Vec<QueuedOutcome>,
+    estimated_cost_usd: Option<f64>,
 }
 
 impl Stage3Service {
@@ -44,6 +50,15 @@ impl Stage3Service {
             .next()
             .unwrap_or_else(|| Err(Stage3Error::Internal("no outcome for the scene".into())));
         let [scene] = scenes;
+        match &outcome {
+            Ok(output) => self.record_metrics(options, std::slice::from_ref(output), &[]),
+            // A request refused as it stands is no scene of a batch.
+            Err(Stage3Error::InvalidRequest(_)) => {}
+            Err(error) => {
+                let failure = SceneFailure::new(scene.scene_id(), error);
+                self.record_metrics(options, &[], &[failure]);
+            }
+        }
         if options.events.is_enabled() {
             let event = match &outcome {
                 Ok(output) => Event::scene_ready(output),
@@ -64,7 +79,7 @@ impl Stage3Service {
     /// cannot be published is logged, never failed: its scenes are stored, and the story's
     /// next batch merges the fragment this one left. Events are the caller's: which
     /// failures to announce depends on what the queue does with them.
-    pub(crate) async fn run_queued(
+    async fn run_queued(
         &self,
         submissions: Vec<Result<Submission>>,
         options: &BatchOptions,
@@ -151,4 +166,214 @@ impl Stage3Service {
             estimated_cost_usd: plan.estimated_cost_usd,
         }
     }
+}
+
+/// One queue message: the id the queue redelivers it by, and its body as it arrived.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueMessage {
+    pub id: String,
+    pub body: String,
+}
+
+/// What a run of queue messages came to: the ids of the messages to redeliver, and the
+/// batch's summary (its scenes; a body that was no request counts as one failure).
+#[derive(Debug)]
+pub(crate) struct MessagesRun {
+    pub redeliver: Vec<String>,
+    pub summary: BatchSummary,
+}
+
+impl Stage3Service {
+    /// Runs every valid message's scenes in one batch (see [`Self::run_queued`]) and settles
+    /// each message. A message whose failures are all permanent
+    /// ([`dead_letter::is_permanent`]) goes to `dead_letters` when there is one, and is
+    /// redelivered only if that send fails; any other failure redelivers it. Events:
+    /// every stored scene is announced at once; a message's failures and its `Batch Done`
+    /// only once it is settled (not going back to the queue), so a scene about to be
+    /// retried is never announced as failed.
+    pub(crate) async fn run_messages(
+        &self,
+        messages: Vec<QueueMessage>,
+        options: &BatchOptions,
+        dead_letters: Option<&DeadLetterQueue>,
+    ) -> MessagesRun {
+        let max_batch = self.config().max_batch;
+        let submissions = messages
+            .iter()
+            .map(|message| parse_submission_bytes(message.body.as_bytes(), max_batch))
+            .collect();
+        let mut records: Vec<Settling> = messages.into_iter().map(Settling::new).collect();
+        let run = self.run_queued(submissions, options).await;
+        // The summary counts scenes that ran; a body that was no request is reported per
+        // message.
+        let mut total = BatchAnswer::default();
+        for (record, outcome) in records.iter_mut().zip(run.submissions) {
+            let scenes = match outcome {
+                Ok(scenes) => scenes,
+                Err(error) => {
+                    // A malformed body never gets better: permanent. Without a dead-letter
+                    // queue it is redelivered until the queue's maxReceiveCount moves it
+                    // there; this line tells whoever looks there why.
+                    tracing::warn!(
+                        message_id = %record.message.id,
+                        error_type = %error.error_type(),
+                        error = %error,
+                        "SQS record rejected"
+                    );
+                    let scene_id = body_scene_id(&record.message.body);
+                    record.fail(&scene_id, &error);
+                    continue;
+                }
+            };
+            for (scene_id, outcome) in scenes {
+                match outcome {
+                    Ok(output) => {
+                        total.results.push(output.clone());
+                        record.answer.results.push(output);
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            message_id = %record.message.id,
+                            scene_id = %scene_id,
+                            error_type = %error.error_type(),
+                            permanent = dead_letter::is_permanent(&error),
+                            error = %error,
+                            "scene failed"
+                        );
+                        total.failures.push(SceneFailure::new(&scene_id, &error));
+                        record.fail(&scene_id, &error);
+                    }
+                }
+            }
+        }
+
+        // Messages that failed only for good go to the dead-letter queue, all at once.
+        let deadline = options.run.deadline;
+        let dead_lettered: Vec<bool> = match dead_letters {
+            Some(queue) => {
+                futures::future::join_all(
+                    records
+                        .iter()
+                        .map(|record| record.dead_letter(queue, deadline)),
+                )
+                .await
+            }
+            None => vec![false; records.len()],
+        };
+
+        let mut redeliver = Vec::new();
+        let mut announcements = Vec::new();
+        for (mut record, dead_lettered) in records.into_iter().zip(dead_lettered) {
+            record.answer.summarize();
+            if record.first_error.is_some() && !dead_lettered {
+                tracing::warn!(
+                    message_id = %record.message.id,
+                    failed = record.answer.failures.len(),
+                    "SQS message will be redelivered"
+                );
+                if options.events.is_enabled() {
+                    announcements.extend(record.answer.results.iter().map(Event::scene_ready));
+                }
+                redeliver.push(record.message.id);
+            } else if options.events.is_enabled() {
+                announcements.extend(events::batch_events(&record.answer, None));
+            }
+        }
+        options
+            .events
+            .publish(&announcements, options.events_deadline)
+            .await;
+        self.record_metrics(options, &total.results, &total.failures);
+        total.summarize();
+        total.summary.estimated_cost_usd = run.estimated_cost_usd;
+        MessagesRun {
+            redeliver,
+            summary: total.summary,
+        }
+    }
+}
+
+/// One queue message being settled.
+struct Settling {
+    message: QueueMessage,
+    answer: BatchAnswer,
+    /// The first failure, which names the cause in the dead-letter attributes.
+    first_error: Option<Stage3Error>,
+    /// Some failure may go away on another try: the message must be redelivered.
+    retry: bool,
+}
+
+impl Settling {
+    fn new(message: QueueMessage) -> Self {
+        Settling {
+            message,
+            answer: BatchAnswer::default(),
+            first_error: None,
+            retry: false,
+        }
+    }
+
+    fn fail(&mut self, scene_id: &str, error: &Stage3Error) {
+        self.answer
+            .failures
+            .push(SceneFailure::new(scene_id, error));
+        self.retry |= !dead_letter::is_permanent(error);
+        if self.first_error.is_none() {
+            self.first_error = Some(error.clone());
+        }
+    }
+
+    /// Sends the message to `queue` when every failure in it is permanent; answers whether
+    /// it is now there (and so must not be redelivered). A send the deadline cuts short
+    /// counts as failed: the message is redelivered rather than risk the whole answer
+    /// missing the deadline.
+    async fn dead_letter(&self, queue: &DeadLetterQueue, deadline: Deadline) -> bool {
+        let Some(error) = self.first_error.as_ref().filter(|_| !self.retry) else {
+            return false;
+        };
+        let letter = DeadLetter {
+            error_type: error.error_type(),
+            error_message: error.to_string(),
+            scene_ids: self
+                .answer
+                .failures
+                .iter()
+                .map(|f| f.scene_id.clone())
+                .filter(|id| !id.is_empty())
+                .collect(),
+        };
+        let send = queue.send(&self.message.id, &self.message.body, &letter);
+        let sent = deadline
+            .within(send)
+            .await
+            .unwrap_or_else(|| Err("the invocation's deadline came first".to_string()));
+        match sent {
+            Ok(()) => {
+                tracing::warn!(
+                    message_id = %self.message.id,
+                    error_type = %letter.error_type,
+                    scene_ids = %letter.scene_ids.join(","),
+                    queue = queue.queue_url(),
+                    "SQS message failed for good; sent to the dead-letter queue"
+                );
+                true
+            }
+            Err(send_error) => {
+                tracing::warn!(
+                    message_id = %self.message.id,
+                    error = %send_error,
+                    "dead-letter queue unreachable; the message will be redelivered instead"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// The `scene_id` a rejected body names at its top level, if any, for its failure report.
+fn body_scene_id(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|value| value.get("scene_id")?.as_str().map(str::to_string))
+        .unwrap_or_default()
 }

@@ -31,14 +31,13 @@ use serde_json::Value;
 use crate::batch::BatchOptions;
 use crate::deadline::Deadline;
 use crate::error::{Result, Stage3Error};
-use crate::schema::{parse_submission, SceneFailure, Submission};
+use crate::schema::{parse_submission, Submission};
 use crate::service::{RunOptions, Stage3Service};
 
 pub(crate) mod answer_size;
 mod outlets;
 mod sqs;
 
-use outlets::record_metrics;
 pub use outlets::{metrics_sink, LazyOutlets, Outlets};
 
 /// Kept back from the invocation deadline for serialising the answer and handing it to
@@ -248,33 +247,20 @@ async fn handle_direct(
 ) -> Result<Value> {
     let options = batch_options(outlets, options);
     match parse_submission(payload, service.config().max_batch)? {
-        Submission::Single(request) => {
-            let scene_id = request.scene_id.clone();
-            let outcome = service.run_one(request, &options).await;
-            match &outcome {
-                Ok(output) => record_metrics(service, outlets, std::slice::from_ref(output), &[]),
-                // A request refused before it ran is no scene of a batch.
-                Err(Stage3Error::InvalidRequest(_)) => {}
-                Err(error) => {
-                    record_metrics(service, outlets, &[], &[SceneFailure::new(scene_id, error)])
-                }
-            }
-            Ok(to_json(&outcome?))
-        }
-        submission => {
-            let run = service.run(submission, &options, &()).await?;
-            record_metrics(service, outlets, &run.answer.results, &run.answer.failures);
-            Ok(to_json(&run.answer))
-        }
+        Submission::Single(request) => Ok(to_json(&service.run_one(request, &options).await?)),
+        submission => Ok(to_json(
+            &service.run(submission, &options, &()).await?.answer,
+        )),
     }
 }
 
-/// The invocation's batch: its events, and its story published with half the safety
-/// margin at most (the answer still needs the rest).
+/// The invocation's batch: its events and metric lines, and its story published with half
+/// the safety margin at most (the answer still needs the rest).
 pub(super) fn batch_options(outlets: &Outlets, options: &RunOptions) -> BatchOptions {
     BatchOptions {
         run: options.clone(),
         events: outlets.events.clone(),
+        metrics: outlets.metrics.clone(),
         story_deadline: options.deadline.later_by(DEADLINE_SAFETY_MARGIN / 2),
         events_deadline: options.deadline,
     }

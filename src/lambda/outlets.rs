@@ -7,8 +7,6 @@ use crate::error::Result;
 use crate::events::dead_letter::DeadLetterQueue;
 use crate::events::{EventPublisher, EventSettings};
 use crate::metrics::{MetricsFormat, MetricsSink};
-use crate::schema::{SceneFailure, Stage3Output};
-use crate::service::Stage3Service;
 
 /// Where an invocation reports besides its answer: events for its outcomes
 /// ([`EventPublisher`]), the dead-letter queue for SQS messages that failed for good, and
@@ -91,16 +89,4 @@ impl LazyOutlets {
             })
             .await
     }
-}
-
-/// Writes the metric lines of one batch: failures count under the configured provider.
-pub(super) fn record_metrics(
-    service: &Stage3Service,
-    outlets: &Outlets,
-    results: &[Stage3Output],
-    failures: &[SceneFailure],
-) {
-    outlets
-        .metrics
-        .record(results, failures, service.config().provider.as_str());
 }

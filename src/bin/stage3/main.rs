@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use stage3::metrics::MetricsSink;
 use stage3::provider::{ModelListing, Providers};
 use stage3::story;
 use stage3::{
@@ -94,18 +93,12 @@ async fn generate(args: GenerateArgs) -> Result<ExitCode, Stage3Error> {
     // Ctrl-C stops the batch from starting calls; the calls in flight finish and are stored.
     let stop = BatchStop::new();
     let options = BatchOptions::for_command_line(&config, stop.clone()).await?;
-    // STAGE3_METRICS=emf: the batch's metric lines on stderr (stdout is the answer).
-    let (metrics, provider) = (
-        MetricsSink::for_command_line(config.metrics),
-        config.provider,
-    );
     let service = Stage3Service::from_config(config).await?;
     let progress = Progress::default();
     let interrupts = tokio::spawn(stop_on_ctrl_c(stop.clone()));
     let run = service.run(submission, &options, &progress).await?;
     interrupts.abort();
     progress.finish(&run, options.events.is_enabled());
-    metrics.record(&run.answer.results, &run.answer.failures, provider.as_str());
     let json = serde_json::to_string_pretty(&run.answer).expect("batch answer serializes");
     println!("{json}");
     Ok(match stop.reason() {
