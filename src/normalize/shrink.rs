@@ -39,7 +39,6 @@ pub(crate) fn thumbnail_size(width: u32, height: u32, max_side: u32) -> (u32, u3
 /// every source pixel lands in exactly one output pixel; each output pixel is the mean of
 /// its block. Sums are `u32`: a block holds at most 40 M pixels × 255, well within range.
 pub(crate) struct Shrinker {
-    width: u32,
     height: u32,
     out_width: u32,
     out_height: u32,
@@ -73,7 +72,6 @@ impl Shrinker {
             column_counts[column as usize] += 1;
         }
         Shrinker {
-            width,
             height,
             out_width,
             out_height,
@@ -99,15 +97,22 @@ impl Shrinker {
             self.flush();
             self.current_out_row = out_row;
         }
-        let channels = self.channels;
-        for (x, pixel) in row
-            .chunks_exact(channels)
-            .take(self.width as usize)
-            .enumerate()
-        {
-            let base = self.column_of[x] as usize * channels;
-            for (sum, &sample) in self.sums[base..base + channels].iter_mut().zip(pixel) {
-                *sum += u32::from(sample);
+        // The channel count as a constant lets each pixel's adds compile to straight
+        // code: this loop runs once per source pixel, a tenth of an image's CPU time when
+        // it went through slices of unknown length.
+        let (sums, column_of) = (&mut self.sums, &self.column_of);
+        match self.channels {
+            1 => accumulate::<1>(sums, column_of, row),
+            2 => accumulate::<2>(sums, column_of, row),
+            3 => accumulate::<3>(sums, column_of, row),
+            4 => accumulate::<4>(sums, column_of, row),
+            channels => {
+                for (pixel, &column) in row.chunks_exact(channels).zip(column_of) {
+                    let base = column as usize * channels;
+                    for (sum, &sample) in sums[base..base + channels].iter_mut().zip(pixel) {
+                        *sum += u32::from(sample);
+                    }
+                }
             }
         }
         self.rows_in_sums += 1;
@@ -139,6 +144,20 @@ impl Shrinker {
             )));
         }
         Ok(self.pixels)
+    }
+}
+
+/// Adds each pixel of `row` (`C` samples) to the sums of its output column. Pixels past
+/// `column_of` (a row longer than the image) are ignored.
+fn accumulate<const C: usize>(sums: &mut [u32], column_of: &[u32], row: &[u8]) {
+    for (pixel, &column) in row.chunks_exact(C).zip(column_of) {
+        let base = column as usize * C;
+        if let (Some(sum), Ok(pixel)) = (sums.get_mut(base..base + C), <&[u8; C]>::try_from(pixel))
+        {
+            for (sum, &sample) in sum.iter_mut().zip(pixel) {
+                *sum += u32::from(sample);
+            }
+        }
     }
 }
 
