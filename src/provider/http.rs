@@ -536,18 +536,24 @@ pub(super) async fn read_body(response: &mut Response, limit: usize) -> Result<B
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct DataUrl<'a> {
     pub media_type: Option<&'a str>,
-    pub base64: &'a str,
+    pub base64: &'a [u8],
 }
 
 /// Parses `data:<media type>[;parameters];base64,<payload>` (RFC 2397). Only base64 payloads
-/// are accepted: a percent-encoded image is not something any provider sends.
-pub(super) fn parse_data_url(url: &str) -> Result<DataUrl<'_>, &'static str> {
+/// are accepted: a percent-encoded image is not something any provider sends. Only the
+/// short header need be text; the payload, megabytes, is left to the base64 decoder.
+pub(super) fn parse_data_url(url: &[u8]) -> Result<DataUrl<'_>, &'static str> {
     let rest = url
         .get(..5)
-        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"data:"))
         .map(|_| &url[5..])
         .ok_or("not a data: URL")?;
-    let (header, payload) = rest.split_once(',').ok_or("a data: URL without a comma")?;
+    let comma = rest
+        .iter()
+        .position(|&b| b == b',')
+        .ok_or("a data: URL without a comma")?;
+    let header =
+        std::str::from_utf8(&rest[..comma]).map_err(|_| "a data: URL whose header is not text")?;
     let mut parts = header.split(';');
     let media_type = parts.next().map(str::trim).filter(|t| !t.is_empty());
     if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
@@ -555,16 +561,22 @@ pub(super) fn parse_data_url(url: &str) -> Result<DataUrl<'_>, &'static str> {
     }
     Ok(DataUrl {
         media_type,
-        base64: payload,
+        base64: &rest[comma + 1..],
     })
 }
 
 /// Decodes raw base64, or a `data:` URL around it, into the image bytes.
 pub(super) fn decode_inline_image(text: &str) -> Result<ProviderImage> {
-    let text = text.trim();
+    decode_inline_bytes(text.as_bytes())
+}
+
+/// [`decode_inline_image`] of bytes: the payload, megabytes, is read once, by the base64
+/// decoder (no UTF-8 check or whitespace scan before it).
+fn decode_inline_bytes(text: &[u8]) -> Result<ProviderImage> {
+    let text = text.trim_ascii();
     let is_data_url = text
         .get(..5)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("data:"));
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"data:"));
     let (claimed, payload) = if is_data_url {
         let url = parse_data_url(text)
             .map_err(|why| malformed(format!("cannot use the image: {why}")))?;
@@ -572,7 +584,7 @@ pub(super) fn decode_inline_image(text: &str) -> Result<ProviderImage> {
     } else {
         (None, text)
     };
-    let bytes = decode_base64(payload.trim())
+    let bytes = decode_base64(payload.trim_ascii())
         .map_err(|why| malformed(format!("the image is not valid base64: {why}")))?;
     if bytes.is_empty() {
         return Err(malformed("the image data is empty"));
@@ -605,31 +617,40 @@ pub(super) async fn decode_inline_image_apart(text: &str, answer: &Bytes) -> Res
             Bytes::copy_from_slice(text.as_bytes())
         }
     };
-    tokio::task::spawn_blocking(move || {
-        let text =
-            std::str::from_utf8(&shared).map_err(|_| malformed("the image data is not text"))?;
-        decode_inline_image(text)
-    })
-    .await
-    .map_err(|e| Stage3Error::Internal(format!("decoding an answer's image failed: {e}")))?
+    tokio::task::spawn_blocking(move || decode_inline_bytes(&shared))
+        .await
+        .map_err(|e| Stage3Error::Internal(format!("decoding an answer's image failed: {e}")))?
 }
 
-pub(super) fn decode_base64(payload: &str) -> Result<Bytes, base64::DecodeError> {
-    // Line-wrapped base64 (MIME style) needs its whitespace gone; the common case has none
-    // and is decoded in place, without a copy.
-    let unwrapped: Cow<'_, str> = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
-        Cow::Owned(payload.split_ascii_whitespace().collect())
-    } else {
-        Cow::Borrowed(payload)
+pub(super) fn decode_base64(payload: &[u8]) -> Result<Bytes, base64::DecodeError> {
+    // The common case, one unbroken line of standard base64, is decoded straight from the
+    // answer with no scan before it. Only when that fails is line-wrapped base64 (MIME
+    // style) unwrapped, and the URL-safe alphabet tried.
+    let first_error = match BASE64.decode(payload) {
+        Ok(bytes) => return Ok(Bytes::from(bytes)),
+        Err(error) => error,
     };
-    match BASE64.decode(unwrapped.as_bytes()) {
-        Ok(bytes) => Ok(Bytes::from(bytes)),
-        Err(standard_error) if unwrapped.contains(['-', '_']) => BASE64_URL_SAFE
-            .decode(unwrapped.as_bytes())
+    let (unwrapped, standard_error): (Cow<'_, [u8]>, _) =
+        if payload.iter().any(u8::is_ascii_whitespace) {
+            let unwrapped: Vec<u8> = payload
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            match BASE64.decode(&unwrapped) {
+                Ok(bytes) => return Ok(Bytes::from(bytes)),
+                Err(error) => (Cow::Owned(unwrapped), error),
+            }
+        } else {
+            (Cow::Borrowed(payload), first_error)
+        };
+    if unwrapped.iter().any(|&b| b == b'-' || b == b'_') {
+        return BASE64_URL_SAFE
+            .decode(&unwrapped)
             .map(Bytes::from)
-            .map_err(|_| standard_error),
-        Err(error) => Err(error),
+            .map_err(|_| standard_error);
     }
+    Err(standard_error)
 }
 
 #[cfg(test)]
@@ -660,30 +681,30 @@ mod tests {
     #[test]
     fn data_urls_are_split_into_type_and_payload() {
         assert_eq!(
-            parse_data_url("data:image/png;base64,iVBORw0KGgo="),
+            parse_data_url(b"data:image/png;base64,iVBORw0KGgo="),
             Ok(DataUrl {
                 media_type: Some("image/png"),
-                base64: "iVBORw0KGgo="
+                base64: b"iVBORw0KGgo="
             })
         );
         assert_eq!(
-            parse_data_url("DATA:image/jpeg;name=x.jpg;BASE64,/9j/"),
+            parse_data_url(b"DATA:image/jpeg;name=x.jpg;BASE64,/9j/"),
             Ok(DataUrl {
                 media_type: Some("image/jpeg"),
-                base64: "/9j/"
+                base64: b"/9j/"
             })
         );
         assert_eq!(
-            parse_data_url("data:;base64,AAAA"),
+            parse_data_url(b"data:;base64,AAAA"),
             Ok(DataUrl {
                 media_type: None,
-                base64: "AAAA"
+                base64: b"AAAA"
             })
         );
-        assert!(parse_data_url("data:image/png,%89PNG").is_err());
-        assert!(parse_data_url("data:image/png;base64").is_err());
-        assert!(parse_data_url("https://example.com/x.png").is_err());
-        assert!(parse_data_url("dat").is_err());
+        assert!(parse_data_url(b"data:image/png,%89PNG").is_err());
+        assert!(parse_data_url(b"data:image/png;base64").is_err());
+        assert!(parse_data_url(b"https://example.com/x.png").is_err());
+        assert!(parse_data_url(b"dat").is_err());
     }
 
     #[test]
