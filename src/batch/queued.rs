@@ -34,8 +34,28 @@ struct QueuedRun {
 
 impl Stage3Service {
     /// One request: its `Stage3Output`, or the error whose `error_type` names the cause.
-    /// Its scene's event is published either way.
+    /// Once it ran, its scene's event is published either way; its metric lines are
+    /// written unless it was refused as it stands (`invalid_request`).
     pub(crate) async fn run_one(
+        &self,
+        request: GenerationRequest,
+        options: &BatchOptions,
+    ) -> Result<Stage3Output> {
+        let scene_id = request.scene_id.clone();
+        let outcome = self.run_one_and_announce(request, options).await;
+        match &outcome {
+            Ok(output) => self.record_metrics(options, std::slice::from_ref(output), &[]),
+            // A request refused as it stands is no scene of a batch.
+            Err(Stage3Error::InvalidRequest(_)) => {}
+            Err(error) => {
+                let failure = SceneFailure::new(scene_id, error);
+                self.record_metrics(options, &[], &[failure]);
+            }
+        }
+        outcome
+    }
+
+    async fn run_one_and_announce(
         &self,
         request: GenerationRequest,
         options: &BatchOptions,
@@ -50,15 +70,6 @@ impl Stage3Service {
             .next()
             .unwrap_or_else(|| Err(Stage3Error::Internal("no outcome for the scene".into())));
         let [scene] = scenes;
-        match &outcome {
-            Ok(output) => self.record_metrics(options, std::slice::from_ref(output), &[]),
-            // A request refused as it stands is no scene of a batch.
-            Err(Stage3Error::InvalidRequest(_)) => {}
-            Err(error) => {
-                let failure = SceneFailure::new(scene.scene_id(), error);
-                self.record_metrics(options, &[], &[failure]);
-            }
-        }
         if options.events.is_enabled() {
             let event = match &outcome {
                 Ok(output) => Event::scene_ready(output),
