@@ -239,6 +239,7 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
         .as_millis() as u64
 }
+
 /// What claiming a scene came to.
 pub(crate) enum Turn<T> {
     /// This worker holds the claim and generates the scene ([`Shelf::while_held`]).
