@@ -353,23 +353,11 @@ async fn keep(
 mod tests {
     use super::*;
 
-    use crate::cache::request_hash;
-    use crate::image_spec::{ImageSpec, ModelRef, ProviderKind};
-    use crate::provider::ProviderIdentity;
-    use crate::schema::{ImageQuality, ImageSize};
+    use crate::cache::tests::{hash, spec};
 
+    /// The keys of the scene the tests claim (the cache tests' request).
     fn keys(prompt: &str) -> ResultKeys {
-        let mut spec = ImageSpec::plain(
-            ModelRef::resolve("google/gemini-2.5-flash-image", ProviderKind::OpenRouter),
-            ImageSize::Square,
-            ImageQuality::Standard,
-        );
-        spec.prompt = prompt.into();
-        let by = ProviderIdentity {
-            kind: ProviderKind::OpenRouter,
-            variant: None,
-        };
-        ResultKeys::new("s", &request_hash(by, &spec))
+        ResultKeys::new("s", &hash(&spec(prompt)))
     }
 
     async fn plant(store: &crate::storage::MemoryStore, keys: &ResultKeys, body: &ClaimBody) {

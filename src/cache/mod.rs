@@ -330,7 +330,7 @@ mod tests {
 
     use crate::image_spec::{ModelRef, ProviderKind};
 
-    fn spec(prompt: &str) -> ImageSpec {
+    pub(super) fn spec(prompt: &str) -> ImageSpec {
         let mut spec = ImageSpec::plain(
             ModelRef::resolve("google/gemini-2.5-flash-image", ProviderKind::OpenRouter),
             ImageSize::Square,
@@ -344,7 +344,7 @@ mod tests {
         ProviderIdentity { kind, variant }
     }
 
-    fn hash(spec: &ImageSpec) -> String {
+    pub(super) fn hash(spec: &ImageSpec) -> String {
         request_hash(by(ProviderKind::OpenRouter, Some("images")), spec)
     }
 
