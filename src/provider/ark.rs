@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::http::{
     classify_status, decode_inline_image_apart, malformed, shorten_slug, with_cost, ApiClient,
-    ErrorAnswer, JsonText,
+    ErrorAnswer, JsonBytes, JsonText,
 };
 use super::table::{ModelTable, SizeTier, TabledModel};
 use super::ApiSettings;
@@ -383,7 +383,7 @@ struct GenerationAnswer<'a> {
 #[derive(Deserialize)]
 struct Datum<'a> {
     #[serde(borrow, default)]
-    b64_json: Option<JsonText<'a>>,
+    b64_json: Option<JsonBytes<'a>>,
     #[serde(borrow, default)]
     url: Option<JsonText<'a>>,
     #[serde(default)]

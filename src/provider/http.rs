@@ -394,6 +394,13 @@ impl ApiClient {
 #[derive(Deserialize)]
 pub(super) struct JsonText<'a>(#[serde(borrow)] pub Cow<'a, str>);
 
+/// An image's base64 text (or `data:` URL) read from the answer as raw bytes: borrowed
+/// like [`JsonText`], but found with a SIMD search for the closing quote and not checked as
+/// UTF-8, which for a 4 MB payload was a tenth of each answer's CPU time. Nothing is lost:
+/// the base64 decoder refuses every byte that is not base64.
+#[derive(Deserialize)]
+pub(super) struct JsonBytes<'a>(#[serde(borrow)] pub Cow<'a, [u8]>);
+
 /// Records what a failed call was billed, when the answer said.
 pub(super) fn with_cost(mut error: Stage3Error, cost: Option<f64>) -> Stage3Error {
     if let Some(failure) = error.provider_failure_mut() {
@@ -604,17 +611,20 @@ const DECODE_APART_BYTES: usize = 64 * 1024;
 /// one after another on one core (8 ms each for a 3 MB PNG): the next wave's calls and the
 /// other answers waited behind them. `text` is shared with `answer` when it lies inside it
 /// (the usual case: base64 needs no JSON escapes), copied otherwise.
-pub(super) async fn decode_inline_image_apart(text: &str, answer: &Bytes) -> Result<ProviderImage> {
+pub(super) async fn decode_inline_image_apart(
+    text: &[u8],
+    answer: &Bytes,
+) -> Result<ProviderImage> {
     if text.len() < DECODE_APART_BYTES {
-        return decode_inline_image(text);
+        return decode_inline_bytes(text);
     }
     let shared = {
         let inside = answer.as_ref().as_ptr_range();
         let end = text.as_ptr().wrapping_add(text.len());
         if inside.contains(&text.as_ptr()) && end <= inside.end {
-            answer.slice_ref(text.as_bytes())
+            answer.slice_ref(text)
         } else {
-            Bytes::copy_from_slice(text.as_bytes())
+            Bytes::copy_from_slice(text)
         }
     };
     tokio::task::spawn_blocking(move || decode_inline_bytes(&shared))
@@ -623,9 +633,14 @@ pub(super) async fn decode_inline_image_apart(text: &str, answer: &Bytes) -> Res
 }
 
 pub(super) fn decode_base64(payload: &[u8]) -> Result<Bytes, base64::DecodeError> {
-    // The common case, one unbroken line of standard base64, is decoded straight from the
-    // answer with no scan before it. Only when that fails is line-wrapped base64 (MIME
-    // style) unwrapped, and the URL-safe alphabet tried.
+    // The common case, one unbroken line of padded standard base64, is decoded straight
+    // from the answer with no scan before it, by a SIMD decoder (a 4 MB payload in a
+    // fraction of a millisecond, against about 3 ms). Anything it refuses goes through the
+    // lenient decoder: missing padding, stray trailing bits, line-wrapped base64 (MIME
+    // style), the URL-safe alphabet.
+    if let Ok(bytes) = base64_simd::STANDARD.decode_to_vec(payload) {
+        return Ok(Bytes::from(bytes));
+    }
     let first_error = match BASE64.decode(payload) {
         Ok(bytes) => return Ok(Bytes::from(bytes)),
         Err(error) => error,
@@ -736,14 +751,16 @@ mod tests {
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
         let answer = Bytes::from(format!(r#"{{"b64_json":"{encoded}"}}"#));
-        let inside = std::str::from_utf8(&answer[13..13 + encoded.len()]).unwrap();
-        assert_eq!(inside, encoded);
+        let inside = &answer[13..13 + encoded.len()];
+        assert_eq!(inside, encoded.as_bytes());
         let shared = decode_inline_image_apart(inside, &answer).await.unwrap();
         assert_eq!(&shared.bytes[..], &bytes[..]);
-        let copied = decode_inline_image_apart(&encoded, &answer).await.unwrap();
+        let copied = decode_inline_image_apart(encoded.as_bytes(), &answer)
+            .await
+            .unwrap();
         assert_eq!(&copied.bytes[..], &bytes[..]);
         let broken = format!("{}!{}", &encoded[..100], &encoded[101..]);
-        let refused = decode_inline_image_apart(&broken, &answer).await;
+        let refused = decode_inline_image_apart(broken.as_bytes(), &answer).await;
         assert!(refused.is_err(), "a broken payload is still refused");
     }
 

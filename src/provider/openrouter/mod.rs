@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{
     decode_inline_image_apart, malformed, shorten, shorten_slug, with_cost, ApiClient, ErrorAnswer,
-    JsonText,
+    JsonBytes, JsonText,
 };
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
@@ -290,10 +290,12 @@ impl OpenRouterProvider {
         let url = &image.image_url.url.0;
         let mut image = if url
             .get(..5)
-            .is_some_and(|s| s.eq_ignore_ascii_case("data:"))
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"data:"))
         {
             decode_inline_image_apart(url, &answer).await?
         } else {
+            let url = std::str::from_utf8(url)
+                .map_err(|_| malformed("the image URL is not valid UTF-8"))?;
             self.http.fetch_image_url(url, &request.budget).await?
         };
         image.cost = cost;
@@ -619,7 +621,7 @@ struct ImagesAnswer<'a> {
 #[derive(Deserialize)]
 struct ImageDatum<'a> {
     #[serde(borrow, default)]
-    b64_json: Option<JsonText<'a>>,
+    b64_json: Option<JsonBytes<'a>>,
     /// Not promised by the Image API, but handled like the chat path's URLs if it appears.
     #[serde(borrow, default)]
     url: Option<JsonText<'a>>,
@@ -666,8 +668,9 @@ struct ChatImage<'a> {
 
 #[derive(Deserialize)]
 struct ChatImageUrl<'a> {
+    /// A `data:` URL of megabytes, usually: read as bytes (see [`JsonBytes`]).
     #[serde(borrow)]
-    url: JsonText<'a>,
+    url: JsonBytes<'a>,
 }
 
 /// `usage.cost` in USD. Usage is bookkeeping: a shape we do not expect loses the cost, never
@@ -693,14 +696,14 @@ mod tests {
         let datum = &answer.data.unwrap()[0];
         assert!(matches!(
             datum.b64_json.as_ref().unwrap().0,
-            Cow::Borrowed("QUJD")
+            Cow::Borrowed(b"QUJD")
         ));
 
         // An escaped `/` cannot be borrowed, but must still be read.
         let body = br#"{"data":[{"b64_json":"QU\/D"}]}"#;
         let answer: ImagesAnswer<'_> = serde_json::from_slice(body).unwrap();
         let datum = &answer.data.unwrap()[0];
-        assert_eq!(datum.b64_json.as_ref().unwrap().0, "QU/D");
+        assert_eq!(&datum.b64_json.as_ref().unwrap().0[..], b"QU/D");
     }
 
     #[test]
