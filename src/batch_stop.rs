@@ -141,6 +141,12 @@ impl BatchStop {
         }
     }
 
+    /// Whether spending is limited: then a call's real cost must be known before the next
+    /// call is checked against the budget.
+    pub(crate) fn limits_spending(&self) -> bool {
+        locked(&self.0.spending).max_usd.is_some()
+    }
+
     /// Reserves a call's estimate, or stops the batch when spent + reserved + estimate would
     /// pass the budget. Returns the amount reserved.
     pub(crate) fn reserve(&self, estimate_usd: Option<f64>) -> Result<f64> {

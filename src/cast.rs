@@ -456,7 +456,7 @@ impl SceneOrder for Casting {
             );
             ready.truncate(room);
         }
-        let mut spec = scene.spec.clone();
+        let mut spec = ImageSpec::clone(&scene.spec);
         let mut references = scene.references.clone();
         let mut hashes = Vec::with_capacity(ready.len());
         for (character, reference) in &ready {
@@ -477,7 +477,7 @@ impl SceneOrder for Casting {
         Ok(PreparedScene {
             keys: ResultKeys::new(scene.scene_id(), &request_hash),
             request: scene.request.clone(),
-            spec,
+            spec: Arc::new(spec),
             request_hash,
             references,
         })

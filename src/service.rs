@@ -38,7 +38,9 @@ use crate::error::{Result, Stage3Error};
 use crate::image_spec::{ImageSpec, ModelRef, ProviderKind, SpecSettings};
 use crate::labels;
 use crate::normalize::{normalize_and_shrink, ImageLimits, SourceFormat};
-use crate::provider::{ImageProvider, ImageRequest, Plan, PlannedModel, Providers};
+use crate::provider::{
+    AnswerGate, ImageProvider, ImageRequest, Plan, PlannedModel, ProviderImage, Providers,
+};
 use crate::retry::{Backpressure, RetryPolicy};
 use crate::schema::{
     locate_in_batch, BatchAnswer, GenerationParams, GenerationRequest, ReferenceUsed, SceneFailure,
@@ -140,8 +142,9 @@ impl CacheLookup {
 #[derive(Debug, Clone)]
 pub struct PreparedScene {
     pub request: GenerationRequest,
-    /// What to draw, resolved once; every later step borrows it.
-    pub spec: ImageSpec,
+    /// What to draw, resolved once; every later step borrows it (shared, so a provider
+    /// call running on a task of its own holds it without a copy).
+    pub spec: Arc<ImageSpec>,
     pub request_hash: String,
     pub(crate) keys: ResultKeys,
     /// With a character mode: the characters' references this scene is sent, recorded in
@@ -171,7 +174,7 @@ impl PreparedScene {
         let keys = ResultKeys::new(&request.scene_id, &request_hash);
         Ok(PreparedScene {
             request,
-            spec,
+            spec: Arc::new(spec),
             request_hash,
             keys,
             references: Vec::new(),
@@ -250,7 +253,10 @@ pub struct Stage3Service {
     limits: ImageLimits,
     /// `STAGE3_CONCURRENCY` permits, one per provider call in flight (see
     /// [`Stage3Service::run_scenes`]).
-    provider_permits: tokio::sync::Semaphore,
+    provider_permits: Arc<tokio::sync::Semaphore>,
+    /// `STAGE3_CONCURRENCY` places for answers in memory, from their arrival until a
+    /// decoder takes them (see [`AnswerGate`]).
+    answer_rooms: Arc<tokio::sync::Semaphore>,
     /// One permit per core for image decoding (see [`Stage3Service::process`]).
     decode_permits: tokio::sync::Semaphore,
     /// The lease of a claim, renewed while the scene is generated.
@@ -311,7 +317,8 @@ impl Stage3Service {
                 .map(|kind| (kind, Backpressure::new()))
                 .collect(),
             fallbacks: config.fallbacks(),
-            provider_permits: tokio::sync::Semaphore::new(config.concurrency),
+            provider_permits: Arc::new(tokio::sync::Semaphore::new(config.concurrency)),
+            answer_rooms: Arc::new(tokio::sync::Semaphore::new(config.concurrency)),
             decode_permits: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |cores| cores.get()),
             ),
@@ -1207,9 +1214,8 @@ impl Stage3Service {
         let model_name = planned.model.to_string();
         let mut attempts = 0u32;
         loop {
-            let provider_slot = self
-                .provider_permits
-                .acquire()
+            let provider_slot = Arc::clone(&self.provider_permits)
+                .acquire_owned()
                 .await
                 .expect("the provider semaphore is never closed");
             stop.check_provider(kind)?;
@@ -1229,13 +1235,20 @@ impl Stage3Service {
             let reserved = stop.reserve(planned.estimate_usd)?;
             attempts += 1;
             tally.attempts += 1;
-            let request = ImageRequest {
-                scene_id: scene.scene_id(),
-                spec: &scene.spec,
-                model: &planned.model.model,
+            let gate = Arc::new(AnswerGate::new(
+                provider_slot,
+                self.answer_rooms.clone(),
+                stop.limits_spending(),
+            ));
+            let answer = call_apart(
+                provider.clone(),
+                scene.scene_id().to_string(),
+                scene.spec.clone(),
+                planned.model.model.clone(),
                 budget,
-            };
-            let answer = provider.generate(&request).await;
+                gate.clone(),
+            )
+            .await;
             let billed = match &answer {
                 Ok(image) => image.cost,
                 Err(error) => error.cost(),
@@ -1249,6 +1262,7 @@ impl Stage3Service {
                 Err(_) => billed,
             };
             stop.settle(reserved, counted);
+            gate.call_returned();
             if let Err(Stage3Error::ModelUnavailable(_)) = &answer {
                 stop.mark_unavailable(&model_name);
             }
@@ -1268,21 +1282,20 @@ impl Stage3Service {
                 backpressure.pause_for(delay).await;
                 retry_delay = Some(delay);
             }
-            // An answer sits in memory until it is decoded. Taking the decode permit before
-            // giving up the provider slot keeps the answers waiting for one to at most the
-            // concurrency, however fast the provider answers. (Giving the slot back on
-            // arrival, with a second bound on waiting answers, was measured: the 16-scene
-            // batch of `cargo bench` took no less time, and memory had a looser bound.)
+            // An answer sits in memory until it is decoded: the gate keeps its room (or,
+            // from a provider that never said it answered, its provider slot) until a
+            // decoder takes it, so the answers waiting for one are at most the concurrency
+            // however fast the provider answers.
             let outcome = match answer {
                 Ok(image) => {
                     let decoding = self.decode_permits.acquire().await.map_err(|e| {
                         Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
                     })?;
-                    drop(provider_slot);
+                    drop(gate);
                     self.process(decoding, image.bytes, scene).await
                 }
                 Err(e) => {
-                    drop(provider_slot);
+                    drop(gate);
                     Err(e)
                 }
             };
@@ -1394,6 +1407,55 @@ impl Stage3Service {
     /// `image_url`: the CDN URL (signed if so configured) or what the store offers.
     async fn image_url(&self, key: &str) -> Result<Option<String>> {
         self.urls.url(self.store.as_ref(), key).await
+    }
+}
+
+/// One provider call, on a task of its own.
+///
+/// A batch's scenes are driven by one task, on one thread; an answer read there (megabytes
+/// copied out of the socket, then searched for the image) held up every other scene's
+/// answer and the next calls behind it, while the other core stood idle. On its own task
+/// the runtime spreads the answers over every core. Dropping the future (the batch
+/// stopped, the deadline passed) cancels the call as before.
+async fn call_apart(
+    provider: Arc<dyn ImageProvider>,
+    scene_id: String,
+    spec: Arc<ImageSpec>,
+    model: String,
+    budget: CallBudget,
+    gate: Arc<AnswerGate>,
+) -> Result<ProviderImage> {
+    let call = tokio::spawn(
+        async move {
+            let request = ImageRequest {
+                scene_id: &scene_id,
+                spec: &spec,
+                model: &model,
+                budget,
+                gate: Some(&gate),
+            };
+            provider.generate(&request).await
+        }
+        .in_current_span(),
+    );
+    let _cancel_on_drop = AbortOnDrop(call.abort_handle());
+    match call.await {
+        Ok(answer) => answer,
+        // The scene's own panic, raised where it would have been raised inline, so the
+        // scene fails alone as `internal` (see `Stage3Service::run_scene`).
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Stage3Error::Internal(format!(
+            "the provider call was cancelled: {e}"
+        ))),
+    }
+}
+
+/// Aborts a spawned task when its awaiting future is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

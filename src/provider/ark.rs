@@ -200,7 +200,7 @@ impl ImageProvider for ArkProvider {
         };
         let answer = match self
             .http
-            .post_json("/images/generations", &body, &request.budget)
+            .post_json("/images/generations", &body, request)
             .await?
         {
             Ok(answer) => answer,

@@ -164,11 +164,7 @@ impl ImageProvider for DashScopeProvider {
                 seed: request.spec.seed,
             },
         };
-        let answer = match self
-            .http
-            .post_json(GENERATION_PATH, &body, &request.budget)
-            .await?
-        {
+        let answer = match self.http.post_json(GENERATION_PATH, &body, request).await? {
             Ok(answer) => answer,
             Err(answer) => return Err(self.error_answer(answer, model)),
         };

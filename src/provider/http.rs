@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fetch::{self, AddressPolicy};
 use super::HttpSettings;
-use super::ProviderImage;
+use super::{ImageRequest, ProviderImage};
 use crate::deadline::CallBudget;
 use crate::error::{ProviderFailure, Result, Stage3Error};
 use crate::secret::Secret;
@@ -152,13 +152,15 @@ impl ApiClient {
     }
 
     /// POSTs `body` to `{base}{path}` within the call's budget: the 2xx answer's body, read
-    /// within the cap, or the error answer for the provider to classify.
+    /// within the cap once there is room for it (see [`ImageRequest::answered`]), or the
+    /// error answer for the provider to classify.
     pub(crate) async fn post_json(
         &self,
         path: &str,
         body: &impl Serialize,
-        budget: &CallBudget,
+        request: &ImageRequest<'_>,
     ) -> Result<std::result::Result<Bytes, ErrorAnswer>> {
+        let budget = &request.budget;
         if self.key.is_none() {
             return Err(Stage3Error::config(format!(
                 "{} is not set",
@@ -188,6 +190,7 @@ impl ApiClient {
         if !status.is_success() {
             return Ok(Err(self.error_answer(&mut response).await));
         }
+        request.answered().await;
         match read_body(&mut response, self.max_response_bytes).await {
             Ok(bytes) => Ok(Ok(bytes)),
             Err(BodyError::TooLarge) => Err(too_large(status.as_u16(), self.max_response_bytes)),

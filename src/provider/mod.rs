@@ -18,6 +18,7 @@
 mod ark;
 mod dashscope;
 mod fetch;
+mod gate;
 mod http;
 mod listing;
 mod openrouter;
@@ -31,6 +32,7 @@ use bytes::Bytes;
 
 pub use ark::ArkProvider;
 pub use dashscope::DashScopeProvider;
+pub use gate::AnswerGate;
 pub use listing::ModelListing;
 pub use openrouter::OpenRouterProvider;
 pub use placeholder::PlaceholderProvider;
@@ -56,6 +58,9 @@ pub struct ImageRequest<'a> {
     /// The whole budget for this call, connect to last byte of every step; the service
     /// shortens it when a deadline is near, and running out of it says which ended it.
     pub budget: CallBudget,
+    /// Where the answer waits for room before its body is read (see [`AnswerGate`]); `None`
+    /// outside a batch.
+    pub gate: Option<&'a AnswerGate>,
 }
 
 impl ImageRequest<'_> {
@@ -63,6 +68,14 @@ impl ImageRequest<'_> {
     /// field sends (see `ImageSpec::prompt_for`).
     pub fn prompt(&self) -> &str {
         &self.spec.prompt
+    }
+
+    /// Says the provider answered with the image, before its body is read: see
+    /// [`AnswerGate::answered`].
+    pub async fn answered(&self) {
+        if let Some(gate) = self.gate {
+            gate.answered().await;
+        }
     }
 }
 

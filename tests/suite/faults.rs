@@ -511,6 +511,51 @@ async fn spending_stops_when_the_next_call_would_pass_the_budget() {
     assert!((answer.summary.cost_usd - 0.09).abs() < 1e-9);
 }
 
+/// A provider slot stands for an image being drawn: once the provider answers (its status
+/// line), the next scene's call starts while the answer's body is still downloading. Under
+/// a spending limit it waits for the whole answer, whose body says what the call cost.
+#[tokio::test]
+async fn the_next_call_starts_at_the_answer_unless_spending_is_limited() {
+    let png = good_png();
+    let slow_body = Duration::from_millis(600);
+    let server = ScriptedOpenRouter::start(move |_, _| {
+        Reply::image(&png, "image/png").body_after(slow_body)
+    })
+    .await;
+    for limited in [false, true] {
+        let out = tempfile::tempdir().unwrap();
+        let mut settings = config(&server, out.path()).set("STAGE3_CONCURRENCY", "1");
+        if limited {
+            settings = settings.set("STAGE3_MAX_COST_USD", "1.00");
+        }
+        let service = settings.service().await;
+        let before = server.requests().len();
+        let answer = service
+            .generate_all_images(vec![
+                request(&format!("slot-{limited}-0")),
+                request(&format!("slot-{limited}-1")),
+            ])
+            .await;
+        assert_eq!(answer.results.len(), 2, "{:?}", answer.failures);
+        let spans = server.spans().split_off(before);
+        let (first, first_answered) = (&spans[0].0, spans[0].1.expect("answered"));
+        let second = &spans[1].0;
+        if limited {
+            assert!(
+                second.at >= first_answered,
+                "under a budget the second call waits for the first answer's body"
+            );
+        } else {
+            assert!(
+                second.at < first.at + slow_body / 2,
+                "the second call starts at the first answer's status line, {:?} after the \
+                 first call",
+                second.at - first.at
+            );
+        }
+    }
+}
+
 // ---- Scheduling, on a paused clock ----------------------------------------------------
 //
 // Who waits for whom: slots, back-pressure pauses, the batch stopping. The real service runs

@@ -55,6 +55,7 @@ impl Call {
             spec: &self.spec,
             model: &self.spec.model.model,
             budget: CallBudget::new(self.timeout),
+            gate: None,
         }
     }
 }

@@ -99,6 +99,7 @@ async fn drawings(scenes: &[&Scene]) -> Vec<(&'static str, Vec<u8>)> {
                 spec: &spec,
                 model: &spec.model.model,
                 budget: CallBudget::new(Duration::from_secs(30)),
+                gate: None,
             })
             .await
             .unwrap();

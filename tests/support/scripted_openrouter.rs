@@ -42,6 +42,9 @@ pub enum Reply {
     Hang(Duration),
     /// Wait (provider latency), then give the inner reply.
     After(Duration, Box<Reply>),
+    /// The inner reply's status line and headers at once, its body this much later (an
+    /// answer still downloading).
+    SlowBody(Duration, Box<Reply>),
 }
 
 impl Reply {
@@ -140,6 +143,11 @@ impl Reply {
     /// This reply after `latency`, as a real provider that takes its time.
     pub fn after(self, latency: Duration) -> Reply {
         Reply::After(latency, Box::new(self))
+    }
+
+    /// This reply with its body sent `delay` after its headers.
+    pub fn body_after(self, delay: Duration) -> Reply {
+        Reply::SlowBody(delay, Box::new(self))
     }
 
     pub fn raw(status: u16, body: &[u8]) -> Reply {
@@ -542,8 +550,13 @@ async fn write_reply(
         tokio::time::sleep(latency).await;
         reply = *inner;
     }
+    let mut body_delay = Duration::ZERO;
+    while let Reply::SlowBody(delay, inner) = reply {
+        body_delay += delay;
+        reply = *inner;
+    }
     match reply {
-        Reply::After(..) => unreachable!("unwrapped above"),
+        Reply::After(..) | Reply::SlowBody(..) => unreachable!("unwrapped above"),
         Reply::Drop => Ok(()),
         Reply::Hang(duration) => {
             tokio::time::sleep(duration).await;
@@ -563,6 +576,10 @@ async fn write_reply(
                 body.len()
             ));
             stream.write_all(head.as_bytes()).await?;
+            if !body_delay.is_zero() {
+                stream.flush().await?;
+                tokio::time::sleep(body_delay).await;
+            }
             stream.write_all(&body).await?;
             stream.shutdown().await
         }

@@ -358,7 +358,7 @@ impl OpenRouterProvider {
         body: &impl Serialize,
         request: &ImageRequest<'_>,
     ) -> Result<Bytes> {
-        match self.http.post_json(path, body, &request.budget).await? {
+        match self.http.post_json(path, body, request).await? {
             Ok(bytes) => Ok(bytes),
             Err(answer) => Err(self.error_answer(answer, request.model)),
         }

@@ -87,6 +87,7 @@ mod tests {
             spec: &spec,
             model: &spec.model.model,
             budget: CallBudget::new(Duration::from_secs(180)),
+            gate: None,
         };
         let image = provider.generate(&ask).await.unwrap();
         assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
