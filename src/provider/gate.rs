@@ -92,47 +92,36 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A gate holding one of `slots`, its answer's room from `rooms`.
+    async fn gate(slots: &Arc<Semaphore>, rooms: &Arc<Semaphore>, keep: bool) -> AnswerGate {
+        let slot = Arc::clone(slots).acquire_owned().await.unwrap();
+        AnswerGate::new(slot, Arc::clone(rooms), keep)
+    }
+
+    fn one_of_each() -> (Arc<Semaphore>, Arc<Semaphore>) {
+        (Arc::new(Semaphore::new(1)), Arc::new(Semaphore::new(1)))
+    }
+
     #[tokio::test]
     async fn an_answer_gives_its_slot_back_and_waits_for_room() {
-        let slots = Arc::new(Semaphore::new(1));
-        let rooms = Arc::new(Semaphore::new(1));
-        let first = AnswerGate::new(
-            slots.clone().acquire_owned().await.unwrap(),
-            rooms.clone(),
-            false,
-        );
+        let (slots, rooms) = one_of_each();
+        let first = gate(&slots, &rooms, false).await;
         assert_eq!(slots.available_permits(), 0);
         first.answered().await;
-        assert_eq!(
-            slots.available_permits(),
-            1,
-            "the slot is free for the next call"
-        );
+        assert_eq!(slots.available_permits(), 1, "free for the next call");
         assert_eq!(rooms.available_permits(), 0, "the answer holds its room");
 
         // A second answer waits until the first one's room is given back.
-        let second = AnswerGate::new(
-            slots.clone().acquire_owned().await.unwrap(),
-            rooms.clone(),
-            false,
-        );
+        let second = gate(&slots, &rooms, false).await;
         {
             let waiting = second.answered();
             tokio::pin!(waiting);
             assert!(futures::poll!(waiting.as_mut()).is_pending());
-            assert_eq!(
-                slots.available_permits(),
-                1,
-                "its slot went back while it waits"
-            );
+            assert_eq!(slots.available_permits(), 1, "its slot went back first");
             drop(first);
             waiting.await;
         }
-        assert_eq!(
-            rooms.available_permits(),
-            0,
-            "the second answer has the room now"
-        );
+        assert_eq!(rooms.available_permits(), 0, "the second answer has it now");
         drop(second);
         assert_eq!(rooms.available_permits(), 1);
         assert_eq!(slots.available_permits(), 1);
@@ -140,10 +129,8 @@ mod tests {
 
     #[tokio::test]
     async fn under_a_spending_limit_the_slot_waits_for_the_call_to_return() {
-        let slots = Arc::new(Semaphore::new(1));
-        let rooms = Arc::new(Semaphore::new(1));
-        let slot = slots.clone().acquire_owned().await.unwrap();
-        let gate = AnswerGate::new(slot, rooms.clone(), true);
+        let (slots, rooms) = one_of_each();
+        let gate = gate(&slots, &rooms, true).await;
         gate.answered().await;
         assert_eq!(slots.available_permits(), 0, "the cost is not known yet");
         assert_eq!(rooms.available_permits(), 0);
@@ -153,33 +140,17 @@ mod tests {
         assert_eq!(rooms.available_permits(), 1);
     }
 
+    /// A provider that never says it answered: its slot bounds the answer in memory.
     #[tokio::test]
     async fn a_gate_never_entered_keeps_its_slot_until_dropped() {
-        let slots = Arc::new(Semaphore::new(1));
-        let rooms = Arc::new(Semaphore::new(1));
-        let slot = slots.clone().acquire_owned().await.unwrap();
-        let gate = AnswerGate::new(slot, rooms.clone(), true);
-        gate.call_returned();
-        assert_eq!(
-            slots.available_permits(),
-            0,
-            "no room bounds the answer: the slot does"
-        );
-        drop(gate);
-        assert_eq!(slots.available_permits(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_gate_never_entered_gives_its_slot_back_when_dropped() {
-        let slots = Arc::new(Semaphore::new(1));
-        let rooms = Arc::new(Semaphore::new(1));
-        let gate = AnswerGate::new(
-            slots.clone().acquire_owned().await.unwrap(),
-            rooms.clone(),
-            false,
-        );
-        drop(gate);
-        assert_eq!(slots.available_permits(), 1);
-        assert_eq!(rooms.available_permits(), 1);
+        for keep in [false, true] {
+            let (slots, rooms) = one_of_each();
+            let gate = gate(&slots, &rooms, keep).await;
+            gate.call_returned();
+            assert_eq!(slots.available_permits(), 0, "no room bounds the answer");
+            drop(gate);
+            assert_eq!(slots.available_permits(), 1);
+            assert_eq!(rooms.available_permits(), 1);
+        }
     }
 }
