@@ -251,8 +251,8 @@ pub struct Stage3Service {
     /// One pause per provider: a 429 is that account's limit, not every provider's.
     backpressure: HashMap<ProviderKind, Backpressure>,
     limits: ImageLimits,
-    /// `STAGE3_CONCURRENCY` permits, one per provider call in flight (see
-    /// [`Stage3Service::run_scenes`]).
+    /// `STAGE3_CONCURRENCY` permits, one per provider call in flight, given back when the
+    /// provider answers (see [`AnswerGate`] and [`Stage3Service::run_scenes`]).
     provider_permits: Arc<tokio::sync::Semaphore>,
     /// `STAGE3_CONCURRENCY` places for answers in memory, from their arrival until a
     /// decoder takes them (see [`AnswerGate`]).
