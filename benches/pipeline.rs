@@ -392,6 +392,9 @@ fn service(base_url: &str, store: Arc<dyn ObjectStore>, extra: &[(&str, &str)]) 
     }
     let config = Config::from_lookup(|name| vars.get(name).cloned()).expect("config");
     let providers = stage3::provider::Providers::new(config.provider, config.providers.clone());
+    // Built now, as `Stage3Service::from_config` (the CLI, the Lambda function) builds the
+    // default provider at start-up: a batch's timings do not include making its client.
+    providers.get(config.provider).expect("the provider");
     Stage3Service::with_providers(config, providers, store)
 }
 
