@@ -986,23 +986,10 @@ impl Stage3Service {
         let generated = self.generate_with_retries(scene, options).await?;
         let image = generated.image;
         let storing = Instant::now();
-        // The image and its thumbnail are written together, so their flushes overlap (a
-        // filesystem commits them at once) instead of adding up on every scene's path. A
-        // thumbnail left by an image that then failed to store is harmless: it is that
-        // image's, under its content address, and a retry writes the same bytes.
-        let image_key = cache::image_key(scene.scene_id(), &image.published.sha256);
-        let shelf = self.shelf(options);
-        let (stored, thumbnail) = tokio::join!(
-            shelf.store_image(scene.scene_id(), &image.published, image.source.as_ref()),
-            async {
-                match image.thumbnail {
-                    Some(thumbnail) => self.put_thumbnail(&image_key, thumbnail).await,
-                    None => Ok((None, None)),
-                }
-            }
-        );
-        let stored = stored?;
-        let (thumbnail_path, thumbnail_url) = thumbnail?;
+        let stored = self
+            .shelf(options)
+            .store_image(scene.scene_id(), &image.published, image.source.as_ref())
+            .await?;
 
         let mut params = self.params_for(scene, &generated.model);
         params.cost = generated.cost;
@@ -1015,6 +1002,10 @@ impl Stage3Service {
         params.started_at = rfc3339(started_at);
         params.finished_at = rfc3339(SystemTime::now());
         params.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let (thumbnail_path, thumbnail_url) = match image.thumbnail {
+            Some(thumbnail) => self.put_thumbnail(&stored.image_key, thumbnail).await?,
+            None => (None, None),
+        };
         let output = Stage3Output {
             scene_id: scene.scene_id().to_string(),
             image_path: self.store.location(&stored.image_key),
