@@ -222,27 +222,40 @@ fn list_files(root: &Path, start: &Path, prefix: &str) -> Result<Vec<Listed>> {
 
 /// Opens `path` for reading unless it is a symbolic link (checked on the opened file, so a
 /// link swapped in between cannot slip through). `None` when there is no such file.
+///
+/// A file replaced between the check and the open is also a different file: a writer
+/// renaming a new version into place (two publishers of one story) does that. It is
+/// looked at again, a few times; a link is refused whenever it is seen.
 fn open_no_symlink(path: &Path) -> std::io::Result<Option<(std::fs::File, u64)>> {
-    let link_meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if !link_meta.file_type().is_file() {
-        return Err(std::io::Error::other(
-            "not a regular file (symbolic links are not followed)",
-        ));
-    }
-    let file = std::fs::File::open(path)?;
-    let meta = file.metadata()?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if (meta.dev(), meta.ino()) != (link_meta.dev(), link_meta.ino()) {
-            return Err(std::io::Error::other("the file changed while being opened"));
+    const LOOKS: usize = 4;
+    for _ in 0..LOOKS {
+        let link_meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !link_meta.file_type().is_file() {
+            return Err(std::io::Error::other(
+                "not a regular file (symbolic links are not followed)",
+            ));
         }
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            // Removed since the check: as if it had not been there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if (meta.dev(), meta.ino()) != (link_meta.dev(), link_meta.ino()) {
+                continue;
+            }
+        }
+        return Ok(Some((file, meta.len())));
     }
-    Ok(Some((file, meta.len())))
+    Err(std::io::Error::other("the file changed while being opened"))
 }
 
 /// Whether `name` is one this store gives its temporary files: `.stage3-`, six ASCII
