@@ -136,7 +136,32 @@ fn write_temporary(path: &Path, bytes: &[u8], durable: bool) -> Result<tempfile:
             false => Ok(()),
         })
         .map_err(|e| io_error("write", temp.path(), e))?;
+    if durable && bytes.len() >= DROP_BEHIND_FROM_BYTES {
+        drop_behind(temp.as_file());
+    }
     Ok(temp)
+}
+
+/// Flushed files of this size and more (images, not records or thumbnails, which lookups
+/// read back) leave the page cache once they are on disk.
+const DROP_BEHIND_FROM_BYTES: usize = 1 << 20;
+
+/// Gives the pages of a file just flushed back to the kernel. This process will not read
+/// the image again (a later run's lookup reads it from disk: about 1.7 ms more for 3 MB),
+/// and writing the next one into pages the kernel has already handed out is far cheaper
+/// than into memory never touched: on a Firecracker VM like our CI machine, 3 MB into
+/// fresh page cache costs 5.7 ms of CPU, into recycled pages 0.4 ms (docs/performance.md).
+/// Only advice: a failure changes nothing stored.
+fn drop_behind(file: &std::fs::File) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the duration of the call; the advice only
+        // drops clean cached pages of this file.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = file;
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename over the old one.
@@ -441,6 +466,27 @@ impl ObjectStore for FsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_object_dropped_from_the_page_cache_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path()).unwrap();
+        let big: Bytes = (0..DROP_BEHIND_FROM_BYTES + 4099)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        store
+            .put("big.png", big.clone(), ObjectMeta::PNG)
+            .await
+            .unwrap();
+        let created = store.put_new("new.png", big.clone(), ObjectMeta::PNG).await;
+        assert!(matches!(created, Ok(Created::Created(_))), "{created:?}");
+        for key in ["big.png", "new.png"] {
+            assert_eq!(
+                store.get(key, big.len() as u64).await.unwrap(),
+                Fetched::Found(big.clone())
+            );
+        }
+    }
 
     #[tokio::test]
     async fn put_get_and_exists_round_trip() {
