@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::http::{
     classify_status, decode_inline_image_apart, malformed, shorten_slug, with_cost, ApiClient,
-    ErrorAnswer, JsonBytes, JsonText,
+    ErrorAnswer, InlineText, JsonBytes, JsonText,
 };
 use super::table::{ModelTable, SizeTier, TabledModel};
 use super::ApiSettings;
@@ -206,39 +206,48 @@ impl ImageProvider for ArkProvider {
             Ok(answer) => answer,
             Err(answer) => return Err(self.error_answer(answer, model)),
         };
-        let parsed: GenerationAnswer<'_> = self.http.parse_answer(&answer)?;
-        let generated = parsed
-            .usage
-            .as_ref()
-            .and_then(|usage| usage.get("generated_images"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        // Ark bills per image it made, at the model's price.
-        let cost = self
-            .table
-            .price(model)
-            .map(|price| price * generated as f64)
-            .filter(|_| generated > 0);
-        if let Some(error) = &parsed.error {
-            return Err(with_cost(self.error_object(200, error, model), cost));
-        }
-        let datum = parsed
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .ok_or_else(|| malformed("the answer has no image (`data` is empty)"))?;
-        if let Some(error) = &datum.error {
-            return Err(with_cost(self.error_object(200, error, model), cost));
-        }
-        let mut image = match (datum.b64_json, datum.url) {
-            (Some(b64), _) => decode_inline_image_apart(&b64.0, &answer).await?,
-            (None, Some(url)) => self.http.fetch_image_url(&url.0, &request.budget).await?,
-            (None, None) => {
-                return Err(malformed(
-                    "the image entry has neither `b64_json` nor `url`",
-                ))
+        // What the image is, found in the parsed answer; the answer's buffer is then given
+        // up to the decoder, which writes the image into it.
+        let (source, cost) = {
+            let parsed: GenerationAnswer<'_> = self.http.parse_answer(&answer)?;
+            let generated = parsed
+                .usage
+                .as_ref()
+                .and_then(|usage| usage.get("generated_images"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            // Ark bills per image it made, at the model's price.
+            let cost = self
+                .table
+                .price(model)
+                .map(|price| price * generated as f64)
+                .filter(|_| generated > 0);
+            if let Some(error) = &parsed.error {
+                return Err(with_cost(self.error_object(200, error, model), cost));
             }
+            let datum = parsed
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .next()
+                .ok_or_else(|| malformed("the answer has no image (`data` is empty)"))?;
+            if let Some(error) = &datum.error {
+                return Err(with_cost(self.error_object(200, error, model), cost));
+            }
+            let source = match (datum.b64_json, datum.url) {
+                (Some(b64), _) => Ok(InlineText::locate(&b64.0, &answer)),
+                (None, Some(url)) => Err(url.0.into_owned()),
+                (None, None) => {
+                    return Err(malformed(
+                        "the image entry has neither `b64_json` nor `url`",
+                    ))
+                }
+            };
+            (source, cost)
+        };
+        let mut image = match source {
+            Ok(text) => decode_inline_image_apart(text, answer).await?,
+            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
         };
         image.cost = cost.or_else(|| self.table.price(model));
         tracing::debug!(

@@ -609,30 +609,102 @@ fn decode_inline_bytes(text: &[u8]) -> Result<ProviderImage> {
 /// Answers' images at least this long (as text) are decoded on a blocking thread.
 const DECODE_APART_BYTES: usize = 64 * 1024;
 
+/// Where an answer's inline image text is: a range of the answer itself (the usual case:
+/// base64 needs no JSON escapes), or a copy, when escapes made the parser unescape it.
+pub(super) enum InlineText {
+    Within(std::ops::Range<usize>),
+    Copied(Vec<u8>),
+}
+
+impl InlineText {
+    /// Finds `text`, parsed out of `answer`, in `answer`.
+    pub(super) fn locate(text: &[u8], answer: &Bytes) -> InlineText {
+        let inside = answer.as_ref().as_ptr_range();
+        let start = text.as_ptr() as usize;
+        let end = start.wrapping_add(text.len());
+        if inside.start as usize <= start && end <= inside.end as usize {
+            let offset = start - inside.start as usize;
+            InlineText::Within(offset..offset + text.len())
+        } else {
+            InlineText::Copied(text.to_vec())
+        }
+    }
+}
+
 /// [`decode_inline_image`] of `text`, found in `answer`, on a blocking thread when it is
 /// large. A batch's scenes are driven by one task, so decoding there took a wave's answers
 /// one after another on one core (8 ms each for a 3 MB PNG): the next wave's calls and the
-/// other answers waited behind them. `text` is shared with `answer` when it lies inside it
-/// (the usual case: base64 needs no JSON escapes), copied otherwise.
+/// other answers waited behind them.
+///
+/// A large image is decoded in place, into the answer's own buffer (given up by the caller
+/// for that): the bytes land in pages the answer's read has already touched, where a buffer
+/// of their own cost a page fault every 4 KiB, and the image keeps the buffer's spare room
+/// for the label the service splices in ([`crate::normalize::insert_aigc_label`]).
 pub(super) async fn decode_inline_image_apart(
-    text: &[u8],
-    answer: &Bytes,
+    text: InlineText,
+    answer: Bytes,
 ) -> Result<ProviderImage> {
-    if text.len() < DECODE_APART_BYTES {
-        return decode_inline_bytes(text);
-    }
-    let shared = {
-        let inside = answer.as_ref().as_ptr_range();
-        let end = text.as_ptr().wrapping_add(text.len());
-        if inside.contains(&text.as_ptr()) && end <= inside.end {
-            answer.slice_ref(text)
-        } else {
-            Bytes::copy_from_slice(text)
+    let buffer = match text {
+        InlineText::Within(range) if range.len() < DECODE_APART_BYTES => {
+            return decode_inline_bytes(&answer[range]);
         }
+        InlineText::Copied(text) if text.len() < DECODE_APART_BYTES => {
+            return decode_inline_bytes(&text);
+        }
+        InlineText::Within(range) => match answer.try_into_mut() {
+            Ok(mut whole) => {
+                // The text alone, keeping the room after it (the split shares the buffer
+                // until `whole` is dropped).
+                whole.truncate(range.end);
+                whole.split_off(range.start)
+            }
+            // Shared after all: decode from it, into a buffer of the image's own.
+            Err(shared) => BytesMut::from(&shared[range]),
+        },
+        InlineText::Copied(text) => BytesMut::from(&text[..]),
     };
-    tokio::task::spawn_blocking(move || decode_inline_bytes(&shared))
+    tokio::task::spawn_blocking(move || decode_inline_in_place(buffer))
         .await
         .map_err(|e| Stage3Error::Internal(format!("decoding an answer's image failed: {e}")))?
+}
+
+/// [`decode_inline_bytes`] of `text`, writing the image over the text it is decoded from
+/// when that is plain padded base64 (checked first: a refused in-place decode would leave
+/// the text half overwritten, and the lenient decoder needs it whole).
+fn decode_inline_in_place(mut text: BytesMut) -> Result<ProviderImage> {
+    let (claimed, payload) = {
+        let trimmed = text.trim_ascii();
+        let (claimed, payload) = if trimmed
+            .get(..5)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"data:"))
+        {
+            let url = parse_data_url(trimmed)
+                .map_err(|why| malformed(format!("cannot use the image: {why}")))?;
+            (url.media_type.map(str::to_string), url.base64.trim_ascii())
+        } else {
+            (None, trimmed)
+        };
+        if payload.is_empty() || base64_simd::STANDARD.check(payload).is_err() {
+            return decode_inline_bytes(&text);
+        }
+        let start = payload.as_ptr() as usize - text.as_ptr() as usize;
+        (claimed, start..start + payload.len())
+    };
+    let decoded = base64_simd::STANDARD
+        .decode_inplace(&mut text[payload.clone()])
+        .map_err(|why| malformed(format!("the image is not valid base64: {why}")))?
+        .len();
+    let mut bytes = text.split_off(payload.start);
+    drop(text);
+    bytes.truncate(decoded);
+    if bytes.is_empty() {
+        return Err(malformed("the image data is empty"));
+    }
+    Ok(ProviderImage {
+        bytes: bytes.freeze(),
+        claimed_media_type: claimed,
+        cost: None,
+    })
 }
 
 pub(super) fn decode_base64(payload: &[u8]) -> Result<Bytes, base64::DecodeError> {
@@ -747,23 +819,61 @@ mod tests {
         assert!(decode_inline_image("").is_err());
     }
 
-    /// A large image is decoded on a blocking thread, from the answer's own buffer when the
-    /// text lies inside it and from a copy otherwise; the bytes are the same either way.
+    /// A large image is decoded on a blocking thread, into the answer's own buffer when the
+    /// text lies inside it and the buffer is not shared, from a copy otherwise; the bytes
+    /// are the same every way, and what the fast decoder refuses still goes to the lenient one.
     #[tokio::test]
-    async fn a_large_image_is_decoded_apart_from_the_batch_task() {
+    async fn a_large_image_is_decoded_apart_and_in_place() {
         let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
         let answer = Bytes::from(format!(r#"{{"b64_json":"{encoded}"}}"#));
         let inside = &answer[13..13 + encoded.len()];
         assert_eq!(inside, encoded.as_bytes());
-        let shared = decode_inline_image_apart(inside, &answer).await.unwrap();
+        let located = InlineText::locate(inside, &answer);
+        assert!(matches!(&located, InlineText::Within(range) if range.start == 13));
+        let buffer = answer.as_ptr_range();
+        let in_place = decode_inline_image_apart(located, answer).await.unwrap();
+        assert_eq!(&in_place.bytes[..], &bytes[..]);
+        assert!(
+            buffer.contains(&in_place.bytes.as_ptr()),
+            "decoded into the answer's own buffer"
+        );
+
+        let answer = Bytes::from(format!(r#"{{"b64_json":"{encoded}"}}"#));
+        let kept = answer.clone();
+        let text = InlineText::locate(&answer[13..13 + encoded.len()], &answer);
+        let shared = decode_inline_image_apart(text, answer).await.unwrap();
         assert_eq!(&shared.bytes[..], &bytes[..]);
-        let copied = decode_inline_image_apart(encoded.as_bytes(), &answer)
+        assert!(
+            kept.starts_with(b"{\"b64_json\":\""),
+            "a shared answer is left as it was"
+        );
+
+        let copied = InlineText::locate(encoded.as_bytes(), &kept);
+        assert!(matches!(copied, InlineText::Copied(_)));
+        let copied = decode_inline_image_apart(copied, kept.clone())
             .await
             .unwrap();
         assert_eq!(&copied.bytes[..], &bytes[..]);
+
+        let data_url = format!("data:image/png;base64,{encoded}");
+        let text = InlineText::Copied(data_url.into_bytes());
+        let image = decode_inline_image_apart(text, Bytes::new()).await.unwrap();
+        assert_eq!(&image.bytes[..], &bytes[..]);
+        assert_eq!(image.claimed_media_type.as_deref(), Some("image/png"));
+
+        let wrapped: String = encoded
+            .as_bytes()
+            .chunks(76)
+            .map(|line| format!("{}\r\n", std::str::from_utf8(line).unwrap()))
+            .collect();
+        let text = InlineText::Copied(wrapped.trim_end_matches('=').as_bytes().to_vec());
+        let lenient = decode_inline_image_apart(text, Bytes::new()).await.unwrap();
+        assert_eq!(&lenient.bytes[..], &bytes[..]);
+
         let broken = format!("{}!{}", &encoded[..100], &encoded[101..]);
-        let refused = decode_inline_image_apart(broken.as_bytes(), &answer).await;
+        let text = InlineText::Copied(broken.into_bytes());
+        let refused = decode_inline_image_apart(text, Bytes::new()).await;
         assert!(refused.is_err(), "a broken payload is still refused");
     }
 

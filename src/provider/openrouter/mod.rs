@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{
     decode_inline_image_apart, malformed, shorten, shorten_slug, with_cost, ApiClient, ErrorAnswer,
-    JsonBytes, JsonText,
+    InlineText, JsonBytes, JsonText,
 };
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
@@ -223,27 +223,36 @@ impl OpenRouterProvider {
                 .collect(),
         };
         let answer = self.post_json("/images", &body, request).await?;
-        let parsed: ImagesAnswer<'_> = self.http.parse_answer(&answer)?;
-        let cost = parsed.usage.as_ref().and_then(cost_of);
-        if let Some(error) = &parsed.error {
-            return Err(with_cost(self.error_in_success(error, request.model), cost));
-        }
-        let data = parsed
-            .data
-            .ok_or_else(|| malformed("the answer has no `data` list"))?;
-        let Some(datum) = data
-            .into_iter()
-            .find(|d| d.b64_json.is_some() || d.url.is_some())
-        else {
-            return Err(malformed(
-                "the provider returned no image (`data` is empty)",
-            ));
+        // What the image is, found in the parsed answer; the answer's buffer is then given
+        // up to the decoder, which writes the image into it.
+        let (source, claimed, cost) = {
+            let parsed: ImagesAnswer<'_> = self.http.parse_answer(&answer)?;
+            let cost = parsed.usage.as_ref().and_then(cost_of);
+            if let Some(error) = &parsed.error {
+                return Err(with_cost(self.error_in_success(error, request.model), cost));
+            }
+            let data = parsed
+                .data
+                .ok_or_else(|| malformed("the answer has no `data` list"))?;
+            let Some(datum) = data
+                .into_iter()
+                .find(|d| d.b64_json.is_some() || d.url.is_some())
+            else {
+                return Err(malformed(
+                    "the provider returned no image (`data` is empty)",
+                ));
+            };
+            let claimed = datum.media_type.map(|t| shorten(&t.0));
+            let source = match (datum.b64_json, datum.url) {
+                (Some(b64), _) => Ok(InlineText::locate(&b64.0, &answer)),
+                (None, Some(url)) => Err(url.0.into_owned()),
+                (None, None) => return Err(malformed("the image entry has no `b64_json`")),
+            };
+            (source, claimed, cost)
         };
-        let claimed = datum.media_type.map(|t| shorten(&t.0));
-        let mut image = match (datum.b64_json, datum.url) {
-            (Some(b64), _) => decode_inline_image_apart(&b64.0, &answer).await?,
-            (None, Some(url)) => self.http.fetch_image_url(&url.0, &request.budget).await?,
-            (None, None) => return Err(malformed("the image entry has no `b64_json`")),
+        let mut image = match source {
+            Ok(text) => decode_inline_image_apart(text, answer).await?,
+            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
         };
         image.claimed_media_type = claimed.or(image.claimed_media_type);
         image.cost = cost;
@@ -266,37 +275,46 @@ impl OpenRouterProvider {
             seed: params.seed,
         };
         let answer = self.post_json("/chat/completions", &body, request).await?;
-        let parsed: ChatAnswer<'_> = self.http.parse_answer(&answer)?;
-        let cost = parsed.usage.as_ref().and_then(cost_of);
-        if let Some(error) = &parsed.error {
-            return Err(with_cost(self.error_in_success(error, request.model), cost));
-        }
-        let choice = parsed
-            .choices
-            .and_then(|choices| choices.into_iter().next())
-            .ok_or_else(|| malformed("the answer has no `choices`"))?;
-        // "Skin-specific error formats": a provider error inside the choice.
-        if let Some(error) = &choice.error {
-            return Err(with_cost(self.error_in_success(error, request.model), cost));
-        }
-        let images = choice
-            .message
-            .as_ref()
-            .map(|m| m.images.as_slice())
-            .unwrap_or_default();
-        let Some(image) = images.first() else {
-            return Err(self.no_image(request.model, &choice, cost));
+        // As in `generate_with_images_api`: found in the parsed answer, then decoded into
+        // the answer's own buffer.
+        let (source, cost) = {
+            let parsed: ChatAnswer<'_> = self.http.parse_answer(&answer)?;
+            let cost = parsed.usage.as_ref().and_then(cost_of);
+            if let Some(error) = &parsed.error {
+                return Err(with_cost(self.error_in_success(error, request.model), cost));
+            }
+            let choice = parsed
+                .choices
+                .and_then(|choices| choices.into_iter().next())
+                .ok_or_else(|| malformed("the answer has no `choices`"))?;
+            // "Skin-specific error formats": a provider error inside the choice.
+            if let Some(error) = &choice.error {
+                return Err(with_cost(self.error_in_success(error, request.model), cost));
+            }
+            let images = choice
+                .message
+                .as_ref()
+                .map(|m| m.images.as_slice())
+                .unwrap_or_default();
+            let Some(image) = images.first() else {
+                return Err(self.no_image(request.model, &choice, cost));
+            };
+            let url = &image.image_url.url.0;
+            let source = if url
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"data:"))
+            {
+                Ok(InlineText::locate(url, &answer))
+            } else {
+                Err(std::str::from_utf8(url)
+                    .map_err(|_| malformed("the image URL is not valid UTF-8"))?
+                    .to_string())
+            };
+            (source, cost)
         };
-        let url = &image.image_url.url.0;
-        let mut image = if url
-            .get(..5)
-            .is_some_and(|s| s.eq_ignore_ascii_case(b"data:"))
-        {
-            decode_inline_image_apart(url, &answer).await?
-        } else {
-            let url = std::str::from_utf8(url)
-                .map_err(|_| malformed("the image URL is not valid UTF-8"))?;
-            self.http.fetch_image_url(url, &request.budget).await?
+        let mut image = match source {
+            Ok(text) => decode_inline_image_apart(text, answer).await?,
+            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
         };
         image.cost = cost;
         Ok(image)
