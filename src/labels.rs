@@ -14,7 +14,9 @@ use image::DynamicImage;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, Stage3Error};
-use crate::normalize::{encode_png, insert_aigc_label, max_png_bytes, strip_aigc_label, AigcLabel};
+use crate::normalize::{
+    encode_png, insert_aigc_label_owned, max_png_bytes, strip_aigc_label, AigcLabel,
+};
 use crate::schema::AppliedLabels;
 use crate::text::{stamp_visible_label, stamp_visible_label_rgb};
 
@@ -82,14 +84,15 @@ pub(crate) struct Published {
 
 /// Applies `settings` to the checked `source` PNG. `propagate_id` identifies the
 /// publication (the image's key stem). CPU work when a mark is drawn: run it off the async
-/// workers.
+/// workers. The source is handed over: a caller that keeps no other handle to its buffer
+/// gets the label spliced in there, not into a copy.
 pub(crate) fn publish(
-    source: &Bytes,
+    source: Bytes,
     source_sha256: &str,
     settings: &LabelSettings,
     propagate_id: &str,
 ) -> Result<Published> {
-    let mut png = source.clone();
+    let mut png = source;
     if settings.visible {
         png = draw_visible_mark(&png)?;
     }
@@ -106,7 +109,7 @@ pub(crate) fn publish(
             settings.propagator.clone(),
             propagate_id,
         );
-        png = insert_aigc_label(&png, &label)?;
+        png = insert_aigc_label_owned(png, &label)?;
         xmp_packet = Some(label.to_xmp());
     }
     let sha256 = hex::encode(Sha256::digest(&png));
@@ -194,7 +197,7 @@ mod tests {
             propagator: "story-cdn".into(),
             ..LabelSettings::default()
         };
-        let published = publish(&png, &sha, &settings, "s1-abcdef").unwrap();
+        let published = publish(png.clone(), &sha, &settings, "s1-abcdef").unwrap();
         let label = read_aigc_label(&published.png).unwrap();
         assert_eq!(label.produce_id, sha);
         assert_eq!(label.content_producer, "ACME-123");
@@ -211,7 +214,7 @@ mod tests {
     fn an_image_labelled_in_the_earlier_form_asks_to_be_relabelled() {
         let (png, sha) = source();
         let settings = LabelSettings::default();
-        let published = publish(&png, &sha, &settings, "s1").unwrap();
+        let published = publish(png.clone(), &sha, &settings, "s1").unwrap();
         let mut earlier = published.applied.clone();
         earlier.implicit_form = None;
         assert!(!earlier.matches(&settings));
@@ -223,7 +226,7 @@ mod tests {
         let old = crate::normalize::test_png::assemble(&chunks);
         assert_eq!(source_of_unmarked(&old, &earlier).unwrap(), png);
         let relabelled = publish(
-            &source_of_unmarked(&old, &earlier).unwrap(),
+            source_of_unmarked(&old, &earlier).unwrap(),
             &sha,
             &settings,
             "s1",
@@ -237,7 +240,7 @@ mod tests {
     fn the_visible_mark_changes_pixels_and_off_means_the_source_itself() {
         let (png, sha) = source();
         let marked = publish(
-            &png,
+            png.clone(),
             &sha,
             &LabelSettings {
                 visible: true,
@@ -253,7 +256,7 @@ mod tests {
             implicit: false,
             ..LabelSettings::default()
         };
-        let plain = publish(&png, &sha, &off, "s1").unwrap();
+        let plain = publish(png.clone(), &sha, &off, "s1").unwrap();
         assert_eq!(plain.png, png);
         assert_eq!(plain.sha256, sha);
         assert!(!marked.applied.matches(&off));

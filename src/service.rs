@@ -962,14 +962,14 @@ impl Stage3Service {
         let settings = self.config.labels.clone();
         let propagate_id = scene.keys.stem().to_string();
         if !settings.visible {
-            return labels::publish(&source, &source_sha256, &settings, &propagate_id);
+            return labels::publish(source, &source_sha256, &settings, &propagate_id);
         }
         let _permit =
             self.decode_permits.acquire().await.map_err(|e| {
                 Stage3Error::InvalidImage(format!("image decoding unavailable: {e}"))
             })?;
         tokio::task::spawn_blocking(move || {
-            labels::publish(&source, &source_sha256, &settings, &propagate_id)
+            labels::publish(source, &source_sha256, &settings, &propagate_id)
         })
         .await
         .map_err(|e| Stage3Error::InvalidImage(format!("drawing the label panicked: {e}")))?
@@ -1339,8 +1339,11 @@ impl Stage3Service {
             let (image, shrunk) =
                 normalize_and_shrink(bytes, size, &limits, Some(story::THUMBNAIL_MAX_SIDE))?;
             let checked = clock.elapsed();
+            // Kept only where it is stored: beside a visibly marked image. Otherwise the
+            // buffer is handed to the label, which is spliced into it.
+            let source = settings.visible.then(|| image.png.clone());
             let published =
-                labels::publish(&image.png, &image.content_sha256, &settings, &propagate_id)?;
+                labels::publish(image.png, &image.content_sha256, &settings, &propagate_id)?;
             let labelled = clock.elapsed();
             // The thumbnail comes from the rows just checked, unless a visible mark changed
             // the pixels since (or the PNG was interlaced): then from the published PNG.
@@ -1359,8 +1362,7 @@ impl Stage3Service {
                 width: image.width,
                 height: image.height,
                 source_format: image.source_format,
-                // Kept only where it is stored: beside a visibly marked image.
-                source: published.applied.visible.then_some(image.png),
+                source,
                 published,
                 thumbnail,
                 steps,

@@ -190,6 +190,45 @@ pub fn insert_aigc_label(png: &[u8], label: &AigcLabel) -> Result<Bytes> {
     Ok(Bytes::from(out))
 }
 
+/// [`insert_aigc_label`] of a PNG handed over: the same bytes, but spliced within the PNG's
+/// own buffer when it is not shared and has the room (it usually has: the image was decoded
+/// into the answer's buffer, a third larger as base64), so the image is not copied into a
+/// fresh one. Only for a PNG with no label and nothing after `IEND` — then the splice is
+/// all the copy would change; any other goes to [`insert_aigc_label`].
+pub(crate) fn insert_aigc_label_owned(png: Bytes, label: &AigcLabel) -> Result<Bytes> {
+    let Some(at) = splice_point(&png) else {
+        return insert_aigc_label(&png, label);
+    };
+    let mut chunk = Vec::new();
+    write_chunk(&mut chunk, b"iTXt", &label.itxt_data())?;
+    let mut buffer = match png.try_into_mut() {
+        Ok(buffer) if buffer.capacity() - buffer.len() >= chunk.len() => buffer,
+        Ok(buffer) => return insert_aigc_label(&buffer, label),
+        Err(shared) => return insert_aigc_label(&shared, label),
+    };
+    let len = buffer.len();
+    buffer.resize(len + chunk.len(), 0);
+    buffer.copy_within(at..len, at + chunk.len());
+    buffer[at..at + chunk.len()].copy_from_slice(&chunk);
+    Ok(buffer.freeze())
+}
+
+/// Where [`insert_aigc_label`] puts the label (just past the first chunk, `IHDR`), if the
+/// PNG is well formed, has no label chunk, and ends at `IEND`.
+fn splice_point(png: &[u8]) -> Option<usize> {
+    let mut first_end = None;
+    let mut end = 0;
+    for chunk in png_chunks(png).ok()? {
+        let chunk = chunk.ok()?;
+        if is_label(&chunk) {
+            return None;
+        }
+        first_end.get_or_insert(chunk.end);
+        end = chunk.end;
+    }
+    first_end.filter(|_| end == png.len())
+}
+
 /// `png` without any label, XMP or legacy (for `STAGE3_AIGC_LABEL=off`, to relabel, or to
 /// compare pixels).
 pub fn strip_aigc_label(png: &[u8]) -> Result<Bytes> {
@@ -281,6 +320,48 @@ mod tests {
             "Example Stories 示例",
             "scene-0001",
         )
+    }
+
+    /// `png` in a buffer with `room` spare bytes after it, as a decoded answer has.
+    fn with_room(png: &[u8], room: usize) -> Bytes {
+        let mut buffer = bytes::BytesMut::with_capacity(png.len() + room);
+        buffer.extend_from_slice(png);
+        buffer.freeze()
+    }
+
+    #[test]
+    fn a_label_spliced_in_place_is_the_same_bytes_as_a_copied_one() {
+        let png = noisy_png(64, 48);
+        let copied = insert_aigc_label(&png, &label()).unwrap();
+
+        let roomy = with_room(&png, 4096);
+        let start = roomy.as_ptr();
+        let spliced = insert_aigc_label_owned(roomy, &label()).unwrap();
+        assert_eq!(spliced, copied);
+        assert_eq!(
+            spliced.as_ptr(),
+            start,
+            "spliced within the PNG's own buffer"
+        );
+
+        // No room, a shared buffer, a PNG already labelled or with bytes after `IEND`: copied,
+        // to the same result.
+        assert_eq!(
+            insert_aigc_label_owned(with_room(&png, 10), &label()).unwrap(),
+            copied
+        );
+        let shared = with_room(&png, 4096);
+        let _other = shared.clone();
+        assert_eq!(insert_aigc_label_owned(shared, &label()).unwrap(), copied);
+        let relabelled = insert_aigc_label_owned(with_room(&copied, 4096), &label()).unwrap();
+        assert_eq!(relabelled, copied);
+        let mut trailing = png.to_vec();
+        trailing.extend_from_slice(b"after the end");
+        assert_eq!(
+            insert_aigc_label_owned(with_room(&trailing, 4096), &label()).unwrap(),
+            copied
+        );
+        assert!(insert_aigc_label_owned(Bytes::from_static(b"not a png"), &label()).is_err());
     }
 
     fn decode(png: &[u8]) -> image::RgbImage {

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Result, Stage3Error};
 use crate::schema::ImageSize;
 
+pub(crate) use aigc::insert_aigc_label_owned;
 pub use aigc::{
     count_aigc_labels, insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel,
 };
