@@ -35,7 +35,7 @@ pub(crate) use aigc::insert_aigc_label_owned;
 pub use aigc::{
     count_aigc_labels, insert_aigc_label, read_aigc_label, strip_aigc_label, AigcLabel,
 };
-pub(crate) use chunks::MAX_ICC_PROFILE_BYTES;
+pub(crate) use chunks::{MAX_ICC_PROFILE_BYTES, PNG_SIGNATURE};
 pub(crate) use shrink::{thumbnail_size, Shrinker, Shrunk};
 
 /// The default `STAGE3_MAX_IMAGE_PIXELS`: 4096 x 4096, the largest image any provider we

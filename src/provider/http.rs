@@ -700,8 +700,16 @@ fn decode_inline_in_place(mut text: BytesMut) -> Result<ProviderImage> {
     if bytes.is_empty() {
         return Err(malformed("the image data is empty"));
     }
+    // A PNG is stored as it came, with its label spliced into the room after it. Any other
+    // format is converted to a new PNG: it takes a buffer of its own now (a copy, small next
+    // to the conversion) and gives back the base64's spare third, which it would otherwise
+    // hold while it waits for a decoder.
+    let bytes = match bytes.starts_with(crate::normalize::PNG_SIGNATURE) {
+        true => bytes.freeze(),
+        false => Bytes::copy_from_slice(&bytes),
+    };
     Ok(ProviderImage {
-        bytes: bytes.freeze(),
+        bytes,
         claimed_media_type: claimed,
         cost: None,
     })
@@ -824,7 +832,8 @@ mod tests {
     /// are the same every way, and what the fast decoder refuses still goes to the lenient one.
     #[tokio::test]
     async fn a_large_image_is_decoded_apart_and_in_place() {
-        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut bytes = crate::normalize::PNG_SIGNATURE.to_vec();
+        bytes.extend((0..200_000u32).map(|i| (i * 7 % 251) as u8));
         let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
         let answer = Bytes::from(format!(r#"{{"b64_json":"{encoded}"}}"#));
         let inside = &answer[13..13 + encoded.len()];
@@ -838,6 +847,16 @@ mod tests {
             buffer.contains(&in_place.bytes.as_ptr()),
             "decoded into the answer's own buffer"
         );
+
+        // Not a PNG (to be converted): decoded in place, then moved to a buffer of its own.
+        let jpeg = [&[0xFF, 0xD8, 0xFF][..], &bytes[8..]].concat();
+        let jpeg_encoded = base64::engine::general_purpose::STANDARD.encode(&jpeg);
+        let answer = Bytes::from(format!(r#"{{"b64_json":"{jpeg_encoded}"}}"#));
+        let text = InlineText::locate(&answer[13..13 + jpeg_encoded.len()], &answer);
+        let buffer = answer.as_ptr_range();
+        let converted = decode_inline_image_apart(text, answer).await.unwrap();
+        assert_eq!(&converted.bytes[..], &jpeg[..]);
+        assert!(!buffer.contains(&converted.bytes.as_ptr()));
 
         let answer = Bytes::from(format!(r#"{{"b64_json":"{encoded}"}}"#));
         let kept = answer.clone();
