@@ -286,6 +286,14 @@ async fn run(steps: StepLog) {
                 "      CPU {:.1} ms per image (this process, the stand-in included)",
                 ms(cpu) / scenes as f64
             );
+            // The same answers fetched by a plain client that does nothing with them: the
+            // part of the time over the limit that is the stand-in's and the transport's.
+            let floor = client_floor(&server.base_url, scenes, 8, SlotBack::AtStatus).await;
+            println!(
+                "      floor {:.3} s (a plain client fetching the same answers): stage3 {:+.0} ms over it",
+                floor.as_secs_f64(),
+                ms(wall) - ms(floor)
+            );
         }
     }
 
@@ -590,6 +598,25 @@ async fn lambda_init_time(binary: &str, env: &[(&str, &str)]) -> Duration {
 /// at a time, and reading each body whole — what any client pays before doing anything with
 /// the images.
 async fn plain_client_floor(base_url: &str, answers: usize, concurrency: usize) -> Duration {
+    client_floor(base_url, answers, concurrency, SlotBack::AfterBody).await
+}
+
+/// When a plain client's call gives its slot back.
+#[derive(Clone, Copy, PartialEq)]
+enum SlotBack {
+    AfterBody,
+    /// At the status line, as stage3's batches do (`src/provider/gate.rs`).
+    AtStatus,
+}
+
+/// The wall time of a plain client's fetching `answers` answers, `concurrency` at a time,
+/// and doing nothing with them: what the stand-in and the transport cost by themselves.
+async fn client_floor(
+    base_url: &str,
+    answers: usize,
+    concurrency: usize,
+    slot_back: SlotBack,
+) -> Duration {
     let client = reqwest::Client::new();
     let url = format!("{base_url}/chat/completions");
     let started = Instant::now();
@@ -598,8 +625,11 @@ async fn plain_client_floor(base_url: &str, answers: usize, concurrency: usize) 
         .map(|_| {
             let (client, url, slots) = (client.clone(), url.clone(), slots.clone());
             tokio::spawn(async move {
-                let _slot = slots.acquire().await.expect("semaphore");
+                let slot = slots.acquire().await.expect("semaphore");
                 let answer = client.post(&url).body("{}").send().await.expect("answer");
+                if slot_back == SlotBack::AtStatus {
+                    drop(slot);
+                }
                 answer.bytes().await.expect("body").len()
             })
         })
