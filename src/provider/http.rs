@@ -661,7 +661,10 @@ pub(super) async fn decode_inline_image_apart(
             // Shared after all: decode from it, into a buffer of the image's own.
             Err(shared) => BytesMut::from(&shared[range]),
         },
-        InlineText::Copied(text) => BytesMut::from(&text[..]),
+        // Ours alone: taken over as it is, not copied again.
+        InlineText::Copied(text) => Bytes::from(text)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..])),
     };
     tokio::task::spawn_blocking(move || decode_inline_in_place(buffer))
         .await
