@@ -583,18 +583,8 @@ pub(super) fn decode_inline_image(text: &str) -> Result<ProviderImage> {
 /// [`decode_inline_image`] of bytes: the payload, megabytes, is read once, by the base64
 /// decoder (no UTF-8 check or whitespace scan before it).
 fn decode_inline_bytes(text: &[u8]) -> Result<ProviderImage> {
-    let text = text.trim_ascii();
-    let is_data_url = text
-        .get(..5)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"data:"));
-    let (claimed, payload) = if is_data_url {
-        let url = parse_data_url(text)
-            .map_err(|why| malformed(format!("cannot use the image: {why}")))?;
-        (url.media_type.map(str::to_string), url.base64)
-    } else {
-        (None, text)
-    };
-    let bytes = decode_base64(payload.trim_ascii())
+    let (claimed, payload) = inline_payload(text)?;
+    let bytes = decode_base64(payload)
         .map_err(|why| malformed(format!("the image is not valid base64: {why}")))?;
     if bytes.is_empty() {
         return Err(malformed("the image data is empty"));
@@ -604,6 +594,20 @@ fn decode_inline_bytes(text: &[u8]) -> Result<ProviderImage> {
         claimed_media_type: claimed,
         cost: None,
     })
+}
+
+/// The media type an inline image claims (a `data:` URL's) and its base64 payload, trimmed.
+fn inline_payload(text: &[u8]) -> Result<(Option<String>, &[u8])> {
+    let text = text.trim_ascii();
+    let is_data_url = text
+        .get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"data:"));
+    if !is_data_url {
+        return Ok((None, text));
+    }
+    let url =
+        parse_data_url(text).map_err(|why| malformed(format!("cannot use the image: {why}")))?;
+    Ok((url.media_type.map(str::to_string), url.base64.trim_ascii()))
 }
 
 /// Answers' images at least this long (as text) are decoded on a blocking thread.
@@ -676,17 +680,7 @@ pub(super) async fn decode_inline_image_apart(
 /// the text half overwritten, and the lenient decoder needs it whole).
 fn decode_inline_in_place(mut text: BytesMut) -> Result<ProviderImage> {
     let (claimed, payload) = {
-        let trimmed = text.trim_ascii();
-        let (claimed, payload) = if trimmed
-            .get(..5)
-            .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"data:"))
-        {
-            let url = parse_data_url(trimmed)
-                .map_err(|why| malformed(format!("cannot use the image: {why}")))?;
-            (url.media_type.map(str::to_string), url.base64.trim_ascii())
-        } else {
-            (None, trimmed)
-        };
+        let (claimed, payload) = inline_payload(&text)?;
         if payload.is_empty() || base64_simd::STANDARD.check(payload).is_err() {
             return decode_inline_bytes(&text);
         }
