@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::http::{
-    classify_status, decode_inline_image_apart, malformed, shorten_slug, with_cost, ApiClient,
-    ErrorAnswer, InlineText, JsonBytes, JsonText,
+    classify_status, malformed, shorten_slug, with_cost, AnswerImage, ApiClient, ErrorAnswer,
+    InlineText, JsonBytes, JsonText,
 };
 use super::table::{ModelTable, SizeTier, TabledModel};
 use super::ApiSettings;
@@ -235,8 +235,8 @@ impl ImageProvider for ArkProvider {
                 return Err(with_cost(self.error_object(200, error, model), cost));
             }
             let source = match (datum.b64_json, datum.url) {
-                (Some(b64), _) => Ok(InlineText::locate(&b64.0, &answer)),
-                (None, Some(url)) => Err(url.0.into_owned()),
+                (Some(b64), _) => AnswerImage::Inline(InlineText::locate(&b64.0, &answer)),
+                (None, Some(url)) => AnswerImage::Url(url.0.into_owned()),
                 (None, None) => {
                     return Err(malformed(
                         "the image entry has neither `b64_json` nor `url`",
@@ -245,10 +245,7 @@ impl ImageProvider for ArkProvider {
             };
             (source, cost)
         };
-        let mut image = match source {
-            Ok(text) => decode_inline_image_apart(text, answer).await?,
-            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
-        };
+        let mut image = self.http.image_of(source, answer, &request.budget).await?;
         image.cost = cost.or_else(|| self.table.price(model));
         tracing::debug!(
             scene_id = request.scene_id,

@@ -300,6 +300,20 @@ impl ApiClient {
         }
     }
 
+    /// The image `found` in `answer`: decoded (into the answer's own buffer when it can
+    /// be, see [`decode_inline_image_apart`]), or fetched within `budget`.
+    pub(super) async fn image_of(
+        &self,
+        found: AnswerImage,
+        answer: Bytes,
+        budget: &CallBudget,
+    ) -> Result<ProviderImage> {
+        match found {
+            AnswerImage::Inline(text) => decode_inline_image_apart(text, answer).await,
+            AnswerImage::Url(url) => self.fetch_image_url(&url, budget).await,
+        }
+    }
+
     /// An image given by URL: a `data:` URL is decoded; an `https` URL is fetched with the
     /// image client (public addresses only), the same cap and the remaining budget; plain
     /// `http` is refused (anyone on the path could swap the picture).
@@ -635,6 +649,12 @@ impl InlineText {
     }
 }
 
+/// Where an answer's image is: in the answer itself, or behind a URL to fetch.
+pub(super) enum AnswerImage {
+    Inline(InlineText),
+    Url(String),
+}
+
 /// [`decode_inline_image`] of `text`, found in `answer`, on a blocking thread when it is
 /// large. A batch's scenes are driven by one task, so decoding there took a wave's answers
 /// one after another on one core (8 ms each for a 3 MB PNG): the next wave's calls and the
@@ -644,10 +664,7 @@ impl InlineText {
 /// for that): the bytes land in pages the answer's read has already touched, where a buffer
 /// of their own cost a page fault every 4 KiB, and the image keeps the buffer's spare room
 /// for the label the service splices in ([`crate::normalize::insert_aigc_label`]).
-pub(super) async fn decode_inline_image_apart(
-    text: InlineText,
-    answer: Bytes,
-) -> Result<ProviderImage> {
+async fn decode_inline_image_apart(text: InlineText, answer: Bytes) -> Result<ProviderImage> {
     let buffer = match text {
         InlineText::Within(range) if range.len() < DECODE_APART_BYTES => {
             return decode_inline_bytes(&answer[range]);

@@ -23,8 +23,8 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::http::{
-    decode_inline_image_apart, malformed, shorten, shorten_slug, with_cost, ApiClient, ErrorAnswer,
-    InlineText, JsonBytes, JsonText,
+    malformed, shorten, shorten_slug, with_cost, AnswerImage, ApiClient, ErrorAnswer, InlineText,
+    JsonBytes, JsonText,
 };
 use super::{
     ImageProvider, ImageRequest, ModelCheck, ModelListing, ProviderIdentity, ProviderImage,
@@ -244,16 +244,13 @@ impl OpenRouterProvider {
             };
             let claimed = datum.media_type.map(|t| shorten(&t.0));
             let source = match (datum.b64_json, datum.url) {
-                (Some(b64), _) => Ok(InlineText::locate(&b64.0, &answer)),
-                (None, Some(url)) => Err(url.0.into_owned()),
+                (Some(b64), _) => AnswerImage::Inline(InlineText::locate(&b64.0, &answer)),
+                (None, Some(url)) => AnswerImage::Url(url.0.into_owned()),
                 (None, None) => return Err(malformed("the image entry has no `b64_json`")),
             };
             (source, claimed, cost)
         };
-        let mut image = match source {
-            Ok(text) => decode_inline_image_apart(text, answer).await?,
-            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
-        };
+        let mut image = self.http.image_of(source, answer, &request.budget).await?;
         image.claimed_media_type = claimed.or(image.claimed_media_type);
         image.cost = cost;
         Ok(image)
@@ -304,18 +301,17 @@ impl OpenRouterProvider {
                 .get(..5)
                 .is_some_and(|s| s.eq_ignore_ascii_case(b"data:"))
             {
-                Ok(InlineText::locate(url, &answer))
+                AnswerImage::Inline(InlineText::locate(url, &answer))
             } else {
-                Err(std::str::from_utf8(url)
-                    .map_err(|_| malformed("the image URL is not valid UTF-8"))?
-                    .to_string())
+                AnswerImage::Url(
+                    std::str::from_utf8(url)
+                        .map_err(|_| malformed("the image URL is not valid UTF-8"))?
+                        .to_string(),
+                )
             };
             (source, cost)
         };
-        let mut image = match source {
-            Ok(text) => decode_inline_image_apart(text, answer).await?,
-            Err(url) => self.http.fetch_image_url(&url, &request.budget).await?,
-        };
+        let mut image = self.http.image_of(source, answer, &request.budget).await?;
         image.cost = cost;
         Ok(image)
     }
