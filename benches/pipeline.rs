@@ -218,7 +218,7 @@ async fn run(steps: StepLog) {
             let mut floors = Vec::new();
             let mut walls = Vec::new();
             for _ in 0..7 {
-                floors.push(plain_client_floor(&server.base_url, 10, 4).await);
+                floors.push(client_floor(&server.base_url, 10, 4, SlotBack::AfterBody).await);
                 walls.push(cli_wall_time(&server.base_url, 10, 4).await);
             }
             let (floor, _) = percentiles(&mut floors);
@@ -594,13 +594,6 @@ async fn lambda_init_time(binary: &str, env: &[(&str, &str)]) -> Duration {
     elapsed
 }
 
-/// The stand-in's own floor: a plain HTTP client asking for `answers` answers, `concurrency`
-/// at a time, and reading each body whole — what any client pays before doing anything with
-/// the images.
-async fn plain_client_floor(base_url: &str, answers: usize, concurrency: usize) -> Duration {
-    client_floor(base_url, answers, concurrency, SlotBack::AfterBody).await
-}
-
 /// When a plain client's call gives its slot back.
 #[derive(Clone, Copy, PartialEq)]
 enum SlotBack {
@@ -609,8 +602,9 @@ enum SlotBack {
     AtStatus,
 }
 
-/// The wall time of a plain client's fetching `answers` answers, `concurrency` at a time,
-/// and doing nothing with them: what the stand-in and the transport cost by themselves.
+/// The stand-in's own floor: the wall time of a plain HTTP client's fetching `answers`
+/// answers, `concurrency` at a time, and reading each body whole — what any client pays,
+/// the stand-in and the transport, before doing anything with the images.
 async fn client_floor(
     base_url: &str,
     answers: usize,
